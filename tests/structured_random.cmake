@@ -1,0 +1,2 @@
+# Counter-based randomness (core/random.hpp) and the random-basis updates NOLA, VeRA, RandLoRA.
+deltaw_add_test(random core/test_random.cpp)
