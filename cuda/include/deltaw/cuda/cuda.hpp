@@ -1,0 +1,12 @@
+// deltaw's CUDA backend: include this from .cu files (compiled by nvcc) together with, or
+// instead of, deltaw/deltaw.hpp. Link deltaw::cuda (cudart, cuBLAS, cuSOLVER).
+#pragma once
+
+#include "error.cuh"
+#include "context.cuh"
+#include "view.cuh"
+#include "buffer.cuh"
+#include "gemm.cuh"
+#include "evaluator.cuh"
+#include "low_rank.cuh"
+#include "ops.cuh"
