@@ -141,58 +141,71 @@ enum class basis_law : std::uint8_t {
 };
 
 /// The element law of a random tensor: value(i) = scale · law(bits(i)). Plain data.
+/// The law's value (U(−1, 1) or −1/0/+1) is exact in float; the scale is applied in the
+/// caller's arithmetic type T (one rounding in float, none visible in double), so float
+/// bases are bit-identical wherever IEEE float multiplication is (CPU and CUDA alike).
 struct basis_entries {
   random_stream stream{};
   basis_law law = basis_law::uniform;
-  float scale = 1.0f;
+  double scale = 1.0;
   double p = 0.0;  ///< ternary only
 
-  DELTAW_HOST_DEVICE constexpr float from_bits(std::uint32_t x) const {
-    return law == basis_law::uniform ? scale * bits_to_uniform_pm1(x) : scale * bits_to_ternary(x, p);
+  /// The unscaled law value of 32 random bits.
+  DELTAW_HOST_DEVICE constexpr float unit(std::uint32_t x) const {
+    return law == basis_law::uniform ? bits_to_uniform_pm1(x) : bits_to_ternary(x, p);
   }
-  /// Entry i of the tensor (its flat row-major index in the tensor's full shape).
-  DELTAW_HOST_DEVICE constexpr float operator()(std::uint64_t i) const { return from_bits(stream.bits(i)); }
+  /// Entry i (its flat row-major index in the tensor's full shape), in type T.
+  template <class T = float>
+  DELTAW_HOST_DEVICE constexpr T value(std::uint64_t i) const {
+    return T(scale) * T(unit(stream.bits(i)));
+  }
+  DELTAW_HOST_DEVICE constexpr float operator()(std::uint64_t i) const { return value<float>(i); }
 };
 
 /// out[j] = e(first + j) for j < n: one Philox block per four entries, the partial blocks at
 /// either end handled separately so the middle loop is branch-free.
 template <class T>
 DELTAW_HOST_DEVICE void fill_entries(const basis_entries& e, std::uint64_t first, std::uint64_t n, T* out) {
+  const T sc = T(e.scale);
   std::uint64_t j = 0;
   while (j < n && ((first + j) & 3) != 0) {
-    out[j] = T(e(first + j));
+    out[j] = e.template value<T>(first + j);
     ++j;
   }
   const std::uint64_t full = (n - j) / 4;
   const std::uint64_t b0 = (first + j) >> 2;
   for (std::uint64_t q = 0; q < full; ++q) {
     const u32x4 w = e.stream.block(b0 + q);
-    out[j + 4 * q + 0] = T(e.from_bits(w.v[0]));
-    out[j + 4 * q + 1] = T(e.from_bits(w.v[1]));
-    out[j + 4 * q + 2] = T(e.from_bits(w.v[2]));
-    out[j + 4 * q + 3] = T(e.from_bits(w.v[3]));
+    out[j + 4 * q + 0] = sc * T(e.unit(w.v[0]));
+    out[j + 4 * q + 1] = sc * T(e.unit(w.v[1]));
+    out[j + 4 * q + 2] = sc * T(e.unit(w.v[2]));
+    out[j + 4 * q + 3] = sc * T(e.unit(w.v[3]));
   }
-  for (j += 4 * full; j < n; ++j) out[j] = T(e(first + j));
+  for (j += 4 * full; j < n; ++j) out[j] = e.template value<T>(first + j);
 }
 
-/// out[j] += c · e(first + j): a weighted basis accumulated without a temporary (NOLA's sums).
+/// out[j] += c · e(first + j): a weighted basis accumulated without a temporary (NOLA's
+/// sums). The entry is rounded to T before the multiply-add, as fill_entries gives it.
 template <class T>
 DELTAW_HOST_DEVICE void axpy_entries(T c, const basis_entries& e, std::uint64_t first, std::uint64_t n, T* out) {
+  const T sc = T(e.scale);
   std::uint64_t j = 0;
   while (j < n && ((first + j) & 3) != 0) {
-    out[j] += c * T(e(first + j));
+    out[j] += c * e.template value<T>(first + j);
     ++j;
   }
   const std::uint64_t full = (n - j) / 4;
   const std::uint64_t b0 = (first + j) >> 2;
   for (std::uint64_t q = 0; q < full; ++q) {
     const u32x4 w = e.stream.block(b0 + q);
-    out[j + 4 * q + 0] += c * T(e.from_bits(w.v[0]));
-    out[j + 4 * q + 1] += c * T(e.from_bits(w.v[1]));
-    out[j + 4 * q + 2] += c * T(e.from_bits(w.v[2]));
-    out[j + 4 * q + 3] += c * T(e.from_bits(w.v[3]));
+    const T v0 = sc * T(e.unit(w.v[0])), v1 = sc * T(e.unit(w.v[1]));
+    const T v2 = sc * T(e.unit(w.v[2])), v3 = sc * T(e.unit(w.v[3]));
+    out[j + 4 * q + 0] += c * v0;
+    out[j + 4 * q + 1] += c * v1;
+    out[j + 4 * q + 2] += c * v2;
+    out[j + 4 * q + 3] += c * v3;
   }
-  for (j += 4 * full; j < n; ++j) out[j] += c * T(e(first + j));
+  for (j += 4 * full; j < n; ++j) out[j] += c * e.template value<T>(first + j);
 }
 
 DELTAW_NAMESPACE_END
