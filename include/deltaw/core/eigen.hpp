@@ -44,18 +44,25 @@ template <class D>
   requires eigen_dense<D>
 auto view(D&& m) {
   using M = std::remove_cvref_t<D>;
-  static_assert(eigen_direct<D>,
-                "deltaw::view: this Eigen expression has no memory to view; evaluate it first "
-                "(e.g. `Eigen::MatrixXf tmp = expr;` or `.eval()`)");
-  static_assert(!(eigen_plain<D> && std::is_rvalue_reference_v<D&&>),
-                "deltaw::view: viewing a temporary Eigen matrix would dangle; keep the matrix in a variable");
   using S = typename detail::eigen_scalar_to_storage<typename M::Scalar>::type;
-  static_assert(storage_type<S>, "deltaw::view: Eigen scalar must be float, double, Eigen::bfloat16 or Eigen::half");
-  constexpr bool is_const =
-      std::is_const_v<std::remove_reference_t<D>> || !(int(M::Flags) & Eigen::LvalueBit);
-  using T = std::conditional_t<is_const, const S, S>;
-  auto* p = const_cast<T*>(reinterpret_cast<const T*>(m.data()));
-  return matrix_view<T>(p, m.rows(), m.cols(), m.rowStride(), m.colStride());
+  // One static_assert per misuse, and nothing else instantiated after it.
+  if constexpr (!eigen_direct<D>) {
+    static_assert(eigen_direct<D>,
+                  "deltaw::view: this Eigen expression has no memory to view; evaluate it first "
+                  "(e.g. `Eigen::MatrixXf tmp = expr;` or `.eval()`)");
+    return matrix_view<const float>{};
+  } else if constexpr (eigen_plain<D> && std::is_rvalue_reference_v<D&&>) {
+    static_assert(!eigen_plain<D>,
+                  "deltaw::view: viewing a temporary Eigen matrix would dangle; keep the matrix in a variable");
+    return matrix_view<const float>{};
+  } else if constexpr (!storage_type<S>) {
+    static_assert(storage_type<S>, "deltaw::view: Eigen scalar must be float, double, Eigen::bfloat16 or Eigen::half");
+  } else {
+    constexpr bool is_const = std::is_const_v<std::remove_reference_t<D>> || !(int(M::Flags) & Eigen::LvalueBit);
+    using T = std::conditional_t<is_const, const S, S>;
+    auto* p = const_cast<T*>(reinterpret_cast<const T*>(m.data()));
+    return matrix_view<T>(p, m.rows(), m.cols(), m.rowStride(), m.colStride());
+  }
 }
 
 /// Zero-copy 1-D view of an Eigen vector.

@@ -56,11 +56,6 @@ class low_rank {
 };
 
 namespace detail {
-template <class HB, class HA>
-void check_same_factor_type() {
-  static_assert(std::is_same_v<HB, HA>,
-                "deltaw::lora: B and A must have the same element type and device (e.g. both float on the CPU)");
-}
 inline double lora_alpha_scale(double a, index_t r, bool rs, const char* op) {
   if (!std::isfinite(a)) throw non_finite_error(std::string(op) + ": alpha must be finite, got " + std::to_string(a));
   return rs ? a / std::sqrt(double(r)) : a / double(r);
@@ -69,9 +64,13 @@ template <class FB, class FA>
 auto make_low_rank(FB&& B, FA&& A, double s) {
   auto hb = hold(std::forward<FB>(B));
   auto ha = hold(std::forward<FA>(A));
-  check_same_factor_type<decltype(hb), decltype(ha)>();
-  using T = std::remove_const_t<typename decltype(hb.view)::element_type>;
-  return low_rank<T, typename decltype(hb.view)::device_type>(std::move(hb), std::move(ha), s);
+  if constexpr (!std::is_same_v<decltype(hb), decltype(ha)>) {
+    static_assert(std::is_same_v<decltype(hb), decltype(ha)>,
+                  "deltaw::lora: B and A must have the same element type and device (e.g. both float on the CPU)");
+  } else {
+    using T = std::remove_const_t<typename decltype(hb.view)::element_type>;
+    return low_rank<T, typename decltype(hb.view)::device_type>(std::move(hb), std::move(ha), s);
+  }
 }
 }  // namespace detail
 

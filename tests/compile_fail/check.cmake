@@ -1,0 +1,15 @@
+# cmake -DCXX=... -DSRC=... -DINCLUDES="a;b" -DEXPECT="fragment" -P check.cmake
+# Compiles SRC and succeeds only if the compilation fails with EXPECT in its diagnostics.
+set(args -std=c++20 -fsyntax-only)
+foreach(dir IN LISTS INCLUDES)
+  list(APPEND args -I${dir})
+endforeach()
+execute_process(COMMAND ${CXX} ${args} ${SRC} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(rc EQUAL 0)
+  message(FATAL_ERROR "${SRC} compiled, but it must be rejected")
+endif()
+string(FIND "${err}" "${EXPECT}" pos)
+if(pos EQUAL -1)
+  message(FATAL_ERROR "${SRC} was rejected without the expected message \"${EXPECT}\":\n${err}")
+endif()
+message(STATUS "rejected with: ${EXPECT}")
