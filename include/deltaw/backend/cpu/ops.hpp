@@ -52,17 +52,45 @@ bool shares_base(const U& u, const matrix_view<const TW>& W) {
 }
 template <class U, class C>
 concept has_base_hook = requires { &evaluator<U>::template apply_on_base<C, dense<C>, dense<C>>; };
+/// Types that compute X·(W + ΔW)ᵀ and G·(W + ΔW) themselves, instead of the base product
+/// plus their ΔW (Bone bat: one product with W' instead of two with W).
+template <class U, class C>
+concept has_base_replacement = requires {
+  &evaluator<U>::template apply_with_base<C, dense<C>, dense<C>>;
+  &evaluator<U>::template apply_transposed_with_base<C, dense<C>, dense<C>>;
+};
+template <class U, class C>
+concept uses_base = has_base_hook<U, C> || has_base_replacement<U, C>;
 
 template <class C, class TW, class Tuple>
 int count_hooked(const Tuple& deltas, const matrix_view<const TW>& W) {
   int n = 0;
   std::apply([&](const auto&... u) {
-    ((n += (has_base_hook<std::remove_cvref_t<decltype(u)>, C> && shares_base(u, W)) ? 1 : 0), ...);
+    ((n += (uses_base<std::remove_cvref_t<decltype(u)>, C> && shares_base(u, W)) ? 1 : 0), ...);
   }, deltas);
   if (n > 1)
-    throw argument_error("deltaw: a lazy sum may hold at most one DoRA update over its own base weight; got " +
-                         std::to_string(n));
+    throw argument_error(
+        "deltaw: a lazy sum may hold at most one update over its own base weight (DoRA, Bone bat); got " +
+        std::to_string(n));
   return n;
+}
+
+/// Calls the base replacement of the one update that has it over W; false if none does.
+template <class C, class TW, class Tuple, class F>
+bool replace_base(const Tuple& deltas, const matrix_view<const TW>& W, F&& f) {
+  bool done = false;
+  std::apply([&](const auto&... u) {
+    auto one = [&](const auto& d) {
+      if constexpr (has_base_replacement<std::remove_cvref_t<decltype(d)>, C>) {
+        if (!done && shares_base(d, W)) {
+          f(d);
+          done = true;
+        }
+      }
+    };
+    (one(u), ...);
+  }, deltas);
+  return done;
 }
 }  // namespace detail
 
@@ -91,8 +119,11 @@ void apply_expr(const E& e, const XM& X, YM& Y) {
     Y.setZero();
     evaluator<E>::template apply_add<C>(e, X, Y);
   } else {
-    base_apply<C>(e.base(), X, Y);
     const int hooked = detail::count_hooked<C>(e.deltas(), e.base());
+    const bool replaced = detail::replace_base<C>(e.deltas(), e.base(), [&](const auto& d) {
+      evaluator<std::remove_cvref_t<decltype(d)>>::template apply_with_base<C>(d, X, Y);
+    });
+    if (!replaced) base_apply<C>(e.base(), X, Y);
     std::apply([&](const auto&... u) {
       auto one = [&](const auto& d) {
         using U = std::remove_cvref_t<decltype(d)>;
@@ -106,7 +137,7 @@ void apply_expr(const E& e, const XM& X, YM& Y) {
     std::apply([&](const auto&... u) {
       auto one = [&](const auto& d) {
         using U = std::remove_cvref_t<decltype(d)>;
-        if constexpr (detail::has_base_hook<U, C>) {
+        if constexpr (detail::uses_base<U, C>) {
           if (detail::shares_base(d, e.base())) return;
         }
         evaluator<U>::template apply_add<C>(d, X, Y);
@@ -124,8 +155,11 @@ void apply_transposed_expr(const E& e, const GM& G, OM& O) {
     O.setZero();
     evaluator<E>::template apply_transposed_add<C>(e, G, O);
   } else {
-    bool done_base = false;
-    if (detail::count_hooked<C>(e.deltas(), e.base()) == 1) {
+    bool done_base = detail::count_hooked<C>(e.deltas(), e.base()) == 1 &&
+                     detail::replace_base<C>(e.deltas(), e.base(), [&](const auto& d) {
+                       evaluator<std::remove_cvref_t<decltype(d)>>::template apply_transposed_with_base<C>(d, G, O);
+                     });
+    if (!done_base && detail::count_hooked<C>(e.deltas(), e.base()) == 1) {
       // DoRA over the base: G·W' = (G·diag(g))·W + s·((G·diag(g))·B)·A.
       std::apply([&](const auto&... u) {
         auto one = [&](const auto& d) {
@@ -147,7 +181,7 @@ void apply_transposed_expr(const E& e, const GM& G, OM& O) {
     std::apply([&](const auto&... u) {
       auto one = [&](const auto& d) {
         using U = std::remove_cvref_t<decltype(d)>;
-        if constexpr (detail::has_base_hook<U, C>) {
+        if constexpr (detail::uses_base<U, C>) {
           if (detail::shares_base(d, e.base())) return;
         }
         evaluator<U>::template apply_transposed_add<C>(d, G, O);
