@@ -132,7 +132,8 @@ auto core_lora(FB&& B, FR&& R, FA&& A, scale s = scale(1.0), core_trainable t = 
                                     "deltaw::core_lora");
 }
 
-/// LoRA-XS: B, A frozen (from the truncated SVD of W), R [r, r] trained; s = α/r.
+/// LoRA-XS: B, A frozen (from the truncated SVD of W), R [r, r] trained; s = α/r, LoRA's
+/// convention (UNVERIFIED against LoRA-XS's reference code; pass scale(s) to set s directly).
 template <class FB, class FR, class FA>
 auto lora_xs(FB&& B, FR&& R, FA&& A, alpha a) {
   auto u = detail::make_core_low_rank(std::forward<FB>(B), std::forward<FR>(R), std::forward<FA>(A), 1.0,
@@ -154,7 +155,8 @@ auto lora_sb(FB&& B, FR&& R, FA&& A) {
 }
 
 /// LaMDA: A frozen, R trained, B trained (until a schedule freezes it: pass
-/// core_trainable{false, true, false} through with_trainable once it is frozen); s = α/r.
+/// core_trainable{false, true, false} through with_trainable once it is frozen); s = α/r
+/// (LoRA's convention, UNVERIFIED for LaMDA).
 /// The column-by-column freezing of B is the optimiser's business, not this type's.
 template <class FB, class FR, class FA>
 auto lamda(FB&& B, FR&& R, FA&& A, alpha a) {
