@@ -209,7 +209,9 @@ class context {
       ++current_;
       offset_ = 0;
     }
-    add_chunk(std::max<std::size_t>(bytes, std::size_t(1) << 20));
+    // Geometric growth (at least doubling what is held) keeps folds, and so stream
+    // synchronisations, to O(log) over a run whose token counts grow.
+    add_chunk(std::max({bytes, workspace_bytes(), std::size_t(1) << 20}));
     current_ = chunks_.size() - 1;
     offset_ = bytes;
     return chunks_.back().ptr;
