@@ -1,0 +1,148 @@
+// Differentiable application of a frozen weight plus an update to activations:
+//
+//   linear(x, W)                      x·Wᵀ, W a frozen view (never copied, no gradient)
+//   adapted_linear(x, W, factors, f)  x·(W + ΔW)ᵀ, ΔW = f(views of the factor variables)
+//   lora_linear(x, W, B, A, s)        the LoRA case (rsLoRA: pass s = α/√r)
+//   dora_linear(x, W, B, A, m, s)     DoRA, the row norms detached
+//
+// The forward pass is deltaw::apply over the lazy sum view(W) + ΔW; the backward pass is
+// deltaw::apply_transposed for the base and the update type's cpu::vjp for the factors
+// and the rest of dX: no dense ΔW and no dense gradient of W is ever formed.
+#pragma once
+
+#include <array>
+#include <span>
+#include <vector>
+
+#include "../backend/cpu/dora_vjp.hpp"
+#include "../backend/cpu/low_rank_vjp.hpp"
+#include "../backend/cpu/ops.hpp"
+#include "ops.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace autograd {
+
+namespace detail {
+template <class T>
+void check_linear(const var<T>& x, const matrix_view<const T>& W, const char* op) {
+  if (x.cols() != W.cols())
+    throw shape_error(std::string("deltaw::autograd::") + op + ": x is " + shape_of(x.rows(), x.cols()) + " but W is " +
+                      shape_of(W.rows(), W.cols()) + "; x·Wᵀ needs x to have " + std::to_string(W.cols()) + " columns");
+}
+/// dX = dY·W written into a fresh gradient or added to an existing one.
+template <class T, class GM>
+void base_input_grad(tape<T>& t, index_t ix, const matrix_view<const T>& W, const GM& dY) {
+  if (!t.needs_grad(ix)) return;
+  auto [buf, fresh] = t.grad_slot(ix);
+  if (fresh) {
+    deltaw::apply_transposed(W, dY, *buf);
+  } else {
+    dense<T> tmp(dY.rows(), W.cols());
+    deltaw::apply_transposed(W, dY, tmp);
+    *buf += tmp;
+  }
+}
+template <class T>
+matrix_view<const T> view_of(const var<T>& v) {
+  const auto m = v.value();
+  return matrix_view<const T>(m.data(), m.rows(), m.cols(), m.outerStride(), 1);
+}
+}  // namespace detail
+
+/// x·Wᵀ with W [out, in] a frozen view: dx = dY·W, W gets no gradient.
+template <class T>
+var<T> linear(const var<T>& x, matrix_view<const T> W) {
+  auto& t = detail::tape_of(x, "linear");
+  detail::check_linear(x, W, "linear");
+  dense<T> y(x.rows(), W.rows());
+  deltaw::apply(W, x.value(), y);
+  const index_t ix = x.id();
+  return t.record("linear", std::move(y), t.requires_grad(x), [ix, W](tape<T>& t, index_t self) {
+    detail::base_input_grad(t, ix, W, t.upstream(self));
+  });
+}
+
+/// x·(W + ΔW)ᵀ where ΔW = make(views) is rebuilt from the current values of `factors`
+/// (vars of this tape, in the order of cpu::vjp<U>'s factors). Works for any update type
+/// with a cpu::vjp specialisation.
+template <class T, std::size_t N, class Make>
+var<T> adapted_linear(const var<T>& x, matrix_view<const T> W, const std::array<var<T>, N>& factors, Make make,
+                      const char* name = "adapted_linear") {
+  auto& t = detail::tape_of(x, name);
+  detail::check_linear(x, W, name);
+  std::array<matrix_view<const T>, N> views;
+  bool rg = t.requires_grad(x);
+  for (std::size_t i = 0; i < N; ++i) {
+    detail::same_tape(x, factors[i], name);
+    views[i] = detail::view_of(factors[i]);
+    rg = rg || t.requires_grad(factors[i]);
+  }
+  auto u = make(std::as_const(views));
+  using U = decltype(u);
+  static_assert(cpu::vjp<U>::factor_count == int(N), "deltaw::autograd::adapted_linear: one factor variable per VJP factor");
+  if (u.rows() != W.rows() || u.cols() != W.cols())
+    throw shape_error(std::string("deltaw::autograd::") + name + ": W is " + detail::shape_of(W.rows(), W.cols()) +
+                      " but the update is " + detail::shape_of(u.rows(), u.cols()));
+  dense<T> y(x.rows(), W.rows());
+  deltaw::apply(W + u, x.value(), y);
+  std::array<index_t, N> ids;
+  for (std::size_t i = 0; i < N; ++i) ids[i] = factors[i].id();
+  const index_t ix = x.id();
+  return t.record(name, std::move(y), rg, [ix, W, u, ids](tape<T>& t, index_t self) {
+    const auto& dY = t.upstream(self);
+    std::array<dense<T>*, N> g{};
+    for (std::size_t i = 0; i < N; ++i) g[i] = t.needs_grad(ids[i]) ? &t.grad_accumulator(ids[i]) : nullptr;
+    detail::base_input_grad(t, ix, W, dY);
+    dense<T>* dX = t.needs_grad(ix) ? &t.grad_accumulator(ix) : nullptr;
+    cpu::vjp<U>::template backward<T>(u, t.value_at(ix), dY, std::span<dense<T>* const>(g.data(), N), dX);
+  });
+}
+
+/// LoRA: x·(W + s·B·A)ᵀ, B [out, r], A [r, in] (rsLoRA: s = α/√r).
+template <class T>
+var<T> lora_linear(const var<T>& x, matrix_view<const T> W, const var<T>& B, const var<T>& A, double s) {
+  return adapted_linear<T, 2>(
+      x, W, {B, A}, [s](const auto& v) { return deltaw::lora(v[0], v[1], deltaw::scale(s)); }, "lora_linear");
+}
+
+/// DoRA: x·W'ᵀ, W' = diag(m/n)·(W + s·B·A) with n the row norms of W + s·B·A at this
+/// forward pass, treated as constants in the backward pass (as PEFT). m: [1, out].
+/// `norms`, when given, are used as n instead of being recomputed (a cache, or the fixed
+/// point of a gradient check).
+template <class T>
+var<T> dora_linear(const var<T>& x, matrix_view<const T> W, const var<T>& B, const var<T>& A, const var<T>& m,
+                   double s, std::shared_ptr<const std::vector<double>> norms = nullptr) {
+  auto& t = detail::tape_of(x, "dora_linear");
+  detail::check_linear(x, W, "dora_linear");
+  for (const auto* f : {&B, &A, &m}) detail::same_tape(x, *f, "dora_linear");
+  if (m.rows() * m.cols() != W.rows() || (m.rows() != 1 && m.cols() != 1))
+    throw shape_error("deltaw::autograd::dora_linear: m is " + detail::shape_of(m.rows(), m.cols()) + "; expected [1, " +
+                      std::to_string(W.rows()) + "]");
+  const auto l = deltaw::lora(detail::view_of(B), detail::view_of(A), deltaw::scale(s));
+  const auto mv = m.value();
+  const vector_view<const T> mvec(mv.data(), W.rows(), m.rows() == 1 ? 1 : mv.outerStride());
+  if (norms && index_t(norms->size()) != W.rows())
+    throw shape_error("deltaw::autograd::dora_linear: " + std::to_string(norms->size()) + " cached norms for " +
+                      std::to_string(W.rows()) + " rows");
+  const auto u = norms ? dora_update<T, T>(held_matrix<T>{W, nullptr}, l, held_vector<T>{mvec, nullptr}, norms)
+                       : deltaw::dora(W, l, mvec);
+  using V = cpu::vjp<std::remove_cvref_t<decltype(u)>>;
+  dense<T> y;
+  auto P = std::make_shared<dense<T>>();
+  V::template forward<T>(u, x.value(), y, *P);
+  const index_t ix = x.id();
+  const std::array<index_t, 3> ids{B.id(), A.id(), m.id()};
+  const bool rg = t.requires_grad(x) || t.requires_grad(B) || t.requires_grad(A) || t.requires_grad(m);
+  return t.record("dora_linear", std::move(y), rg, [ix, u, ids, P](tape<T>& t, index_t self) {
+    std::array<dense<T>*, 3> g{};
+    for (std::size_t i = 0; i < 3; ++i) g[i] = t.needs_grad(ids[i]) ? &t.grad_accumulator(ids[i]) : nullptr;
+    dense<T>* dX = nullptr;
+    bool fresh = false;
+    if (t.needs_grad(ix)) std::tie(dX, fresh) = t.grad_slot(ix);
+    V::template backward_with_base<T>(u, t.value_at(ix), *P, t.upstream(self), std::span<dense<T>* const>(g.data(), 3),
+                                      dX, fresh);
+  });
+}
+
+}  // namespace autograd
+DELTAW_NAMESPACE_END

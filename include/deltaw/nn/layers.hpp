@@ -1,0 +1,280 @@
+// The layers a tiny transformer and an MLP need, over autograd tapes. Frozen weights are
+// views of memory the caller (or the model object) owns: layers never copy them.
+//
+//   linear          frozen W (view) + optional bias + optional LoRA / rsLoRA / DoRA adapter
+//   embedding       a token table (frozen view or trainable parameter)
+//   layer_norm, rms_norm
+//   transformer_block   pre-norm: x + attn(ln1(x)), then x + mlp(ln2(x)) (GELU MLP)
+//   tiny_transformer    embedding + positional embedding, blocks, final norm, head
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../autograd/adapters.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace nn {
+
+using autograd::parameter;
+using autograd::tape;
+using autograd::var;
+
+/// Uniform(−bound, bound) entries from a seeded generator.
+template <class T>
+dense<T> uniform(index_t rows, index_t cols, double bound, std::mt19937_64& g) {
+  std::uniform_real_distribution<double> u(-bound, bound);
+  dense<T> m(rows, cols);
+  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = T(u(g));
+  return m;
+}
+
+enum class adapter_kind { lora, rslora, dora };
+
+/// A linear layer y = x·Wᵀ (+ b) over a frozen W [out, in], with an optional adapter.
+template <class T>
+class linear {
+ public:
+  linear() = default;
+  linear(std::string name, matrix_view<const T> W) : name_(std::move(name)), W_(W) {}
+
+  const std::string& name() const { return name_; }
+  matrix_view<const T> weight() const { return W_; }
+  index_t in_features() const { return W_.cols(); }
+  index_t out_features() const { return W_.rows(); }
+
+  /// A bias [1, out]; frozen unless trainable.
+  void set_bias(dense<T> b, bool trainable = false) {
+    if (b.rows() != 1 || b.cols() != out_features())
+      throw shape_error("deltaw::nn::linear(" + name_ + ")::set_bias: the bias is " +
+                        deltaw::detail::shape_str(b.rows(), b.cols()) + "; expected [1, " +
+                        std::to_string(out_features()) + "]");
+    bias_ = std::make_unique<parameter<T>>(name_ + ".bias", std::move(b));
+    bias_->set_trainable(trainable);
+  }
+
+  /// Attaches an adapter of rank r with PEFT's default init: A kaiming-uniform (a = √5,
+  /// i.e. U(±1/√in)), B = 0, so the layer starts equal to the frozen one; s = α/r
+  /// (rsLoRA: α/√r). DoRA's magnitude starts at the row norms of W.
+  void attach(adapter_kind kind, index_t r, double alpha, std::mt19937_64& g) {
+    if (r < 1) throw rank_error("deltaw::nn::linear(" + name_ + ")::attach: the rank must be at least 1; got " + std::to_string(r));
+    kind_ = kind;
+    s_ = kind == adapter_kind::rslora ? alpha / std::sqrt(double(r)) : alpha / double(r);
+    B_ = std::make_unique<parameter<T>>(name_ + ".lora_B", dense<T>::Zero(out_features(), r));
+    A_ = std::make_unique<parameter<T>>(name_ + ".lora_A", uniform<T>(r, in_features(), 1.0 / std::sqrt(double(in_features())), g));
+    if (kind == adapter_kind::dora) {
+      dense<T> m(1, out_features());
+      for (index_t o = 0; o < out_features(); ++o) {
+        double sq = 0;
+        for (index_t j = 0; j < in_features(); ++j) sq += double(W_(o, j)) * double(W_(o, j));
+        m(0, o) = T(std::sqrt(sq));
+      }
+      m_ = std::make_unique<parameter<T>>(name_ + ".magnitude", std::move(m));
+    }
+  }
+  bool has_adapter() const { return B_ != nullptr; }
+  double scale() const { return s_; }
+  parameter<T>* lora_B() { return B_.get(); }
+  parameter<T>* lora_A() { return A_.get(); }
+  parameter<T>* magnitude() { return m_.get(); }
+  parameter<T>* bias() { return bias_.get(); }
+
+  var<T> operator()(tape<T>& t, const var<T>& x) const {
+    var<T> y;
+    if (!B_) {
+      y = autograd::linear(x, W_);
+    } else if (kind_ == adapter_kind::dora) {
+      y = autograd::dora_linear(x, W_, t.param(*B_), t.param(*A_), t.param(*m_), s_);
+    } else {
+      y = autograd::lora_linear(x, W_, t.param(*B_), t.param(*A_), s_);
+    }
+    if (bias_) y = autograd::add_bias(y, t.param(*bias_));
+    return y;
+  }
+
+  /// The trainable parameters (adapter factors, and the bias when trainable).
+  void collect(std::vector<parameter<T>*>& out) {
+    for (auto* p : {B_.get(), A_.get(), m_.get(), bias_.get()})
+      if (p && p->trainable()) out.push_back(p);
+  }
+
+ private:
+  std::string name_;
+  matrix_view<const T> W_;
+  std::unique_ptr<parameter<T>> bias_;
+  std::unique_ptr<parameter<T>> B_, A_, m_;
+  adapter_kind kind_ = adapter_kind::lora;
+  double s_ = 1.0;
+};
+
+/// LayerNorm with γ [1, d] (ones) and β [1, d] (zeros), frozen unless made trainable.
+template <class T>
+class layer_norm {
+ public:
+  layer_norm() = default;
+  layer_norm(std::string name, index_t d, double eps = 1e-5)
+      : gamma_(std::make_unique<parameter<T>>(name + ".weight", dense<T>::Ones(1, d))),
+        beta_(std::make_unique<parameter<T>>(name + ".bias", dense<T>::Zero(1, d))),
+        eps_(eps) {
+    gamma_->set_trainable(false);
+    beta_->set_trainable(false);
+  }
+  parameter<T>& gamma() { return *gamma_; }
+  parameter<T>& beta() { return *beta_; }
+  var<T> operator()(tape<T>& t, const var<T>& x) const {
+    return autograd::layer_norm(x, t.param(*gamma_), t.param(*beta_), eps_);
+  }
+  void collect(std::vector<parameter<T>*>& out) {
+    for (auto* p : {gamma_.get(), beta_.get()})
+      if (p->trainable()) out.push_back(p);
+  }
+
+ private:
+  std::unique_ptr<parameter<T>> gamma_, beta_;
+  double eps_ = 1e-5;
+};
+
+/// RMSNorm with γ [1, d] (ones), frozen unless made trainable.
+template <class T>
+class rms_norm {
+ public:
+  rms_norm() = default;
+  rms_norm(std::string name, index_t d, double eps = 1e-6)
+      : gamma_(std::make_unique<parameter<T>>(name + ".weight", dense<T>::Ones(1, d))), eps_(eps) {
+    gamma_->set_trainable(false);
+  }
+  parameter<T>& gamma() { return *gamma_; }
+  var<T> operator()(tape<T>& t, const var<T>& x) const { return autograd::rms_norm(x, t.param(*gamma_), eps_); }
+  void collect(std::vector<parameter<T>*>& out) {
+    if (gamma_->trainable()) out.push_back(gamma_.get());
+  }
+
+ private:
+  std::unique_ptr<parameter<T>> gamma_;
+  double eps_ = 1e-6;
+};
+
+/// The shape of a tiny decoder-only transformer.
+struct transformer_config {
+  index_t vocab = 64;
+  index_t seq = 32;
+  index_t d_model = 64;
+  index_t heads = 4;
+  index_t d_ff = 256;
+  index_t layers = 2;
+  std::uint64_t seed = 1;
+};
+
+/// A pre-norm transformer block over frozen weights the caller owns.
+template <class T>
+class transformer_block {
+ public:
+  transformer_block(const std::string& name, const transformer_config& c, const std::vector<const dense<T>*>& w)
+      : ln1_(name + ".ln1", c.d_model),
+        ln2_(name + ".ln2", c.d_model),
+        q_(name + ".q", deltaw::view(*w[0])),
+        k_(name + ".k", deltaw::view(*w[1])),
+        v_(name + ".v", deltaw::view(*w[2])),
+        o_(name + ".o", deltaw::view(*w[3])),
+        up_(name + ".up", deltaw::view(*w[4])),
+        down_(name + ".down", deltaw::view(*w[5])),
+        heads_(c.heads) {}
+
+  var<T> operator()(tape<T>& t, const var<T>& x, index_t batch, index_t seq) const {
+    const auto h = ln1_(t, x);
+    const auto a = autograd::causal_attention(q_(t, h), k_(t, h), v_(t, h), batch, seq, heads_);
+    const auto x1 = autograd::add(x, o_(t, a));
+    const auto m = down_(t, autograd::gelu(up_(t, ln2_(t, x1))));
+    return autograd::add(x1, m);
+  }
+
+  std::vector<linear<T>*> projections() { return {&q_, &k_, &v_, &o_, &up_, &down_}; }
+  void collect(std::vector<parameter<T>*>& out) {
+    ln1_.collect(out);
+    ln2_.collect(out);
+    for (auto* l : projections()) l->collect(out);
+  }
+
+ private:
+  layer_norm<T> ln1_, ln2_;
+  linear<T> q_, k_, v_, o_, up_, down_;
+  index_t heads_;
+};
+
+/// A tiny decoder-only transformer. It owns its (frozen, random "pretrained") weights;
+/// layers view them. Tokens in, logits [batch·seq, vocab] out.
+template <class T>
+class tiny_transformer {
+ public:
+  explicit tiny_transformer(transformer_config c) : c_(c), final_ln_("final_ln", c.d_model) {
+    if (c.d_model % c.heads != 0)
+      throw shape_error("deltaw::nn::tiny_transformer: d_model " + std::to_string(c.d_model) +
+                        " is not a multiple of heads " + std::to_string(c.heads));
+    std::mt19937_64 g(c.seed);
+    tok_ = uniform<T>(c.vocab, c.d_model, 1.0, g);
+    pos_ = uniform<T>(c.seq, c.d_model, 0.5, g);
+    head_ = uniform<T>(c.vocab, c.d_model, 1.0 / std::sqrt(double(c.d_model)), g);
+    const double bd = 1.0 / std::sqrt(double(c.d_model)), bf = 1.0 / std::sqrt(double(c.d_ff));
+    weights_.reserve(std::size_t(6 * c.layers));
+    for (index_t l = 0; l < c.layers; ++l) {
+      for (int i = 0; i < 4; ++i) weights_.push_back(std::make_unique<dense<T>>(uniform<T>(c.d_model, c.d_model, bd, g)));
+      weights_.push_back(std::make_unique<dense<T>>(uniform<T>(c.d_ff, c.d_model, bd, g)));
+      weights_.push_back(std::make_unique<dense<T>>(uniform<T>(c.d_model, c.d_ff, bf, g)));
+      std::vector<const dense<T>*> w;
+      for (int i = 0; i < 6; ++i) w.push_back(weights_[std::size_t(6 * l + i)].get());
+      blocks_.push_back(std::make_unique<transformer_block<T>>("block" + std::to_string(l), c, w));
+    }
+    head_layer_ = linear<T>("head", deltaw::view(std::as_const(head_)));
+  }
+
+  const transformer_config& config() const { return c_; }
+
+  /// Attaches an adapter to every attention and MLP projection.
+  void attach(adapter_kind kind, index_t r, double alpha) {
+    std::mt19937_64 g(c_.seed + 1000);
+    for (auto& b : blocks_)
+      for (auto* l : b->projections()) l->attach(kind, r, alpha, g);
+  }
+
+  /// ids: batch·seq token ids (row b·seq + i is token i of sequence b).
+  var<T> operator()(tape<T>& t, const std::vector<std::int64_t>& ids, index_t batch) const {
+    if (index_t(ids.size()) != batch * c_.seq)
+      throw shape_error("deltaw::nn::tiny_transformer: " + std::to_string(ids.size()) + " token ids for batch " +
+                        std::to_string(batch) + " × seq " + std::to_string(c_.seq));
+    std::vector<std::int64_t> positions(ids.size());
+    for (std::size_t i = 0; i < ids.size(); ++i) positions[i] = std::int64_t(i % std::size_t(c_.seq));
+    auto x = autograd::add(autograd::embedding(t.frozen(tok_, "tok_emb"), ids),
+                           autograd::embedding(t.frozen(pos_, "pos_emb"), positions));
+    for (const auto& b : blocks_) x = (*b)(t, x, batch, c_.seq);
+    return head_layer_(t, final_ln_(t, x));
+  }
+
+  std::vector<parameter<T>*> trainable_parameters() {
+    std::vector<parameter<T>*> out;
+    for (auto& b : blocks_) b->collect(out);
+    final_ln_.collect(out);
+    return out;
+  }
+  /// Bytes of frozen weights (embeddings, projections, head).
+  index_t frozen_bytes() const {
+    index_t n = tok_.size() + pos_.size() + head_.size();
+    for (const auto& w : weights_) n += w->size();
+    return n * index_t(sizeof(T));
+  }
+
+ private:
+  transformer_config c_;
+  dense<T> tok_, pos_, head_;
+  std::vector<std::unique_ptr<dense<T>>> weights_;
+  std::vector<std::unique_ptr<transformer_block<T>>> blocks_;
+  layer_norm<T> final_ln_;
+  linear<T> head_layer_;
+};
+
+}  // namespace nn
+DELTAW_NAMESPACE_END
