@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../../core/random.hpp"
@@ -396,4 +397,16 @@ struct evaluator<randlora_update<T, device::cpu>> {
 };
 
 }  // namespace cpu
+
+/// NOLA's combined factors {B [out, r], A [r, in]} (ΔW = u.scale()·B·A), formed once: for
+/// inference with frozen coefficients, lora(B, A, scale(u.scale())) then skips drawing the
+/// k + l bases on every call.
+template <class C = float, class T>
+std::pair<dense<C>, dense<C>> nola_factors(const nola_update<T, device::cpu>& u) {
+  dense<C> A, B;
+  cpu::evaluator<nola_update<T, device::cpu>>::template form_A<C>(u, A);
+  cpu::evaluator<nola_update<T, device::cpu>>::template form_B_rows<C>(u, 0, u.rows(), C(1), B);
+  return {std::move(B), std::move(A)};
+}
+
 DELTAW_NAMESPACE_END
