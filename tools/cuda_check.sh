@@ -45,7 +45,8 @@ ctest --test-dir "${build}" -L cuda --output-on-failure
 "${build}/tests/cuda/test_cuda_lora" || { rc=$?; [[ ${rc} == 77 ]] || exit ${rc}; }
 
 if [[ ${bench} == 1 ]]; then
+  rc=0
   "${build}/bench/bench_cuda_lora" --benchmark_counters_tabular=true \
-    --benchmark_out="${build}/bench_cuda_lora.json" --benchmark_out_format=json || { rc=$?; [[ ${rc} == 77 ]] || exit ${rc}; }
-  echo "JSON: ${build}/bench_cuda_lora.json"
+    --benchmark_out="${build}/bench_cuda_lora.json" --benchmark_out_format=json || rc=$?
+  if [[ ${rc} == 0 ]]; then echo "JSON: ${build}/bench_cuda_lora.json"; elif [[ ${rc} != 77 ]]; then exit ${rc}; fi
 fi
