@@ -288,6 +288,26 @@ TEST_CASE("lokr scales by alpha / r even with both factors dense; diffusekrona d
   CHECK(dwt::rel_err(dw::materialize(k), reference_kron(w1, w2, 1.0)) <= 1e-15);
 }
 
+TEST_CASE("a DiffuseKronA checkpoint's forward is kron(up, down^T) on perfect-shuffled inputs") {
+  // Its forward, step by step: x viewed [a2, b2], transposed to [b2, a2], y = vec(up·X̃·down).
+  const Eigen::Index a1 = 3, a2 = 4, b1 = 5, b2 = 2, tokens = 6;
+  const MatD up = dwt::random(b1, b2, 1), down = dwt::random(a2, a1, 2);
+  const MatD X = dwt::random(tokens, a2 * b2, 3);
+  MatD Yref(tokens, a1 * b1), Xs(tokens, a2 * b2);
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    MatD Xt(b2, a2);
+    for (Eigen::Index q = 0; q < a2; ++q)
+      for (Eigen::Index p = 0; p < b2; ++p) Xt(p, q) = X(t, q * b2 + p);
+    const MatD R = up * Xt * down;  // [b1, a1]
+    for (Eigen::Index u = 0; u < b1; ++u)
+      for (Eigen::Index v = 0; v < a1; ++v) Yref(t, u * a1 + v) = R(u, v);
+    for (Eigen::Index q = 0; q < a2; ++q)
+      for (Eigen::Index p = 0; p < b2; ++p) Xs(t, p * a2 + q) = X(t, q * b2 + p);  // S·x
+  }
+  const MatD downT = down.transpose();
+  CHECK(dwt::rel_err(dw::apply(dw::kron(up, downT), Xs), Yref) <= 1e-13);
+}
+
 TEST_CASE("kron factor shape errors name the shapes") {
   const MatD a = dwt::random(4, 2, 1), b = dwt::random(3, 5, 2);
   dwt::check_throws_with<dw::shape_error>([&] { (void)dw::kron_factor(a, b); }, {"kron_factor", "[4, 2]", "[3, 5]"});

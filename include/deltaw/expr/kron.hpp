@@ -9,12 +9,17 @@
 // (w1 ⊗ w2)·x = vec(w1·X·w2ᵀ) with X the token reshaped [c, d] row-major
 // (backend/cpu/kron.hpp).
 //
-// DiffuseKronA's reference forward multiplies a perfect-shuffled input (a permuted
-// Kronecker product). For the commutation (perfect-shuffle) matrices K,
-// K_{b,a}·(A ⊗ B)·K_{c,d} = B ⊗ A, so a checkpoint whose forward shuffles both the input
-// and the output is loaded here as diffusekrona(B, A), factors swapped. Which side(s) its
-// code shuffles is UNVERIFIED (METHODS.md); it matters only when loading its
-// checkpoints, never for training with deltaw's own convention.
+// DiffuseKronA's checkpoints (IBM/DiffuseKronA, diffusekrona/krona.py, read for the math
+// only). Its forward for [batch, tokens, in] inputs takes each token x, views it as
+// [a2, b2], transposes it to X̃ [b2, a2] and returns vec(up·X̃·down), with up [b1, b2] its
+// B (zero init) and down [a2, a1] its A (N(0, 1/a1²) init). Entry by entry
+//     ΔW[u·a1 + v, q·b2 + p] = up[u, p]·down[q, v],
+// that is ΔW = (up ⊗ downᵀ)·S with S the perfect shuffle of the input features
+// (S·x)[p·a2 + q] = x[q·b2 + p]. deltaw's diffusekrona(A, B) is the paper's unshuffled
+// A ⊗ B; to reproduce such a checkpoint use kron(up, downᵀ) on inputs permuted by S (or
+// permute the columns of a materialised ΔW). This matters only for loading its
+// checkpoints. (That file's 2-D path only works when a1 = a2 and the batch is one row, and
+// its network_alpha branch reads an attribute it never sets, so it never scales.)
 #pragma once
 
 #include <algorithm>
