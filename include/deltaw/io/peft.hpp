@@ -1,0 +1,518 @@
+// PEFT adapter directories (LoRA, rsLoRA, DoRA): adapter_config.json +
+// adapter_model.safetensors, read into deltaw low_rank updates keyed by module name and
+// written back in the layout PEFT loads.
+//
+// Keys: base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r],
+// .lora_magnitude_vector [out] (DoRA). Scale s = α/r (α/√r with use_rslora), with r and
+// α per module from rank_pattern / alpha_pattern: keys are regular expressions tried in
+// file order against the module name as `(.*\.)?(key)$`, the first match wins.
+// Anything deltaw does not implement (another peft_type, biases, modules_to_save,
+// embedding or convolution LoRA, …) throws unsupported_error; anything inconsistent
+// (unknown keys, shapes that disagree with each other or with the config) format_error.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "../backend/cpu/dora.hpp"
+#include "../expr/low_rank.hpp"
+#include "json.hpp"
+#include "safetensors.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace io {
+
+/// The LoRA fields of adapter_config.json that change the math. Fields deltaw does not
+/// interpret are kept in `raw` and written back unchanged.
+struct peft_lora_config {
+  std::string peft_type = "LORA";
+  index_t r = 8;
+  double lora_alpha = 8;
+  bool use_rslora = false;
+  bool use_dora = false;
+  bool fan_in_fan_out = false;
+  std::vector<std::string> target_modules;          ///< list form (suffix match)
+  std::optional<std::string> target_modules_regex;  ///< string form (full match)
+  std::vector<std::pair<std::string, index_t>> rank_pattern;  ///< file order
+  std::vector<std::pair<std::string, double>> alpha_pattern;  ///< file order
+  std::string base_model_name_or_path;
+  json raw = json::object();
+
+  /// The first pattern key matching `module` as (.*\.)?(key)$, or null.
+  template <class V>
+  static const std::pair<std::string, V>* match_pattern(const std::vector<std::pair<std::string, V>>& pats,
+                                                        const std::string& module) {
+    for (const auto& p : pats) {
+      try {
+        if (std::regex_match(module, std::regex("(.*\\.)?(" + p.first + ")", std::regex::ECMAScript))) return &p;
+      } catch (const std::regex_error&) {
+        throw format_error("deltaw::io::peft: pattern key \"" + p.first + "\" is not a valid regular expression");
+      }
+    }
+    return nullptr;
+  }
+  index_t rank_for(const std::string& module) const {
+    const auto* p = match_pattern(rank_pattern, module);
+    return p ? p->second : r;
+  }
+  double alpha_for(const std::string& module) const {
+    const auto* p = match_pattern(alpha_pattern, module);
+    return p ? p->second : lora_alpha;
+  }
+  /// s = α/r, or α/√r with use_rslora.
+  double scale_for(const std::string& module) const {
+    const double a = alpha_for(module);
+    const double rr = double(rank_for(module));
+    return use_rslora ? a / std::sqrt(rr) : a / rr;
+  }
+  /// Whether PEFT would adapt `module` (list: equal to or ending in "." + entry; string:
+  /// a full regex match).
+  bool targets(const std::string& module) const {
+    if (target_modules_regex) return std::regex_match(module, std::regex(*target_modules_regex));
+    for (const auto& t : target_modules)
+      if (module == t || (module.size() > t.size() && module.ends_with("." + t))) return true;
+    return false;
+  }
+};
+
+namespace detail {
+
+inline constexpr std::size_t peft_max_pattern = 1024;  // std::regex recursion stays shallow
+
+[[noreturn]] inline void peft_fail(const std::string& src, const std::string& msg) {
+  throw format_error("deltaw::io::peft (" + src + "): " + msg);
+}
+
+inline bool json_truthy(const json& v) {
+  if (v.is_null()) return false;
+  if (v.is_boolean()) return v.get<bool>();
+  if (v.is_array() || v.is_object() || v.is_string()) return !v.empty();
+  return true;
+}
+
+inline double peft_number(const json& v, const std::string& field, const std::string& src) {
+  if (!v.is_number()) peft_fail(src, "\"" + field + "\" must be a number");
+  const double d = v.get<double>();
+  if (!std::isfinite(d)) peft_fail(src, "\"" + field + "\" must be finite");
+  return d;
+}
+inline index_t peft_rank(const json& v, const std::string& field, const std::string& src) {
+  if (!v.is_number_integer()) peft_fail(src, "\"" + field + "\" must be an integer rank");
+  if (!v.is_number_unsigned() || v.get<std::uint64_t>() == 0)
+    throw rank_error("deltaw::io::peft (" + src + "): \"" + field + "\" must be at least 1");
+  if (v.get<std::uint64_t>() > (std::uint64_t(1) << 31)) peft_fail(src, "\"" + field + "\" is implausibly large");
+  return index_t(v.get<std::uint64_t>());
+}
+inline bool peft_bool(const json& o, const char* k, const std::string& src) {
+  auto it = o.find(k);
+  if (it == o.end() || it->is_null()) return false;
+  if (!it->is_boolean()) peft_fail(src, std::string("\"") + k + "\" must be true or false");
+  return it->get<bool>();
+}
+inline void check_pattern_key(const std::string& k, const std::string& src) {
+  if (k.size() > peft_max_pattern) peft_fail(src, "a pattern key is longer than 1024 characters");
+  try {
+    std::regex re("(.*\\.)?(" + k + ")", std::regex::ECMAScript);
+  } catch (const std::regex_error&) {
+    peft_fail(src, "pattern key \"" + k + "\" is not a valid regular expression");
+  }
+}
+
+/// `s` with regex metacharacters escaped (pattern keys written for one exact module).
+inline std::string regex_escape(const std::string& s) {
+  std::string r;
+  for (char c : s) {
+    if (std::string_view("\\^$.|?*+()[]{}").find(c) != std::string_view::npos) r += '\\';
+    r += c;
+  }
+  return r;
+}
+
+}  // namespace detail
+
+/// Parses adapter_config.json text. Throws format_error when malformed and
+/// unsupported_error for a peft_type or option deltaw does not implement.
+inline peft_lora_config parse_peft_config(std::string_view text, const std::string& source = "adapter_config.json") {
+  peft_lora_config c;
+  c.raw = parse_json_strict(text, "deltaw::io::peft (" + source + ")");
+  const json& o = c.raw;
+  if (!o.is_object()) detail::peft_fail(source, "adapter_config.json must hold a JSON object");
+  auto pt = o.find("peft_type");
+  if (pt == o.end() || !pt->is_string()) detail::peft_fail(source, "no string \"peft_type\"");
+  c.peft_type = pt->get<std::string>();
+  if (c.peft_type != "LORA")
+    throw unsupported_error("deltaw::io::peft (" + source + "): peft_type \"" + c.peft_type +
+                            "\" is not supported; deltaw reads LORA adapters (with use_rslora / use_dora)");
+
+  if (auto it = o.find("r"); it != o.end()) c.r = detail::peft_rank(*it, "r", source);
+  if (auto it = o.find("lora_alpha"); it != o.end()) c.lora_alpha = detail::peft_number(*it, "lora_alpha", source);
+  c.use_rslora = detail::peft_bool(o, "use_rslora", source);
+  c.use_dora = detail::peft_bool(o, "use_dora", source);
+  c.fan_in_fan_out = detail::peft_bool(o, "fan_in_fan_out", source);
+  if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
+    c.base_model_name_or_path = it->get<std::string>();
+
+  if (auto it = o.find("target_modules"); it != o.end() && !it->is_null()) {
+    if (it->is_string()) {
+      c.target_modules_regex = it->get<std::string>();
+      if (c.target_modules_regex->size() > detail::peft_max_pattern)
+        detail::peft_fail(source, "\"target_modules\" is longer than 1024 characters");
+      try {
+        std::regex re(*c.target_modules_regex);
+      } catch (const std::regex_error&) {
+        detail::peft_fail(source, "\"target_modules\" is not a valid regular expression");
+      }
+    } else if (it->is_array()) {
+      for (const auto& t : *it) {
+        if (!t.is_string()) detail::peft_fail(source, "\"target_modules\" entries must be strings");
+        c.target_modules.push_back(t.get<std::string>());
+      }
+    } else {
+      detail::peft_fail(source, "\"target_modules\" must be a list of names or a regular expression");
+    }
+  }
+  if (auto it = o.find("rank_pattern"); it != o.end() && !it->is_null()) {
+    if (!it->is_object()) detail::peft_fail(source, "\"rank_pattern\" must be an object");
+    for (const auto& [k, v] : it->items()) {
+      detail::check_pattern_key(k, source);
+      c.rank_pattern.emplace_back(k, detail::peft_rank(v, "rank_pattern." + k, source));
+    }
+  }
+  if (auto it = o.find("alpha_pattern"); it != o.end() && !it->is_null()) {
+    if (!it->is_object()) detail::peft_fail(source, "\"alpha_pattern\" must be an object");
+    for (const auto& [k, v] : it->items()) {
+      detail::check_pattern_key(k, source);
+      c.alpha_pattern.emplace_back(k, detail::peft_number(v, "alpha_pattern." + k, source));
+    }
+  }
+
+  // Options that add tensors deltaw would drop or change the forward pass: refuse them.
+  auto unsupported = [&](const std::string& what) {
+    throw unsupported_error("deltaw::io::peft (" + source + "): " + what + " is not supported");
+  };
+  if (auto it = o.find("bias"); it != o.end() && !it->is_null()) {
+    if (!it->is_string()) detail::peft_fail(source, "\"bias\" must be a string");
+    if (it->get<std::string>() != "none") unsupported("bias = \"" + it->get<std::string>() + "\" (trained biases)");
+  }
+  for (const char* k : {"lora_bias", "use_qalora"})
+    if (detail::peft_bool(o, k, source)) unsupported(std::string(k) + " = true");
+  for (const char* k : {"modules_to_save", "layer_replication", "target_parameters", "trainable_token_indices",
+                        "alora_invocation_tokens", "megatron_config"})
+    if (auto it = o.find(k); it != o.end() && detail::json_truthy(*it)) unsupported(std::string("\"") + k + "\"");
+  return c;
+}
+
+/// adapter_config.json for `c`: `raw` with the fields deltaw knows overwritten.
+inline json peft_config_json(const peft_lora_config& c) {
+  json o = c.raw.is_object() ? c.raw : json::object();
+  o["peft_type"] = c.peft_type;
+  o["r"] = c.r;
+  o["lora_alpha"] = c.lora_alpha;
+  o["use_rslora"] = c.use_rslora;
+  o["use_dora"] = c.use_dora;
+  o["fan_in_fan_out"] = c.fan_in_fan_out;
+  if (c.target_modules_regex) o["target_modules"] = *c.target_modules_regex;
+  else o["target_modules"] = c.target_modules;
+  json rp = json::object(), ap = json::object();
+  for (const auto& [k, v] : c.rank_pattern) rp[k] = v;
+  for (const auto& [k, v] : c.alpha_pattern) ap[k] = v;
+  o["rank_pattern"] = rp;
+  o["alpha_pattern"] = ap;
+  o["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? json(nullptr) : json(c.base_model_name_or_path);
+  for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{{"bias", "none"},
+                                                                                  {"lora_dropout", 0.0},
+                                                                                  {"modules_to_save", nullptr},
+                                                                                  {"task_type", nullptr},
+                                                                                  {"inference_mode", true},
+                                                                                  {"init_lora_weights", true}})
+    if (!o.contains(k)) o[k] = v;
+  return o;
+}
+
+/// One adapted module: LoRA factors in PEFT's layout, with the scale resolved.
+struct peft_lora_module {
+  std::string name;  ///< e.g. "model.layers.0.self_attn.q_proj"
+  held_matrix<float> A;  ///< [r, in]
+  held_matrix<float> B;  ///< [out, r]
+  std::optional<held_vector<float>> magnitude;  ///< DoRA, [out]
+  index_t rank = 0;
+  double alpha = 0;
+  double scale = 0;
+  bool fan_in_fan_out = false;
+
+  index_t out_features() const { return B.view.rows(); }
+  index_t in_features() const { return A.view.cols(); }
+
+  /// ΔW [out, in] = s·B·A in PyTorch's nn.Linear layout (zero-copy over the file).
+  low_rank<float> update() const { return low_rank<float>(B, A, scale); }
+  /// The update of the weight as the checkpoint stores it: with fan_in_fan_out (GPT-2's
+  /// Conv1D keeps W as [in, out]) that is ΔWᵀ = s·Aᵀ·Bᵀ, as transposed views.
+  low_rank<float> update_for_stored_weight() const {
+    if (!fan_in_fan_out) return update();
+    return low_rank<float>(held_matrix<float>{A.view.transpose(), A.owner},
+                           held_matrix<float>{B.view.transpose(), B.owner}, scale);
+  }
+  /// DoRA over W [out, in] (for fan_in_fan_out pass the stored [in, out] weight's
+  /// transpose view). Throws argument_error when the adapter has no magnitude vector.
+  template <class WL>
+  auto dora(const WL& W) const {
+    if (!magnitude)
+      throw argument_error("deltaw::io::peft_lora_module::dora: module \"" + name + "\" has no lora_magnitude_vector");
+    return deltaw::dora(W, update(), magnitude->view);
+  }
+};
+
+/// A LoRA adapter: its config and its modules, sorted by name.
+class peft_adapter {
+ public:
+  peft_lora_config config;
+
+  const std::vector<peft_lora_module>& modules() const { return modules_; }
+  std::size_t size() const { return modules_.size(); }
+
+  const peft_lora_module* find(std::string_view module) const {
+    auto it = std::lower_bound(modules_.begin(), modules_.end(), module,
+                               [](const peft_lora_module& m, std::string_view n) { return m.name < n; });
+    return it != modules_.end() && it->name == module ? &*it : nullptr;
+  }
+  const peft_lora_module& at(std::string_view module) const {
+    const auto* m = find(module);
+    if (!m) throw argument_error("deltaw::io::peft_adapter::at: the adapter has no module \"" + std::string(module) + "\"");
+    return *m;
+  }
+  /// The module adapting the weight tensor `weight_name` of a state dict
+  /// ("<module>.weight"), or null when the adapter leaves it alone.
+  const peft_lora_module* for_weight(std::string_view weight_name) const {
+    if (weight_name.ends_with(".weight")) weight_name.remove_suffix(7);
+    return find(weight_name);
+  }
+
+  /// Pairs every module with a weight of the user's model, given as name → stored shape
+  /// (names as in the base model's state dict, "<module>.weight" or "<module>"). Throws
+  /// format_error for a module with no weight and shape_error when a stored shape is not
+  /// [out, in] ([in, out] with fan_in_fan_out). Returns module → weight name.
+  std::map<std::string, std::string> match(const std::map<std::string, std::pair<index_t, index_t>>& weights) const {
+    std::map<std::string, std::string> out;
+    for (const auto& m : modules_) {
+      auto it = weights.find(m.name + ".weight");
+      if (it == weights.end()) it = weights.find(m.name);
+      if (it == weights.end())
+        throw format_error("deltaw::io::peft_adapter::match: the adapter adapts \"" + m.name +
+                           "\" but the model has no weight \"" + m.name + ".weight\"");
+      const auto expect = m.fan_in_fan_out ? std::pair(m.in_features(), m.out_features())
+                                           : std::pair(m.out_features(), m.in_features());
+      if (it->second != expect)
+        throw shape_error("deltaw::io::peft_adapter::match: weight \"" + it->first + "\" is " +
+                          deltaw::detail::shape_str(it->second.first, it->second.second) + " but the adapter's \"" +
+                          m.name + "\" expects " + deltaw::detail::shape_str(expect.first, expect.second) +
+                          (m.fan_in_fan_out ? " (fan_in_fan_out: [in, out])" : " ([out, in])"));
+      out.emplace(m.name, it->first);
+    }
+    return out;
+  }
+
+  /// Adds a module from a LoRA update ΔW = s·B·A (any storage type; stored as float).
+  /// Its rank and α (= s·r, or s·√r with use_rslora) become rank_pattern / alpha_pattern
+  /// entries on write when they differ from the config's r and lora_alpha.
+  template <class T>
+  void add(std::string module, const low_rank<T>& l, const std::optional<vector_view<const float>>& magnitude = {}) {
+    if (find(module)) throw argument_error("deltaw::io::peft_adapter::add: module \"" + module + "\" added twice");
+    peft_lora_module m;
+    m.name = std::move(module);
+    m.A = copy_float(l.A());
+    m.B = copy_float(l.B());
+    m.rank = l.rank();
+    m.scale = l.scale();
+    m.alpha = config.use_rslora ? l.scale() * std::sqrt(double(l.rank())) : l.scale() * double(l.rank());
+    m.fan_in_fan_out = config.fan_in_fan_out;
+    if (magnitude) {
+      if (magnitude->size() != l.rows())
+        throw shape_error("deltaw::io::peft_adapter::add: magnitude has " + std::to_string(magnitude->size()) +
+                          " entries for a [" + std::to_string(l.rows()) + ", " + std::to_string(l.cols()) + "] update");
+      auto buf = std::make_shared<std::vector<float>>(std::size_t(magnitude->size()));
+      for (index_t i = 0; i < magnitude->size(); ++i) (*buf)[std::size_t(i)] = (*magnitude)[i];
+      m.magnitude = held_vector<float>{vector_view<const float>(buf->data(), index_t(buf->size())), buf};
+      config.use_dora = true;
+    }
+    insert(std::move(m));
+  }
+
+  /// Builds from a config and the tensors of adapter_model.safetensors.
+  static peft_adapter from_safetensors(peft_lora_config cfg, const safetensors_file& f,
+                                       const std::string& source = "adapter_model.safetensors") {
+    peft_adapter a;
+    a.config = std::move(cfg);
+    struct parts {
+      const st_tensor_info* A = nullptr;
+      const st_tensor_info* B = nullptr;
+      const st_tensor_info* m = nullptr;
+    };
+    std::map<std::string, parts> found;
+    const std::string prefix = "base_model.model.";
+    for (const auto& t : f.tensors()) {
+      std::string_view k = t.name;
+      if (!k.starts_with(prefix))
+        throw format_error("deltaw::io::peft (" + source + "): unknown key \"" + t.name + "\" (PEFT keys start with \"" +
+                           prefix + "\")");
+      k.remove_prefix(prefix.size());
+      std::string_view mod;
+      const st_tensor_info** slot = nullptr;
+      for (auto [suffix, which] : {std::pair<std::string_view, int>{".lora_A.weight", 0},
+                                   {".lora_B.weight", 1},
+                                   {".lora_magnitude_vector.weight", 2},
+                                   {".lora_magnitude_vector", 2}}) {
+        if (k.ends_with(suffix) && k.size() > suffix.size()) {
+          mod = k.substr(0, k.size() - suffix.size());
+          auto& p = found[std::string(mod)];
+          slot = which == 0 ? &p.A : which == 1 ? &p.B : &p.m;
+          break;
+        }
+      }
+      if (slot == nullptr) {
+        for (std::string_view u : {".lora_embedding_A", ".lora_embedding_B"})
+          if (k.find(u) != std::string_view::npos)
+            throw unsupported_error("deltaw::io::peft (" + source + "): embedding LoRA (\"" + t.name +
+                                    "\") is not supported");
+        if (k.ends_with(".lora_B.bias"))
+          throw unsupported_error("deltaw::io::peft (" + source + "): LoRA biases (\"" + t.name + "\") are not supported");
+        throw format_error("deltaw::io::peft (" + source + "): unknown key \"" + t.name + "\"");
+      }
+      if (*slot != nullptr)
+        throw format_error("deltaw::io::peft (" + source + "): two tensors for the same part of \"" + std::string(mod) +
+                           "\" (\"" + (*slot)->name + "\" and \"" + t.name + "\")");
+      *slot = &t;
+    }
+    for (const auto& [mod, p] : found) {
+      const std::string where = "deltaw::io::peft (" + source + "): module \"" + mod + "\"";
+      if (!p.A || !p.B) throw format_error(where + " lacks " + (p.A ? "lora_B.weight" : "lora_A.weight"));
+      if (p.A->shape.size() != 2 || p.B->shape.size() != 2) {
+        if (p.A->shape.size() == 4 || p.B->shape.size() == 4)
+          throw unsupported_error(where + ": convolution LoRA (4-D factors) is not supported");
+        throw format_error(where + ": lora_A " + detail::shape_string(p.A->shape) + " and lora_B " +
+                           detail::shape_string(p.B->shape) + " must be matrices");
+      }
+      if (p.A->shape[0] != p.B->shape[1])
+        throw format_error(where + ": lora_A " + detail::shape_string(p.A->shape) + " [r, in] and lora_B " +
+                           detail::shape_string(p.B->shape) + " [out, r] disagree on r");
+      peft_lora_module m;
+      m.name = mod;
+      m.rank = a.config.rank_for(mod);
+      if (std::uint64_t(m.rank) != p.A->shape[0])
+        throw format_error(where + ": the config gives r = " + std::to_string(m.rank) + " but lora_A is " +
+                           detail::shape_string(p.A->shape));
+      m.alpha = a.config.alpha_for(mod);
+      m.scale = a.config.scale_for(mod);
+      m.fan_in_fan_out = a.config.fan_in_fan_out;
+      m.A = f.matrix<float>(p.A->name);
+      m.B = f.matrix<float>(p.B->name);
+      if (p.m) {
+        if (!a.config.use_dora) throw format_error(where + " has a lora_magnitude_vector but the config has use_dora false");
+        if (p.m->shape.size() != 1 || p.m->shape[0] != p.B->shape[0])
+          throw format_error(where + ": lora_magnitude_vector " + detail::shape_string(p.m->shape) + " must be [" +
+                             std::to_string(p.B->shape[0]) + "] (out)");
+        m.magnitude = f.vector<float>(p.m->name);
+      } else if (a.config.use_dora) {
+        throw format_error(where + " lacks lora_magnitude_vector but the config has use_dora true");
+      }
+      a.insert(std::move(m));
+    }
+    return a;
+  }
+
+  /// The tensors of adapter_model.safetensors, and the config (rank_pattern /
+  /// alpha_pattern filled in for modules whose r or α differ from the defaults).
+  std::pair<peft_lora_config, safetensors_writer> to_files() const {
+    peft_lora_config c = config;
+    c.rank_pattern.clear();
+    c.alpha_pattern.clear();
+    if (!modules_.empty()) {
+      // Default r: the most common rank; default α: the α of the first module with it.
+      std::map<index_t, int> counts;
+      for (const auto& m : modules_) ++counts[m.rank];
+      c.r = std::max_element(counts.begin(), counts.end(), [](auto& x, auto& y) { return x.second < y.second; })->first;
+      for (const auto& m : modules_)
+        if (m.rank == c.r) {
+          c.lora_alpha = m.alpha;
+          break;
+        }
+      std::set<std::string> leaves(c.target_modules.begin(), c.target_modules.end());
+      for (const auto& m : modules_) {
+        if (m.rank != c.r) c.rank_pattern.emplace_back(detail::regex_escape(m.name), m.rank);
+        if (m.alpha != c.lora_alpha) c.alpha_pattern.emplace_back(detail::regex_escape(m.name), m.alpha);
+        if (!c.target_modules_regex && !c.targets(m.name)) {
+          const auto dot = m.name.rfind('.');
+          leaves.insert(dot == std::string::npos ? m.name : m.name.substr(dot + 1));
+        }
+      }
+      if (!c.target_modules_regex) c.target_modules.assign(leaves.begin(), leaves.end());
+    }
+    c.use_dora = std::any_of(modules_.begin(), modules_.end(), [](const auto& m) { return m.magnitude.has_value(); });
+    safetensors_writer w;
+    for (const auto& m : modules_) {
+      if (c.use_dora && !m.magnitude)
+        throw argument_error("deltaw::io::peft_adapter: with DoRA every module needs a magnitude vector; \"" + m.name +
+                             "\" has none");
+      w.add("base_model.model." + m.name + ".lora_A.weight", m.A.view);
+      w.add("base_model.model." + m.name + ".lora_B.weight", m.B.view);
+      if (m.magnitude) w.add("base_model.model." + m.name + ".lora_magnitude_vector", m.magnitude->view);
+    }
+    return {std::move(c), std::move(w)};
+  }
+
+ private:
+  template <class T>
+  static held_matrix<float> copy_float(const matrix_view<const T>& v) {
+    auto buf = std::make_shared<std::vector<float>>(std::size_t(v.size()));
+    for (index_t i = 0; i < v.rows(); ++i)
+      for (index_t j = 0; j < v.cols(); ++j) (*buf)[std::size_t(i * v.cols() + j)] = convert<float>(v(i, j));
+    return {matrix_view<const float>(buf->data(), v.rows(), v.cols()), buf};
+  }
+  void insert(peft_lora_module m) {
+    auto it = std::lower_bound(modules_.begin(), modules_.end(), m.name,
+                               [](const peft_lora_module& x, const std::string& n) { return x.name < n; });
+    modules_.insert(it, std::move(m));
+  }
+  std::vector<peft_lora_module> modules_;
+};
+
+/// Reads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors; the
+/// tensors stay mapped and are viewed without copying when stored as aligned F32).
+inline peft_adapter read_peft_adapter(const std::filesystem::path& dir) {
+  const auto cfg_path = dir / "adapter_config.json";
+  const auto st_path = dir / "adapter_model.safetensors";
+  const auto cfg_bytes = read_file(cfg_path);
+  std::string_view text(reinterpret_cast<const char*>(cfg_bytes.bytes.data()), cfg_bytes.bytes.size());
+  auto cfg = parse_peft_config(text, cfg_path.string());
+  if (!std::filesystem::exists(st_path)) {
+    if (std::filesystem::exists(dir / "adapter_model.bin"))
+      throw unsupported_error("deltaw::io::read_peft_adapter: '" + dir.string() +
+                              "' holds adapter_model.bin (a pickle); only adapter_model.safetensors is read");
+    throw io_error("deltaw::io::read_peft_adapter: '" + st_path.string() + "' does not exist");
+  }
+  return peft_adapter::from_safetensors(std::move(cfg), safetensors_file::open(st_path), st_path.string());
+}
+
+/// Writes `a` as a PEFT adapter directory (created if needed).
+inline void write_peft_adapter(const std::filesystem::path& dir, const peft_adapter& a) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw io_error("deltaw::io::write_peft_adapter: cannot create '" + dir.string() + "': " + ec.message());
+  auto [cfg, w] = a.to_files();
+  w.write(dir / "adapter_model.safetensors");
+  const std::string text = peft_config_json(cfg).dump(2) + "\n";
+  write_file(dir / "adapter_config.json", std::as_bytes(std::span<const char>(text.data(), text.size())));
+}
+
+}  // namespace io
+DELTAW_NAMESPACE_END

@@ -1,0 +1,29 @@
+# Interchange formats: safetensors, PEFT adapter directories, GGUF LoRA (deltaw/io.hpp).
+# They need nlohmann-json; without it the io tests are left out with a message.
+find_package(nlohmann_json 3.10 QUIET)
+if(NOT nlohmann_json_FOUND)
+  message(STATUS "deltaw: nlohmann_json not found; io tests skipped (install nlohmann-json3-dev)")
+  return()
+endif()
+
+deltaw_add_test(io io/test_safetensors.cpp io/test_peft.cpp io/test_gguf.cpp)
+target_link_libraries(test_io PRIVATE nlohmann_json::nlohmann_json)
+target_compile_definitions(test_io PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
+                                           DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
+
+# Round trip through the Python packages: deltaw writes, safetensors / gguf / PEFT read.
+# Skipped (exit 77) when python3 or the packages are missing.
+add_executable(io_roundtrip_writer io/roundtrip_writer.cpp)
+target_link_libraries(io_roundtrip_writer PRIVATE deltaw::deltaw nlohmann_json::nlohmann_json)
+target_compile_options(io_roundtrip_writer PRIVATE -Wall -Wextra)
+find_package(Python3 COMPONENTS Interpreter QUIET)
+foreach(part formats peft)
+  if(Python3_Interpreter_FOUND)
+    add_test(NAME io_roundtrip_${part}
+             COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/io/check_roundtrip.py --part ${part}
+                     --writer $<TARGET_FILE:io_roundtrip_writer> --dir ${CMAKE_CURRENT_BINARY_DIR}/io_roundtrip_${part})
+  else()
+    add_test(NAME io_roundtrip_${part} COMMAND sh -c "echo 'SKIPPED: python3 not found'; exit 77")
+  endif()
+  set_tests_properties(io_roundtrip_${part} PROPERTIES SKIP_RETURN_CODE 77)
+endforeach()

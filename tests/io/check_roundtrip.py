@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Round trip: deltaw writes (io_roundtrip_writer), the Python packages read.
+
+--part formats: safetensors (numpy; torch for BF16 if present) and gguf.GGUFReader.
+--part peft:    PEFT loads deltaw's adapter directories (LoRA with rank/alpha patterns,
+                rsLoRA, DoRA) onto a torch model and its forward matches deltaw's output.
+Exits 77 (CTest skip) when the packages a part needs are missing."""
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+SKIP = 77
+
+
+def need(*mods):
+    missing = []
+    for m in mods:
+        try:
+            __import__(m)
+        except Exception:
+            missing.append(m)
+    if missing:
+        print("SKIPPED: python packages missing: " + ", ".join(missing))
+        sys.exit(SKIP)
+
+
+def formula(r, c, step, offset):
+    import numpy as np
+    return (np.arange(r * c, dtype=np.float64).reshape(r, c) * step + offset)
+
+
+def check(cond, msg):
+    if not cond:
+        print("FAIL: " + msg)
+        sys.exit(1)
+    print("ok: " + msg)
+
+
+def part_formats(d):
+    need("numpy", "safetensors", "gguf")
+    import numpy as np
+    from safetensors import safe_open
+    import gguf
+    p = os.path.join(d, "st.safetensors")
+    with safe_open(p, framework="numpy") as f:
+        check(f.metadata() == {"writer": "deltaw", "k": "v"}, "safetensors metadata")
+        check(sorted(f.keys()) == sorted(["f32", "f64", "bf16", "f16", "f32_transposed", "vec"]), "safetensors keys")
+        a = f.get_tensor("f32")
+        check(a.dtype == np.float32 and np.array_equal(a, formula(5, 7, 0.125, -2)), "F32 [5, 7] values")
+        check(np.array_equal(f.get_tensor("f32_transposed"), formula(5, 7, 0.125, -2).T), "strided view written row-major")
+        b = f.get_tensor("f64")
+        check(b.dtype == np.float64 and np.array_equal(b, formula(3, 4, 1.0 / 3.0, 0)), "F64 [3, 4] values")
+        h = f.get_tensor("f16")
+        check(h.dtype == np.float16 and np.array_equal(h, formula(2, 3, 0.5, -1)), "F16 values")
+        check(np.array_equal(f.get_tensor("vec"), np.linspace(0, 2.5, 6, dtype=np.float32)), "1-D vector")
+    # BF16: numpy has no bfloat16; decode the bits from the file's own header.
+    raw = open(p, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    hdr = json.loads(raw[8:8 + n])
+    s, e = hdr["bf16"]["data_offsets"]
+    bits = np.frombuffer(raw[8 + n + s:8 + n + e], dtype=np.uint16).astype(np.uint32) << 16
+    check(hdr["bf16"]["dtype"] == "BF16" and hdr["bf16"]["shape"] == [4, 6] and
+          np.array_equal(bits.view(np.float32).reshape(4, 6), formula(4, 6, 0.25, -1)), "BF16 values")
+    try:
+        import torch
+        from safetensors.torch import load_file
+        t = load_file(p)["bf16"]
+        check(t.dtype == torch.bfloat16 and torch.equal(t.float(), torch.tensor(formula(4, 6, 0.25, -1)).float()),
+              "BF16 via safetensors.torch")
+    except ImportError:
+        print("note: torch missing, BF16 checked from raw bits only")
+
+    r = gguf.GGUFReader(os.path.join(d, "lora.gguf"))
+    fields = {k: v for k, v in r.fields.items()}
+
+    def sval(k):
+        return bytes(fields[k].parts[fields[k].data[0]]).decode()
+
+    check(sval("general.type") == "adapter" and sval("adapter.type") == "lora", "GGUF general.type / adapter.type")
+    check(sval("general.architecture") == "llama", "GGUF general.architecture")
+    alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
+    check(alpha == 6.0, "GGUF adapter.lora.alpha = 6 (s = alpha / r = 2 for r = 3)")
+    tens = {t.name: t for t in r.tensors}
+    A1, B1 = formula(3, 8, 0.0625, -0.5), formula(6, 3, 0.125, -1)
+    A2, B2 = formula(2, 8, 0.25, -1), formula(4, 2, 0.5, -2)
+    ta = tens["blk.0.attn_q.weight.lora_a"]
+    check(list(ta.shape) == [8, 3] and ta.data.shape == (3, 8), "lora_a: ne = [in, r], numpy [r, in]")
+    tb = tens["blk.0.attn_q.weight.lora_b"]
+    check(list(tb.shape) == [3, 6] and tb.data.shape == (6, 3), "lora_b: ne = [r, out], numpy [out, r]")
+    check(np.array_equal(ta.data, A1) and np.array_equal(tb.data, B1), "first pair values")
+    # llama.cpp: delta = (alpha / r) * B @ A; the second update had s = 0.5 with r = 2.
+    a2, b2 = tens["blk.0.attn_v.weight.lora_a"].data, tens["blk.0.attn_v.weight.lora_b"].data
+    delta = (alpha / a2.shape[0]) * (b2.astype(np.float64) @ a2.astype(np.float64))
+    check(np.allclose(delta, 0.5 * B2 @ A2, rtol=1e-6, atol=1e-7), "folded scale: llama.cpp's alpha/r gives s = 0.5")
+
+
+def part_peft(d):
+    need("numpy", "safetensors", "torch", "peft")
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    import peft
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(16, 24)
+            self.v = torch.nn.Linear(24, 20)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block()])
+            self.head = torch.nn.Linear(20, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.blocks[0].q(x))
+            h = torch.relu(self.blocks[0].v(h))
+            return self.head(h)
+
+    io = load_file(os.path.join(d, "io.safetensors"))
+    base_sd = load_file(os.path.join(d, "model.safetensors"))
+    for variant in ("lora", "rslora", "dora"):
+        model = Tiny()
+        model.load_state_dict(base_sd)
+        pm = PeftModel.from_pretrained(model, os.path.join(d, "adapter_" + variant))
+        pm.eval()
+        cfg = pm.peft_config["default"]
+        with torch.no_grad():
+            y = pm(io["x"])
+        ref = io["y_" + variant]
+        err = ((y - ref).abs().max() / max(1.0, ref.abs().max())).item()
+        check(err < 1e-5, "PEFT %s loads deltaw's adapter (r=%d, rank_pattern=%s, alpha_pattern=%s); "
+              "forward rel err %.2e" % (variant, cfg.r, dict(cfg.rank_pattern), dict(cfg.alpha_pattern), err))
+    print("peft", peft.__version__, "torch", torch.__version__)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["formats", "peft"], required=True)
+    ap.add_argument("--writer", required=True)
+    ap.add_argument("--dir", required=True)
+    a = ap.parse_args()
+    # Check the packages before writing anything.
+    if a.part == "formats":
+        need("numpy", "safetensors", "gguf")
+    else:
+        need("numpy", "safetensors", "torch", "peft")
+    shutil.rmtree(a.dir, ignore_errors=True)
+    os.makedirs(a.dir)
+    subprocess.run([a.writer, a.dir, a.part], check=True)
+    part_formats(a.dir) if a.part == "formats" else part_peft(a.dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+// Writes files with deltaw for tests/io/check_roundtrip.py, which reads them with the
+// Python packages (safetensors, gguf, PEFT) and checks them independently.
+//   io_roundtrip_writer <dir> formats | peft
+#include <deltaw/io.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+
+namespace dw = deltaw;
+namespace io = deltaw::io;
+using MatF = dw::dense<float>;
+
+namespace {
+
+// Formulas the Python side recomputes (exact in every dtype used).
+template <class M>
+M formula(Eigen::Index r, Eigen::Index c, double step, double offset) {
+  M m(r, c);
+  for (Eigen::Index i = 0; i < r; ++i)
+    for (Eigen::Index j = 0; j < c; ++j) m(i, j) = typename M::Scalar(double(i * c + j) * step + offset);
+  return m;
+}
+
+void write_formats(const std::string& dir) {
+  io::safetensors_writer w;
+  const auto f32 = formula<MatF>(5, 7, 0.125, -2);
+  const auto f64 = formula<dw::dense<double>>(3, 4, 1.0 / 3.0, 0);
+  const auto bf = formula<MatF>(4, 6, 0.25, -1).cast<Eigen::bfloat16>().eval();
+  const dw::dense<Eigen::half> hf = formula<MatF>(2, 3, 0.5, -1).cast<Eigen::half>();
+  const Eigen::VectorXf vec = Eigen::VectorXf::LinSpaced(6, 0, 2.5);
+  w.add("f32", f32);
+  w.add("f64", f64);
+  w.add("bf16", bf);
+  w.add("f16", hf);
+  w.add("f32_transposed", dw::view(f32).transpose());
+  w.add("vec", dw::vview(vec));
+  w.set_metadata("writer", "deltaw");
+  w.set_metadata("k", "v");
+  w.write(dir + "/st.safetensors");
+
+  // GGUF LoRA: two updates with different s; the second s is folded into its B.
+  static const MatF A1 = formula<MatF>(3, 8, 0.0625, -0.5), B1 = formula<MatF>(6, 3, 0.125, -1);
+  static const MatF A2 = formula<MatF>(2, 8, 0.25, -1), B2 = formula<MatF>(4, 2, 0.5, -2);
+  std::vector<std::pair<std::string, dw::low_rank<float>>> ups = {
+      {"blk.0.attn_q.weight", dw::lora(B1, A1, dw::alpha(6))},  // s = 2, alpha = 6
+      {"blk.0.attn_v.weight", dw::lora(B2, A2, dw::scale(0.5))}};
+  io::write_gguf_lora(dir + "/lora.gguf", "llama", ups, "deltaw round trip");
+}
+
+// The Tiny model of check_roundtrip.py: blocks.0.q [24,16], blocks.0.v [20,24], head [8,20].
+struct layer {
+  std::string name;
+  MatF W;
+  Eigen::VectorXf b;
+};
+
+MatF randm(std::mt19937& g, Eigen::Index r, Eigen::Index c, float s) {
+  std::normal_distribution<float> n(0, s);
+  MatF m(r, c);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = n(g);
+  return m;
+}
+
+void write_peft(const std::string& dir) {
+  std::mt19937 g(42);
+  std::vector<layer> layers = {{"blocks.0.q", randm(g, 24, 16, 0.3f), {}},
+                               {"blocks.0.v", randm(g, 20, 24, 0.3f), {}},
+                               {"head", randm(g, 8, 20, 0.3f), {}}};
+  io::safetensors_writer base;
+  for (auto& l : layers) {
+    l.b = randm(g, l.W.rows(), 1, 0.1f);
+    base.add(l.name + ".weight", l.W);
+    base.add(l.name + ".bias", dw::vview(l.b));
+  }
+  base.write(dir + "/model.safetensors");
+  const MatF x = randm(g, 5, 16, 1.0f);
+
+  const int ranks[] = {4, 2, 4};
+  const double scales[] = {2.0, 0.75, 1.5};  // three different α: alpha_pattern entries
+  std::vector<MatF> As, Bs;
+  for (int k = 0; k < 3; ++k) {
+    As.push_back(randm(g, ranks[k], layers[std::size_t(k)].W.cols(), 0.3f));
+    Bs.push_back(randm(g, layers[std::size_t(k)].W.rows(), ranks[k], 0.3f));
+  }
+  io::safetensors_writer out;
+  out.add("x", x);
+  for (const char* variant : {"lora", "rslora", "dora"}) {
+    io::peft_adapter a;
+    a.config.use_rslora = std::string(variant) == "rslora";
+    a.config.target_modules = {"q", "v", "head"};
+    MatF h = x;
+    std::vector<Eigen::VectorXf> mags(3);
+    for (int k = 0; k < 3; ++k) {
+      const auto& l = layers[std::size_t(k)];
+      auto u = dw::lora(dw::view(Bs[std::size_t(k)]), dw::view(As[std::size_t(k)]), dw::scale(scales[k]));
+      MatF y;
+      if (std::string(variant) == "dora") {
+        const auto m0 = dw::dora_magnitude(dw::view(l.W), u);
+        mags[std::size_t(k)] = m0.array() * (1.0f + 0.1f * float(k + 1));  // a trained magnitude
+        a.add(l.name, u, dw::vector_view<const float>(mags[std::size_t(k)].data(), mags[std::size_t(k)].size()));
+        y = dw::apply(dw::view(l.W) + dw::dora(dw::view(l.W), u, dw::vview(mags[std::size_t(k)])), h);
+      } else {
+        a.add(l.name, u);
+        y = dw::apply(dw::view(l.W) + u, h);
+      }
+      y.rowwise() += l.b.transpose();
+      h = k < 2 ? MatF(y.cwiseMax(0.0f)) : y;
+    }
+    io::write_peft_adapter(dir + "/adapter_" + variant, a);
+    out.add(std::string("y_") + variant, h);
+  }
+  out.write(dir + "/io.safetensors");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s <dir> formats|peft\n", argv[0]);
+    return 2;
+  }
+  const std::string dir = argv[1], part = argv[2];
+  try {
+    if (part == "formats") write_formats(dir);
+    else if (part == "peft") write_peft(dir);
+    else return 2;
+  } catch (const dw::error& e) {
+    std::fprintf(stderr, "deltaw error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Writes deltaw's interchange fixtures into tests/fixtures/ with the real packages.
+
+  safetensors/dtypes.safetensors   every safetensors dtype, written by safetensors.torch
+  safetensors/dtypes_f64.safetensors  the same values converted to float64 by torch
+  peft_<variant>/                  a tiny model, a PEFT adapter saved by PEFT itself
+                                   (save_pretrained), the model's input and PEFT's output
+  gguf/lora_<type>.gguf            llama.cpp LoRA adapters written by gguf.GGUFWriter
+  VERSIONS.json                    the package versions that wrote all of the above
+
+Requires numpy, safetensors, gguf, torch and peft (transformers for the Conv1D /
+fan_in_fan_out variant). Deterministic: fixed seeds.
+Usage: python3 tools/make_fixtures.py [--out tests/fixtures]"""
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import gguf
+import torch
+import peft
+from peft import LoraConfig, get_peft_model
+
+
+def dtype_fixtures(out):
+    d = os.path.join(out, "safetensors")
+    os.makedirs(d, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 5, generator=g, dtype=torch.float64) * 4
+    t = {
+        "BOOL": base > 0,
+        "U8": (base.abs() * 10).to(torch.uint8),
+        "I8": (base * 10).to(torch.int8),
+        "I16": (base * 1000).to(torch.int16),
+        "U16": (base.abs() * 1000).to(torch.uint16),
+        "F16": base.to(torch.float16),
+        "BF16": base.to(torch.bfloat16),
+        "I32": (base * 1e6).to(torch.int32),
+        "U32": (base.abs() * 1e6).to(torch.uint32),
+        "F32": base.to(torch.float32),
+        "F64": base,
+        "I64": (base * 1e9).to(torch.int64),
+        "U64": (base.abs() * 1e9).to(torch.uint64),
+        "F8_E4M3": base.to(torch.float8_e4m3fn),
+        "F8_E5M2": base.to(torch.float8_e5m2),
+    }
+    t["F32_vector"] = torch.arange(7, dtype=torch.float32) / 3
+    t["F32_empty"] = torch.zeros(0, 4, dtype=torch.float32)
+    safetensors.torch.save_file(t, os.path.join(d, "dtypes.safetensors"), metadata={"writer": "safetensors.torch"})
+    ref = {k: v.to(torch.float64) for k, v in t.items()}
+    safetensors.torch.save_file(ref, os.path.join(d, "dtypes_f64.safetensors"))
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(16, 24)
+        self.v = torch.nn.Linear(24, 20)
+
+
+class Tiny(torch.nn.Module):
+    """x -> blocks.0.q -> relu -> blocks.0.v -> relu -> head; Linear layers ([out, in])."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block()])
+        self.head = torch.nn.Linear(20, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.blocks[0].q(x))
+        h = torch.relu(self.blocks[0].v(h))
+        return self.head(h)
+
+
+class TinyConv1D(torch.nn.Module):
+    """GPT-2 style: transformers' Conv1D stores W as [in, out] (fan_in_fan_out)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.c_attn = Conv1D(24, 16)  # nf=out, nx=in
+        self.c_proj = Conv1D(8, 24)
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.c_attn(x)))
+
+
+def randomize_adapter(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                if "magnitude" in n:
+                    p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def peft_fixture(out, name, model, config, seed):
+    d = os.path.join(out, name)
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    torch.manual_seed(seed)
+    base_sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(base_sd, os.path.join(d, "model.safetensors"))
+    pm = get_peft_model(model, config)
+    randomize_adapter(pm, seed + 1)
+    pm.eval()
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(seed + 2))
+    with torch.no_grad():
+        y = pm(x)
+    pm.save_pretrained(os.path.join(d, "adapter"))
+    # Per-module inputs/outputs of the adapted layers, to check each ΔW on its own.
+    io = {"x": x, "y": y}
+    for mname, mod in pm.base_model.model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            inf = mod.in_features
+            xm = torch.randn(3, inf, generator=torch.Generator().manual_seed(seed + 3))
+            with torch.no_grad():
+                io["x." + mname] = xm
+                io["y." + mname] = mod(xm)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
+    return pm
+
+
+def gguf_fixtures(out, pm):
+    """The peft_lora adapter's factors as llama.cpp LoRA files (F32, F16, Q8_0), with
+    names mapped blocks.0.q -> blk.0.attn_q.weight etc. Expected ΔW in expected.safetensors."""
+    d = os.path.join(out, "gguf")
+    os.makedirs(d, exist_ok=True)
+    names = {"blocks.0.q": "blk.0.attn_q.weight", "blocks.0.v": "blk.0.attn_v.weight", "head": "output.weight"}
+    mods = dict(pm.base_model.model.named_modules())
+    alpha = 8.0
+    expected = {}
+    for qt in ("F32", "F16"):
+        w = gguf.GGUFWriter(os.path.join(d, "lora_%s.gguf" % qt.lower()), "llama")
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", alpha)
+        for hf, gg in names.items():
+            m = mods[hf]
+            A = m.lora_A["default"].weight.detach().numpy().astype(np.float32)  # [r, in]
+            B = m.lora_B["default"].weight.detach().numpy().astype(np.float32)  # [out, r]
+            r = A.shape[0]
+            # Fold PEFT's per-module scale into B so that llama.cpp's alpha/r reproduces it.
+            B = (B * (m.scaling["default"] * r / alpha)).astype(np.float32)
+            for suffix, M in ((".lora_a", A), (".lora_b", B)):
+                Ms = M if qt == "F32" else M.astype(np.float16)
+                w.add_tensor(gg + suffix, Ms)
+                expected["%s.%s%s" % (qt, gg, suffix)] = np.ascontiguousarray(Ms, dtype=np.float64)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    # Q8_0 needs rows that are multiples of 32: a separate synthetic pair, r = 32.
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((32, 64)).astype(np.float32)
+    B = rng.standard_normal((40, 32)).astype(np.float32)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = gguf.GGUFWriter(os.path.join(d, "lora_q8_0.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 16.0)
+    for suffix, M in ((".lora_a", A), (".lora_b", B)):
+        Q = gguf.quants.quantize(M, q8)
+        w.add_tensor("blk.1.attn_q.weight" + suffix, Q, raw_shape=Q.shape, raw_dtype=q8)
+        expected["Q8_0.blk.1.attn_q.weight" + suffix] = np.ascontiguousarray(gguf.quants.dequantize(Q, q8),
+                                                                               dtype=np.float64)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    safetensors.numpy.save_file(expected, os.path.join(d, "expected.safetensors"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    a = ap.parse_args()
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    import safetensors.numpy  # noqa: F401
+    torch.manual_seed(0)
+    dtype_fixtures(out)
+
+    torch.manual_seed(10)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "head"], rank_pattern={"v": 2},
+                     alpha_pattern={"head": 3}, init_lora_weights=False)
+    pm = peft_fixture(out, "peft_lora", Tiny(), cfg, 100)
+    gguf_fixtures(out, pm)
+
+    torch.manual_seed(11)
+    cfg = LoraConfig(r=4, lora_alpha=6, target_modules=["q", "v", "head"], use_rslora=True, init_lora_weights=False)
+    peft_fixture(out, "peft_rslora", Tiny(), cfg, 200)
+
+    torch.manual_seed(12)
+    cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["q", "v", "head"], use_dora=True, init_lora_weights=False)
+    peft_fixture(out, "peft_dora", Tiny(), cfg, 300)
+
+    fan = None
+    try:
+        import transformers
+        torch.manual_seed(13)
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                         init_lora_weights=False)
+        peft_fixture(out, "peft_fan_in_fan_out", TinyConv1D(), cfg, 400)
+        fan = transformers.__version__
+    except ImportError:
+        print("transformers missing: peft_fan_in_fan_out not written")
+
+    versions = {"numpy": np.__version__, "safetensors": safetensors.__version__, "torch": torch.__version__,
+                "peft": peft.__version__, "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"),
+                "transformers": fan}
+    with open(os.path.join(out, "VERSIONS.json"), "w") as f:
+        json.dump(versions, f, indent=2)
+        f.write("\n")
+    print(json.dumps(versions))
+
+
+def _dist_version(name):
+    from importlib.metadata import version
+    return version(name)
+
+
+if __name__ == "__main__":
+    main()
