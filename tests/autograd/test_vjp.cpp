@@ -87,3 +87,28 @@ TEST_CASE("DoRA forward (norms recomputed) equals the dense formula; gradient eq
   const MatD Pm = X * Wl.transpose();
   for (Eigen::Index o = 0; o < 6; ++o) CHECK(pm.grad()(0, o) == doctest::Approx(Pm.col(o).sum() / Wl.row(o).norm()).epsilon(1e-12));
 }
+
+TEST_CASE("VJP of the core low-rank form s·B·R·A (LoRA-XS / LaMDA): gradients of B, R, A and x") {
+  std::mt19937_64 g(17);
+  double worst = 0;
+  for (int trial = 0; trial < 5; ++trial) {
+    const auto c = random_case(g);
+    const auto r1 = dim(g, 1, 4), r2 = dim(g, 1, 4);
+    const MatD W = dwt::random<MatD>(c.out, c.in, 110 + trial);
+    auto x = param("x", c.tokens, c.in, 120 + trial), B = param("B", c.out, r1, 130 + trial),
+         R = param("R", r1, r2, 140 + trial), A = param("A", r2, c.in, 150 + trial);
+    const double s = 1.5;
+    worst = std::max(worst, check("core_lora [" + std::to_string(c.tokens) + "x" + std::to_string(c.in) + "->" +
+                                      std::to_string(c.out) + ", r" + std::to_string(r1) + "x" + std::to_string(r2) + "]",
+                                  [&](auto& t) {
+                                    return ag::adapted_linear<double, 3>(
+                                        t.param(*x), deltaw::view(W), {t.param(*B), t.param(*R), t.param(*A)},
+                                        [s](const auto& v) {
+                                          return deltaw::core_lora(v[0], v[1], v[2], deltaw::scale(s),
+                                                                   deltaw::core_trainable{true, true, true});
+                                        });
+                                  },
+                                  {x.get(), B.get(), R.get(), A.get()}, trial));
+  }
+  std::printf("gradcheck core_lora: worst relative error %.2e\n", worst);
+}

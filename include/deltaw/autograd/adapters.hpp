@@ -14,6 +14,8 @@
 #include <span>
 #include <vector>
 
+#include "../backend/cpu/core_low_rank.hpp"
+#include "../backend/cpu/core_low_rank_vjp.hpp"
 #include "../backend/cpu/dora_vjp.hpp"
 #include "../backend/cpu/low_rank_vjp.hpp"
 #include "../backend/cpu/ops.hpp"
