@@ -227,16 +227,18 @@ void apply(const E& e, const XL& X, YL&& Y) {
   const auto Xv = detail::cpu_input_view(X, op);
   auto Yv = detail::cpu_output_view(std::forward<YL>(Y), op);
   using C = std::remove_const_t<typename decltype(Yv)::element_type>;
-  if (Xv.cols() != e.cols())
-    throw shape_error(std::string(op) + ": X is " + detail::shape_str(Xv.rows(), Xv.cols()) + " but W is " +
-                      detail::shape_str(e.rows(), e.cols()) + "; X·Wᵀ needs X to have " + std::to_string(e.cols()) +
-                      " columns");
-  if (Yv.rows() != Xv.rows() || Yv.cols() != e.rows())
-    throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Yv.rows(), Yv.cols()) +
-                      " but X·Wᵀ is " + detail::shape_str(Xv.rows(), e.rows()));
-  cpu::with_output<C>(Yv, [&](auto& Ym) {
-    cpu::with_operand<C>(Xv, [&](const auto& Xm) { cpu::apply_expr<C>(e, Xm, Ym); });
-  });
+  if constexpr (std::is_same_v<C, float> || std::is_same_v<C, double>) {  // else cpu_output_view's static_assert fired
+    if (Xv.cols() != e.cols())
+      throw shape_error(std::string(op) + ": X is " + detail::shape_str(Xv.rows(), Xv.cols()) + " but W is " +
+                        detail::shape_str(e.rows(), e.cols()) + "; X·Wᵀ needs X to have " + std::to_string(e.cols()) +
+                        " columns");
+    if (Yv.rows() != Xv.rows() || Yv.cols() != e.rows())
+      throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Yv.rows(), Yv.cols()) +
+                        " but X·Wᵀ is " + detail::shape_str(Xv.rows(), e.rows()));
+    cpu::with_output<C>(Yv, [&](auto& Ym) {
+      cpu::with_operand<C>(Xv, [&](const auto& Xm) { cpu::apply_expr<C>(e, Xm, Ym); });
+    });
+  }
 }
 
 /// Y = X·(W + ΔW)ᵀ, allocated [tokens, out] row-major.
@@ -257,16 +259,18 @@ void apply_transposed(const E& e, const GL& G, OL&& O) {
   const auto Gv = detail::cpu_input_view(G, op);
   auto Ov = detail::cpu_output_view(std::forward<OL>(O), op);
   using C = std::remove_const_t<typename decltype(Ov)::element_type>;
-  if (Gv.cols() != e.rows())
-    throw shape_error(std::string(op) + ": G is " + detail::shape_str(Gv.rows(), Gv.cols()) + " but W is " +
-                      detail::shape_str(e.rows(), e.cols()) + "; G·W needs G to have " + std::to_string(e.rows()) +
-                      " columns");
-  if (Ov.rows() != Gv.rows() || Ov.cols() != e.cols())
-    throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Ov.rows(), Ov.cols()) +
-                      " but G·W is " + detail::shape_str(Gv.rows(), e.cols()));
-  cpu::with_output<C>(Ov, [&](auto& Om) {
-    cpu::with_operand<C>(Gv, [&](const auto& Gm) { cpu::apply_transposed_expr<C>(e, Gm, Om); });
-  });
+  if constexpr (std::is_same_v<C, float> || std::is_same_v<C, double>) {  // else cpu_output_view's static_assert fired
+    if (Gv.cols() != e.rows())
+      throw shape_error(std::string(op) + ": G is " + detail::shape_str(Gv.rows(), Gv.cols()) + " but W is " +
+                        detail::shape_str(e.rows(), e.cols()) + "; G·W needs G to have " + std::to_string(e.rows()) +
+                        " columns");
+    if (Ov.rows() != Gv.rows() || Ov.cols() != e.cols())
+      throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Ov.rows(), Ov.cols()) +
+                        " but G·W is " + detail::shape_str(Gv.rows(), e.cols()));
+    cpu::with_output<C>(Ov, [&](auto& Om) {
+      cpu::with_operand<C>(Gv, [&](const auto& Gm) { cpu::apply_transposed_expr<C>(e, Gm, Om); });
+    });
+  }
 }
 
 /// O = G·(W + ΔW), allocated [tokens, in].
