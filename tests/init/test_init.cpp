@@ -1,0 +1,2 @@
+#include "linalg/spectrum_util.hpp"
+TEST_CASE("init placeholder") {}
