@@ -59,7 +59,13 @@ class argument_error : public error {
 
 namespace detail {
 inline std::string shape_str(index_t rows, index_t cols) {
-  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+  // Appended piece by piece: `"[" + std::to_string(...)` trips GCC 12's false -Wrestrict.
+  std::string s("[");
+  s += std::to_string(rows);
+  s += ", ";
+  s += std::to_string(cols);
+  s += ']';
+  return s;
 }
 }  // namespace detail
 
