@@ -6,7 +6,7 @@ if(NOT nlohmann_json_FOUND)
   return()
 endif()
 
-deltaw_add_test(io io/test_safetensors.cpp io/test_peft.cpp io/test_gguf.cpp)
+deltaw_add_test(io io/test_safetensors.cpp io/test_peft.cpp io/test_gguf.cpp io/test_pattern.cpp)
 target_link_libraries(test_io PRIVATE nlohmann_json::nlohmann_json)
 target_compile_definitions(test_io PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
                                            DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")

@@ -114,6 +114,9 @@ def peft_fixture(out, name, model, config, seed):
     with torch.no_grad():
         y = pm(x)
     pm.save_pretrained(os.path.join(d, "adapter"))
+    readme = os.path.join(d, "adapter", "README.md")  # a model-card template, not a fixture
+    if os.path.exists(readme):
+        os.remove(readme)
     # Per-module inputs/outputs of the adapted layers, to check each ΔW on its own.
     io = {"x": x, "y": y}
     for mname, mod in pm.base_model.model.named_modules():

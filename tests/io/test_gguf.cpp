@@ -21,7 +21,7 @@ TEST_CASE("gguf: F32 adapter written by gguf.GGUFWriter reproduces PEFT's layer 
   CHECK(f.version() == 3);
   CHECK(f.alignment() == 32);
   CHECK(*f.get_string("general.architecture") == "llama");
-  const auto a = io::read_gguf_lora(path, "llama");
+  const auto a = io::read_gguf_lora(f, "llama");
   CHECK(a.alpha == 8.0f);
   REQUIRE(a.tensors.size() == 3);
   const auto expected = io::safetensors_file::open(dwio::fixtures() / "gguf" / "expected.safetensors");
@@ -177,7 +177,8 @@ TEST_CASE("gguf: every malformed container throws format_error (or unsupported_e
       {"unknown ggml type", gguf_bytes{}.header(1, 0).tensor("t", {1}, 77, 0).pad().data(32).b, "unknown ggml type 77"},
       {"row not a block multiple", gguf_bytes{}.header(1, 0).tensor("t", {16, 2}, 8, 0).pad().data(64).b, "block size 32"},
       {"element overflow", gguf_bytes{}.header(1, 0).tensor("t", {1ull << 32, 1ull << 32}, 0, 0).pad().b, "overflows"},
-      {"byte overflow", gguf_bytes{}.header(1, 0).tensor("t", {1ull << 62}, 0, 0).pad().b, "runs past the end"},
+      {"byte overflow", gguf_bytes{}.header(1, 0).tensor("t", {1ull << 62}, 0, 0).pad().b, "byte size overflows"},
+      {"offset + size past end", gguf_bytes{}.header(1, 0).tensor("t", {1ull << 40}, 0, 0).pad().data(32).b, "runs past the end"},
       {"misaligned offset", gguf_bytes{}.header(1, 0).tensor("t", {1}, 0, 4).pad().data(32).b, "not a multiple of the alignment"},
       {"offset past end", gguf_bytes{}.header(1, 0).tensor("t", {1}, 0, 1ull << 60).pad().data(32).b, "runs past the end"},
       {"overlap", gguf_bytes{}.header(2, 0).tensor("a", {16}, 0, 0).tensor("b", {1}, 0, 32).pad().data(64).b, "overlap"},
@@ -186,12 +187,12 @@ TEST_CASE("gguf: every malformed container throws format_error (or unsupported_e
       {"bad array type", gguf_bytes{}.header(0, 1).str("k").u32(9).u32(13).u64(0).b, "unknown array element type"},
   };
   for (const auto& c : cases) {
-    CAPTURE(c.name);
+    CAPTURE(std::string(c.name));
     auto f = [&] { (void)io::gguf_file::parse(c.bytes); };
     if (c.unsupported) dwt::check_throws_with<dw::unsupported_error>(f, {c.frag});
     else dwt::check_throws_with<dw::format_error>(f, {c.frag});
   }
-  CHECK(cases.size() == 28);
+  CHECK(cases.size() == 29);
   // Types the reader validates but does not convert.
   const auto q4 = io::gguf_file::parse(gguf_bytes{}.header(1, 0).tensor("t", {32}, 2, 0).pad().data(32).b);
   dwt::check_throws_with<dw::unsupported_error>([&] { (void)q4.values<float>("t"); }, {"Q4_0"});

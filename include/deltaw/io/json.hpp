@@ -60,6 +60,9 @@ inline bool valid_utf8(std::string_view s) {
 /// object, or nesting deeper than max_depth.
 inline json parse_json_strict(std::string_view text, const std::string& what, int max_depth = 64) {
   if (!detail::valid_utf8(text)) throw format_error(what + ": the JSON text is not valid UTF-8");
+  // A raw NUL is never valid JSON, but nlohmann's lexer takes it as the end of input
+  // (so "{}\0junk" would parse): reject it first.
+  if (text.find('\0') != std::string_view::npos) throw format_error(what + ": invalid JSON: a NUL byte in the text");
   std::vector<std::unordered_set<std::string>> keys;  // one set per open object
   auto cb = [&](int depth, json::parse_event_t ev, json& parsed) -> bool {
     switch (ev) {

@@ -17,7 +17,6 @@
 #include <fstream>
 #include <map>
 #include <optional>
-#include <regex>
 #include <set>
 #include <sstream>
 #include <string>
@@ -28,6 +27,7 @@
 #include "../backend/cpu/dora.hpp"
 #include "../expr/low_rank.hpp"
 #include "json.hpp"
+#include "pattern.hpp"
 #include "safetensors.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -53,13 +53,11 @@ struct peft_lora_config {
   template <class V>
   static const std::pair<std::string, V>* match_pattern(const std::vector<std::pair<std::string, V>>& pats,
                                                         const std::string& module) {
-    for (const auto& p : pats) {
-      try {
-        if (std::regex_match(module, std::regex("(.*\\.)?(" + p.first + ")", std::regex::ECMAScript))) return &p;
-      } catch (const std::regex_error&) {
-        throw format_error("deltaw::io::peft: pattern key \"" + p.first + "\" is not a valid regular expression");
-      }
-    }
+    if (!pats.empty() && module.size() > 4096)
+      throw format_error("deltaw::io::peft: module name of " + std::to_string(module.size()) +
+                         " characters is too long to match against pattern keys");
+    for (const auto& p : pats)
+      if (pattern(p.first, "pattern key").matches_module(module)) return &p;
     return nullptr;
   }
   index_t rank_for(const std::string& module) const {
@@ -79,7 +77,10 @@ struct peft_lora_config {
   /// Whether PEFT would adapt `module` (list: equal to or ending in "." + entry; string:
   /// a full regex match).
   bool targets(const std::string& module) const {
-    if (target_modules_regex) return std::regex_match(module, std::regex(*target_modules_regex));
+    if (target_modules_regex) {
+      if (module.size() > 4096) throw format_error("deltaw::io::peft: module name too long to match target_modules");
+      return pattern(*target_modules_regex, "target_modules").full_match(module);
+    }
     for (const auto& t : target_modules)
       if (module == t || (module.size() > t.size() && module.ends_with("." + t))) return true;
     return false;
@@ -87,8 +88,6 @@ struct peft_lora_config {
 };
 
 namespace detail {
-
-inline constexpr std::size_t peft_max_pattern = 1024;  // std::regex recursion stays shallow
 
 [[noreturn]] inline void peft_fail(const std::string& src, const std::string& msg) {
   throw format_error("deltaw::io::peft (" + src + "): " + msg);
@@ -120,14 +119,17 @@ inline bool peft_bool(const json& o, const char* k, const std::string& src) {
   if (!it->is_boolean()) peft_fail(src, std::string("\"") + k + "\" must be true or false");
   return it->get<bool>();
 }
-inline void check_pattern_key(const std::string& k, const std::string& src) {
-  if (k.size() > peft_max_pattern) peft_fail(src, "a pattern key is longer than 1024 characters");
+/// Compiles a regular expression of a config once, to report problems at parse time.
+inline void check_regex_text(const std::string& k, const std::string& what, const std::string& src) {
   try {
-    std::regex re("(.*\\.)?(" + k + ")", std::regex::ECMAScript);
-  } catch (const std::regex_error&) {
-    peft_fail(src, "pattern key \"" + k + "\" is not a valid regular expression");
+    (void)pattern(k, what);
+  } catch (const format_error& e) {
+    peft_fail(src, what + " \"" + k + "\" is not a valid regular expression: " + e.what());
+  } catch (const unsupported_error& e) {
+    throw unsupported_error("deltaw::io::peft (" + src + "): " + e.what());
   }
 }
+inline void check_pattern_key(const std::string& k, const std::string& src) { check_regex_text(k, "pattern key", src); }
 
 /// `s` with regex metacharacters escaped (pattern keys written for one exact module).
 inline std::string regex_escape(const std::string& s) {
@@ -166,13 +168,7 @@ inline peft_lora_config parse_peft_config(std::string_view text, const std::stri
   if (auto it = o.find("target_modules"); it != o.end() && !it->is_null()) {
     if (it->is_string()) {
       c.target_modules_regex = it->get<std::string>();
-      if (c.target_modules_regex->size() > detail::peft_max_pattern)
-        detail::peft_fail(source, "\"target_modules\" is longer than 1024 characters");
-      try {
-        std::regex re(*c.target_modules_regex);
-      } catch (const std::regex_error&) {
-        detail::peft_fail(source, "\"target_modules\" is not a valid regular expression");
-      }
+      detail::check_regex_text(*c.target_modules_regex, "\"target_modules\"", source);
     } else if (it->is_array()) {
       for (const auto& t : *it) {
         if (!t.is_string()) detail::peft_fail(source, "\"target_modules\" entries must be strings");
