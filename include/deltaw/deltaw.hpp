@@ -38,3 +38,8 @@
 #include "autograd/gradcheck.hpp"
 #include "nn/layers.hpp"
 #include "optim/optim.hpp"
+#include "linalg/randomized_svd.hpp"
+#include "spectral/factored_spectrum.hpp"
+#include "init/factors.hpp"
+#include "init/pissa.hpp"
+#include "init/olora.hpp"
