@@ -43,3 +43,4 @@
 #include "init/factors.hpp"
 #include "init/pissa.hpp"
 #include "init/olora.hpp"
+#include "spectral/intruder.hpp"

@@ -3,6 +3,7 @@
 #include "linalg/spectrum_util.hpp"
 
 #include <deltaw/spectral/factored_spectrum.hpp>
+#include <deltaw/spectral/intruder.hpp>
 
 namespace dw = deltaw;
 using dwt::ColD;
@@ -78,4 +79,77 @@ TEST_CASE("effective_rank (Roy & Vetterli)") {
   Eigen::VectorXd bad = s;
   bad(2) = -1.0;
   dwt::check_throws_with<dw::argument_error>([&] { (void)dw::effective_rank(bad); }, {"deltaw::effective_rank"});
+}
+
+TEST_CASE("intruder_dimensions: planted intruders are found, W0's own vectors are not") {
+  // W0 = U·diag(σ)·Vᵀ with a large head (20 values) and a tiny tail (40 values). The planted
+  // update lives in the tail's left and right subspaces, so W0 + ΔW is block diagonal in
+  // (head, tail): its head vectors are exactly W0's, and its two new top vectors are the
+  // planted x₁, x₂, spread evenly over 40 of W0's vectors (overlap 1/√40 ≈ 0.158 each).
+  const Eigen::Index m = 60, n = 60, head = 20, tail = 40;
+  const ColD U = dwt::random_orthonormal(m, m, 1), V = dwt::random_orthonormal(n, n, 2);
+  Eigen::VectorXd sigma(m);
+  sigma.head(head) = dwt::geometric_spectrum(head, 1.0, 0.85);
+  sigma.tail(tail) = dwt::geometric_spectrum(tail, 1e-3, 0.95);
+  const MatD W0 = U * sigma.asDiagonal() * V.transpose();
+  Eigen::VectorXd c1 = Eigen::VectorXd::Ones(tail), c2(tail);
+  for (Eigen::Index i = 0; i < tail; ++i) c2(i) = (i % 2 == 0) ? 1.0 : -1.0;
+  c1 /= std::sqrt(double(tail));
+  c2 /= std::sqrt(double(tail));
+  MatD B(m, 2), A(2, n);
+  B.col(0) = U.rightCols(tail) * c1;
+  B.col(1) = U.rightCols(tail) * c2;
+  A.row(0) = (V.rightCols(tail) * c2).transpose();
+  A.row(1) = (V.rightCols(tail) * c1).transpose();
+  B.col(0) *= 1.5;
+  B.col(1) *= 1.2;
+  const auto lo = dw::lora(B, A);
+  const auto rep = dw::intruder_dimensions(W0, dw::view(W0) + lo);  // k = 10, ε = 0.5
+  REQUIRE(rep.similarity.size() == 10);
+  CHECK(rep.count() == 2);
+  CHECK(rep.intruders == std::vector<dw::index_t>{0, 1});
+  CHECK(rep.singular_values(0) == doctest::Approx(1.5).epsilon(1e-4));
+  CHECK(rep.singular_values(1) == doctest::Approx(1.2).epsilon(1e-4));
+  for (int j = 0; j < 2; ++j) CHECK(rep.similarity(j) == doctest::Approx(1.0 / std::sqrt(double(tail))).epsilon(1e-2));
+  for (int j = 2; j < 10; ++j) CHECK(rep.similarity(j) == doctest::Approx(1.0).epsilon(1e-10));
+  MESSAGE("intruders: c = ", rep.similarity.transpose());
+  // The same with the fine-tuned weight given dense.
+  const MatD Wft = W0 + B * A;
+  CHECK(dw::intruder_dimensions(W0, Wft).intruders == rep.intruders);
+  // W0 against itself: no intruders, c_j = 1.
+  const auto self = dw::intruder_dimensions(W0, W0, {.k = 20});
+  CHECK(self.count() == 0);
+  CHECK((self.similarity.array() - 1.0).abs().maxCoeff() < 1e-10);
+}
+
+TEST_CASE("intruder_dimensions: rotation within W0's own top subspace gives no intruders") {
+  // W_ft = (U·G)·Σ·Vᵀ with G Givens rotations by θ in the pairs (0,1), (2,3), …, (8,9): its
+  // top-10 left vectors stay in W0's top-10 subspace, each with overlaps cos θ and sin θ.
+  const Eigen::Index m = 40, n = 30;
+  const ColD U = dwt::random_orthonormal(m, n, 5), V = dwt::random_orthonormal(n, n, 6);
+  const Eigen::VectorXd sigma = dwt::geometric_spectrum(n, 2.0, 0.8);
+  const MatD W0 = U * sigma.asDiagonal() * V.transpose();
+  for (const double theta : {0.6, 0.9}) {
+    CAPTURE(theta);
+    ColD G = ColD::Identity(n, n);
+    for (Eigen::Index p = 0; p < 10; p += 2) {
+      G(p, p) = std::cos(theta);
+      G(p + 1, p + 1) = std::cos(theta);
+      G(p, p + 1) = -std::sin(theta);
+      G(p + 1, p) = std::sin(theta);
+    }
+    const MatD Wft = U * G * sigma.asDiagonal() * V.transpose();
+    const auto rep = dw::intruder_dimensions(W0, Wft);
+    const double expect = std::max(std::abs(std::cos(theta)), std::abs(std::sin(theta)));
+    CHECK(rep.count() == 0);
+    CHECK((rep.similarity.array() - expect).abs().maxCoeff() < 1e-10);
+    CHECK(dwt::max_rel_diff(rep.singular_values, sigma, 10) < 1e-12);
+  }
+  // A threshold above cos θ flags them all: ε is the caller's.
+  const auto strict = dw::intruder_dimensions(W0, W0, {.k = 3, .epsilon = 1.5});
+  CHECK(strict.count() == 3);
+  dwt::check_throws_with<dw::rank_error>([&] { (void)dw::intruder_dimensions(W0, W0, {.k = 31}); },
+                                         {"deltaw::intruder_dimensions", "k = 31"});
+  dwt::check_throws_with<dw::shape_error>([&] { (void)dw::intruder_dimensions(W0, MatD(W0.leftCols(20))); },
+                                          {"deltaw::intruder_dimensions", "[40, 30]", "[40, 20]"});
 }
