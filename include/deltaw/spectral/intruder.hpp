@@ -1,4 +1,4 @@
-// Intruder dimensions (Shuttleworth, Biderman, et al. 2024, "LoRA vs Full Fine-tuning: An
+// Intruder dimensions (Shuttleworth, Andreas, Torralba, Sharma 2024, "LoRA vs Full Fine-tuning: An
 // Illusion of Equivalence", arXiv:2410.21228): singular vectors of the fine-tuned weight
 // that resemble none of the pre-trained weight's. For each of the top-k left singular
 // vectors u_j of W₀ + ΔW, c_j = max_i |⟨u_j, u_i⁰⟩| over ALL left singular vectors u_i⁰ of
