@@ -116,6 +116,23 @@ TEST_CASE("intruder_dimensions: planted intruders are found, W0's own vectors ar
   // The same with the fine-tuned weight given dense.
   const MatD Wft = W0 + B * A;
   CHECK(dw::intruder_dimensions(W0, Wft).intruders == rep.intruders);
+  // Mitigation: the intruders' singular values scaled by λ = 0.75, then re-factored to rank
+  // 2. The planted update is (up to W0's 1e-3 tail, which the intruders mix with) the two
+  // intruders, so the mitigated update is ≈ 0.75·B·A.
+  const auto mit = dw::mitigate_intruders(W0, dw::view(W0) + lo, 2, 0.5);
+  REQUIRE(mit.B.rows() == m);
+  REQUIRE(mit.B.cols() == 2);
+  REQUIRE(mit.A.rows() == 2);
+  REQUIRE(mit.A.cols() == n);
+  CHECK(mit.s == 0.5);
+  const double em = dwt::rel_err(MatD(0.5 * mit.B * mit.A), MatD(0.75 * B * A));
+  MESSAGE("mitigate_intruders: rel diff of s·B'·A' vs 0.75·B·A = ", em);
+  CHECK(em < 1e-2);
+  // With no intruder flagged (ε = 0), re-factoring the rank-2 update to rank 2 is exact.
+  const auto same = dw::mitigate_intruders(W0, Wft, 2, 2.0, {.k = 10, .epsilon = 0.0});
+  CHECK(dwt::rel_err(MatD(2.0 * same.B * same.A), MatD(B * A)) < 1e-12);
+  dwt::check_throws_with<dw::argument_error>([&] { (void)dw::mitigate_intruders(W0, Wft, 2, 0.0); },
+                                             {"deltaw::mitigate_intruders"});
   // W0 against itself: no intruders, c_j = 1.
   const auto self = dw::intruder_dimensions(W0, W0, {.k = 20});
   CHECK(self.count() == 0);
