@@ -127,7 +127,7 @@ TEST_CASE("intruder_dimensions: planted intruders are found, W0's own vectors ar
   CHECK(mit.s == 0.5);
   const double em = dwt::rel_err(MatD(0.5 * mit.B * mit.A), MatD(0.75 * B * A));
   MESSAGE("mitigate_intruders: rel diff of s·B'·A' vs 0.75·B·A = ", em);
-  CHECK(em < 1e-2);
+  CHECK(em < 1e-3);
   // With no intruder flagged (ε = 0), re-factoring the rank-2 update to rank 2 is exact.
   const auto same = dw::mitigate_intruders(W0, Wft, 2, 2.0, {.k = 10, .epsilon = 0.0});
   CHECK(dwt::rel_err(MatD(2.0 * same.B * same.A), MatD(B * A)) < 1e-12);
