@@ -6,10 +6,9 @@
 #include <limits>
 #include <vector>
 
+#include "alloc_counter.hpp"
 #include "test_util.hpp"
 
-std::size_t kron_bone_largest_allocation(const std::function<void()>& f);  // test_kron.cpp
-bool kron_bone_allocation_measured();
 
 namespace {
 namespace dw = deltaw;
@@ -286,7 +285,7 @@ TEST_CASE("MiSS errors and counts") {
 }
 
 TEST_CASE("block-affine operations never allocate an out x in matrix (except materialize)") {
-  if (!kron_bone_allocation_measured()) return;
+  if (!dwt::allocation_counting_available()) return;
   using M = dwt::RowMat<float>;
   // out > 1024 so that the W' panels of bat's apply (1024 rows) are smaller than W.
   const Eigen::Index out = 2048, in = 256, r = 16;
@@ -299,17 +298,17 @@ TEST_CASE("block-affine operations never allocate an out x in matrix (except mat
     const M X = dwt::random<M>(tokens, in, 4), G = dwt::random<M>(tokens, out, 5);
     M Y(tokens, out), O(tokens, in);
     CAPTURE(tokens);
-    CHECK(kron_bone_largest_allocation([&] { dw::apply(dw::view(std::as_const(W)) + bat, X, Y); }) < dense_bytes);
-    CHECK(kron_bone_largest_allocation([&] { dw::apply_transposed(dw::view(std::as_const(W)) + bat, G, O); }) <
+    CHECK(dwt::largest_allocation([&] { dw::apply(dw::view(std::as_const(W)) + bat, X, Y); }) < dense_bytes);
+    CHECK(dwt::largest_allocation([&] { dw::apply_transposed(dw::view(std::as_const(W)) + bat, G, O); }) <
           dense_bytes);
-    CHECK(kron_bone_largest_allocation([&] { dw::apply(dw::view(std::as_const(W)) + ms, X, Y); }) < dense_bytes);
-    CHECK(kron_bone_largest_allocation([&] { dw::apply_transposed(dw::view(std::as_const(W)) + ms, G, O); }) <
+    CHECK(dwt::largest_allocation([&] { dw::apply(dw::view(std::as_const(W)) + ms, X, Y); }) < dense_bytes);
+    CHECK(dwt::largest_allocation([&] { dw::apply_transposed(dw::view(std::as_const(W)) + ms, G, O); }) <
           dense_bytes);
   }
-  CHECK(kron_bone_largest_allocation([&] { dw::merge(W, bat); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { dw::unmerge(W, bat); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { (void)dw::frobenius_norm(bat); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { dw::merge(W, ms); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { (void)dw::frobenius_norm(ms); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { (void)dw::materialize(bat); }) >= dense_bytes);  // the control
+  CHECK(dwt::largest_allocation([&] { dw::merge(W, bat); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { dw::unmerge(W, bat); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { (void)dw::frobenius_norm(bat); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { dw::merge(W, ms); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { (void)dw::frobenius_norm(ms); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { (void)dw::materialize(bat); }) >= dense_bytes);  // the control
 }

@@ -1,78 +1,16 @@
 // Kronecker updates (LoKr, DiffuseKronA) against ΔW built entry by entry in double from
 // the definition ΔW[i1·b + i2, j1·d + j2] = s·w1[i1, j1]·w2[i2, j2].
 //
-// This file also interposes malloc (as test_no_dense.cpp does) for this executable, so
-// that the Kronecker and block-affine tests can check that no operation but materialize
-// allocates an out × in matrix.
-#include <atomic>
+// With tests/alloc_counter.cpp linked in, the Kronecker and block-affine tests also check
+// that no operation but materialize allocates an out × in matrix.
 #include <cstddef>
-#include <cstdlib>
 #include <functional>
 #include <numeric>
 #include <vector>
 
+#include "alloc_counter.hpp"
 #include "test_util.hpp"
 
-#ifndef DELTAW_TEST_SANITIZED
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-}
-namespace {
-std::atomic<bool> recording{false};
-std::atomic<std::size_t> largest{0};
-void record(std::size_t n) {
-  if (!recording.load(std::memory_order_relaxed)) return;
-  std::size_t cur = largest.load(std::memory_order_relaxed);
-  while (n > cur && !largest.compare_exchange_weak(cur, n)) {
-  }
-}
-}  // namespace
-extern "C" {
-void* malloc(std::size_t n) {
-  record(n);
-  return __libc_malloc(n);
-}
-void* calloc(std::size_t k, std::size_t n) {
-  record(k * n);
-  return __libc_calloc(k, n);
-}
-void* realloc(void* p, std::size_t n) {
-  record(n);
-  return __libc_realloc(p, n);
-}
-void* memalign(std::size_t a, std::size_t n) {
-  record(n);
-  return __libc_memalign(a, n);
-}
-void* aligned_alloc(std::size_t a, std::size_t n) {
-  record(n);
-  return __libc_memalign(a, n);
-}
-int posix_memalign(void** p, std::size_t a, std::size_t n) {
-  record(n);
-  *p = __libc_memalign(a, n);
-  return *p ? 0 : 12;  // ENOMEM
-}
-}
-/// Largest single allocation (bytes) made while f runs; 0 when not measurable.
-std::size_t kron_bone_largest_allocation(const std::function<void()>& f) {
-  largest = 0;
-  recording = true;
-  f();
-  recording = false;
-  return largest.load();
-}
-bool kron_bone_allocation_measured() { return true; }
-#else
-std::size_t kron_bone_largest_allocation(const std::function<void()>& f) {
-  f();
-  return 0;
-}
-bool kron_bone_allocation_measured() { return false; }
-#endif
 
 namespace {
 namespace dw = deltaw;
@@ -337,7 +275,7 @@ TEST_CASE_TEMPLATE("lazy sum W + LoRA + Kronecker", T, float, double) {
 }
 
 TEST_CASE("Kronecker operations never allocate an out x in matrix (except materialize)") {
-  if (!kron_bone_allocation_measured()) return;  // sanitizers own malloc
+  if (!dwt::allocation_counting_available()) return;  // sanitizers own malloc
   using M = dwt::RowMat<float>;
   const Eigen::Index a = 32, b = 32, c = 32, d = 32, out = a * b, in = c * d, tokens = 64;
   const std::size_t dense_bytes = std::size_t(out) * in * sizeof(float);
@@ -347,10 +285,10 @@ TEST_CASE("Kronecker operations never allocate an out x in matrix (except materi
   M Y(tokens, out), O(tokens, in);
   const auto u = dw::lokr(w1, dw::kron_factor(w2a, w2b), dw::alpha(8), 4);
   const auto e = dw::view(std::as_const(W)) + u;
-  CHECK(kron_bone_largest_allocation([&] { dw::apply(e, X, Y); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { dw::apply_transposed(e, G, O); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { dw::merge(W, u); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { dw::unmerge(W, u); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { (void)dw::frobenius_norm(u); }) < dense_bytes);
-  CHECK(kron_bone_largest_allocation([&] { (void)dw::materialize(u); }) >= dense_bytes);  // the control
+  CHECK(dwt::largest_allocation([&] { dw::apply(e, X, Y); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { dw::apply_transposed(e, G, O); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { dw::merge(W, u); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { dw::unmerge(W, u); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { (void)dw::frobenius_norm(u); }) < dense_bytes);
+  CHECK(dwt::largest_allocation([&] { (void)dw::materialize(u); }) >= dense_bytes);  // the control
 }

@@ -1,80 +1,25 @@
-// Principle 1 of DESIGN.md: no hidden dense ΔW. This executable interposes malloc and
+// Principle 1 of DESIGN.md: no hidden dense ΔW. alloc_counter.cpp replaces malloc and
 // friends (glibc) to record the largest single allocation made during each operation, and
 // fails if apply, apply_transposed, merge, unmerge, frobenius_norm or the DoRA norms
 // allocate out × in elements or more. materialize, which must, is the control that shows
 // the counter works.
-#include <atomic>
-#include <cstddef>
-#include <cstdlib>
-
+#include "alloc_counter.hpp"
 #include "test_util.hpp"
-
-#ifndef DELTAW_TEST_SANITIZED
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-}
-
-namespace {
-std::atomic<bool> recording{false};
-std::atomic<std::size_t> largest{0};
-void record(std::size_t n) {
-  if (!recording.load(std::memory_order_relaxed)) return;
-  std::size_t cur = largest.load(std::memory_order_relaxed);
-  while (n > cur && !largest.compare_exchange_weak(cur, n)) {
-  }
-}
-}  // namespace
-
-extern "C" {
-void* malloc(std::size_t n) {
-  record(n);
-  return __libc_malloc(n);
-}
-void* calloc(std::size_t k, std::size_t n) {
-  record(k * n);
-  return __libc_calloc(k, n);
-}
-void* realloc(void* p, std::size_t n) {
-  record(n);
-  return __libc_realloc(p, n);
-}
-void* memalign(std::size_t a, std::size_t n) {
-  record(n);
-  return __libc_memalign(a, n);
-}
-void* aligned_alloc(std::size_t a, std::size_t n) {
-  record(n);
-  return __libc_memalign(a, n);
-}
-int posix_memalign(void** p, std::size_t a, std::size_t n) {
-  record(n);
-  *p = __libc_memalign(a, n);
-  return *p ? 0 : 12;  // ENOMEM
-}
-}
 
 namespace {
 namespace dw = deltaw;
+using dwt::largest_allocation;
 using Mat = dwt::RowMat<float>;
-
-// Largest single allocation, in bytes, made while f runs.
-template <class F>
-std::size_t largest_allocation(F&& f) {
-  largest = 0;
-  recording = true;
-  f();
-  recording = false;
-  return largest.load();
-}
 
 constexpr Eigen::Index out = 768, in = 1024, r = 16, tokens = 64;
 const std::size_t dense_bytes = std::size_t(out) * in * sizeof(float);
 }  // namespace
 
 TEST_CASE("no operation but materialize allocates an out x in matrix") {
+  if (!dwt::allocation_counting_available()) {
+    MESSAGE("skipped: allocation counting is unavailable under sanitizers");
+    return;
+  }
   Mat W = dwt::random<Mat>(out, in, 1);
   const Mat B = dwt::random<Mat>(out, r, 2), A = dwt::random<Mat>(r, in, 3);
   const Mat X = dwt::random<Mat>(tokens, in, 4), G = dwt::random<Mat>(tokens, out, 5);
@@ -108,6 +53,7 @@ TEST_CASE("no operation but materialize allocates an out x in matrix") {
 }
 
 TEST_CASE("bf16 weights are converted in bounded panels, never whole") {
+  if (!dwt::allocation_counting_available()) return;
   using MatB = dwt::RowMat<Eigen::bfloat16>;
   MatB W = dwt::random<Mat>(out, in, 1).cast<Eigen::bfloat16>();
   const MatB B = dwt::random<Mat>(out, r, 2).cast<Eigen::bfloat16>();
@@ -119,6 +65,3 @@ TEST_CASE("bf16 weights are converted in bounded panels, never whole") {
   CHECK(largest_allocation([&] { dw::apply(dw::view(W) + l, X, Y); }) < fp32_dense / 2);
   CHECK(largest_allocation([&] { dw::merge(W, l); }) < fp32_dense / 2);
 }
-#else
-TEST_CASE("allocation counting is skipped under sanitizers (they own malloc)") { MESSAGE("skipped: sanitizer build"); }
-#endif

@@ -4,74 +4,21 @@
 // as large as W, are drawn in tiles and never formed whole. The executable replaces
 // malloc and friends (glibc) to record the largest single allocation; materialize is the
 // control that shows the counter sees an out × in allocation.
-#include <atomic>
-#include <cstddef>
-#include <cstdlib>
-
+#include "alloc_counter.hpp"
 #include "test_util.hpp"
-
-#ifndef DELTAW_TEST_SANITIZED
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-}
-
-namespace {
-std::atomic<bool> recording{false};
-std::atomic<std::size_t> largest{0};
-void note(std::size_t n) {
-  if (!recording.load(std::memory_order_relaxed)) return;
-  std::size_t cur = largest.load(std::memory_order_relaxed);
-  while (n > cur && !largest.compare_exchange_weak(cur, n)) {
-  }
-}
-}  // namespace
-
-extern "C" {
-void* malloc(std::size_t n) {
-  note(n);
-  return __libc_malloc(n);
-}
-void* calloc(std::size_t k, std::size_t n) {
-  note(k * n);
-  return __libc_calloc(k, n);
-}
-void* realloc(void* p, std::size_t n) {
-  note(n);
-  return __libc_realloc(p, n);
-}
-void* memalign(std::size_t a, std::size_t n) {
-  note(n);
-  return __libc_memalign(a, n);
-}
-void* aligned_alloc(std::size_t a, std::size_t n) {
-  note(n);
-  return __libc_memalign(a, n);
-}
-int posix_memalign(void** p, std::size_t a, std::size_t n) {
-  note(n);
-  *p = __libc_memalign(a, n);
-  return *p ? 0 : 12;  // ENOMEM
-}
-}
 
 namespace {
 namespace dw = deltaw;
+using dwt::largest_allocation;
 using Mat = dwt::RowMat<float>;
 
-template <class F>
-std::size_t largest_allocation(F&& f) {
-  largest = 0;
-  recording = true;
-  f();
-  recording = false;
-  return largest.load();
-}
 
 template <class U>
 void check_no_dense(const U& u, Eigen::Index tokens) {
+  if (!dwt::allocation_counting_available()) {
+    MESSAGE("skipped: allocation counting is unavailable under sanitizers");
+    return;
+  }
   const std::size_t dense_bytes = std::size_t(u.rows()) * std::size_t(u.cols()) * sizeof(float);
   Mat W = dwt::random<Mat>(u.rows(), u.cols(), 1);
   const Mat X = dwt::random<Mat>(tokens, u.cols(), 2), G = dwt::random<Mat>(tokens, u.rows(), 3);
@@ -104,6 +51,3 @@ TEST_CASE("VeRA and NOLA never allocate out x in") {
   const Eigen::VectorXf a = dwt::random<Mat>(64, 1, 3).col(0), b = dwt::random<Mat>(32, 1, 4).col(0);
   check_no_dense(dw::nola(768, 1024, 8, 5, a, b, dw::alpha(16)), 64);
 }
-#else
-TEST_CASE("allocation counting is skipped under sanitizers (they own malloc)") { MESSAGE("skipped: sanitizer build"); }
-#endif
