@@ -264,7 +264,7 @@ struct evaluator<bone_bat_update<T, TW, device::cpu>> {
 };
 
 template <class T>
-struct evaluator<miss_update<T, device::cpu>> {
+struct evaluator<miss_update<T, device::cpu>> : additive_rows<evaluator<miss_update<T, device::cpu>>, miss_update<T, device::cpu>> {
   using U = miss_update<T, device::cpu>;
 
   /// Y += (Σ_j x_j)·D, tiled along the output for mini.
@@ -318,18 +318,6 @@ struct evaluator<miss_update<T, device::cpu>> {
     const index_t full = in / r, tail = in % r;
     for (index_t j = 0; j < full; ++j) panel.middleCols(j * r, r) += rowsT;
     if (tail > 0) panel.middleCols(full * r, tail) += rowsT.leftCols(tail);
-  }
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
   }
 
   /// ‖ΔW‖²_F = repeats·(full blocks·‖D‖²_F + ‖first (in mod r) rows of D‖²_F).

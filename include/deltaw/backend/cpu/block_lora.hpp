@@ -10,7 +10,7 @@ DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
 template <class T>
-struct evaluator<block_low_rank<T, device::cpu>> {
+struct evaluator<block_low_rank<T, device::cpu>> : additive_rows<evaluator<block_low_rank<T, device::cpu>>, block_low_rank<T, device::cpu>> {
   using U = block_low_rank<T, device::cpu>;
 
   /// Rows [r0, r0 + n) of Σᵢ Bᵢ, times `factor`, in type C.
@@ -55,18 +55,6 @@ struct evaluator<block_low_rank<T, device::cpu>> {
     panel.noalias() += S * A0;
   }
 
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
-  }
 
   /// ‖s·S·A₀‖_F = |s|·√tr((SᵀS)(A₀A₀ᵀ)), S = Σᵢ Bᵢ, in double.
   template <class C>

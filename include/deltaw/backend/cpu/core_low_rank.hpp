@@ -12,7 +12,7 @@ DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
 template <class T>
-struct evaluator<core_low_rank<T, device::cpu>> {
+struct evaluator<core_low_rank<T, device::cpu>> : additive_rows<evaluator<core_low_rank<T, device::cpu>>, core_low_rank<T, device::cpu>> {
   using U = core_low_rank<T, device::cpu>;
 
   template <class C, class XM, class YM>
@@ -97,18 +97,6 @@ struct evaluator<core_low_rank<T, device::cpu>> {
     panel.noalias() += BR * A;
   }
 
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
-  }
 
   /// ‖s·B·R·A‖_F² = s²·tr(Rᵀ·(BᵀB)·R·(AAᵀ)) from two Gram matrices, in double.
   template <class C>

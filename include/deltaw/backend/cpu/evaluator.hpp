@@ -25,6 +25,25 @@ struct evaluator {
                 "deltaw/backend/cpu/ (deltaw/deltaw.hpp includes them all)");
 };
 
+/// The row operations of an update that is simply added to W (merge = +ΔW, unmerge = −ΔW),
+/// derived from the type's one `add_scaled_rows<C>(u, r0, panel, factor)`, which does
+/// panel += factor·ΔW[r0 : r0 + panel.rows()]. Evaluators inherit it (CRTP).
+template <class Derived, class U>
+struct additive_rows {
+  template <class C, class P>
+  static void add_delta_rows(const U& u, index_t r0, P& panel) {
+    Derived::template add_scaled_rows<C>(u, r0, panel, C(1));
+  }
+  template <class C, class P>
+  static void merge_rows(const U& u, index_t r0, P& panel) {
+    Derived::template add_scaled_rows<C>(u, r0, panel, C(1));
+  }
+  template <class C, class P>
+  static void unmerge_rows(const U& u, index_t r0, P& panel) {
+    Derived::template add_scaled_rows<C>(u, r0, panel, C(-1));
+  }
+};
+
 /// ‖ΔW‖_F computed panel by panel (bounded memory) for types without a closed form.
 template <class C, class U>
 double frobenius_norm_by_panels(const U& u) {

@@ -140,7 +140,7 @@ auto loldu(const WL& W, index_t r, alpha a = alpha(1.0), ldu_options opt = {}) {
 namespace cpu {
 
 template <class T>
-struct evaluator<ldu<T, device::cpu>> {
+struct evaluator<ldu<T, device::cpu>> : additive_rows<evaluator<ldu<T, device::cpu>>, ldu<T, device::cpu>> {
   using U = ldu<T, device::cpu>;
 
   /// Rows [r0, r0 + n) of P·L_r·diag(c), gathered and scaled in type C.
@@ -195,18 +195,6 @@ struct evaluator<ldu<T, device::cpu>> {
     panel.noalias() += (factor * Lp) * Ur;
   }
 
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
-  }
 
   /// ‖P·L·diag(c)·U‖_F = ‖L·diag(c)·U‖_F = √(Σᵢⱼ cᵢcⱼ (LᵀL)ᵢⱼ (UUᵀ)ᵢⱼ), in double.
   template <class C>

@@ -10,7 +10,7 @@ DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
 template <class T>
-struct evaluator<low_rank<T, device::cpu>> {
+struct evaluator<low_rank<T, device::cpu>> : additive_rows<evaluator<low_rank<T, device::cpu>>, low_rank<T, device::cpu>> {
   using U = low_rank<T, device::cpu>;
 
   template <class C, class XM, class YM>
@@ -43,18 +43,6 @@ struct evaluator<low_rank<T, device::cpu>> {
     panel.noalias() += (factor * C(u.scale()) * B) * A;
   }
 
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
-  }
 
   /// ‖s·B·A‖_F = |s|·√tr((BᵀB)(AAᵀ)), from two r × r Gram matrices, in double.
   template <class C>

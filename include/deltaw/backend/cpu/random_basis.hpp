@@ -58,7 +58,7 @@ std::vector<C> to_vector(const vector_view<const T>& v) {
 // ─────────────────────────────────────────────────────────────────────────────────────────
 
 template <class T>
-struct evaluator<nola_update<T, device::cpu>> {
+struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_update<T, device::cpu>>, nola_update<T, device::cpu>> {
   using U = nola_update<T, device::cpu>;
   /// Entries accumulated over all bases before moving on: 16 K floats = 64 KiB.
   static constexpr std::uint64_t chunk = std::uint64_t(1) << 14;
@@ -129,18 +129,6 @@ struct evaluator<nola_update<T, device::cpu>> {
     form_B_rows<C>(u, r0, panel.rows(), factor * C(u.scale()), B);
     panel.noalias() += B * A;
   }
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
-  }
 
   /// ‖s·B·A‖_F from the r × r Gram matrices, in double.
   template <class C>
@@ -159,7 +147,7 @@ struct evaluator<nola_update<T, device::cpu>> {
 // ─────────────────────────────────────────────────────────────────────────────────────────
 
 template <class T>
-struct evaluator<vera_update<T, device::cpu>> {
+struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_update<T, device::cpu>>, vera_update<T, device::cpu>> {
   using U = vera_update<T, device::cpu>;
 
   /// diag(λ_d)·A[:, j0 : j0+tj], [r, tj].
@@ -227,18 +215,6 @@ struct evaluator<vera_update<T, device::cpu>> {
       panel.middleCols(j0, tj).noalias() += Bt * At;
     }
   }
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
-  }
 
   /// ‖diag(λ_b)·B·diag(λ_d)·A‖_F from two r × r Gram matrices, in double.
   template <class C>
@@ -259,7 +235,7 @@ struct evaluator<vera_update<T, device::cpu>> {
 // ─────────────────────────────────────────────────────────────────────────────────────────
 
 template <class T>
-struct evaluator<randlora_update<T, device::cpu>> {
+struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<randlora_update<T, device::cpu>>, randlora_update<T, device::cpu>> {
   using U = randlora_update<T, device::cpu>;
 
   /// What every call needs once: A [r, min_dim] drawn, λ and γ in type C.
@@ -375,18 +351,6 @@ struct evaluator<randlora_update<T, device::cpu>> {
         }
       }
     }
-  }
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(1));
-  }
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    add_scaled_rows<C>(u, r0, panel, C(-1));
   }
 
   /// ΔW is full rank: no small Gram form; summed panel by panel in double.
