@@ -8,6 +8,8 @@
 //   template <class C> static double frobenius_norm(const U&);                   // ‖ΔW‖_F
 //
 // C is the arithmetic type (float or double); X, G, Y, O, P are Eigen expressions of C.
+// An update simply added to W provides add_scaled_rows and inherits the three row
+// operations from additive_rows below.
 // Types whose ΔW depends on W (DoRA) may also provide the sum hooks in backend/cpu/sum.hpp.
 #pragma once
 
