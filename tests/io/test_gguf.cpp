@@ -28,7 +28,8 @@ TEST_CASE("gguf: F32 adapter written by gguf.GGUFWriter reproduces PEFT's layer 
   const auto weights = io::safetensors_file::open(dwio::fixtures() / "peft_lora" / "model.safetensors");
   const auto iof = io::safetensors_file::open(dwio::fixtures() / "peft_lora" / "io.safetensors");
   for (const auto& [hf, gg] : names) {
-    CAPTURE(gg);
+    const std::string gname = gg;  // clang 14 cannot capture structured bindings
+    CAPTURE(gname);
     const auto* p = a.find(gg);
     REQUIRE(p != nullptr);
     // numpy order: A [r, in], B [out, r]; GGUF ne reversed.
@@ -84,7 +85,8 @@ TEST_CASE("gguf: deltaw's writer round trip folds per-tensor scales into B exact
   CHECK(a.alpha == 12.0f);
   CHECK(*io::gguf_file::open(tmp.path / "a.gguf").get_string("general.name") == "test adapter");
   for (const auto& [name, u] : ups) {
-    CAPTURE(name);
+    const std::string tname = name;  // clang 14 cannot capture structured bindings
+    CAPTURE(tname);
     CHECK(dwt::rel_err(dw::materialize(a.update(name)), dw::materialize(u)) < 1e-6);
   }
   dwt::check_throws_with<dw::format_error>([&] { (void)io::read_gguf_lora(tmp.path / "a.gguf", "qwen2"); },

@@ -118,6 +118,13 @@ class gguf_file {
     auto b = map_file(path);
     return parse(b.bytes, std::move(b.owner), path.string());
   }
+  /// Validates an owned buffer (kept alive by the returned object and its views), so
+  /// `parse(writer.serialize())` does not dangle.
+  static gguf_file parse(std::vector<std::byte>&& bytes, const std::string& source = "<memory>") {
+    auto owner = std::make_shared<const std::vector<std::byte>>(std::move(bytes));
+    const std::span<const std::byte> s(owner->data(), owner->size());
+    return parse(s, owner, source);
+  }
   static gguf_file parse(std::span<const std::byte> bytes, std::shared_ptr<const void> owner = nullptr,
                          const std::string& source = "<memory>") {
     gguf_file f;

@@ -200,6 +200,13 @@ class safetensors_file {
   }
 
   /// Validates `bytes` (kept alive by `owner`, or by the caller when owner is null).
+  /// Validates an owned buffer (kept alive by the returned object and its views), so
+  /// `parse(writer.serialize())` does not dangle.
+  static safetensors_file parse(std::vector<std::byte>&& bytes, const std::string& source = "<memory>") {
+    auto owner = std::make_shared<const std::vector<std::byte>>(std::move(bytes));
+    const std::span<const std::byte> s(owner->data(), owner->size());
+    return parse(s, owner, source);
+  }
   static safetensors_file parse(std::span<const std::byte> bytes, std::shared_ptr<const void> owner = nullptr,
                                 const std::string& source = "<memory>") {
     safetensors_file f;
