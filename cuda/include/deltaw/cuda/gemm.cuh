@@ -66,7 +66,12 @@ inline int to_int(index_t v, const char* what, const char* op) {
 }
 
 inline std::string strides_str(index_t rs, index_t cs) {
-  return "(" + std::to_string(rs) + ", " + std::to_string(cs) + ")";
+  std::string s("(");  // appended piece by piece: GCC 12's false -Wrestrict, as in shape_str
+  s += std::to_string(rs);
+  s += ", ";
+  s += std::to_string(cs);
+  s += ')';
+  return s;
 }
 
 /// A view as cuBLAS sees it: op(stored) equals the view; stored is column-major with
