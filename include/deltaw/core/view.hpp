@@ -142,6 +142,13 @@ class vector_view {
   index_t stride_ = 1;
 };
 
+/// True when a and b view the same elements the same way (same memory, shape and strides).
+template <class A, class B, class D>
+bool same_view(const matrix_view<A, D>& a, const matrix_view<B, D>& b) {
+  return static_cast<const void*>(a.data()) == static_cast<const void*>(b.data()) && a.rows() == b.rows() &&
+         a.cols() == b.cols() && a.row_stride() == b.row_stride() && a.col_stride() == b.col_stride();
+}
+
 template <class V>
 struct is_matrix_view : std::false_type {};
 template <class T, class D>

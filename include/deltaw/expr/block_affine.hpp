@@ -31,6 +31,7 @@ class bone_bat_update {
   using weight_type = TW;
   using device_type = Device;
   static constexpr bool is_update = true;
+  static constexpr const char* method_name = "Bone bat";
 
   bone_bat_update(held_matrix<TW, Device> W, held_matrix<T, Device> b) : W_(std::move(W)), b_(std::move(b)) {
     const auto& Wv = W_.view;

@@ -19,6 +19,7 @@ class dora_update {
   using weight_type = TW;
   using device_type = Device;
   static constexpr bool is_update = true;
+  static constexpr const char* method_name = "DoRA";
 
   /// norms: the cached row norms n of W + s·B·A (size out), on the host.
   dora_update(held_matrix<TW, Device> W, low_rank<T, Device> lora, held_vector<T, Device> m,

@@ -240,7 +240,7 @@ struct evaluator<bone_bat_update<T, TW, device::cpu>> {
     block_affine_detail::transform_rows<C>(u, r0, D, form::delta);
     panel += D;
   }
-  /// Rows of W ← rows of W' (W must be u's own weight: check_merge_target).
+  /// Rows of W ← rows of W' (W must be u's own weight: checked by merge).
   template <class C, class P>
   static void merge_rows(const U& u, index_t r0, P& panel) {
     block_affine_detail::transform_rows<C>(u, r0, panel, form::merged);
@@ -253,13 +253,6 @@ struct evaluator<bone_bat_update<T, TW, device::cpu>> {
   template <class C>
   static double frobenius_norm(const U& u) {
     return frobenius_norm_by_panels<C>(u);
-  }
-
-  /// ΔW depends on W, so bat merges only into the weight it was built on.
-  template <class TT>
-  static void check_merge_target(const U& u, const matrix_view<TT>& W, const char* op) {
-    if (W.data() != u.W().data() || W.row_stride() != u.W().row_stride() || W.col_stride() != u.W().col_stride())
-      throw argument_error(std::string(op) + ": a Bone bat update merges only into the weight it was built on");
   }
 };
 

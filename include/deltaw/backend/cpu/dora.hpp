@@ -116,12 +116,6 @@ struct evaluator<dora_update<T, TW, device::cpu>> {
     return frobenius_norm_by_panels<C>(u);
   }
 
-  /// DoRA's merge rescales rows of W itself, so it merges only into the weight it was built on.
-  template <class TT>
-  static void check_merge_target(const U& u, const matrix_view<TT>& W, const char* op) {
-    if (W.data() != u.W().data() || W.row_stride() != u.W().row_stride() || W.col_stride() != u.W().col_stride())
-      throw argument_error(std::string(op) + ": a DoRA update merges only into the weight it was built on");
-  }
 };
 
 }  // namespace cpu

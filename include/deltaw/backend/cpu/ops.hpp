@@ -45,7 +45,7 @@ namespace detail {
 template <class U, class TW>
 bool shares_base(const U& u, const matrix_view<const TW>& W) {
   if constexpr (requires { u.W(); }) {
-    return u.W().data() == W.data() && u.W().row_stride() == W.row_stride() && u.W().col_stride() == W.col_stride();
+    return same_view(u.W(), W);
   } else {
     return false;
   }
@@ -316,8 +316,13 @@ auto mutable_weight_view(WL&& W, const char* op) {
 template <class U, class V>
 void check_merge(const U& u, const V& W, const char* op) {
   check_same_shape(W.rows(), W.cols(), u, op);
-  if constexpr (requires { cpu::evaluator<U>::check_merge_target(u, W, op); })
-    cpu::evaluator<U>::check_merge_target(u, W, op);
+  // An update whose ΔW reads its own weight (DoRA, Bone bat) rewrites rows of that weight
+  // when merging, so it merges only into it.
+  if constexpr (requires { u.W(); }) {
+    if (!same_view(u.W(), W))
+      throw argument_error(std::string(op) + ": a " + U::method_name +
+                           " update merges only into the weight it was built on");
+  }
 }
 }  // namespace detail
 
