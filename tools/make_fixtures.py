@@ -5,12 +5,15 @@
   safetensors/dtypes_f64.safetensors  the same values converted to float64 by torch
   peft_<variant>/                  a tiny model, a PEFT adapter saved by PEFT itself
                                    (save_pretrained), the model's input and PEFT's output
+  peft_{lokr,miss,vera,randlora}_* the same for the structured types (LoKr, MiSS default /
+                                   mini / bat, VeRA and RandLoRA with save_projection)
   gguf/lora_<type>.gguf            llama.cpp LoRA adapters written by gguf.GGUFWriter
   VERSIONS.json                    the package versions that wrote all of the above
 
 Requires numpy, safetensors, gguf, torch and peft (transformers for the Conv1D /
 fan_in_fan_out variant). Deterministic: fixed seeds.
-Usage: python3 tools/make_fixtures.py [--out tests/fixtures]"""
+Usage: python3 tools/make_fixtures.py [--out tests/fixtures] [--only structured]
+(--only structured rewrites only the structured-type fixtures, leaving the others as they are)."""
 import argparse
 import json
 import os
@@ -88,6 +91,16 @@ class TinyConv1D(torch.nn.Module):
         return self.c_proj(torch.relu(self.c_attn(x)))
 
 
+def randomize_structured(model, seed):
+    """Random values for every adapter parameter (PEFT initialises most of them to zero or
+    one, which would make the fixtures blind to the factor math)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
 def randomize_adapter(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -99,7 +112,7 @@ def randomize_adapter(model, seed):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def peft_fixture(out, name, model, config, seed):
+def peft_fixture(out, name, model, config, seed, randomize=randomize_adapter):
     d = os.path.join(out, name)
     if os.path.isdir(d):
         shutil.rmtree(d)
@@ -108,7 +121,7 @@ def peft_fixture(out, name, model, config, seed):
     base_sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(base_sd, os.path.join(d, "model.safetensors"))
     pm = get_peft_model(model, config)
-    randomize_adapter(pm, seed + 1)
+    randomize(pm, seed + 1)
     pm.eval()
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
@@ -120,8 +133,8 @@ def peft_fixture(out, name, model, config, seed):
     # Per-module inputs/outputs of the adapted layers, to check each ΔW on its own.
     io = {"x": x, "y": y}
     for mname, mod in pm.base_model.model.named_modules():
-        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            inf = mod.in_features
+        if isinstance(mod, peft.tuners.tuners_utils.BaseTunerLayer):
+            inf = mod.get_base_layer().in_features if hasattr(mod.get_base_layer(), "in_features") else mod.in_features
             xm = torch.randn(3, inf, generator=torch.Generator().manual_seed(seed + 3))
             with torch.no_grad():
                 io["x." + mname] = xm
@@ -180,13 +193,47 @@ def gguf_fixtures(out, pm):
     safetensors.numpy.save_file(expected, os.path.join(d, "expected.safetensors"))
 
 
+def structured_fixtures(out):
+    """LoKr, MiSS (default, mini, bat), VeRA and RandLoRA adapters on the Tiny model (q [24, 16],
+    v [20, 24], head [8, 20]), every parameter random."""
+    from peft import LoKrConfig, MissConfig, VeraConfig, RandLoraConfig
+    tm = ["q", "v", "head"]
+    variants = [
+        # r = 2: w1 dense, w2 = w2_a·w2_b for q and v; rank/alpha patterns per module.
+        ("peft_lokr", LoKrConfig(r=2, alpha=3, target_modules=tm, rank_pattern={"head": 1},
+                                 alpha_pattern={"v": 5}, init_weights=False)),
+        # decompose_both and r = 1: both factors low rank where PEFT decomposes them.
+        ("peft_lokr_both", LoKrConfig(r=1, alpha=2, target_modules=tm, decompose_both=True,
+                                      init_weights=False)),
+        # r = 6 with decompose_factor 2: both factors dense.
+        ("peft_lokr_dense", LoKrConfig(r=6, alpha=2, target_modules=tm, decompose_factor=2,
+                                       init_weights=False)),
+        # r = 3: in % r != 0 for q (16) and head (20): the partial last block.
+        ("peft_miss", MissConfig(r=3, target_modules=tm, init_weights=False)),
+        ("peft_miss_mini", MissConfig(r=3, mini_r=4, target_modules=tm, init_weights="mini")),
+        ("peft_miss_bat", MissConfig(r=4, target_modules=tm, init_weights="bat")),
+        ("peft_vera", VeraConfig(r=4, target_modules=tm, save_projection=True, projection_prng_key=7)),
+        ("peft_randlora", RandLoraConfig(r=4, randlora_alpha=6, target_modules=tm, save_projection=True,
+                                         projection_prng_key=9)),
+        ("peft_randlora_sparse", RandLoraConfig(r=3, randlora_alpha=5, target_modules=tm, save_projection=True,
+                                                sparse=True, projection_prng_key=5)),
+    ]
+    for i, (name, cfg) in enumerate(variants):
+        torch.manual_seed(20 + i)
+        peft_fixture(out, name, Tiny(), cfg, 500 + 10 * i, randomize=randomize_structured)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    ap.add_argument("--only", choices=["structured"], default=None)
     a = ap.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     import safetensors.numpy  # noqa: F401
+    if a.only == "structured":
+        structured_fixtures(out)
+        return
     torch.manual_seed(0)
     dtype_fixtures(out)
 
@@ -214,6 +261,8 @@ def main():
         fan = transformers.__version__
     except ImportError:
         print("transformers missing: peft_fan_in_fan_out not written")
+
+    structured_fixtures(out)
 
     versions = {"numpy": np.__version__, "safetensors": safetensors.__version__, "torch": torch.__version__,
                 "peft": peft.__version__, "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"),
