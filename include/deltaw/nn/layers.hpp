@@ -78,7 +78,29 @@ class linear {
     }
   }
   bool has_adapter() const { return B_ != nullptr; }
+  adapter_kind kind() const { return kind_; }
   double scale() const { return s_; }
+  /// Changes the adapter's scale s (ALLoRA trains with s = 1; IncreLoRA rescales as the
+  /// rank grows).
+  void set_scale(double s) {
+    if (!std::isfinite(s))
+      throw non_finite_error("deltaw::nn::linear(" + name_ + ")::set_scale: the scale must be finite");
+    s_ = s;
+  }
+
+  /// Full fine-tuning: the weight becomes a trainable parameter. This copies W once (the
+  /// weight is what changes); the caller's memory is no longer read by this layer.
+  void make_weight_trainable() {
+    if (!Wp_) {
+      dense<T> w(out_features(), in_features());
+      for (index_t o = 0; o < out_features(); ++o)
+        for (index_t j = 0; j < in_features(); ++j) w(o, j) = W_(o, j);
+      Wp_ = std::make_unique<parameter<T>>(name_ + ".weight", std::move(w));
+    }
+    Wp_->set_trainable(true);
+  }
+  /// The trainable copy of W made by make_weight_trainable() (null before).
+  parameter<T>* weight_parameter() { return Wp_.get(); }
   parameter<T>* lora_B() { return B_.get(); }
   parameter<T>* lora_A() { return A_.get(); }
   parameter<T>* magnitude() { return m_.get(); }
@@ -86,7 +108,11 @@ class linear {
 
   var<T> operator()(tape<T>& t, const var<T>& x) const {
     var<T> y;
-    if (!B_) {
+    if (Wp_ && !B_) {
+      y = autograd::matmul_nt(x, t.param(*Wp_));
+    } else if (Wp_) {
+      throw argument_error("deltaw::nn::linear(" + name_ + "): a trainable weight together with an adapter is not supported");
+    } else if (!B_) {
       y = autograd::linear(x, W_);
     } else if (kind_ == adapter_kind::dora) {
       y = autograd::dora_linear(x, W_, t.param(*B_), t.param(*A_), t.param(*m_), s_);
@@ -97,10 +123,10 @@ class linear {
     return y;
   }
 
-  /// The trainable parameters (adapter factors, and the bias when trainable).
-  void collect(std::vector<parameter<T>*>& out) {
-    for (auto* p : {B_.get(), A_.get(), m_.get(), bias_.get()})
-      if (p && p->trainable()) out.push_back(p);
+  /// The trainable parameters (weight when trainable, adapter factors, bias when trainable).
+  void collect(std::vector<parameter<T>*>& out, bool only_trainable = true) {
+    for (auto* p : {Wp_.get(), B_.get(), A_.get(), m_.get(), bias_.get()})
+      if (p && (p->trainable() || !only_trainable)) out.push_back(p);
   }
 
  private:
@@ -108,6 +134,7 @@ class linear {
   matrix_view<const T> W_;
   std::unique_ptr<parameter<T>> bias_;
   std::unique_ptr<parameter<T>> B_, A_, m_;
+  std::unique_ptr<parameter<T>> Wp_;  // full fine-tuning only
   adapter_kind kind_ = adapter_kind::lora;
   double s_ = 1.0;
 };
@@ -126,12 +153,16 @@ class layer_norm {
   }
   parameter<T>& gamma() { return *gamma_; }
   parameter<T>& beta() { return *beta_; }
+  void set_trainable(bool on) {
+    gamma_->set_trainable(on);
+    beta_->set_trainable(on);
+  }
   var<T> operator()(tape<T>& t, const var<T>& x) const {
     return autograd::layer_norm(x, t.param(*gamma_), t.param(*beta_), eps_);
   }
-  void collect(std::vector<parameter<T>*>& out) {
+  void collect(std::vector<parameter<T>*>& out, bool only_trainable = true) {
     for (auto* p : {gamma_.get(), beta_.get()})
-      if (p->trainable()) out.push_back(p);
+      if (p->trainable() || !only_trainable) out.push_back(p);
   }
 
  private:
@@ -150,8 +181,8 @@ class rms_norm {
   }
   parameter<T>& gamma() { return *gamma_; }
   var<T> operator()(tape<T>& t, const var<T>& x) const { return autograd::rms_norm(x, t.param(*gamma_), eps_); }
-  void collect(std::vector<parameter<T>*>& out) {
-    if (gamma_->trainable()) out.push_back(gamma_.get());
+  void collect(std::vector<parameter<T>*>& out, bool only_trainable = true) {
+    if (gamma_->trainable() || !only_trainable) out.push_back(gamma_.get());
   }
 
  private:
@@ -194,10 +225,16 @@ class transformer_block {
   }
 
   std::vector<linear<T>*> projections() { return {&q_, &k_, &v_, &o_, &up_, &down_}; }
-  void collect(std::vector<parameter<T>*>& out) {
-    ln1_.collect(out);
-    ln2_.collect(out);
-    for (auto* l : projections()) l->collect(out);
+  /// Full fine-tuning of the block: its norms and projection weights become trainable.
+  void make_fully_trainable() {
+    ln1_.set_trainable(true);
+    ln2_.set_trainable(true);
+    for (auto* l : projections()) l->make_weight_trainable();
+  }
+  void collect(std::vector<parameter<T>*>& out, bool only_trainable = true) {
+    ln1_.collect(out, only_trainable);
+    ln2_.collect(out, only_trainable);
+    for (auto* l : projections()) l->collect(out, only_trainable);
   }
 
  private:
@@ -248,16 +285,75 @@ class tiny_transformer {
                         std::to_string(batch) + " × seq " + std::to_string(c_.seq));
     std::vector<std::int64_t> positions(ids.size());
     for (std::size_t i = 0; i < ids.size(); ++i) positions[i] = std::int64_t(i % std::size_t(c_.seq));
-    auto x = autograd::add(autograd::embedding(t.frozen(tok_, "tok_emb"), ids),
-                           autograd::embedding(t.frozen(pos_, "pos_emb"), positions));
+    auto x = autograd::add(autograd::embedding(tok_p_ ? t.param(*tok_p_) : t.frozen(tok_, "tok_emb"), ids),
+                           autograd::embedding(pos_p_ ? t.param(*pos_p_) : t.frozen(pos_, "pos_emb"), positions));
     for (const auto& b : blocks_) x = (*b)(t, x, batch, c_.seq);
     return head_layer_(t, final_ln_(t, x));
   }
 
+  /// Every projection of every block (adapted or not), block by block in the order
+  /// q, k, v, o, up, down.
+  std::vector<linear<T>*> projections() {
+    std::vector<linear<T>*> out;
+    for (auto& b : blocks_)
+      for (auto* l : b->projections()) out.push_back(l);
+    return out;
+  }
+  /// The projections that carry an adapter.
+  std::vector<linear<T>*> adapted_layers() {
+    std::vector<linear<T>*> out;
+    for (auto* l : projections())
+      if (l->has_adapter()) out.push_back(l);
+    return out;
+  }
+  /// The frozen weights the projections view, in the order of projections(): what a
+  /// weight perturbation (Flat-LoRA) or a merge writes into.
+  std::vector<dense<T>*> projection_weights() {
+    std::vector<dense<T>*> out;
+    for (auto& w : weights_) out.push_back(w.get());
+    return out;
+  }
+
+  /// Full fine-tuning: embeddings, every norm, projection and the head become trainable
+  /// parameters (copies of the frozen weights, made once). Do not combine with adapters.
+  void make_fully_trainable() {
+    if (!tok_p_) tok_p_ = std::make_unique<parameter<T>>("tok_emb", tok_);
+    if (!pos_p_) pos_p_ = std::make_unique<parameter<T>>("pos_emb", pos_);
+    for (auto& b : blocks_) b->make_fully_trainable();
+    final_ln_.set_trainable(true);
+    head_layer_.make_weight_trainable();
+  }
+
+  /// The trainable parameters by layer, for layer-wise strategies (LISA): the embedding
+  /// (token and position tables), each block, and the head (final norm and output layer).
+  struct parameter_groups {
+    std::vector<parameter<T>*> embedding;
+    std::vector<std::vector<parameter<T>*>> blocks;
+    std::vector<parameter<T>*> head;
+  };
+  /// Every parameter whether currently trainable or not (so that a strategy can switch
+  /// them), grouped by layer. Frozen views are not parameters and do not appear.
+  parameter_groups groups() {
+    parameter_groups g;
+    for (auto* p : {tok_p_.get(), pos_p_.get()})
+      if (p) g.embedding.push_back(p);
+    for (auto& b : blocks_) {
+      std::vector<parameter<T>*> ps;
+      b->collect(ps, false);
+      g.blocks.push_back(std::move(ps));
+    }
+    final_ln_.collect(g.head, false);
+    head_layer_.collect(g.head, false);
+    return g;
+  }
+
   std::vector<parameter<T>*> trainable_parameters() {
     std::vector<parameter<T>*> out;
+    for (auto* p : {tok_p_.get(), pos_p_.get()})
+      if (p && p->trainable()) out.push_back(p);
     for (auto& b : blocks_) b->collect(out);
     final_ln_.collect(out);
+    head_layer_.collect(out);
     return out;
   }
   /// Bytes of frozen weights (embeddings, projections, head).
@@ -270,6 +366,7 @@ class tiny_transformer {
  private:
   transformer_config c_;
   dense<T> tok_, pos_, head_;
+  std::unique_ptr<parameter<T>> tok_p_, pos_p_;  // full fine-tuning only
   std::vector<std::unique_ptr<dense<T>>> weights_;
   std::vector<std::unique_ptr<transformer_block<T>>> blocks_;
   layer_norm<T> final_ln_;

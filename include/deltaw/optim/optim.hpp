@@ -26,6 +26,13 @@ void check_params(const std::vector<parameter<T>*>& ps, const char* op) {
   for (auto* p : ps)
     if (p == nullptr) throw argument_error(std::string(op) + ": null parameter");
 }
+template <class T>
+std::size_t index_of(const std::vector<parameter<T>*>& ps, const parameter<T>* p, const char* cls, const char* op) {
+  for (std::size_t i = 0; i < ps.size(); ++i)
+    if (ps[i] == p) return i;
+  throw argument_error(std::string(cls) + op + ": parameter '" + (p ? p->name() : "null") +
+                       "' is not one of this optimiser's");
+}
 }  // namespace detail
 
 struct sgd_options {
@@ -47,13 +54,27 @@ class sgd {
     detail::check_finite_positive(o.momentum, "deltaw::optim::sgd", "momentum");
     detail::check_finite_positive(o.weight_decay, "deltaw::optim::sgd", "weight_decay");
     buf_.resize(params_.size());
+    lr_scale_.assign(params_.size(), 1.0);
+  }
+  /// Multiplies the learning rate of one parameter (LoRA+: λ for B).
+  void set_lr_scale(const parameter<T>* p, double scale) {
+    detail::check_finite_positive(scale, "deltaw::optim::sgd::set_lr_scale", "scale");
+    lr_scale_[detail::index_of(params_, p, "deltaw::optim::sgd::", "set_lr_scale")] = scale;
+  }
+  /// Forgets the momentum buffer of one parameter.
+  void reset_state(const parameter<T>* p) {
+    buf_[detail::index_of(params_, p, "deltaw::optim::sgd::", "reset_state")].resize(0, 0);
   }
   /// One update with learning rate lr·lr_factor (a schedule's factor).
   void step(double lr_factor = 1.0) {
-    const T lr = T(o_.lr * lr_factor), mu = T(o_.momentum), wd = T(o_.weight_decay);
+    const T mu = T(o_.momentum), wd = T(o_.weight_decay);
     for (std::size_t i = 0; i < params_.size(); ++i) {
       auto* p = params_[i];
       if (!p->trainable()) continue;
+      const T lr = T(o_.lr * lr_factor * lr_scale_[i]);
+      if (buf_[i].size() != 0 && (buf_[i].rows() != p->rows() || buf_[i].cols() != p->cols()))
+        throw shape_error("deltaw::optim::sgd: parameter '" + p->name() +
+                          "' changed shape since its momentum was recorded (call reset_state for it)");
       dense<T> g = p->grad();
       if (wd != T(0)) g += wd * p->value();
       if (mu != T(0)) {
@@ -76,6 +97,7 @@ class sgd {
   std::vector<parameter<T>*> params_;
   sgd_options o_;
   std::vector<dense<T>> buf_;
+  std::vector<double> lr_scale_;
 };
 
 struct adamw_options {
@@ -103,24 +125,40 @@ class adamw {
                            std::to_string(o.beta2) + ")");
     m_.resize(params_.size());
     v_.resize(params_.size());
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      m_[i].setZero(params_[i]->rows(), params_[i]->cols());
-      v_[i].setZero(params_[i]->rows(), params_[i]->cols());
-    }
+    steps_.assign(params_.size(), 0);
+    lr_scale_.assign(params_.size(), 1.0);
+    for (std::size_t i = 0; i < params_.size(); ++i) reset_state(i);
   }
+
+  /// Multiplies the learning rate of one parameter (LoRA+: λ for B).
+  void set_lr_scale(const parameter<T>* p, double scale) {
+    detail::check_finite_positive(scale, "deltaw::optim::adamw::set_lr_scale", "scale");
+    lr_scale_[index_of(p, "set_lr_scale")] = scale;
+  }
+  double lr_scale(const parameter<T>* p) const { return lr_scale_[index_of(p, "lr_scale")]; }
+  /// Forgets the moments of one parameter and sizes them to its current shape (LISA's
+  /// newly activated layers, a parameter whose rank grew).
+  void reset_state(const parameter<T>* p) { reset_state(index_of(p, "reset_state")); }
+  /// The first and second moments of a parameter (read-only; for tests and reports).
+  const dense<T>& first_moment(const parameter<T>* p) const { return m_[index_of(p, "first_moment")]; }
+  const dense<T>& second_moment(const parameter<T>* p) const { return v_[index_of(p, "second_moment")]; }
 
   void step(double lr_factor = 1.0) {
     ++t_;
-    const double lr = o_.lr * lr_factor;
     const T b1 = T(o_.beta1), b2 = T(o_.beta2);
-    const T c1 = T(1 - std::pow(o_.beta1, double(t_))), c2 = T(1 - std::pow(o_.beta2, double(t_)));
-    const T step = T(lr) / c1, eps = T(o_.eps), decay = T(1 - lr * o_.weight_decay);
-    const T rc2 = T(1) / std::sqrt(c2);
     for (std::size_t i = 0; i < params_.size(); ++i) {
       auto* p = params_[i];
       if (!p->trainable()) continue;
       if (p->grad().rows() != m_[i].rows() || p->grad().cols() != m_[i].cols())
-        throw shape_error("deltaw::optim::adamw: parameter '" + p->name() + "' changed shape since the optimiser was built");
+        throw shape_error("deltaw::optim::adamw: parameter '" + p->name() +
+                          "' changed shape since the optimiser was built (call reset_state for it)");
+      // Bias correction counts this parameter's own steps, so that a state reset (LISA,
+      // rank growth) restarts it as a fresh AdamW would.
+      const double n = double(++steps_[i]);
+      const double lr = o_.lr * lr_factor * lr_scale_[i];
+      const T c1 = T(1 - std::pow(o_.beta1, n)), c2 = T(1 - std::pow(o_.beta2, n));
+      const T step = T(lr) / c1, eps = T(o_.eps), decay = T(1 - lr * o_.weight_decay);
+      const T rc2 = T(1) / std::sqrt(c2);
       auto th = p->value().array();
       auto g = p->grad().array();
       auto m = m_[i].array();
@@ -140,11 +178,23 @@ class adamw {
   void zero_grad() { autograd::zero_grad(params_); }
   index_t steps() const { return t_; }
   const std::vector<parameter<T>*>& parameters() const { return params_; }
+  const adamw_options& options() const { return o_; }
 
  private:
+  std::size_t index_of(const parameter<T>* p, const char* op) const {
+    return detail::index_of(params_, p, "deltaw::optim::adamw::", op);
+  }
+  void reset_state(std::size_t i) {
+    m_[i].setZero(params_[i]->rows(), params_[i]->cols());
+    v_[i].setZero(params_[i]->rows(), params_[i]->cols());
+    steps_[i] = 0;
+  }
+
   std::vector<parameter<T>*> params_;
   adamw_options o_;
   std::vector<dense<T>> m_, v_;
+  std::vector<index_t> steps_;
+  std::vector<double> lr_scale_;
   index_t t_ = 0;
 };
 
