@@ -1,0 +1,110 @@
+// VJP of LoLDU, ΔW = P·L_r·diag(c)·U_r with c = σ·z − σ₀·z₀ (expr/ldu.hpp). P, L_r, U_r,
+// z₀ and σ₀ are frozen; the trainable factors are z [r] and σ (a scalar). With
+//   Z = X·U_rᵀ [tokens, r],  G = dY·(P·L_r) [tokens, r],
+// the loss ⟨dY, X·ΔWᵀ⟩ = Σ_j c_j·⟨G[:, j], Z[:, j]⟩, so
+//   dc_j = ⟨G[:, j], Z[:, j]⟩,  dz = σ·dc,  dσ = ⟨z, dc⟩,  dX (update part) = G·diag(c)·U_r.
+// P·L_r is gathered once (out × r, as the evaluator does); only tokens × r temporaries.
+//
+// With autograd::adapted_linear the factor variables are z as [1, r] and σ as [1, 1];
+// `rebind(u, views)` builds the update from them (the frozen parts taken from u):
+//
+//   const auto base = deltaw::loldu(W, r, deltaw::alpha(1), {.train_sigma = true});
+//   auto y = ag::adapted_linear<double, 2>(x, deltaw::view(W), {z, sigma}, [&](const auto& v) {
+//     return deltaw::cpu::vjp<decltype(base)>::rebind(base, v);
+//   });
+//
+// σ's gradient is written only when u.options().train_sigma is set (a frozen σ may be
+// passed as a frozen variable).
+#pragma once
+
+#include <array>
+#include <string>
+
+#include "../../expr/ldu.hpp"
+#include "vjp.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace cpu {
+
+template <class T>
+struct vjp<ldu<T, device::cpu>> {
+  using U = ldu<T, device::cpu>;
+  static constexpr int factor_count = 2;
+  static const char* factor_name(int i) { return i == 0 ? "z" : "sigma"; }
+
+  /// The frozen parts of `u` with z = views[0] ([1, r] or [r, 1], viewed, not copied) and
+  /// σ = views[1](0, 0) ([1, 1]).
+  static U rebind(const U& u, const std::array<matrix_view<const T>, 2>& views) {
+    constexpr const char* op = "deltaw::cpu::vjp<ldu>::rebind";
+    const auto& z = views[0];
+    const auto& s = views[1];
+    if ((z.rows() != 1 && z.cols() != 1) || z.size() != u.rank())
+      throw shape_error(std::string(op) + ": z is " + deltaw::detail::shape_str(z.rows(), z.cols()) + "; expected [1, " +
+                        std::to_string(u.rank()) + "]");
+    if (s.rows() != 1 || s.cols() != 1)
+      throw shape_error(std::string(op) + ": sigma is " + deltaw::detail::shape_str(s.rows(), s.cols()) +
+                        "; expected [1, 1]");
+    const vector_view<const T> zv(z.data(), z.size(), z.rows() == 1 ? z.col_stride() : z.row_stride());
+    return u.with_z(zv).with_sigma(double(convert<double>(s(0, 0))));
+  }
+
+  /// grads = {&dz ([1, r] or [r, 1]), &dσ ([1, 1])}; see vjp.hpp.
+  template <class C, class XM, class GM>
+  static void backward(const U& u, const XM& X, const GM& dY, std::span<dense<C>* const> grads, dense<C>* dX) {
+    constexpr const char* op = "deltaw::cpu::vjp<ldu>::backward";
+    detail::check_grad_slots<C>(grads, factor_count, op);
+    const index_t r = u.rank();
+    dense<C>* gz = grads[0];
+    dense<C>* gs = u.options().train_sigma ? grads[1] : nullptr;
+    if (gz && ((gz->rows() != 1 && gz->cols() != 1) || gz->size() != r))
+      throw shape_error(std::string(op) + ": the gradient of z is " + deltaw::detail::shape_str(gz->rows(), gz->cols()) +
+                        " but z has " + std::to_string(r) + " entries");
+    if (grads[1] && (grads[1]->rows() != 1 || grads[1]->cols() != 1))
+      throw shape_error(std::string(op) + ": the gradient of sigma is " +
+                        deltaw::detail::shape_str(grads[1]->rows(), grads[1]->cols()) + "; expected [1, 1]");
+
+    Eigen::Matrix<C, 1, Eigen::Dynamic> c(r);
+    bool c_zero = true;
+    for (index_t j = 0; j < r; ++j) {
+      c(j) = C(u.coefficient(j));
+      c_zero = c_zero && c(j) == C(0);
+    }
+    const bool need_dc = gz || gs;
+    const bool need_dx = dX && !c_zero;  // ΔW = 0 exactly: no dX contribution
+    if (!need_dc && !need_dx) return;
+
+    // Rows of P·L_r: row o is row perm[o] of L_r.
+    dense<C> PL(u.rows(), r);
+    const auto& L = u.L();
+    for (index_t o = 0; o < u.rows(); ++o) {
+      const index_t src = u.perm()[o];
+      for (index_t j = 0; j < r; ++j) PL(o, j) = convert<C>(L(src, j));
+    }
+    dense<C> su;
+    const auto Ur = row_major_operand<C>(u.U(), su);
+    dense<C> G(dY.rows(), r);
+    G.noalias() = dY * PL;
+
+    if (need_dc) {
+      dense<C> Z(X.rows(), r);
+      Z.noalias() = X * Ur.transpose();
+      const Eigen::Matrix<C, 1, Eigen::Dynamic> dc = G.cwiseProduct(Z).colwise().sum();
+      if (gz) {
+        const C sigma = C(u.sigma());
+        for (index_t j = 0; j < r; ++j) gz->data()[j] += sigma * dc(j);
+      }
+      if (gs) {
+        C acc(0);
+        for (index_t j = 0; j < r; ++j) acc += convert<C>(u.z()[j]) * dc(j);
+        (*gs)(0, 0) += acc;
+      }
+    }
+    if (need_dx) {
+      G.array().rowwise() *= c.array();  // G·diag(c)
+      dX->noalias() += G * Ur;
+    }
+  }
+};
+
+}  // namespace cpu
+DELTAW_NAMESPACE_END
