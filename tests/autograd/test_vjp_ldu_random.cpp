@@ -111,7 +111,7 @@ TEST_CASE("VJP of NOLA: gradients of the A and B coefficients and x; forward equ
     const MatD W = dwt::random<MatD>(out, in, 300 + trial);
     dw::nola_options opt;
     opt.frozen_a0 = trial % 2 == 0;
-    const auto proto = dw::nola(out, in, r, 1000 + trial, Eigen::VectorXd::Zero(k), Eigen::VectorXd::Zero(l),
+    const auto proto = dw::nola(out, in, r, 1000 + trial, Eigen::VectorXd(Eigen::VectorXd::Zero(k)), Eigen::VectorXd(Eigen::VectorXd::Zero(l)),
                                 dw::scale(0.7), opt);
     auto x = param("x", tokens, in, 310 + trial), a = param("a_coef", 1, k, 320 + trial),
          b = param("b_coef", 1, l, 330 + trial);
@@ -164,7 +164,7 @@ TEST_CASE("VJP of VeRA: gradients of lambda_d, lambda_b and x; forward equals th
     const MatD W = dwt::random<MatD>(out, in, 400 + trial);
     // Shared bases made for a larger layer: the layer uses their top-left slices.
     const auto basis = dw::vera_shared_basis(2000 + trial, r, out + trial % 3, in + 2 * (trial % 2));
-    const auto proto = dw::vera(basis, out, in, Eigen::VectorXd::Zero(r), Eigen::VectorXd::Zero(out));
+    const auto proto = dw::vera(basis, out, in, Eigen::VectorXd(Eigen::VectorXd::Zero(r)), Eigen::VectorXd(Eigen::VectorXd::Zero(out)));
     auto x = param("x", tokens, in, 410 + trial), ld = param("lambda_d", 1, r, 420 + trial),
          lb = param("lambda_b", 1, out, 430 + trial);
     const std::string tag = "vera " + shape_tag(tokens, in, out, r);
@@ -195,7 +195,7 @@ TEST_CASE("VJP of RandLoRA: gradients of lambda, gamma and x (out > in, out < in
     const MatD W = dwt::random<MatD>(out, in, 500 + trial);
     const auto basis = dw::randlora_shared_basis(3000 + trial, r, out + 1, in + 2, kind);
     const Eigen::Index mn = std::min(out, in), N = (mn + r - 1) / r;
-    const auto proto = dw::randlora(basis, out, in, MatD::Zero(r, N), MatD::Zero(N, mn), dw::scale(0.9));
+    const auto proto = dw::randlora(basis, out, in, MatD(MatD::Zero(r, N)), MatD(MatD::Zero(N, mn)), dw::scale(0.9));
     auto x = param("x", tokens, in, 510 + trial), lam = param("lambda", r, N, 520 + trial),
          gam = param("gamma", N, mn, 530 + trial);
     const char* law = kind == dw::randlora_kind::dense ? "dense" : kind == dw::randlora_kind::sparse ? "sparse" : "vsparse";
