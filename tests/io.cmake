@@ -11,6 +11,13 @@ target_link_libraries(test_io PRIVATE nlohmann_json::nlohmann_json)
 target_compile_definitions(test_io PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
                                            DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
 
+# Structured PEFT types (LoKr, MiSS / Bone bat, VeRA, RandLoRA) and DLPack views: their own
+# executables, to keep each translation unit small.
+deltaw_add_test(io_peft_structured io/test_peft_structured.cpp)
+target_link_libraries(test_io_peft_structured PRIVATE nlohmann_json::nlohmann_json)
+target_compile_definitions(test_io_peft_structured PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
+                                                         DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
+
 # Round trip through the Python packages: deltaw writes, safetensors / gguf / PEFT read.
 # Skipped (exit 77) when python3 or the packages are missing.
 add_executable(io_roundtrip_writer io/roundtrip_writer.cpp)

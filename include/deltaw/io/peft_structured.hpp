@@ -1,0 +1,905 @@
+// PEFT adapter directories of the structured types: LoKr, MiSS (default, "mini", "bat" =
+// Bone), VeRA and RandLoRA. Read and written as adapter_config.json +
+// adapter_model.safetensors with PEFT's key names (checked against peft 0.21.2, see
+// tests/fixtures/peft_{lokr,miss,vera,randlora}*).
+//
+// Keys (all under base_model.model.<module>.):
+//   LOKR      lokr_w1 [a, c] or lokr_w1_a [a, r] + lokr_w1_b [r, c]; lokr_w2 [b, d] or
+//             lokr_w2_a [b, r] + lokr_w2_b [r, d]. ΔW = α/r · (w1 ⊗ w2), r and α per module
+//             from rank_pattern / alpha_pattern (as LoRA's).
+//   MISS      miss_block: [r, out] (init_weights true/false), [r, mini_r] ("mini"),
+//             [out/r, r, r] ("bat"). No scale. peft_type BONE (bone_block, removed from PEFT
+//             before 0.21) is read with the same meaning but no PEFT here writes it.
+//   VERA      vera_lambda_b [out], vera_lambda_d [r]; shared bases base_model.vera_A
+//             [r, in_max] and base_model.vera_B [out_max, r] (save_projection).
+//   RANDLORA  randlora_lambda [r, N], randlora_gamma [N, min_dim]; shared bases
+//             base_model.randlora_A [r, 1, min_dim_max], base_model.randlora_B
+//             [max_dim_max, N_max, r], and PEFT 0.21 also repeats them per module
+//             (<module>.randlora_A / _B).
+//
+// Documented choices:
+//  - VeRA and RandLoRA bases. PEFT draws them with torch's generator from
+//    projection_prng_key; deltaw cannot reproduce torch's stream, so a checkpoint is read
+//    only when it stores them (save_projection = true, PEFT's default); otherwise
+//    unsupported_error. The stored bases are not deltaw's seeded bases, so these modules
+//    are read as low_rank updates with the same ΔW (update(out, in): the files do not
+//    record every layer dimension): VeRA as B'·A with B' = diag(λ_b)·B·diag(λ_d) [out, r]
+//    formed (out·r values) and A a zero-copy slice; RandLoRA as s·U·V (or s·Vᵀ·Uᵀ when
+//    out < in) with U a zero-copy slice of randlora_B and V [N·r, min_dim] formed from
+//    λ, A and γ, the same tensor PEFT forms at every forward.
+//    Written from deltaw's vera_update / randlora_update, the seeded bases are
+//    materialised (they are small: r·in_max + out_max·r, resp. r·min_dim + max_dim·N·r)
+//    and stored with save_projection = true, so PEFT loads exactly deltaw's ΔW.
+//  - Bone "bat" needs the base weight: peft_miss_module::bat(W) / visit(W, f).
+//  - Refused (unsupported_error): convolution LoKr (4-D factors, lokr_t2), rank / module
+//    dropout are ignored as PEFT ignores them in eval; biases, modules_to_save,
+//    fan_in_fan_out for VeRA / RandLoRA, VeRA / RandLoRA without stored bases.
+#pragma once
+
+#include <cstring>
+#include <functional>
+#include <variant>
+
+#include "../expr/block_affine.hpp"
+#include "../expr/kron.hpp"
+#include "../expr/random_basis.hpp"
+#include "peft.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace io {
+
+/// How MiSS initialised / shapes its block: init_weights true or false (default), "mini",
+/// "bat" (Bone).
+enum class miss_kind : std::uint8_t { miss, mini, bat };
+
+/// adapter_config.json of a structured adapter: the fields that change the math. Fields
+/// deltaw does not interpret are kept in `raw` and written back unchanged.
+struct peft_structured_config {
+  std::string peft_type;  ///< LOKR, MISS, BONE, VERA, RANDLORA
+  index_t r = 8;
+  double alpha = 8;  ///< LoKr `alpha`, RandLoRA `randlora_alpha`; unused by MiSS and VeRA
+  std::vector<std::pair<std::string, index_t>> rank_pattern;  ///< LoKr only, file order
+  std::vector<std::pair<std::string, double>> alpha_pattern;  ///< LoKr only, file order
+  bool decompose_both = false;                                ///< LoKr
+  index_t decompose_factor = -1;                              ///< LoKr
+  miss_kind miss = miss_kind::miss;                           ///< MiSS
+  index_t mini_r = 1;                                         ///< MiSS "mini"
+  bool save_projection = true;                                ///< VeRA, RandLoRA
+  std::int64_t projection_prng_key = 0;                       ///< VeRA, RandLoRA (informational)
+  bool sparse = false, very_sparse = false;                   ///< RandLoRA (informational)
+  std::vector<std::string> target_modules;
+  std::optional<std::string> target_modules_regex;
+  std::string base_model_name_or_path;
+  json raw = json::object();
+
+  index_t rank_for(const std::string& module) const {
+    const auto* p = peft_lora_config::match_pattern(rank_pattern, module);
+    return p ? p->second : r;
+  }
+  double alpha_for(const std::string& module) const {
+    const auto* p = peft_lora_config::match_pattern(alpha_pattern, module);
+    return p ? p->second : alpha;
+  }
+};
+
+namespace detail {
+
+[[noreturn]] inline void peft_unsupported(const std::string& src, const std::string& what) {
+  throw unsupported_error("deltaw::io::peft (" + src + "): " + what + " is not supported");
+}
+
+/// A float tensor of any rank viewed as a row-major [rows, cols] matrix (rows·cols must be
+/// its element count): zero-copy when stored as aligned F32, a converted copy otherwise.
+inline held_matrix<float> st_flat_matrix(const safetensors_file& f, const st_tensor_info& t, index_t rows,
+                                         index_t cols, const std::string& src) {
+  if (t.element_count() != std::uint64_t(rows) * std::uint64_t(cols))
+    peft_fail(src, "tensor \"" + t.name + "\" " + shape_string(t.shape) + " cannot be viewed as " +
+                       deltaw::detail::shape_str(rows, cols));
+  const auto raw = f.data(t);
+  if (t.dtype == st_dtype::F32 && !raw.empty() && reinterpret_cast<std::uintptr_t>(raw.data()) % alignof(float) == 0)
+    return {matrix_view<const float>(reinterpret_cast<const float*>(raw.data()), rows, cols), f.owner()};
+  auto buf = std::make_shared<std::vector<float>>(f.values<float>(t.name));
+  return {matrix_view<const float>(buf->data(), rows, cols), std::move(buf)};
+}
+
+inline held_matrix<float> owned_matrix(std::shared_ptr<std::vector<float>> buf, index_t rows, index_t cols) {
+  return {matrix_view<const float>(buf->data(), rows, cols), std::move(buf)};
+}
+
+template <class T, class D>
+held_matrix<float> copy_to_float(const matrix_view<const T, D>& v) {
+  static_assert(std::is_same_v<D, device::cpu>, "deltaw::io::peft: copy device factors to the host first");
+  auto buf = std::make_shared<std::vector<float>>(std::size_t(v.size()));
+  for (index_t i = 0; i < v.rows(); ++i)
+    for (index_t j = 0; j < v.cols(); ++j) (*buf)[std::size_t(i * v.cols() + j)] = convert<float>(v(i, j));
+  return owned_matrix(std::move(buf), v.rows(), v.cols());
+}
+template <class T, class D>
+held_vector<float> copy_to_float(const vector_view<const T, D>& v) {
+  static_assert(std::is_same_v<D, device::cpu>, "deltaw::io::peft: copy device factors to the host first");
+  auto buf = std::make_shared<std::vector<float>>(std::size_t(v.size()));
+  for (index_t i = 0; i < v.size(); ++i) (*buf)[std::size_t(i)] = convert<float>(v[i]);
+  return {vector_view<const float>(buf->data(), v.size()), std::move(buf)};
+}
+
+inline void add_f32_tensor(safetensors_writer& w, std::string name, std::vector<std::uint64_t> shape,
+                           const matrix_view<const float>& m) {
+  std::vector<float> v(std::size_t(m.size()));
+  for (index_t i = 0; i < m.rows(); ++i)
+    for (index_t j = 0; j < m.cols(); ++j) v[std::size_t(i * m.cols() + j)] = m(i, j);
+  w.add_raw(std::move(name), st_dtype::F32, std::move(shape),
+            std::as_bytes(std::span<const float>(v.data(), v.size())));
+}
+
+}  // namespace detail
+
+/// Parses the adapter_config.json of a LOKR / MISS / BONE / VERA / RANDLORA adapter.
+inline peft_structured_config parse_peft_structured_config(std::string_view text,
+                                                           const std::string& source = "adapter_config.json") {
+  peft_structured_config c;
+  c.raw = parse_json_strict(text, "deltaw::io::peft (" + source + ")");
+  const json& o = c.raw;
+  if (!o.is_object()) detail::peft_fail(source, "adapter_config.json must hold a JSON object");
+  auto pt = o.find("peft_type");
+  if (pt == o.end() || !pt->is_string()) detail::peft_fail(source, "no string \"peft_type\"");
+  c.peft_type = pt->get<std::string>();
+  const std::string& t = c.peft_type;
+  if (t != "LOKR" && t != "MISS" && t != "BONE" && t != "VERA" && t != "RANDLORA")
+    throw unsupported_error("deltaw::io::peft (" + source + "): peft_type \"" + t +
+                            "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA; LORA is "
+                            "read by read_peft_adapter)");
+  // PEFT's defaults where a field is absent.
+  c.r = t == "VERA" ? 256 : t == "RANDLORA" ? 32 : t == "LOKR" ? 8 : 64;
+  c.alpha = t == "RANDLORA" ? 640 : 8;
+  if (auto it = o.find("r"); it != o.end()) c.r = detail::peft_rank(*it, "r", source);
+  const char* alpha_key = t == "RANDLORA" ? "randlora_alpha" : "alpha";
+  if (t == "LOKR" || t == "RANDLORA")
+    if (auto it = o.find(alpha_key); it != o.end()) c.alpha = detail::peft_number(*it, alpha_key, source);
+  if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
+    c.base_model_name_or_path = it->get<std::string>();
+  if (auto it = o.find("target_modules"); it != o.end() && !it->is_null()) {
+    if (it->is_string()) {
+      c.target_modules_regex = it->get<std::string>();
+      detail::check_regex_text(*c.target_modules_regex, "\"target_modules\"", source);
+    } else if (it->is_array()) {
+      for (const auto& e : *it) {
+        if (!e.is_string()) detail::peft_fail(source, "\"target_modules\" entries must be strings");
+        c.target_modules.push_back(e.get<std::string>());
+      }
+    } else {
+      detail::peft_fail(source, "\"target_modules\" must be a list of names or a regular expression");
+    }
+  }
+  if (t == "LOKR") {
+    for (const char* k : {"rank_pattern", "alpha_pattern"}) {
+      auto it = o.find(k);
+      if (it == o.end() || it->is_null()) continue;
+      if (!it->is_object()) detail::peft_fail(source, std::string("\"") + k + "\" must be an object");
+      for (const auto& [key, v] : it->items()) {
+        detail::check_pattern_key(key, source);
+        if (k[0] == 'r') c.rank_pattern.emplace_back(key, detail::peft_rank(v, std::string(k) + "." + key, source));
+        else c.alpha_pattern.emplace_back(key, detail::peft_number(v, std::string(k) + "." + key, source));
+      }
+    }
+    c.decompose_both = detail::peft_bool(o, "decompose_both", source);
+    if (auto it = o.find("decompose_factor"); it != o.end() && !it->is_null()) {
+      if (!it->is_number_integer()) detail::peft_fail(source, "\"decompose_factor\" must be an integer");
+      c.decompose_factor = it->get<index_t>();
+    }
+    if (detail::peft_bool(o, "use_effective_conv2d", source)) detail::peft_unsupported(source, "use_effective_conv2d (convolution LoKr)");
+  } else {
+    // The other types have no patterns; a non-empty one would be silently ignored by PEFT too,
+    // but it signals a config deltaw would misread.
+    for (const char* k : {"rank_pattern", "alpha_pattern"})
+      if (auto it = o.find(k); it != o.end() && detail::json_truthy(*it))
+        detail::peft_unsupported(source, std::string("\"") + k + "\" for peft_type " + t);
+  }
+  if (t == "MISS" || t == "BONE") {
+    if (auto it = o.find("init_weights"); it != o.end() && !it->is_null()) {
+      if (it->is_string()) {
+        const auto s = it->get<std::string>();
+        if (s == "bat") c.miss = miss_kind::bat;
+        else if (s == "mini" && t == "MISS") c.miss = miss_kind::mini;
+        else detail::peft_fail(source, "\"init_weights\" \"" + s + "\" is not one of true, false, \"bat\", \"mini\"");
+      } else if (!it->is_boolean()) {
+        detail::peft_fail(source, "\"init_weights\" must be true, false, \"bat\" or \"mini\"");
+      }
+    }
+    if (auto it = o.find("mini_r"); it != o.end() && !it->is_null()) c.mini_r = detail::peft_rank(*it, "mini_r", source);
+  }
+  if (t == "VERA" || t == "RANDLORA") {
+    auto it = o.find("save_projection");
+    c.save_projection = it == o.end() || it->is_null() ? true : detail::peft_bool(o, "save_projection", source);
+    if (auto k = o.find("projection_prng_key"); k != o.end() && k->is_number_integer())
+      c.projection_prng_key = k->get<std::int64_t>();
+    if (!c.save_projection)
+      throw unsupported_error("deltaw::io::peft (" + source + "): a " + t +
+                              " adapter saved with save_projection = false: its bases are torch.Generator draws "
+                              "from projection_prng_key = " + std::to_string(c.projection_prng_key) +
+                              ", which deltaw cannot reproduce; save it with save_projection = true");
+    if (detail::peft_bool(o, "fan_in_fan_out", source)) detail::peft_unsupported(source, "fan_in_fan_out for " + t);
+    c.sparse = detail::peft_bool(o, "sparse", source);
+    c.very_sparse = detail::peft_bool(o, "very_sparse", source);
+  }
+  if (auto it = o.find("bias"); it != o.end() && !it->is_null()) {
+    if (!it->is_string()) detail::peft_fail(source, "\"bias\" must be a string");
+    if (it->get<std::string>() != "none") detail::peft_unsupported(source, "bias = \"" + it->get<std::string>() + "\"");
+  }
+  for (const char* k : {"modules_to_save", "layer_replication", "trainable_token_indices"})
+    if (auto it = o.find(k); it != o.end() && detail::json_truthy(*it))
+      detail::peft_unsupported(source, std::string("\"") + k + "\"");
+  return c;
+}
+
+/// adapter_config.json for `c`: `raw` with the fields deltaw knows overwritten.
+inline json peft_structured_config_json(const peft_structured_config& c) {
+  json o = c.raw.is_object() ? c.raw : json::object();
+  const std::string& t = c.peft_type;
+  o["peft_type"] = t;
+  o["r"] = c.r;
+  if (c.target_modules_regex) o["target_modules"] = *c.target_modules_regex;
+  else o["target_modules"] = c.target_modules;
+  o["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? json(nullptr) : json(c.base_model_name_or_path);
+  if (t == "LOKR") {
+    o["alpha"] = c.alpha;
+    json rp = json::object(), ap = json::object();
+    for (const auto& [k, v] : c.rank_pattern) rp[k] = v;
+    for (const auto& [k, v] : c.alpha_pattern) ap[k] = v;
+    o["rank_pattern"] = rp;
+    o["alpha_pattern"] = ap;
+    o["decompose_both"] = c.decompose_both;
+    o["decompose_factor"] = c.decompose_factor;
+    for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
+             {"rank_dropout", 0.0}, {"module_dropout", 0.0}, {"use_effective_conv2d", false}, {"init_weights", true}})
+      if (!o.contains(k)) o[k] = v;
+  } else if (t == "MISS" || t == "BONE") {
+    o["init_weights"] = c.miss == miss_kind::bat ? json("bat") : c.miss == miss_kind::mini ? json("mini") : json(true);
+    o["mini_r"] = c.mini_r;
+    if (!o.contains("bias")) o["bias"] = "none";
+    if (t == "MISS" && !o.contains("miss_dropout")) o["miss_dropout"] = 0.0;
+  } else {
+    if (t == "RANDLORA") {
+      o["randlora_alpha"] = c.alpha;
+      o["sparse"] = c.sparse;
+      o["very_sparse"] = c.very_sparse;
+    }
+    o["save_projection"] = true;
+    o["projection_prng_key"] = c.projection_prng_key;
+    o["fan_in_fan_out"] = false;
+    if (!o.contains("bias")) o["bias"] = "none";
+  }
+  for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
+           {"modules_to_save", nullptr}, {"task_type", nullptr}, {"inference_mode", true}})
+    if (!o.contains(k)) o[k] = v;
+  return o;
+}
+
+/// One LoKr module: w1 (dense [a, c] or w1_a [a, r]·w1_b [r, c]) and w2 likewise.
+struct peft_lokr_module {
+  std::string name;
+  held_matrix<float> w1, w2;                      ///< dense factor, or the left part (…_a)
+  std::optional<held_matrix<float>> w1_b, w2_b;  ///< the right part when low rank
+  index_t rank = 0;
+  double alpha = 0, scale = 0;
+
+  index_t out_features() const { return w1.view.rows() * w2.view.rows(); }
+  index_t in_features() const {
+    return (w1_b ? w1_b->view.cols() : w1.view.cols()) * (w2_b ? w2_b->view.cols() : w2.view.cols());
+  }
+  /// Calls f with the kron_update (its factor kinds are part of its type, so they are
+  /// chosen here) and returns what f returns.
+  template <class F>
+  decltype(auto) visit(F&& f) const {
+    using dense_f = kron_dense_factor<float>;
+    using low_f = kron_low_rank_factor<float>;
+    auto with2 = [&](auto f1) -> decltype(auto) {
+      using F1 = decltype(f1);
+      if (w2_b) return std::invoke(f, kron_update<F1, low_f>(std::move(f1), low_f(w2, *w2_b), scale));
+      return std::invoke(f, kron_update<F1, dense_f>(std::move(f1), dense_f(w2), scale));
+    };
+    if (w1_b) return with2(low_f(w1, *w1_b));
+    return with2(dense_f(w1));
+  }
+};
+
+/// One MiSS / Bone module. block: miss D [r, out], mini D [r, mini_r], bat b [out, r]
+/// (PEFT's [out/r, r, r] with the first two axes flattened).
+struct peft_miss_module {
+  std::string name;
+  miss_kind kind = miss_kind::miss;
+  held_matrix<float> block;
+
+  index_t r() const { return kind == miss_kind::bat ? block.view.cols() : block.view.rows(); }
+  /// MiSS (default or mini) over a layer [out, in]. Throws argument_error for bat.
+  miss_update<float> update(index_t out, index_t in) const {
+    if (kind == miss_kind::bat)
+      throw argument_error("deltaw::io::peft_miss_module::update: \"" + name + "\" is Bone bat; use bat(W)");
+    if (kind == miss_kind::miss && block.view.cols() != out)
+      throw shape_error("deltaw::io::peft_miss_module::update: \"" + name + "\" has miss_block " +
+                        deltaw::detail::shape_str(block.view.rows(), block.view.cols()) + " [r, out] but the layer is " +
+                        deltaw::detail::shape_str(out, in));
+    return miss_update<float>(block, out, in);
+  }
+  /// Bone bat over the layer's weight W [out, in]. Throws argument_error for MiSS.
+  template <class WL>
+  auto bat(const WL& W) const {
+    if (kind != miss_kind::bat)
+      throw argument_error("deltaw::io::peft_miss_module::bat: \"" + name + "\" is MiSS, not Bone bat; use update()");
+    auto hw = hold(W);
+    using TW = std::remove_const_t<typename decltype(hw.view)::element_type>;
+    return bone_bat_update<float, TW>(std::move(hw), block);
+  }
+  /// Calls f with the update for the layer whose weight is W (bat needs W itself).
+  template <class WL, class F>
+  decltype(auto) visit(const WL& W, F&& f) const {
+    if (kind == miss_kind::bat) return std::invoke(f, bat(W));
+    return std::invoke(f, update(W.rows(), W.cols()));
+  }
+};
+
+/// One VeRA module with the adapter's stored bases: ΔW = diag(λ_b)·B·diag(λ_d)·A.
+/// The file does not record in_features: update(out, in) takes the layer's shape.
+struct peft_vera_module {
+  std::string name;
+  held_vector<float> lambda_b;  ///< [out]
+  held_vector<float> lambda_d;  ///< [r]
+  held_matrix<float> A;         ///< the shared vera_A [r, in_max]
+  held_matrix<float> B;         ///< the shared vera_B [out_max, r]
+
+  /// The same ΔW as a low_rank update B'·A[:, :in], B' = diag(λ_b)·B[:out]·diag(λ_d)
+  /// [out, r] formed here. shape_error when the layer does not fit the module.
+  low_rank<float> update(index_t out, index_t in) const {
+    const index_t r = B.view.cols();
+    if (out != lambda_b.view.size() || in < 1 || in > A.view.cols() || out > B.view.rows())
+      throw shape_error("deltaw::io::peft_vera_module::update: \"" + name + "\" has vera_lambda_b [" +
+                        std::to_string(lambda_b.view.size()) + "] and shared bases up to " +
+                        deltaw::detail::shape_str(B.view.rows(), A.view.cols()) + "; the layer " +
+                        deltaw::detail::shape_str(out, in) + " does not fit");
+    auto buf = std::make_shared<std::vector<float>>(std::size_t(out * r));
+    for (index_t i = 0; i < out; ++i)
+      for (index_t k = 0; k < r; ++k) (*buf)[std::size_t(i * r + k)] = lambda_b.view[i] * B.view(i, k) * lambda_d.view[k];
+    return low_rank<float>(detail::owned_matrix(std::move(buf), out, r), {A.view.block(0, 0, r, in), A.owner}, 1.0);
+  }
+};
+
+/// One RandLoRA module with the adapter's stored bases. The file records min_dim (γ's
+/// width) but not which side it is: update(out, in) takes the layer's shape.
+struct peft_randlora_module {
+  std::string name;
+  held_matrix<float> lambda;  ///< [r, N]
+  held_matrix<float> gamma;   ///< [N, min_dim]
+  held_matrix<float> A;       ///< the shared randlora_A as [r, min_dim_max]
+  held_matrix<float> B;       ///< the shared randlora_B as [max_dim_max, N_max·r]
+  double scale = 0;
+
+  index_t num_bases() const { return lambda.view.cols(); }
+  /// ΔW = s·U·V (out ≥ in) or s·Vᵀ·Uᵀ (out < in): U = randlora_B[:max_dim, :N] flattened
+  /// [max_dim, N·r] (a zero-copy slice), V [N·r, min_dim] with
+  /// V[c, j] = λ[c / N, c % N]·A[c / N, j]·γ[c % N, j] formed here, as PEFT does.
+  low_rank<float> update(index_t out, index_t in) const {
+    const index_t r = lambda.view.rows(), N = num_bases(), mn = gamma.view.cols();
+    const index_t lo = std::min(out, in), hi = std::max(out, in);
+    if (lo != mn || hi > B.view.rows() || N * r > B.view.cols())
+      throw shape_error("deltaw::io::peft_randlora_module::update: \"" + name + "\" has randlora_gamma " +
+                        deltaw::detail::shape_str(N, mn) + " [N, min_dim] and shared bases for max_dim up to " +
+                        std::to_string(B.view.rows()) + "; the layer " + deltaw::detail::shape_str(out, in) +
+                        " does not fit");
+    auto buf = std::make_shared<std::vector<float>>(std::size_t(N * r * mn));
+    for (index_t c = 0; c < N * r; ++c) {
+      const index_t k = c / N, b = c % N;
+      const float l = lambda.view(k, b);
+      for (index_t j = 0; j < mn; ++j) (*buf)[std::size_t(c * mn + j)] = l * A.view(k, j) * gamma.view(b, j);
+    }
+    auto V = detail::owned_matrix(std::move(buf), N * r, mn);
+    held_matrix<float> U{B.view.block(0, 0, hi, N * r), B.owner};
+    if (out >= in) return low_rank<float>(U, V, scale);
+    return low_rank<float>(held_matrix<float>{V.view.transpose(), V.owner},
+                           held_matrix<float>{U.view.transpose(), U.owner}, scale);
+  }
+};
+
+/// A structured PEFT adapter: its config, its modules (of the config's one type, sorted by
+/// name) and, for VeRA / RandLoRA, the shared bases.
+class peft_structured_adapter {
+ public:
+  using module = std::variant<peft_lokr_module, peft_miss_module, peft_vera_module, peft_randlora_module>;
+  peft_structured_config config;
+  /// VeRA: vera_A [r, in_max], vera_B [out_max, r]. RandLoRA: randlora_A as [r, min_dim],
+  /// randlora_B as [max_dim, N·r]. Empty otherwise.
+  held_matrix<float> basis_A, basis_B;
+  index_t randlora_bases = 0;  ///< N of the shared randlora_B
+
+  std::size_t size() const { return modules_.size(); }
+  const std::vector<module>& modules() const { return modules_; }
+  static const std::string& name_of(const module& m) {
+    return std::visit([](const auto& x) -> const std::string& { return x.name; }, m);
+  }
+  const module* find(std::string_view n) const {
+    for (const auto& m : modules_)
+      if (name_of(m) == n) return &m;
+    return nullptr;
+  }
+  const module& at(std::string_view n) const {
+    const auto* m = find(n);
+    if (!m) throw argument_error("deltaw::io::peft_structured_adapter::at: the adapter has no module \"" + std::string(n) + "\"");
+    return *m;
+  }
+  template <class M>
+  const M& get(std::string_view n) const {
+    const auto* p = std::get_if<M>(&at(n));
+    if (!p)
+      throw argument_error("deltaw::io::peft_structured_adapter::get: module \"" + std::string(n) +
+                           "\" is of another type (the adapter is " + config.peft_type + ")");
+    return *p;
+  }
+  /// Calls f with the update of module `n` over its layer's weight W (W is used only by
+  /// Bone bat, and for MiSS's in_features): one loop for every type.
+  template <class WL, class F>
+  void visit(std::string_view n, const WL& W, F&& f) const {
+    std::visit(
+        [&](const auto& m) {
+          using M = std::remove_cvref_t<decltype(m)>;
+          if constexpr (std::is_same_v<M, peft_miss_module>) m.visit(W, f);
+          else if constexpr (std::is_same_v<M, peft_lokr_module>) m.visit(f);
+          else f(m.update(W.rows(), W.cols()));
+        },
+        at(n));
+  }
+
+  // ── writing: add deltaw updates ──────────────────────────────────────────────────────
+
+  /// LoKr module from kron_update (PEFT's s = α/r with r the adapter's rank for the
+  /// module; α = s·r is written). The factor shapes must be the ones PEFT gives the layer
+  /// (lokr_shapes with the config's decompose_both / decompose_factor), else PEFT could
+  /// not load it: argument_error.
+  template <class F1, class F2>
+  void add_lokr(std::string name, const kron_update<F1, F2>& u, index_t r) {
+    begin("LOKR", name);
+    if (r < 1) throw rank_error("deltaw::io::peft_structured_adapter::add_lokr: r must be at least 1; got " + std::to_string(r));
+    peft_lokr_module m;
+    m.name = std::move(name);
+    auto put = [&](const auto& f, held_matrix<float>& left, std::optional<held_matrix<float>>& right) {
+      if constexpr (std::remove_cvref_t<decltype(f)>::is_low_rank) {
+        if (f.rank() != r)
+          throw rank_error("deltaw::io::peft_structured_adapter::add_lokr: \"" + m.name + "\" has a low-rank factor of rank " +
+                           std::to_string(f.rank()) + " but r = " + std::to_string(r));
+        left = detail::copy_to_float(f.left());
+        right = detail::copy_to_float(f.right());
+      } else {
+        left = detail::copy_to_float(f.matrix());
+      }
+    };
+    put(u.w1(), m.w1, m.w1_b);
+    put(u.w2(), m.w2, m.w2_b);
+    const auto L = lokr_shapes(u.rows(), u.cols(), r, config.decompose_both, config.decompose_factor);
+    const bool ok = m.w1.view.rows() == L.a && m.w2.view.rows() == L.b &&
+                    (m.w1_b ? m.w1_b->view.cols() : m.w1.view.cols()) == L.c &&
+                    (m.w2_b ? m.w2_b->view.cols() : m.w2.view.cols()) == L.d && m.w1_b.has_value() == !L.w1_dense &&
+                    m.w2_b.has_value() == !L.w2_dense;
+    if (!ok)
+      throw argument_error("deltaw::io::peft_structured_adapter::add_lokr: \"" + m.name + "\" " +
+                           deltaw::detail::shape_str(u.rows(), u.cols()) + " with r = " + std::to_string(r) +
+                           " needs PEFT's layout w1 [" + std::to_string(L.a) + ", " + std::to_string(L.c) + "] (" +
+                           (L.w1_dense ? "dense" : "low rank") + "), w2 [" + std::to_string(L.b) + ", " +
+                           std::to_string(L.d) + "] (" + (L.w2_dense ? "dense" : "low rank") +
+                           "); PEFT could not load other shapes");
+    m.rank = r;
+    m.scale = u.scale();
+    m.alpha = u.scale() * double(r);
+    insert(std::move(m));
+  }
+
+  /// MiSS (default or mini, from D's shape: [r, out] or [r, mini_r]).
+  template <class T, class D>
+  void add_miss(std::string name, const miss_update<T, D>& u) {
+    const miss_kind k = u.block_cols() == u.rows() ? miss_kind::miss : miss_kind::mini;
+    begin("MISS", name);
+    set_miss(k, u.block(), k == miss_kind::mini ? u.block_cols() : 1, name);
+    insert(peft_miss_module{std::move(name), k, detail::copy_to_float(u.D())});
+  }
+  /// Bone bat (MiSS init_weights "bat"): its block b only; W stays the model's.
+  template <class T, class TW, class D>
+  void add_bone_bat(std::string name, const bone_bat_update<T, TW, D>& u) {
+    begin("MISS", name);
+    set_miss(miss_kind::bat, u.block(), 1, name);
+    insert(peft_miss_module{std::move(name), miss_kind::bat, detail::copy_to_float(u.b())});
+  }
+
+  /// VeRA from deltaw's seeded bases; every module must share one vera_basis. The bases are
+  /// materialised into vera_A / vera_B on the first add.
+  template <class T, class D>
+  void add_vera(std::string name, const vera_update<T, D>& u) {
+    begin("VERA", name);
+    const auto& b = u.basis();
+    if (!basis_A.owner) {
+      config.r = b.r;
+      config.projection_prng_key = std::int64_t(b.seed);
+      auto a = std::make_shared<std::vector<float>>(std::size_t(b.r * b.in_max));
+      fill_entries(b.A(), 0, a->size(), a->data());
+      auto bb = std::make_shared<std::vector<float>>(std::size_t(b.out_max * b.r));
+      fill_entries(b.B(), 0, bb->size(), bb->data());
+      basis_A = detail::owned_matrix(std::move(a), b.r, b.in_max);
+      basis_B = detail::owned_matrix(std::move(bb), b.out_max, b.r);
+      vera_seed_ = b.seed;
+    } else if (b.r != basis_A.view.rows() || b.in_max != basis_A.view.cols() || b.out_max != basis_B.view.rows() ||
+               b.seed != vera_seed_) {
+      throw argument_error("deltaw::io::peft_structured_adapter::add_vera: \"" + name +
+                           "\" uses other shared bases than the modules already added (PEFT shares one pair)");
+    }
+    peft_vera_module m;
+    m.name = std::move(name);
+    m.lambda_b = detail::copy_to_float(u.lambda_b());
+    m.lambda_d = detail::copy_to_float(u.lambda_d());
+    m.A = basis_A;
+    m.B = basis_B;
+    insert(std::move(m));
+  }
+
+  /// RandLoRA from deltaw's seeded bases; every module must share one randlora_basis.
+  template <class T, class D>
+  void add_randlora(std::string name, const randlora_update<T, D>& u) {
+    begin("RANDLORA", name);
+    const auto& b = u.basis();
+    if (!basis_A.owner) {
+      config.r = b.r;
+      config.projection_prng_key = std::int64_t(b.seed);
+      config.sparse = b.kind == randlora_kind::sparse;
+      config.very_sparse = b.kind == randlora_kind::very_sparse;
+      auto a = std::make_shared<std::vector<float>>(std::size_t(b.r * b.min_dim));
+      fill_entries(b.A(), 0, a->size(), a->data());
+      auto bb = std::make_shared<std::vector<float>>(std::size_t(b.max_dim * b.num_bases * b.r));
+      fill_entries(b.B(), 0, bb->size(), bb->data());
+      basis_A = detail::owned_matrix(std::move(a), b.r, b.min_dim);
+      basis_B = detail::owned_matrix(std::move(bb), b.max_dim, b.num_bases * b.r);
+      randlora_bases = b.num_bases;
+      randlora_seed_ = b.seed;
+      randlora_kind_ = b.kind;
+    } else if (b.r != basis_A.view.rows() || b.min_dim != basis_A.view.cols() || b.max_dim != basis_B.view.rows() ||
+               b.seed != randlora_seed_ || b.kind != randlora_kind_) {
+      throw argument_error("deltaw::io::peft_structured_adapter::add_randlora: \"" + name +
+                           "\" uses other shared bases than the modules already added (PEFT shares one pair)");
+    }
+    const double a = u.scale() * double(b.r);
+    if (size() > 0 && a != config.alpha)
+      throw argument_error("deltaw::io::peft_structured_adapter::add_randlora: \"" + name + "\" has α = s·r = " +
+                           std::to_string(a) + " but earlier modules have " + std::to_string(config.alpha) +
+                           " (RandLoRA has no alpha_pattern)");
+    config.alpha = a;
+    peft_randlora_module m;
+    m.name = std::move(name);
+    m.lambda = detail::copy_to_float(u.lambda());
+    m.gamma = detail::copy_to_float(u.gamma());
+    m.A = basis_A;
+    m.B = basis_B;
+    m.scale = u.scale();
+    insert(std::move(m));
+  }
+
+  // ── files ────────────────────────────────────────────────────────────────────────────
+
+  /// Builds from a parsed config and adapter_model.safetensors.
+  static peft_structured_adapter from_safetensors(peft_structured_config cfg, const safetensors_file& f,
+                                                  const std::string& source = "adapter_model.safetensors");
+
+  /// The tensors of adapter_model.safetensors and the config to write with them.
+  std::pair<peft_structured_config, safetensors_writer> to_files() const;
+
+ private:
+  void begin(const char* type, const std::string& name) {
+    if (config.peft_type.empty()) config.peft_type = type;
+    const bool same = config.peft_type == type || (config.peft_type == "BONE" && std::string(type) == "MISS");
+    if (!same)
+      throw argument_error("deltaw::io::peft_structured_adapter: cannot add a " + std::string(type) + " module (\"" +
+                           name + "\") to a " + config.peft_type + " adapter; PEFT adapters hold one type");
+    if (find(name)) throw argument_error("deltaw::io::peft_structured_adapter: module \"" + name + "\" added twice");
+  }
+  void set_miss(miss_kind k, index_t r, index_t mini_r, const std::string& name) {
+    if (size() == 0) {
+      config.miss = k;
+      config.r = r;
+      config.mini_r = mini_r;
+    } else if (config.miss != k || config.r != r || config.mini_r != mini_r) {
+      throw argument_error("deltaw::io::peft_structured_adapter: MiSS module \"" + name +
+                           "\" differs in kind, r or mini_r from the modules already added (MiSS has no rank_pattern)");
+    }
+  }
+  void insert(module m) {
+    auto it = std::lower_bound(modules_.begin(), modules_.end(), name_of(m),
+                               [](const module& x, const std::string& n) { return name_of(x) < n; });
+    modules_.insert(it, std::move(m));
+  }
+  std::vector<module> modules_;
+  std::uint64_t vera_seed_ = 0, randlora_seed_ = 0;
+  randlora_kind randlora_kind_ = randlora_kind::dense;
+};
+
+inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_structured_config cfg,
+                                                                         const safetensors_file& f,
+                                                                         const std::string& source) {
+  peft_structured_adapter a;
+  a.config = std::move(cfg);
+  const std::string& type = a.config.peft_type;
+  const bool is_miss = type == "MISS" || type == "BONE";
+  const std::string model_prefix = "base_model.model.", shared_prefix = "base_model.";
+  std::vector<std::string_view> suffixes;
+  if (type == "LOKR") suffixes = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"};
+  else if (type == "MISS") suffixes = {"miss_block"};
+  else if (type == "BONE") suffixes = {"bone_block"};
+  else if (type == "VERA") suffixes = {"vera_lambda_b", "vera_lambda_d"};
+  else suffixes = {"randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"};
+
+  std::map<std::string, std::map<std::string, const st_tensor_info*>> parts;
+  const st_tensor_info *shared_A = nullptr, *shared_B = nullptr;
+  for (const auto& t : f.tensors()) {
+    std::string_view k = t.name;
+    if (type == "VERA" || type == "RANDLORA") {
+      const std::string pa = shared_prefix + (type == "VERA" ? "vera_A" : "randlora_A");
+      const std::string pb = shared_prefix + (type == "VERA" ? "vera_B" : "randlora_B");
+      if (k == pa) { shared_A = &t; continue; }
+      if (k == pb) { shared_B = &t; continue; }
+    }
+    if (!k.starts_with(model_prefix))
+      throw format_error("deltaw::io::peft (" + source + "): unknown key \"" + t.name + "\" for a " + type + " adapter");
+    k.remove_prefix(model_prefix.size());
+    if (type == "LOKR" && k.ends_with(".lokr_t2"))
+      detail::peft_unsupported(source, "LoKr's effective-conv2d factor (\"" + t.name + "\")");
+    bool found = false;
+    for (auto s : suffixes) {
+      if (k.size() > s.size() + 1 && k.ends_with(s) && k[k.size() - s.size() - 1] == '.') {
+        const std::string mod(k.substr(0, k.size() - s.size() - 1));
+        auto& slot = parts[mod][std::string(s)];
+        if (slot) throw format_error("deltaw::io::peft (" + source + "): two tensors named \"" + t.name + "\"");
+        slot = &t;
+        found = true;
+        break;
+      }
+    }
+    if (!found) throw format_error("deltaw::io::peft (" + source + "): unknown key \"" + t.name + "\" for a " + type + " adapter");
+  }
+
+  auto mat2 = [&](const st_tensor_info* t, const std::string& where) {
+    if (t->shape.size() != 2) {
+      if (t->shape.size() > 2 && type == "LOKR") detail::peft_unsupported(source, "convolution LoKr (" + where + " is " + detail::shape_string(t->shape) + ")");
+      throw format_error("deltaw::io::peft (" + source + "): " + where + " is " + detail::shape_string(t->shape) + "; expected a matrix");
+    }
+    return f.matrix<float>(t->name);
+  };
+
+  if (type == "VERA" || type == "RANDLORA") {
+    if (!shared_A || !shared_B)
+      throw format_error("deltaw::io::peft (" + source + "): a " + type + " adapter with save_projection needs base_model." +
+                         (type == "VERA" ? "vera_A and base_model.vera_B" : "randlora_A and base_model.randlora_B"));
+    if (type == "VERA") {
+      a.basis_A = mat2(shared_A, "vera_A");
+      a.basis_B = mat2(shared_B, "vera_B");
+      if (a.basis_A.view.rows() != a.basis_B.view.cols())
+        throw format_error("deltaw::io::peft (" + source + "): vera_A " + detail::shape_string(shared_A->shape) + " and vera_B " +
+                           detail::shape_string(shared_B->shape) + " disagree on r");
+    } else {
+      if (shared_A->shape.size() != 3 || shared_A->shape[1] != 1 || shared_B->shape.size() != 3 ||
+          shared_B->shape[2] != shared_A->shape[0])
+        throw format_error("deltaw::io::peft (" + source + "): randlora_A " + detail::shape_string(shared_A->shape) +
+                           " [r, 1, min_dim] and randlora_B " + detail::shape_string(shared_B->shape) +
+                           " [max_dim, N, r] do not fit together");
+      const auto& sa = shared_A->shape;
+      const auto& sb = shared_B->shape;
+      a.basis_A = detail::st_flat_matrix(f, *shared_A, index_t(sa[0]), index_t(sa[2]), source);
+      a.basis_B = detail::st_flat_matrix(f, *shared_B, index_t(sb[0]), index_t(sb[1] * sb[2]), source);
+      a.randlora_bases = index_t(sb[1]);
+    }
+    if (a.basis_A.view.rows() != a.config.r)
+      throw format_error("deltaw::io::peft (" + source + "): the config gives r = " + std::to_string(a.config.r) +
+                         " but the stored bases have rank " + std::to_string(a.basis_A.view.rows()));
+  }
+
+  for (const auto& [mod, p] : parts) {
+    const std::string where = "deltaw::io::peft (" + source + "): module \"" + mod + "\"";
+    auto get = [&](const char* s) -> const st_tensor_info* {
+      auto it = p.find(s);
+      return it == p.end() ? nullptr : it->second;
+    };
+    if (type == "LOKR") {
+      peft_lokr_module m;
+      m.name = mod;
+      m.rank = a.config.rank_for(mod);
+      m.alpha = a.config.alpha_for(mod);
+      m.scale = m.alpha / double(m.rank);
+      for (int i = 0; i < 2; ++i) {
+        const std::string base = i == 0 ? "lokr_w1" : "lokr_w2";
+        const auto* dense = get(base.c_str());
+        const auto* left = get((base + "_a").c_str());
+        const auto* right = get((base + "_b").c_str());
+        held_matrix<float>& dst = i == 0 ? m.w1 : m.w2;
+        auto& dst_b = i == 0 ? m.w1_b : m.w2_b;
+        if (dense && !left && !right) {
+          dst = mat2(dense, base);
+        } else if (!dense && left && right) {
+          dst = mat2(left, base + "_a");
+          dst_b = mat2(right, base + "_b");
+          if (dst.view.cols() != dst_b->view.rows())
+            throw format_error(where + ": " + base + "_a " + detail::shape_string(left->shape) + " and " + base + "_b " +
+                               detail::shape_string(right->shape) + " disagree on r");
+          if (dst.view.cols() != m.rank)
+            throw format_error(where + ": the config gives r = " + std::to_string(m.rank) + " but " + base + "_a is " +
+                               detail::shape_string(left->shape));
+        } else {
+          throw format_error(where + " needs either " + base + " or both " + base + "_a and " + base + "_b");
+        }
+      }
+      a.insert(std::move(m));
+    } else if (is_miss) {
+      const auto* t = get(type == "MISS" ? "miss_block" : "bone_block");
+      peft_miss_module m;
+      m.name = mod;
+      m.kind = a.config.miss;
+      const index_t r = a.config.r;
+      if (m.kind == miss_kind::bat) {
+        if (t->shape.size() != 3 || t->shape[1] != std::uint64_t(r) || t->shape[2] != std::uint64_t(r))
+          throw format_error(where + ": a bat block must be [out/r, r, r] with r = " + std::to_string(r) + "; got " +
+                             detail::shape_string(t->shape));
+        m.block = detail::st_flat_matrix(f, *t, index_t(t->shape[0]) * r, r, source);
+      } else {
+        m.block = mat2(t, "miss_block");
+        if (m.block.view.rows() != r)
+          throw format_error(where + ": the config gives r = " + std::to_string(r) + " but the block is " +
+                             detail::shape_string(t->shape) + " [r, ·]");
+        if (m.kind == miss_kind::mini && m.block.view.cols() != a.config.mini_r)
+          throw format_error(where + ": the config gives mini_r = " + std::to_string(a.config.mini_r) +
+                             " but the block is " + detail::shape_string(t->shape) + " [r, mini_r]");
+      }
+      a.insert(std::move(m));
+    } else if (type == "VERA") {
+      const auto *tb = get("vera_lambda_b"), *td = get("vera_lambda_d");
+      if (!tb || !td) throw format_error(where + " lacks " + std::string(tb ? "vera_lambda_d" : "vera_lambda_b"));
+      peft_vera_module m;
+      m.name = mod;
+      m.lambda_b = f.vector<float>(tb->name);
+      m.lambda_d = f.vector<float>(td->name);
+      const index_t out = m.lambda_b.view.size(), r = a.basis_A.view.rows();
+      if (m.lambda_d.view.size() != r)
+        throw format_error(where + ": vera_lambda_d " + detail::shape_string(td->shape) + " must be [r] = [" + std::to_string(r) + "]");
+      if (out > a.basis_B.view.rows())
+        throw format_error(where + ": vera_lambda_b " + detail::shape_string(tb->shape) + " is longer than vera_B's " +
+                           std::to_string(a.basis_B.view.rows()) + " rows");
+      m.A = a.basis_A;
+      m.B = a.basis_B;
+      a.insert(std::move(m));
+    } else {
+      const auto *tl = get("randlora_lambda"), *tg = get("randlora_gamma");
+      if (!tl || !tg) throw format_error(where + " lacks " + std::string(tl ? "randlora_gamma" : "randlora_lambda"));
+      peft_randlora_module m;
+      m.name = mod;
+      m.lambda = mat2(tl, "randlora_lambda");
+      m.gamma = mat2(tg, "randlora_gamma");
+      const index_t r = a.basis_A.view.rows(), N = m.lambda.view.cols(), mn = m.gamma.view.cols();
+      if (m.lambda.view.rows() != r || m.gamma.view.rows() != N)
+        throw format_error(where + ": randlora_lambda " + detail::shape_string(tl->shape) + " [r, N] and randlora_gamma " +
+                           detail::shape_string(tg->shape) + " [N, min_dim] do not fit r = " + std::to_string(r));
+      if (N > a.randlora_bases || mn > a.basis_A.view.cols() || N != deltaw::detail::ceil_div(mn, r))
+        throw format_error(where + ": N = " + std::to_string(N) + " bases of min_dim " + std::to_string(mn) +
+                           " do not fit the shared bases (N ≤ " + std::to_string(a.randlora_bases) + ", min_dim ≤ " +
+                           std::to_string(a.basis_A.view.cols()) + ", N = ⌈min_dim / r⌉)");
+      // Per-module copies of the bases (PEFT 0.21 writes them) must equal the shared ones.
+      for (const char* s : {"randlora_A", "randlora_B"})
+        if (const auto* t = get(s)) {
+          const auto* sh = s[9] == 'A' ? shared_A : shared_B;
+          const auto x = f.data(*t), y = f.data(*sh);
+          if (t->shape != sh->shape || t->dtype != sh->dtype || std::memcmp(x.data(), y.data(), x.size()) != 0)
+            throw format_error(where + ": its " + s + " differs from base_model." + s + " (deltaw reads one shared basis)");
+        }
+      m.A = a.basis_A;
+      m.B = a.basis_B;
+      m.scale = a.config.alpha / double(r);
+      a.insert(std::move(m));
+    }
+  }
+  return a;
+}
+
+inline std::pair<peft_structured_config, safetensors_writer> peft_structured_adapter::to_files() const {
+  peft_structured_config c = config;
+  safetensors_writer w;
+  const std::string P = "base_model.model.";
+  if (c.peft_type == "LOKR") {
+    c.rank_pattern.clear();
+    c.alpha_pattern.clear();
+    if (!modules_.empty()) {
+      std::map<index_t, int> counts;
+      for (const auto& m : modules_) ++counts[std::get<peft_lokr_module>(m).rank];
+      c.r = std::max_element(counts.begin(), counts.end(), [](auto& x, auto& y) { return x.second < y.second; })->first;
+      for (const auto& m : modules_)
+        if (std::get<peft_lokr_module>(m).rank == c.r) {
+          c.alpha = std::get<peft_lokr_module>(m).alpha;
+          break;
+        }
+    }
+  }
+  std::set<std::string> leaves(c.target_modules.begin(), c.target_modules.end());
+  for (const auto& mv : modules_) {
+    const std::string& n = name_of(mv);
+    if (!c.target_modules_regex) {
+      const auto dot = n.rfind('.');
+      const std::string leaf = dot == std::string::npos ? n : n.substr(dot + 1);
+      bool hit = false;
+      for (const auto& t : leaves) hit = hit || n == t || n.ends_with("." + t);
+      if (!hit) leaves.insert(leaf);
+    }
+    if (const auto* m = std::get_if<peft_lokr_module>(&mv)) {
+      if (m->rank != c.r) c.rank_pattern.emplace_back(detail::regex_escape(n), m->rank);
+      if (m->alpha != c.alpha) c.alpha_pattern.emplace_back(detail::regex_escape(n), m->alpha);
+      if (m->w1_b) {
+        w.add(P + n + ".lokr_w1_a", m->w1.view);
+        w.add(P + n + ".lokr_w1_b", m->w1_b->view);
+      } else {
+        w.add(P + n + ".lokr_w1", m->w1.view);
+      }
+      if (m->w2_b) {
+        w.add(P + n + ".lokr_w2_a", m->w2.view);
+        w.add(P + n + ".lokr_w2_b", m->w2_b->view);
+      } else {
+        w.add(P + n + ".lokr_w2", m->w2.view);
+      }
+    } else if (const auto* m = std::get_if<peft_miss_module>(&mv)) {
+      const std::string key = P + n + (c.peft_type == "BONE" ? ".bone_block" : ".miss_block");
+      if (m->kind == miss_kind::bat)
+        detail::add_f32_tensor(w, key, {std::uint64_t(m->block.view.rows() / m->r()), std::uint64_t(m->r()), std::uint64_t(m->r())},
+                               m->block.view);
+      else
+        w.add(key, m->block.view);
+    } else if (const auto* m = std::get_if<peft_vera_module>(&mv)) {
+      w.add(P + n + ".vera_lambda_b", m->lambda_b.view);
+      w.add(P + n + ".vera_lambda_d", m->lambda_d.view);
+    } else if (const auto* m = std::get_if<peft_randlora_module>(&mv)) {
+      w.add(P + n + ".randlora_lambda", m->lambda.view);
+      w.add(P + n + ".randlora_gamma", m->gamma.view);
+    }
+  }
+  if (!c.target_modules_regex) c.target_modules.assign(leaves.begin(), leaves.end());
+  if (c.peft_type == "VERA") {
+    w.add("base_model.vera_A", basis_A.view);
+    w.add("base_model.vera_B", basis_B.view);
+  } else if (c.peft_type == "RANDLORA") {
+    const auto r = std::uint64_t(basis_A.view.rows());
+    const std::vector<std::uint64_t> sa{r, 1, std::uint64_t(basis_A.view.cols())};
+    const std::vector<std::uint64_t> sb{std::uint64_t(basis_B.view.rows()), std::uint64_t(randlora_bases), r};
+    detail::add_f32_tensor(w, "base_model.randlora_A", sa, basis_A.view);
+    detail::add_f32_tensor(w, "base_model.randlora_B", sb, basis_B.view);
+    // PEFT 0.21 also stores (and on load expects) a copy per module.
+    for (const auto& mv : modules_) {
+      detail::add_f32_tensor(w, P + name_of(mv) + ".randlora_A", sa, basis_A.view);
+      detail::add_f32_tensor(w, P + name_of(mv) + ".randlora_B", sb, basis_B.view);
+    }
+  }
+  return {std::move(c), std::move(w)};
+}
+
+/// Reads a structured PEFT adapter directory (LOKR, MISS, BONE, VERA, RANDLORA).
+inline peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir) {
+  const auto cfg_path = dir / "adapter_config.json";
+  const auto st_path = dir / "adapter_model.safetensors";
+  const auto cfg_bytes = read_file(cfg_path);
+  std::string_view text(reinterpret_cast<const char*>(cfg_bytes.bytes.data()), cfg_bytes.bytes.size());
+  auto cfg = parse_peft_structured_config(text, cfg_path.string());
+  if (!std::filesystem::exists(st_path)) {
+    if (std::filesystem::exists(dir / "adapter_model.bin"))
+      throw unsupported_error("deltaw::io::read_peft_structured_adapter: '" + dir.string() +
+                              "' holds adapter_model.bin (a pickle); only adapter_model.safetensors is read");
+    throw io_error("deltaw::io::read_peft_structured_adapter: '" + st_path.string() + "' does not exist");
+  }
+  return peft_structured_adapter::from_safetensors(std::move(cfg), safetensors_file::open(st_path), st_path.string());
+}
+
+/// Writes `a` as a PEFT adapter directory (created if needed).
+inline void write_peft_structured_adapter(const std::filesystem::path& dir, const peft_structured_adapter& a) {
+  if (a.size() == 0) throw argument_error("deltaw::io::write_peft_structured_adapter: the adapter has no modules");
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw io_error("deltaw::io::write_peft_structured_adapter: cannot create '" + dir.string() + "': " + ec.message());
+  auto [cfg, w] = a.to_files();
+  w.write(dir / "adapter_model.safetensors");
+  const std::string text = peft_structured_config_json(cfg).dump(2) + "\n";
+  write_file(dir / "adapter_config.json", std::as_bytes(std::span<const char>(text.data(), text.size())));
+}
+
+}  // namespace io
+DELTAW_NAMESPACE_END
