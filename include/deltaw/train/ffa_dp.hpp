@@ -1,0 +1,426 @@
+// FFA-LoRA (Sun, Li, Ding, Liu, "Improving LoRA in Privacy-preserving Federated Learning",
+// ICLR 2024): A random and frozen, B zero-initialised and trained. Three pieces:
+//
+//   ffa_random_A / ffa_init / ffa_lora   A regenerated from (seed, layer index) by Philox:
+//                                        every client gets the same A without sending it
+//   federated_average / ffa_aggregate    FedAvg of the clients' B. Because A is shared,
+//                                        Σₖ pₖ·s·Bₖ·A = s·(Σₖ pₖBₖ)·A: averaging B is the
+//                                        exact average of the updates (with A trained too,
+//                                        avg(B)·avg(A) ≠ avg(B·A))
+//   dp_sgd                               DP-SGD (Abadi et al., CCS 2016) on B: per-sample
+//                                        gradients clipped to C, summed, Gaussian noise of
+//                                        standard deviation σ·C added, divided by the batch
+//                                        size N: g̃ = (Σᵢ gᵢ·min(1, C/‖gᵢ‖) + σC·z) / N
+//
+// Per-sample gradients of B are cheap for a LoRA layer y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ: with
+// Zᵢ = Xᵢ·Aᵀ [tᵢ, r], gᵢ = s·dYᵢᵀ·Zᵢ [out, r]. The clipped sum is one GEMM,
+// s·dYᵀ·(c ⊙ Z), c the per-row clip factor of each row's sample; the norms need gᵢ once
+// each (O(rows·out·r) in all, the cost of the batch gradient). No out × in matrix is
+// formed.
+//
+// Limits (documented in docs/training.md): dp_sgd privatises the B of the layers it is
+// given, run through dp_sgd::forward so that it sees their inputs and output gradients.
+// Any other trainable parameter would leak: the constructor refuses layers with a
+// trainable A or bias, or a DoRA adapter. tiny_transformer calls its projections itself,
+// so DP-SGD on it would need a forward hook in nn::linear (not provided). No privacy
+// accountant (ε, δ) is included. The batch loss must be a weighted sum of per-sample
+// losses, L = w·Σᵢ ℓᵢ (w = 1/N for a mean); set dp_sgd_options::loss_weight otherwise.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../core/random.hpp"
+#include "../nn/layers.hpp"
+#include "method.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace train {
+
+// ---------------------------------------------------------------------------------------
+// FFA-LoRA: the frozen random A.
+
+struct ffa_options {
+  std::uint64_t seed = 0;
+  /// A's entries are U(−bound, bound) from Philox; 0 → 1/√in, PEFT's kaiming-uniform
+  /// bound (a = √5), which the paper keeps. UNVERIFIED whether the reference code draws
+  /// another law (e.g. Gaussian); the bound is the option.
+  double a_bound = 0;
+};
+
+/// The FFA A of one layer: [r, in], entry k = bound·U(−1, 1) of Philox stream
+/// (seed, tensor). Exact draws (bits_to_uniform_pm1), so any machine regenerates the same
+/// bits from the seed.
+template <class T>
+dense<T> ffa_random_A(index_t r, index_t in, std::uint64_t seed, std::uint64_t tensor, double bound = 0) {
+  if (r < 1 || in < 1)
+    throw shape_error("deltaw::train::ffa_random_A: A must be at least [1, 1]; got " + deltaw::detail::shape_str(r, in));
+  if (!(bound >= 0) || !std::isfinite(bound))
+    throw argument_error("deltaw::train::ffa_random_A: bound must be finite and ≥ 0; got " + std::to_string(bound));
+  if (bound == 0) bound = 1.0 / std::sqrt(double(in));
+  dense<T> A(r, in);
+  basis_entries e{random_stream{seed, tensor}, basis_law::uniform, bound, 0.0};
+  fill_entries<T>(e, 0, std::uint64_t(A.size()), A.data());
+  return A;
+}
+
+/// Puts an adapted layer into FFA form: A := ffa_random_A(seed, tensor), frozen; B := 0,
+/// trainable. The layer's output equals the frozen layer's until B moves.
+template <class T>
+void ffa_init(nn::linear<T>& layer, std::uint64_t tensor, const ffa_options& o = {}) {
+  if (!layer.has_adapter())
+    throw argument_error("deltaw::train::ffa_init: layer '" + layer.name() + "' has no adapter (attach one first)");
+  if (layer.kind() == nn::adapter_kind::dora)
+    throw argument_error("deltaw::train::ffa_init: layer '" + layer.name() + "' is DoRA; FFA-LoRA needs LoRA or rsLoRA");
+  auto* A = layer.lora_A();
+  A->value() = ffa_random_A<T>(A->rows(), A->cols(), o.seed, tensor, o.a_bound);
+  A->set_trainable(false);
+  A->zero_grad();
+  layer.lora_B()->value().setZero();
+  layer.lora_B()->set_trainable(true);
+}
+
+/// FFA-LoRA over a list of adapted layers (layer i uses Philox tensor i). It changes
+/// nothing during training (A is frozen, so the tape computes no gradient for it); the
+/// method object remembers the seed so that A can be regenerated and checked.
+template <class T>
+class ffa_lora : public method<T> {
+ public:
+  ffa_lora(std::vector<nn::linear<T>*> layers, ffa_options o = {}) : layers_(std::move(layers)), o_(o) {
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      if (layers_[i] == nullptr) throw argument_error("deltaw::train::ffa_lora: null layer " + std::to_string(i));
+      ffa_init(*layers_[i], std::uint64_t(i), o_);
+    }
+  }
+  std::string name() const override { return "FFA-LoRA"; }
+  /// Layer i's A as it must be (regenerated from the seed).
+  dense<T> expected_A(std::size_t i) const {
+    const auto* A = layers_.at(i)->lora_A();
+    return ffa_random_A<T>(A->rows(), A->cols(), o_.seed, std::uint64_t(i), o_.a_bound);
+  }
+  /// Whether every layer's A still equals its regenerated value bit for bit.
+  bool a_unchanged() const {
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      const dense<T> want = expected_A(i);
+      const auto& have = layers_[i]->lora_A()->value();
+      if (std::memcmp(want.data(), have.data(), sizeof(T) * std::size_t(want.size())) != 0) return false;
+    }
+    return true;
+  }
+  /// The trainable parameters (the B of every layer): what the optimiser gets.
+  std::vector<autograd::parameter<T>*> parameters() const {
+    std::vector<autograd::parameter<T>*> out;
+    for (auto* l : layers_) out.push_back(l->lora_B());
+    return out;
+  }
+  const std::vector<nn::linear<T>*>& layers() const { return layers_; }
+
+ private:
+  std::vector<nn::linear<T>*> layers_;
+  ffa_options o_;
+};
+
+// ---------------------------------------------------------------------------------------
+// Federated averaging.
+
+namespace detail {
+inline std::vector<double> fedavg_weights(std::size_t k, const std::vector<double>& w, const char* op) {
+  if (k == 0) throw argument_error(std::string(op) + ": no clients");
+  if (w.empty()) return std::vector<double>(k, 1.0 / double(k));
+  if (w.size() != k)
+    throw argument_error(std::string(op) + ": " + std::to_string(w.size()) + " weights for " + std::to_string(k) +
+                         " clients");
+  double sum = 0;
+  for (double x : w) {
+    if (!(x >= 0) || !std::isfinite(x))
+      throw argument_error(std::string(op) + ": client weights must be finite and ≥ 0; got " + std::to_string(x));
+    sum += x;
+  }
+  if (sum <= 0) throw argument_error(std::string(op) + ": the client weights sum to 0");
+  std::vector<double> p(k);
+  for (std::size_t i = 0; i < k; ++i) p[i] = w[i] / sum;
+  return p;
+}
+}  // namespace detail
+
+/// FedAvg of the clients' B: Σₖ pₖ·Bₖ with pₖ = weightₖ / Σ weight (equal when empty,
+/// e.g. the clients' sample counts otherwise). Accumulated in double.
+template <class T>
+dense<T> federated_average(const std::vector<matrix_view<const T>>& Bs, const std::vector<double>& weights = {}) {
+  constexpr const char* op = "deltaw::train::federated_average";
+  const auto p = detail::fedavg_weights(Bs.size(), weights, op);
+  const index_t m = Bs[0].rows(), r = Bs[0].cols();
+  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> acc =
+      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>::Zero(m, r);
+  for (std::size_t k = 0; k < Bs.size(); ++k) {
+    const auto& B = Bs[k];
+    if (B.rows() != m || B.cols() != r)
+      throw shape_error(std::string(op) + ": client " + std::to_string(k) + "'s B is " +
+                        deltaw::detail::shape_str(B.rows(), B.cols()) + " but client 0's is " +
+                        deltaw::detail::shape_str(m, r));
+    for (index_t i = 0; i < m; ++i)
+      for (index_t j = 0; j < r; ++j) acc(i, j) += p[k] * double(B(i, j));
+  }
+  return acc.template cast<T>();
+}
+
+/// FFA aggregation of whole models: clients[k][l] is layer l of client k; server[l]
+/// receives B = Σₖ pₖ·Bₖ. Every client's A must equal the server's bit for bit (the same
+/// seed), and the scales must agree: otherwise averaging B is not the average update and
+/// this throws argument_error.
+template <class T>
+void ffa_aggregate(const std::vector<std::vector<nn::linear<T>*>>& clients, const std::vector<nn::linear<T>*>& server,
+                   const std::vector<double>& weights = {}) {
+  constexpr const char* op = "deltaw::train::ffa_aggregate";
+  const auto p = detail::fedavg_weights(clients.size(), weights, op);
+  (void)p;
+  for (std::size_t k = 0; k < clients.size(); ++k)
+    if (clients[k].size() != server.size())
+      throw argument_error(std::string(op) + ": client " + std::to_string(k) + " has " +
+                           std::to_string(clients[k].size()) + " layers, the server " + std::to_string(server.size()));
+  for (std::size_t l = 0; l < server.size(); ++l) {
+    auto* s = server[l];
+    if (s == nullptr || !s->has_adapter()) throw argument_error(std::string(op) + ": server layer " + std::to_string(l) + " has no adapter");
+    const auto& As = s->lora_A()->value();
+    std::vector<matrix_view<const T>> Bs;
+    for (std::size_t k = 0; k < clients.size(); ++k) {
+      auto* c = clients[k][l];
+      if (c == nullptr || !c->has_adapter())
+        throw argument_error(std::string(op) + ": client " + std::to_string(k) + " layer " + std::to_string(l) +
+                             " has no adapter");
+      const auto& Ac = c->lora_A()->value();
+      if (Ac.rows() != As.rows() || Ac.cols() != As.cols() ||
+          std::memcmp(Ac.data(), As.data(), sizeof(T) * std::size_t(As.size())) != 0)
+        throw argument_error(std::string(op) + ": client " + std::to_string(k) + "'s A of layer '" + c->name() +
+                             "' differs from the server's; FFA-LoRA's exact aggregation needs one shared A (the same seed)");
+      if (c->scale() != s->scale())
+        throw argument_error(std::string(op) + ": client " + std::to_string(k) + "'s scale of layer '" + c->name() +
+                             "' is " + std::to_string(c->scale()) + ", the server's " + std::to_string(s->scale()));
+      Bs.push_back(c->lora_B()->view());
+    }
+    s->lora_B()->value() = federated_average<T>(Bs, weights);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// DP-SGD on B.
+
+/// Per-sample gradients of B for one LoRA layer: rows [offsets[i], offsets[i+1]) of X
+/// [rows, in] and dY [rows, out] belong to sample i; gᵢ = s·dYᵢᵀ·(Xᵢ·Aᵀ) [out, r]. For
+/// tests and small batches (it returns N matrices; dp_sgd does not).
+template <class T, class MX, class MY>
+std::vector<dense<T>> lora_per_sample_grad_B(const MX& X, const MY& dY, const dense<T>& A, double s,
+                                             const std::vector<index_t>& offsets) {
+  constexpr const char* op = "deltaw::train::lora_per_sample_grad_B";
+  if (X.cols() != A.cols())
+    throw shape_error(std::string(op) + ": X is " + deltaw::detail::shape_str(X.rows(), X.cols()) + " but A is " +
+                      deltaw::detail::shape_str(A.rows(), A.cols()));
+  if (dY.rows() != X.rows())
+    throw shape_error(std::string(op) + ": X has " + std::to_string(X.rows()) + " rows, dY " + std::to_string(dY.rows()));
+  if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != X.rows())
+    throw argument_error(std::string(op) + ": sample offsets must run from 0 to the " + std::to_string(X.rows()) + " rows");
+  const dense<T> Z = X * A.transpose();
+  std::vector<dense<T>> g;
+  for (std::size_t i = 0; i + 1 < offsets.size(); ++i) {
+    const index_t a = offsets[i], n = offsets[i + 1] - a;
+    if (n < 0) throw argument_error(std::string(op) + ": sample offsets must not decrease");
+    g.push_back(T(s) * dY.middleRows(a, n).transpose() * Z.middleRows(a, n));
+  }
+  return g;
+}
+
+struct dp_sgd_options {
+  double clip_norm = 1.0;         ///< C
+  double noise_multiplier = 1.0;  ///< σ: the noise has standard deviation σ·C per entry (before ÷N)
+  std::uint64_t seed = 0;
+  /// Rows of X per sample (e.g. the sequence length); 0 → call set_sample_offsets every step.
+  index_t rows_per_sample = 0;
+  /// The batch loss is L = w·Σᵢ ℓᵢ; 0 → w = 1/N (the mean of the per-sample losses).
+  double loss_weight = 0;
+};
+
+/// DP-SGD on the B of FFA/LoRA layers as a training method. Usage, inside loss_fn:
+///   auto y = dp.forward(t, 0, x);     // instead of layer(t, x): records x and y
+/// after backward, dp replaces every B's gradient by the privatised one. Leave
+/// fit_options::clip_norm at 0 (the clipping is per sample here).
+///
+/// Noise: entry j of layer l at the k-th privatised step (k counts after_backward calls
+/// since construction) is σ·C·z, z = Philox normal of stream (seed, k·2¹⁶ + l), element j:
+/// the run is bitwise reproducible from the seed on one platform (normal() goes through
+/// libm; see core/random.hpp).
+template <class T>
+class dp_sgd : public method<T> {
+ public:
+  dp_sgd(std::vector<nn::linear<T>*> layers, dp_sgd_options o) : layers_(std::move(layers)), o_(o) {
+    constexpr const char* op = "deltaw::train::dp_sgd";
+    if (!(o.clip_norm > 0) || !std::isfinite(o.clip_norm))
+      throw argument_error(std::string(op) + ": clip_norm must be finite and > 0; got " + std::to_string(o.clip_norm));
+    if (!(o.noise_multiplier >= 0) || !std::isfinite(o.noise_multiplier))
+      throw argument_error(std::string(op) + ": noise_multiplier must be finite and ≥ 0; got " +
+                           std::to_string(o.noise_multiplier));
+    if (!(o.loss_weight >= 0) || !std::isfinite(o.loss_weight))
+      throw argument_error(std::string(op) + ": loss_weight must be finite and ≥ 0; got " + std::to_string(o.loss_weight));
+    if (o.rows_per_sample < 0) throw argument_error(std::string(op) + ": rows_per_sample must be ≥ 0");
+    if (layers_.size() >= (std::size_t(1) << 16)) throw argument_error(std::string(op) + ": at most 65535 layers");
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      auto* l = layers_[i];
+      if (l == nullptr) throw argument_error(std::string(op) + ": null layer " + std::to_string(i));
+      if (!l->has_adapter() || l->kind() == nn::adapter_kind::dora)
+        throw argument_error(std::string(op) + ": layer '" + l->name() + "' needs a LoRA or rsLoRA adapter");
+      if (l->lora_A()->trainable())
+        throw argument_error(std::string(op) + ": layer '" + l->name() +
+                             "' has a trainable A, whose gradient would not be privatised (freeze it: ffa_init)");
+      if (l->bias() && l->bias()->trainable())
+        throw argument_error(std::string(op) + ": layer '" + l->name() + "' has a trainable bias, which would not be privatised");
+    }
+    uses_.resize(layers_.size());
+  }
+  std::string name() const override { return "DP-SGD"; }
+
+  /// Runs layer i on x and records the pair for the per-sample gradients.
+  autograd::var<T> forward(autograd::tape<T>& t, std::size_t i, const autograd::var<T>& x) {
+    if (i >= layers_.size())
+      throw argument_error("deltaw::train::dp_sgd::forward: layer " + std::to_string(i) + " of " +
+                           std::to_string(layers_.size()));
+    auto y = (*layers_[i])(t, x);
+    uses_[i].push_back({x, y});
+    return y;
+  }
+  /// Sample boundaries of this step's rows: 0 = o₀ < o₁ < … < o_N = rows.
+  void set_sample_offsets(std::vector<index_t> offsets) { offsets_ = std::move(offsets); }
+
+  void before_forward(const step_context&) override {
+    for (auto& u : uses_) u.clear();
+  }
+  void after_backward(const step_context&) override {
+    std::vector<std::vector<io_pair>> in;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      std::vector<io_pair> v;
+      for (const auto& u : uses_[l]) {
+        auto* t = u.x.owner();
+        v.push_back({u.x.value(), t->grad(u.y)});
+      }
+      in.push_back(std::move(v));
+    }
+    privatise(in);
+    for (auto& u : uses_) u.clear();
+  }
+
+  /// One layer use's input X [rows, in] and output gradient dY [rows, out].
+  struct io_pair {
+    dense<T> X;
+    dense<T> dY;
+  };
+  /// The core, without a tape: inputs[l] are layer l's uses this step; writes every B's
+  /// gradient (zero for a layer with no use, plus noise) and advances the noise counter.
+  void privatise(const std::vector<std::vector<io_pair>>& inputs) {
+    constexpr const char* op = "deltaw::train::dp_sgd";
+    if (inputs.size() != layers_.size())
+      throw argument_error(std::string(op) + ": inputs for " + std::to_string(inputs.size()) + " layers, expected " +
+                           std::to_string(layers_.size()));
+    index_t rows = -1;
+    for (const auto& v : inputs)
+      for (const auto& u : v) {
+        if (rows >= 0 && u.X.rows() != rows)
+          throw shape_error(std::string(op) + ": layer uses with different row counts (" + std::to_string(rows) + " and " +
+                            std::to_string(u.X.rows()) + ")");
+        rows = u.X.rows();
+      }
+    const auto offs = sample_offsets(rows < 0 ? 0 : rows);
+    const std::size_t N = offs.size() - 1;
+    const double w = o_.loss_weight > 0 ? o_.loss_weight : 1.0 / double(N);
+    // Z = X·Aᵀ per use, and the per-sample squared norms summed over layers and uses.
+    std::vector<std::vector<dense<T>>> Z(layers_.size());
+    std::vector<double> sq(N, 0.0);
+    dense<T> g;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const auto& A = layers_[l]->lora_A()->value();
+      const index_t out = layers_[l]->out_features();
+      for (const auto& u : inputs[l]) {
+        if (u.X.cols() != A.cols() || u.dY.rows() != u.X.rows() || u.dY.cols() != out)
+          throw shape_error(std::string(op) + ": layer '" + layers_[l]->name() + "' got X " +
+                            deltaw::detail::shape_str(u.X.rows(), u.X.cols()) + " and dY " +
+                            deltaw::detail::shape_str(u.dY.rows(), u.dY.cols()) + " for W [" + std::to_string(out) +
+                            ", " + std::to_string(A.cols()) + "]");
+        Z[l].push_back(u.X * A.transpose());
+      }
+      const T s = T(layers_[l]->scale() / w);
+      for (std::size_t i = 0; i < N; ++i) {
+        const index_t a = offs[i], n = offs[i + 1] - a;
+        g.setZero(out, A.rows());
+        for (std::size_t k = 0; k < inputs[l].size(); ++k)
+          g.noalias() += s * inputs[l][k].dY.middleRows(a, n).transpose() * Z[l][k].middleRows(a, n);
+        sq[i] += g.template cast<double>().squaredNorm();
+      }
+    }
+    norms_.resize(N);
+    factors_.resize(N);
+    for (std::size_t i = 0; i < N; ++i) {
+      norms_[i] = std::sqrt(sq[i]);
+      factors_[i] = norms_[i] > o_.clip_norm ? o_.clip_norm / norms_[i] : 1.0;
+    }
+    // Σᵢ cᵢ·gᵢ = (s/w)·Σ_uses dYᵀ·(c ⊙ Z), then (· + σC·z)/N.
+    const double noise_sd = o_.noise_multiplier * o_.clip_norm;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      auto* B = layers_[l]->lora_B();
+      dense<T>& G = B->grad();
+      G.setZero(B->rows(), B->cols());
+      const T s = T(layers_[l]->scale() / w);
+      for (std::size_t k = 0; k < inputs[l].size(); ++k) {
+        dense<T> cz = Z[l][k];
+        for (std::size_t i = 0; i < N; ++i) cz.middleRows(offs[i], offs[i + 1] - offs[i]) *= T(factors_[i]);
+        G.noalias() += s * inputs[l][k].dY.transpose() * cz;
+      }
+      if (noise_sd > 0) {
+        const random_stream st{o_.seed, (std::uint64_t(count_) << 16) | std::uint64_t(l)};
+        for (index_t j = 0; j < G.size(); ++j) G.data()[j] += T(noise_sd * double(st.normal(std::uint64_t(j))));
+      }
+      G *= T(1.0 / double(N));
+    }
+    ++count_;
+  }
+
+  /// The per-sample gradient norms of the last step, before clipping (all layers jointly).
+  const std::vector<double>& sample_norms() const { return norms_; }
+  /// The clip factors min(1, C/‖gᵢ‖) of the last step.
+  const std::vector<double>& clip_factors() const { return factors_; }
+  /// Privatised steps so far (the noise counter).
+  index_t steps() const { return count_; }
+  const dp_sgd_options& options() const { return o_; }
+
+ private:
+  struct use {
+    autograd::var<T> x, y;
+  };
+  std::vector<index_t> sample_offsets(index_t rows) const {
+    constexpr const char* op = "deltaw::train::dp_sgd";
+    std::vector<index_t> offs;
+    if (o_.rows_per_sample > 0) {
+      if (rows % o_.rows_per_sample != 0 || rows == 0)
+        throw shape_error(std::string(op) + ": " + std::to_string(rows) + " rows are not a positive multiple of rows_per_sample " +
+                          std::to_string(o_.rows_per_sample));
+      for (index_t a = 0; a <= rows; a += o_.rows_per_sample) offs.push_back(a);
+    } else {
+      offs = offsets_;
+      if (offs.size() < 2 || offs.front() != 0 || offs.back() != rows)
+        throw argument_error(std::string(op) + ": sample offsets must run from 0 to the " + std::to_string(rows) +
+                             " rows of this step (set_sample_offsets, or rows_per_sample)");
+      for (std::size_t i = 0; i + 1 < offs.size(); ++i)
+        if (offs[i + 1] <= offs[i]) throw argument_error(std::string(op) + ": sample offsets must increase");
+    }
+    return offs;
+  }
+
+  std::vector<nn::linear<T>*> layers_;
+  dp_sgd_options o_;
+  std::vector<std::vector<use>> uses_;
+  std::vector<index_t> offsets_;
+  std::vector<double> norms_, factors_;
+  index_t count_ = 0;
+};
+
+}  // namespace train
+DELTAW_NAMESPACE_END
