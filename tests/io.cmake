@@ -1,4 +1,28 @@
 # Interchange formats: safetensors, PEFT adapter directories, GGUF LoRA (deltaw/io.hpp).
+# DLPack views (deltaw/io/dlpack.hpp) against the dlpack.h found on the system
+# (Debian's libdlpack-dev: DLPack 0.6, no DLManagedTensorVersioned), and, when PyTorch is
+# installed, the same test compiled against the DLPack 1.x header PyTorch ships
+# (ATen/dlpack.h, copied to the build tree as dlpack/dlpack.h) for the versioned overloads.
+# Header-only and without nlohmann-json, so registered before the json check below.
+find_path(DELTAW_DLPACK_INCLUDE_DIR dlpack/dlpack.h)
+if(DELTAW_DLPACK_INCLUDE_DIR)
+  deltaw_add_test(io_dlpack io/test_dlpack.cpp)
+  target_include_directories(test_io_dlpack PRIVATE ${DELTAW_DLPACK_INCLUDE_DIR})
+else()
+  message(STATUS "deltaw: dlpack/dlpack.h not found; test_io_dlpack skipped (install libdlpack-dev)")
+endif()
+find_package(Python3 COMPONENTS Interpreter QUIET)
+if(Python3_Interpreter_FOUND)
+  execute_process(COMMAND ${Python3_EXECUTABLE} -c
+                          "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include', 'ATen', 'dlpack.h'))"
+                  OUTPUT_VARIABLE _deltaw_torch_dlpack OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE _rc)
+  if(_rc EQUAL 0 AND EXISTS "${_deltaw_torch_dlpack}")
+    configure_file(${_deltaw_torch_dlpack} ${CMAKE_CURRENT_BINARY_DIR}/dlpack_v1/dlpack/dlpack.h COPYONLY)
+    deltaw_add_test(io_dlpack_v1 io/test_dlpack.cpp)
+    target_include_directories(test_io_dlpack_v1 BEFORE PRIVATE ${CMAKE_CURRENT_BINARY_DIR}/dlpack_v1)
+  endif()
+endif()
+
 # They need nlohmann-json; without it the io tests are left out with a message.
 find_package(nlohmann_json 3.10 QUIET)
 if(NOT nlohmann_json_FOUND)
@@ -11,7 +35,7 @@ target_link_libraries(test_io PRIVATE nlohmann_json::nlohmann_json)
 target_compile_definitions(test_io PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
                                            DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
 
-# Structured PEFT types (LoKr, MiSS / Bone bat, VeRA, RandLoRA) and DLPack views: their own
+# Structured PEFT types (LoKr, MiSS / Bone bat, VeRA, RandLoRA): their own
 # executables, to keep each translation unit small.
 deltaw_add_test(io_peft_structured io/test_peft_structured.cpp)
 target_link_libraries(test_io_peft_structured PRIVATE nlohmann_json::nlohmann_json)
@@ -34,3 +58,4 @@ foreach(part formats peft)
   endif()
   set_tests_properties(io_roundtrip_${part} PROPERTIES SKIP_RETURN_CODE 77)
 endforeach()
+
