@@ -64,6 +64,7 @@ step_operands& step_data() {
 /// One step; returns the loss.
 float train_step_once(step_operands& d, dw::optim::adamw<float>& opt, mat* dX_out = nullptr) {
   ag::tape<float> t;
+  t.set_release_values(true);  // Y is freed once the loss's backward has read it
   const auto x = t.input(d.X, "x");
   const auto y = ag::lora_linear(x, dw::view(std::as_const(d.W)), t.param(d.B), t.param(d.A), lora_alpha / rank);
   const auto loss = ag::mse(y, t.frozen(d.target, "target"));

@@ -1,8 +1,11 @@
 // Tape semantics: accumulation and zeroing, retained graphs, no-grad evaluation, and the
 // errors for misuse (each a specific deltaw exception with a readable message).
+#include <deltaw/nn/layers.hpp>
+
 #include "grad_util.hpp"
 
 using namespace dwag;
+namespace nn = deltaw::nn;
 
 TEST_CASE("tape: gradients accumulate across backward passes until zeroed") {
   P w("w", dwt::random<MatD>(3, 2, 1));
@@ -103,4 +106,42 @@ TEST_CASE("errors: shape-mismatched losses and a non-scalar backward") {
       {"lora_linear", "[3, 2]"});
   ag::tape<double> other;
   dwt::check_throws_with<ag::autograd_error>([&] { (void)ag::add(t.param(a), other.param(a)); }, {"different tapes"});
+}
+
+TEST_CASE("tape: release_values frees activations during backward without changing any gradient") {
+  nn::transformer_config c{7, 4, 8, 2, 12, 2, 5};
+  nn::tiny_transformer<double> model(c);
+  model.attach(nn::adapter_kind::lora, 2, 4.0);
+  auto params = model.trainable_parameters();
+  std::uint64_t seed = 1;
+  for (auto* p : params)
+    if (p->name().find("lora_B") != std::string::npos) p->value() = 0.3 * dwt::random<MatD>(p->rows(), p->cols(), seed++);
+  const std::vector<std::int64_t> ids{1, 4, 6, 0, 2, 2, 3, 5}, labels{4, 6, 1, ag::ignore_label, 2, 5, 0, 1};
+  std::vector<MatD> want;
+  double want_loss = 0;
+  for (bool release : {false, true}) {
+    for (auto* p : params) p->zero_grad();
+    ag::tape<double> t;
+    t.set_release_values(release);
+    const auto logits = model(t, ids, 2);
+    const auto loss = ag::cross_entropy(logits, labels);
+    t.backward(loss);
+    CHECK(loss.value()(0, 0) > 0);  // the loss keeps its value
+    if (!release) {
+      want_loss = loss.value()(0, 0);
+      for (auto* p : params) want.push_back(p->grad());
+      CHECK(logits.value().rows() == 8);
+      continue;
+    }
+    CHECK(loss.value()(0, 0) == want_loss);
+    for (std::size_t i = 0; i < params.size(); ++i) CHECK(params[i]->grad() == want[i]);  // bit for bit
+    dwt::check_throws_with<ag::autograd_error>([&] { (void)logits.value(); }, {"value", "freed", "release_values"});
+    CHECK(logits.rows() == 8);  // shapes stay known
+  }
+  // With retain_graph nothing is freed, so a second backward still works.
+  ag::tape<double> t;
+  t.set_release_values(true);
+  const auto loss = ag::cross_entropy(model(t, ids, 2), labels);
+  t.backward(loss, /*retain_graph=*/true);
+  t.backward(loss);
 }

@@ -61,7 +61,7 @@ var<T> linear(const var<T>& x, matrix_view<const T> W) {
   const index_t ix = x.id();
   return t.record("linear", std::move(y), t.requires_grad(x), [ix, W](tape<T>& t, index_t self) {
     detail::base_input_grad(t, ix, W, t.upstream(self));
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 /// x·(W + ΔW)ᵀ where ΔW = make(views) is rebuilt from the current values of `factors`
@@ -97,7 +97,7 @@ var<T> adapted_linear(const var<T>& x, matrix_view<const T> W, const std::array<
     detail::base_input_grad(t, ix, W, dY);
     dense<T>* dX = t.needs_grad(ix) ? &t.grad_accumulator(ix) : nullptr;
     cpu::vjp<U>::template backward<T>(u, t.value_at(ix), dY, std::span<dense<T>* const>(g.data(), N), dX);
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 /// LoRA: x·(W + s·B·A)ᵀ, B [out, r], A [r, in] (rsLoRA: s = α/√r).
@@ -143,7 +143,7 @@ var<T> dora_linear(const var<T>& x, matrix_view<const T> W, const var<T>& B, con
     if (t.needs_grad(ix)) std::tie(dX, fresh) = t.grad_slot(ix);
     V::template backward_with_base<T>(u, t.value_at(ix), *P, t.upstream(self), std::span<dense<T>* const>(g.data(), 3),
                                       dX, fresh);
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 }  // namespace autograd

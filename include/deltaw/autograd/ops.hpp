@@ -65,7 +65,7 @@ var<T> add(const var<T>& a, const var<T>& b) {
   return t.record("add", std::move(y), t.requires_grad(a) || t.requires_grad(b), [ia, ib](tape<T>& t, index_t self) {
     detail::accumulate(t, ia, t.upstream(self));
     detail::accumulate(t, ib, t.upstream(self));
-  });
+  }, /*backward_reads_output=*/false);
 }
 template <class T>
 var<T> operator+(const var<T>& a, const var<T>& b) {
@@ -80,7 +80,7 @@ var<T> scale(const var<T>& a, double c) {
   const index_t ia = a.id();
   return t.record("scale", std::move(y), t.requires_grad(a), [ia, c](tape<T>& t, index_t self) {
     detail::accumulate(t, ia, T(c) * t.upstream(self));
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 /// x + b with b [1, cols] broadcast over the rows (a bias).
@@ -94,7 +94,7 @@ var<T> add_bias(const var<T>& x, const var<T>& b) {
     const auto& g = t.upstream(self);
     detail::accumulate(t, ix, g);
     detail::accumulate(t, ib, g.colwise().sum());
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 /// a·b, a [m, k], b [k, n].
@@ -111,7 +111,7 @@ var<T> matmul(const var<T>& a, const var<T>& b) {
     const auto& g = t.upstream(self);
     if (t.needs_grad(ia)) detail::accumulate(t, ia, g * t.value_at(ib).transpose());
     if (t.needs_grad(ib)) detail::accumulate(t, ib, t.value_at(ia).transpose() * g);
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 /// a·bᵀ, a [m, k], b [n, k] (PyTorch's linear with b as the weight).
@@ -128,7 +128,7 @@ var<T> matmul_nt(const var<T>& a, const var<T>& b) {
     const auto& g = t.upstream(self);
     if (t.needs_grad(ia)) detail::accumulate(t, ia, g * t.value_at(ib));
     if (t.needs_grad(ib)) detail::accumulate(t, ib, g.transpose() * t.value_at(ia));
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 namespace detail {
@@ -258,7 +258,7 @@ var<T> embedding(const var<T>& table, const std::vector<std::int64_t>& ids) {
     const auto& g = t.upstream(self);
     auto& gt = t.grad_accumulator(it);
     for (std::size_t i = 0; i < ids.size(); ++i) gt.row(index_t(ids[i])) += g.row(index_t(i));
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 /// Scaled dot-product attention with a causal mask over a batch of sequences:

@@ -122,6 +122,8 @@ class tape {
     dense<T> grad;                 // allocated on the first contribution
     bool has_grad = false;
     bool requires_grad = false;
+    bool reads_output = true;  // the backward closure reads this node's value
+    bool released = false;     // value and gradient freed by a release_values backward
     parameter<T>* param = nullptr;
     std::function<void(tape&, index_t)> backward;  // pushes this node's grad (node id given) to its inputs
   };
@@ -165,14 +167,27 @@ class tape {
 
   /// Records a computed node with value `v`. Ops call this: `backward(tape&)` is recorded
   /// only when some input requires a gradient and recording is enabled.
-  var<T> record(std::string op, dense<T> v, bool requires_grad, std::function<void(tape&, index_t)> backward = {}) {
+  /// `backward_reads_output`: whether the closure reads this node's own value; ops whose
+  /// backward does not (linear maps, sums) pass false, so that release_values can free
+  /// the value before the closure runs.
+  var<T> record(std::string op, dense<T> v, bool requires_grad, std::function<void(tape&, index_t)> backward = {},
+                bool backward_reads_output = true) {
     auto& n = push(kind::computed, std::move(op));
     n.storage = std::move(v);
     n.value = deltaw::view(std::as_const(n.storage));
     n.requires_grad = requires_grad && grad_enabled_;
+    n.reads_output = backward_reads_output;
     if (n.requires_grad) n.backward = std::move(backward);
     return last();
   }
+
+  /// Memory mode for training loops: a backward() without retain_graph frees each
+  /// computed node's value and gradient as soon as the reverse sweep no longer needs
+  /// them (as PyTorch frees saved tensors), so the activations of a step are not all
+  /// alive at once. The loss keeps its value. Reading a freed value or gradient
+  /// afterwards throws autograd_error. Off by default.
+  void set_release_values(bool on) { release_values_ = on; }
+  bool release_values() const { return release_values_; }
 
   bool requires_grad(const var<T>& v) const { return at(v, "requires_grad").requires_grad; }
   /// Whether ops record backward closures (false inside a no_grad scope).
@@ -191,6 +206,7 @@ class tape {
     return *nodes_[std::size_t(v.id())];
   }
   cmap<T> value(const var<T>& v) const {
+    check_not_released(at(v, "value"), "value");
     const auto& vv = at(v, "value").value;
     if (vv.is_row_major())
       return cmap<T>(vv.data(), vv.rows(), vv.cols(),
@@ -211,6 +227,7 @@ class tape {
                            "' does not require a gradient (a frozen parameter, or recorded under no_grad)");
     if (!backward_done_)
       throw autograd_error("deltaw::autograd::grad: no backward() has run on this tape yet");
+    check_not_released(n, "grad");
     if (!n.has_grad) zero_grad_of(const_cast<node&>(n));
     return n.grad;
   }
@@ -259,11 +276,22 @@ class tape {
       }
     l.grad.setOnes(1, 1);
     l.has_grad = true;
+    // Node i's value is read only by its own closure and by its consumers' (later nodes,
+    // already swept), so a release_values sweep can free it once it reaches i.
+    const bool release = release_values_ && !retain_graph;
     for (index_t i = loss.id(); i >= 0; --i) {
       node& n = *nodes_[std::size_t(i)];
-      if (!n.has_grad || !n.requires_grad) continue;
-      if (n.k == kind::computed && n.backward) n.backward(*this, i);
-      if (n.k == kind::parameter && n.param) n.param->grad() += n.grad;
+      const bool freeable = release && n.k == kind::computed && i != loss.id();
+      if (freeable && !n.reads_output) release_value(n);
+      if (n.has_grad && n.requires_grad) {
+        if (n.k == kind::computed && n.backward) n.backward(*this, i);
+        if (n.k == kind::parameter && n.param) n.param->grad() += n.grad;
+      }
+      if (freeable) {
+        release_value(n);
+        n.grad = dense<T>();
+        n.backward = nullptr;  // and whatever the closure saved
+      }
     }
     backward_done_ = true;
     if (!retain_graph) {
@@ -289,6 +317,18 @@ class tape {
     return n;
   }
   var<T> last() { return var<T>(this, size() - 1); }
+  // n.value keeps its shape (rows()/cols() stay valid); every path that reads its data
+  // checks `released` first.
+  static void release_value(node& n) {
+    n.storage = dense<T>();
+    n.released = true;
+  }
+  static void check_not_released(const node& n, const char* what) {
+    if (n.released)
+      throw autograd_error(std::string("deltaw::autograd::") + what + ": '" + n.op +
+                           "' was freed by a backward() with release_values on; read it before backward(), or turn "
+                           "release_values off for this tape");
+  }
   static void zero_grad_of(node& n) {
     n.grad.setZero(n.value.rows(), n.value.cols());
     n.has_grad = true;
@@ -296,6 +336,7 @@ class tape {
 
   std::vector<std::unique_ptr<node>> nodes_;
   bool grad_enabled_ = true;
+  bool release_values_ = false;
   bool consumed_ = false;
   bool backward_done_ = false;
 };

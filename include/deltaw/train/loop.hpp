@@ -92,6 +92,7 @@ fit_result fit(LossFn&& loss_fn, Optimiser& opt, const std::vector<method<T>*>& 
     ctx.lr_factor = o.schedule ? o.schedule(step) : 1.0;
     for (auto* m : methods) m->before_forward(ctx);
     autograd::tape<T> t;
+    t.set_release_values(true);  // activations die as the backward sweep passes them
     autograd::var<T> loss = loss_fn(t, step);
     ctx.loss = double(loss.value()(0, 0));
     if (!std::isfinite(ctx.loss))
