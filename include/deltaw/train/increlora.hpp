@@ -1,0 +1,369 @@
+// IncreLoRA (Zhang et al. 2023, arXiv:2308.12043): adapters whose rank grows during
+// training where it matters most.
+//
+//   ΔW = s·B·diag(e)·A,  s = α / (current rank),  B [out, r], e [1, r], A [r, in]
+//
+// Each module's importance I = Σ|ΔW ⊙ ∂L/∂ΔW| / √(out·in) is smoothed into
+// Ī ← β₁Ī + (1−β₁)I and Ū ← β₂Ū + (1−β₂)|I − Ī| (β₁ = β₂ = 0.85, Ū from the updated Ī,
+// as AdaLoRA does); every `interval` steps the modules with the largest Ī·Ū get new
+// rank-1 components until the total rank reaches the budget.
+//
+//   train::increlora_adapter<T>   a frozen W with a growable B·diag(e)·A adapter; its
+//                                 own tape op (forward, VJP, and the capture of X and dY
+//                                 the score needs)
+//   train::increlora_score        the score from the factors, X and dY, without forming
+//                                 ΔW or ∂L/∂ΔW (row blocks of `chunk` rows only)
+//   train::increlora<T>           the scores, EMAs and growth as a training method
+//
+// Growth leaves the layer's output unchanged: a new component starts with e = 0 (A and B
+// random, so that ∂L/∂e is not zero and it starts learning at once), and since s = α/r
+// shrinks when r grows, the existing e are multiplied by r_new/r_old (s·e unchanged, up
+// to one rounding). The grown parameters change shape, so their optimiser state is reset
+// (a callback: e.g. increlora<T>::resetter(adamw)).
+//
+// Reserve components: each adapter keeps `reserve` components drawn in advance from its
+// own seeded generator outside the optimiser; growth moves the first ones into the
+// parameters (and draws replacements), so the components a module receives do not
+// depend on the order in which modules grow.
+//
+// UNVERIFIED, as options (increlora_options): interval (10 steps), the step of the first
+// growth (= interval), modules grown per event (1), components per module and event (1),
+// the initial rank (1 per module, increlora_adapter), the init bounds of the new
+// components (U(±1/√in) for A, U(±1/√out) for B), whether a module's EMAs restart when
+// it grows (no), the reserve size (1), and the paper's extra orthogonality regulariser
+// on A and B (not included: add one, e.g. train/o3.hpp's penalty, if wanted).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../autograd/adapters.hpp"
+#include "method.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace train {
+
+/// I = Σ_{o,j} |ΔW_oj · G_oj| / √(out·in) with ΔW = s·B·diag(e)·A and G = dYᵀ·X the
+/// gradient of the loss with respect to ΔW (y = x·(W + ΔW)ᵀ; X [tokens, in], dY
+/// [tokens, out]). The absolute value does not factor, so this costs
+/// O(out·in·(r + tokens)) time, like a dense weight gradient, but only `chunk` rows of
+/// ΔW and of G exist at a time (memory O(chunk·in)).
+template <class MB, class ME, class MA, class MX, class MG>
+double increlora_score(const MB& B, const ME& e, const MA& A, double s, const MX& X, const MG& dY, index_t chunk = 64) {
+  const index_t out = B.rows(), in = A.cols(), r = A.rows();
+  if (B.cols() != r || e.size() != r || X.cols() != in || dY.cols() != out || X.rows() != dY.rows())
+    throw shape_error("deltaw::train::increlora_score: B " + deltaw::detail::shape_str(B.rows(), B.cols()) + ", e " +
+                      std::to_string(e.size()) + " entries, A " + deltaw::detail::shape_str(A.rows(), A.cols()) +
+                      ", X " + deltaw::detail::shape_str(X.rows(), X.cols()) + ", dY " +
+                      deltaw::detail::shape_str(dY.rows(), dY.cols()) + " do not chain");
+  if (chunk < 1) throw argument_error("deltaw::train::increlora_score: chunk must be ≥ 1");
+  if (out == 0 || in == 0) return 0;
+  using Md = dense<double>;
+  const Md Ad = A.template cast<double>(), Xd = X.template cast<double>();
+  Md Be = B.template cast<double>();
+  for (index_t k = 0; k < r; ++k) Be.col(k) *= s * double(e(k));
+  double total = 0;
+  Md dW, G;
+  for (index_t o0 = 0; o0 < out; o0 += chunk) {
+    const index_t c = std::min(chunk, out - o0);
+    dW.noalias() = Be.middleRows(o0, c) * Ad;
+    G.noalias() = dY.middleCols(o0, c).transpose().template cast<double>() * Xd;
+    total += dW.cwiseProduct(G).cwiseAbs().sum();
+  }
+  return total / std::sqrt(double(out) * double(in));
+}
+
+/// A frozen W [out, in] with a growable adapter s·B·diag(e)·A.
+template <class T>
+class increlora_adapter {
+ public:
+  /// initial_rank ≥ 1 components (A, B random, e = 0: ΔW = 0 at the start), s = α/r.
+  increlora_adapter(std::string name, matrix_view<const T> W, index_t initial_rank, double alpha, std::uint64_t seed,
+                    index_t reserve = 1)
+      : name_(std::move(name)), W_(W), alpha_(alpha), gen_(seed), reserve_count_(reserve) {
+    const std::string op = "deltaw::train::increlora_adapter(" + name_ + ")";
+    if (initial_rank < 1) throw rank_error(op + ": the initial rank must be at least 1; got " + std::to_string(initial_rank));
+    if (!std::isfinite(alpha)) throw non_finite_error(op + ": alpha must be finite");
+    if (reserve < 0) throw argument_error(op + ": reserve must be ≥ 0");
+    B_ = std::make_unique<autograd::parameter<T>>(name_ + ".B", dense<T>(W.rows(), 0));
+    e_ = std::make_unique<autograd::parameter<T>>(name_ + ".e", dense<T>(1, 0));
+    A_ = std::make_unique<autograd::parameter<T>>(name_ + ".A", dense<T>(0, W.cols()));
+    rA_.resize(0, W.cols());
+    rB_.resize(W.rows(), 0);
+    refill();
+    append(initial_rank);
+    s_ = alpha_ / double(rank());
+  }
+  increlora_adapter(const increlora_adapter&) = delete;  // optimisers and tapes hold pointers into it
+  increlora_adapter& operator=(const increlora_adapter&) = delete;
+
+  index_t rank() const { return e_->cols(); }
+  double scale() const { return s_; }
+  double alpha() const { return alpha_; }
+  const std::string& name() const { return name_; }
+  matrix_view<const T> weight() const { return W_; }
+  autograd::parameter<T>& B() { return *B_; }
+  autograd::parameter<T>& e() { return *e_; }
+  autograd::parameter<T>& A() { return *A_; }
+  std::vector<autograd::parameter<T>*> parameters() { return {B_.get(), e_.get(), A_.get()}; }
+  /// The reserve components (rows of A, columns of B) the next growth will use.
+  const dense<T>& reserve_A() const { return rA_; }
+  const dense<T>& reserve_B() const { return rB_; }
+
+  /// y = x·Wᵀ + s·((x·Aᵀ) ⊙ e)·Bᵀ on x's tape; never forms ΔW.
+  autograd::var<T> forward(const autograd::var<T>& x) {
+    using namespace autograd;
+    auto& t = autograd::detail::tape_of(x, "increlora_adapter");
+    autograd::detail::check_linear(x, W_, "increlora_adapter");
+    const var<T> vb = t.param(*B_), ve = t.param(*e_), va = t.param(*A_);
+    const auto X = x.value();
+    dense<T> y(X.rows(), W_.rows());
+    deltaw::apply(W_, X, y);
+    const T s = T(s_);
+    dense<T> H = X * A_->value().transpose();                           // [tokens, r]
+    dense<T> He = H * e_->value().row(0).asDiagonal();
+    y.noalias() += s * (He * B_->value().transpose());
+    const index_t ix = x.id(), ib = vb.id(), ie = ve.id(), ia = va.id();
+    const bool rg = t.requires_grad(x) || t.requires_grad(vb) || t.requires_grad(ve) || t.requires_grad(va);
+    increlora_adapter* self_ad = this;
+    const matrix_view<const T> W = W_;
+    return t.record("increlora_adapter", std::move(y), rg,
+                    [ix, ib, ie, ia, s, W, self_ad, H = std::move(H), He = std::move(He)](tape<T>& t, index_t self) {
+                      const auto& dY = t.upstream(self);
+                      const auto Xv = t.value_at(ix);
+                      const auto Bv = t.value_at(ib);
+                      const auto ev = t.value_at(ie);
+                      const auto Av = t.value_at(ia);
+                      if (self_ad->capturing_) {
+                        self_ad->cap_X_.emplace_back(Xv);
+                        self_ad->cap_dY_.emplace_back(dY);
+                      }
+                      autograd::detail::base_input_grad(t, ix, W, dY);
+                      const dense<T> D = dY * Bv;  // [tokens, r]
+                      if (t.needs_grad(ib)) autograd::detail::accumulate(t, ib, s * (dY.transpose() * He));
+                      if (t.needs_grad(ie)) autograd::detail::accumulate(t, ie, s * D.cwiseProduct(H).colwise().sum());
+                      if (t.needs_grad(ia) || t.needs_grad(ix)) {
+                        const dense<T> De = D * ev.row(0).asDiagonal();
+                        if (t.needs_grad(ia)) autograd::detail::accumulate(t, ia, s * (De.transpose() * Xv));
+                        if (t.needs_grad(ix)) autograd::detail::accumulate(t, ix, s * (De * Av));
+                      }
+                    });
+  }
+
+  /// Adds n components with e = 0 from the reserve; multiplies the existing e by
+  /// r_new/r_old and sets s = α/r_new, so the output is unchanged.
+  void grow(index_t n) {
+    if (n < 0) throw argument_error("deltaw::train::increlora_adapter(" + name_ + ")::grow: n must be ≥ 0");
+    if (n == 0) return;
+    const index_t r0 = rank();
+    append(n);
+    const index_t r1 = rank();
+    e_->value().leftCols(r0) *= T(double(r1) / double(r0));
+    s_ = alpha_ / double(r1);
+  }
+
+  /// While capturing, each backward through this adapter records its X and dY (the
+  /// score's inputs). Calls on the same tape concatenate: G = Σ dYᵢᵀ·Xᵢ.
+  void set_capturing(bool c) { capturing_ = c; }
+  bool capturing() const { return capturing_; }
+  bool has_capture() const { return !cap_X_.empty(); }
+  /// increlora_score over the captured batches (rows stacked), then forgets them.
+  double take_score(index_t chunk = 64) {
+    if (cap_X_.empty()) throw argument_error("deltaw::train::increlora_adapter(" + name_ + ")::take_score: nothing captured");
+    index_t rows = 0;
+    for (const auto& x : cap_X_) rows += x.rows();
+    dense<T> X(rows, W_.cols()), dY(rows, W_.rows());
+    index_t r0 = 0;
+    for (std::size_t k = 0; k < cap_X_.size(); ++k) {
+      X.middleRows(r0, cap_X_[k].rows()) = cap_X_[k];
+      dY.middleRows(r0, cap_X_[k].rows()) = cap_dY_[k];
+      r0 += cap_X_[k].rows();
+    }
+    cap_X_.clear();
+    cap_dY_.clear();
+    return increlora_score(B_->value(), e_->value().row(0), A_->value(), s_, X, dY, chunk);
+  }
+  void clear_capture() {
+    cap_X_.clear();
+    cap_dY_.clear();
+  }
+
+ private:
+  // Draws reserve components until there are reserve_count_ (or `need`) of them.
+  void refill(index_t need = 0) {
+    const index_t want = std::max(reserve_count_, need);
+    const index_t have = rA_.rows();
+    if (have >= want) return;
+    const index_t out = W_.rows(), in = W_.cols();
+    std::uniform_real_distribution<double> ua(-1 / std::sqrt(double(in)), 1 / std::sqrt(double(in)));
+    std::uniform_real_distribution<double> ub(-1 / std::sqrt(double(out)), 1 / std::sqrt(double(out)));
+    dense<T> nA(want, in), nB(out, want);
+    nA.topRows(have) = rA_;
+    nB.leftCols(have) = rB_;
+    for (index_t k = have; k < want; ++k) {
+      for (index_t j = 0; j < in; ++j) nA(k, j) = T(ua(gen_));
+      for (index_t o = 0; o < out; ++o) nB(o, k) = T(ub(gen_));
+    }
+    rA_ = std::move(nA);
+    rB_ = std::move(nB);
+  }
+  // Moves n reserve components into the parameters with e = 0; resizes the gradients.
+  void append(index_t n) {
+    refill(n);
+    const index_t r0 = rank(), out = W_.rows(), in = W_.cols();
+    dense<T> B(out, r0 + n), A(r0 + n, in), e(1, r0 + n);
+    B.leftCols(r0) = B_->value();
+    B.rightCols(n) = rB_.leftCols(n);
+    A.topRows(r0) = A_->value();
+    A.bottomRows(n) = rA_.topRows(n);
+    e.leftCols(r0) = e_->value();
+    e.rightCols(n).setZero();
+    B_->value() = std::move(B);
+    A_->value() = std::move(A);
+    e_->value() = std::move(e);
+    for (auto* p : parameters()) p->zero_grad();
+    const index_t left = rA_.rows() - n;
+    rA_ = dense<T>(rA_.bottomRows(left));
+    rB_ = dense<T>(rB_.rightCols(left));
+    refill();
+  }
+
+  std::string name_;
+  matrix_view<const T> W_;
+  double alpha_;
+  double s_ = 1;
+  std::mt19937_64 gen_;
+  index_t reserve_count_;
+  std::unique_ptr<autograd::parameter<T>> B_, e_, A_;
+  dense<T> rA_, rB_;
+  bool capturing_ = false;
+  std::vector<dense<T>> cap_X_, cap_dY_;
+};
+
+struct increlora_options {
+  /// The total rank over all modules never exceeds this (required, ≥ the initial total).
+  index_t budget = 0;
+  double beta1 = 0.85;  ///< EMA of the importance
+  double beta2 = 0.85;  ///< EMA of its uncertainty
+  index_t interval = 10;          ///< steps between growth events
+  index_t first_growth = -1;      ///< steps before the first event; −1: = interval
+  index_t modules_per_event = 1;  ///< top modules grown at each event
+  index_t components = 1;         ///< rank added to each of them
+  bool reset_score_on_growth = false;
+  index_t chunk = 64;             ///< row block of increlora_score
+};
+
+/// Importance scores and growth over registered adapters.
+template <class T>
+class increlora : public method<T> {
+ public:
+  using reset_fn = std::function<void(autograd::parameter<T>*)>;
+
+  /// `reset` is called for every parameter whose shape changed (B, e, A of a grown
+  /// module): pass resetter(optimiser).
+  increlora(increlora_options o, reset_fn reset) : o_(o), reset_(std::move(reset)) {
+    constexpr const char* op = "deltaw::train::increlora";
+    if (o.budget < 1) throw argument_error(std::string(op) + ": the rank budget must be ≥ 1; got " + std::to_string(o.budget));
+    if (!(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1))
+      throw argument_error(std::string(op) + ": betas must lie in [0, 1)");
+    if (o.interval < 1 || o.modules_per_event < 1 || o.components < 1 || o.chunk < 1)
+      throw argument_error(std::string(op) + ": interval, modules_per_event, components and chunk must be ≥ 1");
+  }
+  template <class Optimiser>
+  static reset_fn resetter(Optimiser& opt) {
+    return [&opt](autograd::parameter<T>* p) { opt.reset_state(p); };
+  }
+  std::string name() const override { return "IncreLoRA"; }
+
+  index_t add(increlora_adapter<T>* a) {
+    if (a == nullptr) throw argument_error("deltaw::train::increlora::add: null adapter");
+    if (total_rank() + a->rank() > o_.budget)
+      throw rank_error("deltaw::train::increlora::add: the initial ranks (" + std::to_string(total_rank() + a->rank()) +
+                       ") exceed the budget " + std::to_string(o_.budget));
+    mods_.push_back({a, 0, 0, 0});
+    return index_t(mods_.size()) - 1;
+  }
+  index_t total_rank() const {
+    index_t r = 0;
+    for (const auto& m : mods_) r += m.a->rank();
+    return r;
+  }
+  index_t module_count() const { return index_t(mods_.size()); }
+  /// The last raw score I, its EMAs Ī and Ū, and the growth score Ī·Ū of module i.
+  double importance(index_t i) const { return at(i).I; }
+  double importance_ema(index_t i) const { return at(i).Ibar; }
+  double uncertainty_ema(index_t i) const { return at(i).Ubar; }
+  double score(index_t i) const { return at(i).Ibar * at(i).Ubar; }
+  index_t growth_events() const { return events_; }
+
+  void before_forward(const step_context&) override {
+    for (auto& m : mods_) {
+      m.a->clear_capture();
+      m.a->set_capturing(true);
+    }
+  }
+  void after_backward(const step_context&) override {
+    for (auto& m : mods_) {
+      m.a->set_capturing(false);
+      if (!m.a->has_capture()) continue;  // not used this step: its EMAs stay
+      m.I = m.a->take_score(o_.chunk);
+      m.Ibar = o_.beta1 * m.Ibar + (1 - o_.beta1) * m.I;
+      m.Ubar = o_.beta2 * m.Ubar + (1 - o_.beta2) * std::abs(m.I - m.Ibar);
+    }
+  }
+  void after_step(const step_context& ctx) override {
+    const index_t done = ctx.step + 1;
+    const index_t first = o_.first_growth >= 0 ? o_.first_growth : o_.interval;
+    if (done < first || (done - first) % o_.interval != 0) return;
+    grow_now();
+  }
+
+  /// One growth event now: the top modules by Ī·Ū (ties: lower index) get `components`
+  /// ranks each while the budget allows. Returns the rank added.
+  index_t grow_now() {
+    index_t left = o_.budget - total_rank();
+    if (left <= 0 || mods_.empty()) return 0;
+    std::vector<index_t> order(mods_.size());
+    std::iota(order.begin(), order.end(), index_t(0));
+    std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return score(a) > score(b); });
+    index_t added = 0;
+    for (index_t k = 0; k < std::min<index_t>(o_.modules_per_event, module_count()) && left > 0; ++k) {
+      auto& m = mods_[std::size_t(order[std::size_t(k)])];
+      const index_t n = std::min(o_.components, left);
+      m.a->grow(n);
+      for (auto* p : m.a->parameters())
+        if (reset_) reset_(p);
+      if (o_.reset_score_on_growth) m.I = m.Ibar = m.Ubar = 0;
+      left -= n;
+      added += n;
+    }
+    if (added > 0) ++events_;
+    return added;
+  }
+
+ private:
+  struct module {
+    increlora_adapter<T>* a;
+    double I, Ibar, Ubar;
+  };
+  const module& at(index_t i) const {
+    if (i < 0 || i >= module_count())
+      throw argument_error("deltaw::train::increlora: module " + std::to_string(i) + " of " +
+                           std::to_string(module_count()));
+    return mods_[std::size_t(i)];
+  }
+
+  increlora_options o_;
+  reset_fn reset_;
+  std::vector<module> mods_;
+  index_t events_ = 0;
+};
+
+}  // namespace train
+DELTAW_NAMESPACE_END
