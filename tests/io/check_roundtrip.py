@@ -136,6 +136,27 @@ def part_peft(d):
         err = ((y - ref).abs().max() / max(1.0, ref.abs().max())).item()
         check(err < 1e-5, "PEFT %s loads deltaw's adapter (r=%d, rank_pattern=%s, alpha_pattern=%s); "
               "forward rel err %.2e" % (variant, cfg.r, dict(cfg.rank_pattern), dict(cfg.alpha_pattern), err))
+    # Structured types written by deltaw (peft_structured.hpp): LoKr, MiSS, Bone bat (MiSS
+    # init_weights "bat"), VeRA and RandLoRA with deltaw's bases stored (save_projection).
+    base = Tiny()
+    base.load_state_dict(base_sd)
+    with torch.no_grad():
+        y0 = base(io["x"])
+    for variant in ("lokr", "miss", "miss_bat", "vera", "randlora"):
+        model = Tiny()
+        model.load_state_dict(base_sd)
+        pm = PeftModel.from_pretrained(model, os.path.join(d, "adapter_" + variant))
+        pm.eval()
+        cfg = pm.peft_config["default"]
+        with torch.no_grad():
+            y = pm(io["x"])
+        ref = io["y_" + variant]
+        err = ((y - ref).abs().max() / max(1.0, ref.abs().max())).item()
+        # The adapter must matter: a PEFT that ignored it (or regenerated other bases)
+        # would be far from deltaw's output.
+        moved = ((ref - y0).norm() / ref.norm()).item()
+        check(err < 1e-5 and moved > 1e-2, "PEFT %s (peft_type %s) loads deltaw's adapter; forward rel err %.2e "
+              "(the adapter moves the output by %.2f)" % (variant, cfg.peft_type, err, moved))
     print("peft", peft.__version__, "torch", torch.__version__)
 
 

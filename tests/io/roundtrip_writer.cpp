@@ -111,6 +111,54 @@ void write_peft(const std::string& dir) {
     io::write_peft_adapter(dir + "/adapter_" + variant, a);
     out.add(std::string("y_") + variant, h);
   }
+
+  // The structured types: deltaw's own updates (VeRA and RandLoRA with deltaw's seeded
+  // bases, which the writer stores) and deltaw's forward; PEFT must load them and agree.
+  auto forward = [&](const std::string& variant, auto&& add_and_apply) {
+    io::peft_structured_adapter a;
+    a.config.target_modules = {"q", "v", "head"};
+    MatF h = x;
+    for (int k = 0; k < 3; ++k) {
+      const auto& l = layers[std::size_t(k)];
+      MatF y = add_and_apply(a, k, l, h);
+      y.rowwise() += l.b.transpose();
+      h = k < 2 ? MatF(y.cwiseMax(0.0f)) : y;
+    }
+    io::write_peft_structured_adapter(dir + "/adapter_" + variant, a);
+    out.add("y_" + variant, h);
+  };
+  forward("lokr", [&](io::peft_structured_adapter& a, int k, const layer& l, const MatF& h) {
+    const dw::index_t r = 2;
+    const auto L = dw::lokr_shapes(l.W.rows(), l.W.cols(), r);
+    const MatF w1 = randm(g, L.a, L.c, 0.3f), w2a = randm(g, L.b, r, 0.3f), w2b = randm(g, r, L.d, 0.3f);
+    const auto u = dw::lokr(w1, dw::kron_factor(w2a, w2b), dw::alpha(k == 2 ? 5.0 : 3.0), r);
+    a.add_lokr(l.name, u, r);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  forward("miss", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const auto u = dw::miss(randm(g, 3, l.W.rows(), 0.3f), l.W.cols());  // in % 3 != 0 for q and head
+    a.add_miss(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  forward("miss_bat", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const auto u = dw::bone_bat(dw::view(l.W), randm(g, l.W.rows(), 4, 0.3f));
+    a.add_bone_bat(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  const auto vb = dw::vera_shared_basis(3, 4, 24, 24);
+  forward("vera", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const Eigen::VectorXf d = randm(g, 4, 1, 0.5f).col(0), b = randm(g, l.W.rows(), 1, 0.5f).col(0);
+    const auto u = dw::vera(vb, l.W.rows(), l.W.cols(), d, b);
+    a.add_vera(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  const auto rb = dw::randlora_shared_basis(5, 4, 24, 24);
+  forward("randlora", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const dw::index_t mn = std::min(l.W.rows(), l.W.cols()), N = (mn + 3) / 4;
+    const auto u = dw::randlora(rb, l.W.rows(), l.W.cols(), randm(g, 4, N, 0.3f), randm(g, N, mn, 0.3f), dw::alpha(6));
+    a.add_randlora(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
   out.write(dir + "/io.safetensors");
 }
 
