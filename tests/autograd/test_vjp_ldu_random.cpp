@@ -267,3 +267,38 @@ TEST_CASE("backward of LoLDU, NOLA, VeRA and RandLoRA never allocates out x in")
     check_backward_no_dense(u, grads, out > in ? "randlora 768->1024 r8" : "randlora 1024->768 r8");
   }
 }
+
+TEST_CASE("rebind and backward reject mis-shaped factors and gradient slots with named shapes") {
+  const MatD W = dwt::random<MatD>(5, 4, 1), X = dwt::random<MatD>(2, 4, 2), dY = dwt::random<MatD>(2, 5, 3);
+  const auto l = dw::loldu(W, 2);
+  using VL = dw::cpu::vjp<std::remove_cvref_t<decltype(l)>>;
+  const MatD z3 = MatD::Zero(1, 3), s1 = MatD::Ones(1, 1), s2 = MatD::Ones(1, 2);
+  dwt::check_throws_with<dw::shape_error>([&] { (void)VL::rebind(l, {dw::view(z3), dw::view(s1)}); },
+                                          {"vjp<ldu>::rebind", "[1, 3]", "[1, 2]"});
+  const MatD z2 = MatD::Zero(1, 2);
+  dwt::check_throws_with<dw::shape_error>([&] { (void)VL::rebind(l, {dw::view(z2), dw::view(s2)}); },
+                                          {"sigma", "[1, 2]", "[1, 1]"});
+  dw::dense<double> g3 = dw::dense<double>::Zero(1, 3);
+  std::array<dw::dense<double>*, 2> bad{&g3, nullptr};
+  dwt::check_throws_with<dw::shape_error>(
+      [&] { VL::backward<double>(l, X, dY, std::span<dw::dense<double>* const>(bad), nullptr); },
+      {"vjp<ldu>::backward", "gradient of z", "[1, 3]"});
+  std::array<dw::dense<double>*, 1> one{nullptr};
+  dwt::check_throws_with<dw::argument_error>(
+      [&] { VL::backward<double>(l, X, dY, std::span<dw::dense<double>* const>(one), nullptr); },
+      {"expected 2 gradient slots", "got 1"});
+
+  const auto basis = dw::vera_shared_basis(1, 3, 8, 8);
+  const auto v = dw::vera(basis, 5, 4, Eigen::VectorXd(Eigen::VectorXd::Zero(3)), Eigen::VectorXd(Eigen::VectorXd::Zero(5)));
+  using VV = dw::cpu::vjp<std::remove_cvref_t<decltype(v)>>;
+  const MatD d3 = MatD::Zero(1, 3), b4 = MatD::Zero(1, 4);
+  dwt::check_throws_with<dw::shape_error>([&] { (void)VV::rebind(v, {dw::view(d3), dw::view(b4)}); },
+                                          {"vjp<vera>::rebind", "lambda_b", "[1, 4]", "[1, 5]"});
+
+  const auto rb = dw::randlora_shared_basis(1, 2, 8, 8);
+  const auto rl = dw::randlora(rb, 5, 4, MatD(MatD::Zero(2, 2)), MatD(MatD::Zero(2, 4)));
+  using VR = dw::cpu::vjp<std::remove_cvref_t<decltype(rl)>>;
+  const MatD lam_bad = MatD::Zero(2, 3), gam = MatD::Zero(2, 4);
+  dwt::check_throws_with<dw::shape_error>([&] { (void)VR::rebind(rl, {dw::view(lam_bad), dw::view(gam)}); },
+                                          {"lambda is [2, 3]", "[r, N] = [2, 2]"});
+}
