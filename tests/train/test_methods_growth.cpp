@@ -220,13 +220,48 @@ TEST_CASE("IncreLoRA in fit: total rank never exceeds the budget over many growt
   tr::increlora<double> inc(o, tr::increlora<double>::resetter(opt));
   for (auto& a : ad) inc.add(a.get());
   CHECK(inc.total_rank() == n);
-  index_t max_seen = 0, grew_steps = 0, prev_total = n;
+  index_t max_seen = 0, grew_steps = 0, prev_total = n, checked_events = 0;
+  // Before IncreLoRA's after_step (listed first): recompute the EMAs from the raw score
+  // and remember Ī·Ū and the ranks, to check which modules the next growth picks.
+  std::vector<double> Ibar(n, 0.0), Ubar(n, 0.0), score_before(n);
+  std::vector<index_t> rank_before(n);
+  watcher pre;
+  pre.f = [&](const tr::step_context&) {
+    for (int i = 0; i < n; ++i) {
+      const double I = inc.importance(i);
+      Ibar[std::size_t(i)] = 0.85 * Ibar[std::size_t(i)] + 0.15 * I;
+      Ubar[std::size_t(i)] = 0.85 * Ubar[std::size_t(i)] + 0.15 * std::abs(I - Ibar[std::size_t(i)]);
+      CHECK(inc.importance_ema(i) == doctest::Approx(Ibar[std::size_t(i)]).epsilon(1e-12));
+      CHECK(inc.uncertainty_ema(i) == doctest::Approx(Ubar[std::size_t(i)]).epsilon(1e-12));
+      score_before[std::size_t(i)] = Ibar[std::size_t(i)] * Ubar[std::size_t(i)];
+      rank_before[std::size_t(i)] = ad[std::size_t(i)]->rank();
+    }
+  };
   watcher w;
   w.f = [&](const tr::step_context&) {
     const index_t tot = inc.total_rank();
     max_seen = std::max(max_seen, tot);
     CHECK(tot <= budget);
-    grew_steps += tot > prev_total ? 1 : 0;
+    if (tot > prev_total) {
+      ++grew_steps;
+      // The grown modules are the top ones by Ī·Ū: every grown score ≥ every other.
+      double min_grown = 1e300, max_other = -1;
+      index_t grown = 0;
+      for (int i = 0; i < n; ++i) {
+        const index_t d = ad[std::size_t(i)]->rank() - rank_before[std::size_t(i)];
+        CHECK(d >= 0);
+        CHECK(d <= 1);
+        if (d > 0) {
+          ++grown;
+          min_grown = std::min(min_grown, score_before[std::size_t(i)]);
+        } else {
+          max_other = std::max(max_other, score_before[std::size_t(i)]);
+        }
+      }
+      CHECK(grown == std::min<index_t>(3, budget - prev_total));
+      CHECK(min_grown >= max_other);
+      ++checked_events;
+    }
     prev_total = tot;
     for (auto& a : ad) {  // the optimiser's moments follow the grown shapes
       CHECK(opt.first_moment(&a->A()).rows() == a->rank());
@@ -245,8 +280,9 @@ TEST_CASE("IncreLoRA in fit: total rank never exceeds the budget over many growt
         }
         return ag::mse(y, t.frozen(target));
       },
-      opt, {&inc, &w}, fo);
+      opt, {&pre, &inc, &w}, fo);
   CHECK(max_seen == budget);
+  CHECK(checked_events == 7);
   CHECK(inc.total_rank() == budget);
   CHECK(inc.growth_events() == 7);
   CHECK(grew_steps == 7);
