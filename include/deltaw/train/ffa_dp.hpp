@@ -243,7 +243,8 @@ struct dp_sgd_options {
 };
 
 /// DP-SGD on the B of FFA/LoRA layers as a training method. Usage, inside loss_fn:
-///   auto y = dp.forward(t, 0, x);     // instead of layer(t, x): records x and y
+///   auto y = dp.forward(t, 0, x);     // instead of layer(t, x): records X·Aᵀ and, in
+///                                     // the backward sweep, dY
 /// after backward, dp replaces every B's gradient by the privatised one. Leave
 /// fit_options::clip_norm at 0 (the clipping is per sample here).
 ///
@@ -280,14 +281,26 @@ class dp_sgd : public method<T> {
   }
   std::string name() const override { return "DP-SGD"; }
 
-  /// Runs layer i on x and records the pair for the per-sample gradients.
+  /// Runs layer i on x and records what the per-sample gradients need: Z = X·Aᵀ now
+  /// ([rows, r], so X itself need not outlive the sweep), and dY when the backward sweep
+  /// passes the output (an identity node whose closure copies its upstream gradient;
+  /// it works with the tape's release_values mode, which train::fit turns on).
   autograd::var<T> forward(autograd::tape<T>& t, std::size_t i, const autograd::var<T>& x) {
     if (i >= layers_.size())
       throw argument_error("deltaw::train::dp_sgd::forward: layer " + std::to_string(i) + " of " +
                            std::to_string(layers_.size()));
     auto y = (*layers_[i])(t, x);
-    uses_[i].push_back({x, y});
-    return y;
+    const std::size_t k = uses_[i].size();
+    uses_[i].push_back({dense<T>(x.value() * layers_[i]->lora_A()->value().transpose()), dense<T>()});
+    const index_t iy = y.id();
+    return t.record(
+        "dp_sgd capture", dense<T>(y.value()), t.requires_grad(y),
+        [this, i, k, iy](autograd::tape<T>& tp, index_t self) {
+          const auto& g = tp.upstream(self);
+          uses_[i][k].dY = g;
+          autograd::detail::accumulate(tp, iy, g);
+        },
+        /*backward_reads_output=*/false);
   }
   /// Sample boundaries of this step's rows: 0 = o₀ < o₁ < … < o_N = rows.
   void set_sample_offsets(std::vector<index_t> offsets) { offsets_ = std::move(offsets); }
@@ -296,16 +309,11 @@ class dp_sgd : public method<T> {
     for (auto& u : uses_) u.clear();
   }
   void after_backward(const step_context&) override {
-    std::vector<std::vector<io_pair>> in;
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-      std::vector<io_pair> v;
-      for (const auto& u : uses_[l]) {
-        auto* t = u.x.owner();
-        v.push_back({u.x.value(), t->grad(u.y)});
-      }
-      in.push_back(std::move(v));
-    }
-    privatise(in);
+    // A use whose output the sweep never reached has dY = 0.
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      for (auto& u : uses_[l])
+        if (u.dY.size() == 0) u.dY.setZero(u.Z.rows(), layers_[l]->out_features());
+    privatise_z(uses_);
     for (auto& u : uses_) u.clear();
   }
 
@@ -317,70 +325,21 @@ class dp_sgd : public method<T> {
   /// The core, without a tape: inputs[l] are layer l's uses this step; writes every B's
   /// gradient (zero for a layer with no use, plus noise) and advances the noise counter.
   void privatise(const std::vector<std::vector<io_pair>>& inputs) {
-    constexpr const char* op = "deltaw::train::dp_sgd";
     if (inputs.size() != layers_.size())
-      throw argument_error(std::string(op) + ": inputs for " + std::to_string(inputs.size()) + " layers, expected " +
+      throw argument_error("deltaw::train::dp_sgd: inputs for " + std::to_string(inputs.size()) + " layers, expected " +
                            std::to_string(layers_.size()));
-    index_t rows = -1;
-    for (const auto& v : inputs)
-      for (const auto& u : v) {
-        if (rows >= 0 && u.X.rows() != rows)
-          throw shape_error(std::string(op) + ": layer uses with different row counts (" + std::to_string(rows) + " and " +
-                            std::to_string(u.X.rows()) + ")");
-        rows = u.X.rows();
-      }
-    const auto offs = sample_offsets(rows < 0 ? 0 : rows);
-    const std::size_t N = offs.size() - 1;
-    const double w = o_.loss_weight > 0 ? o_.loss_weight : 1.0 / double(N);
-    // Z = X·Aᵀ per use, and the per-sample squared norms summed over layers and uses.
-    std::vector<std::vector<dense<T>>> Z(layers_.size());
-    std::vector<double> sq(N, 0.0);
-    dense<T> g;
+    std::vector<std::vector<zd>> z(layers_.size());
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const auto& A = layers_[l]->lora_A()->value();
-      const index_t out = layers_[l]->out_features();
       for (const auto& u : inputs[l]) {
-        if (u.X.cols() != A.cols() || u.dY.rows() != u.X.rows() || u.dY.cols() != out)
-          throw shape_error(std::string(op) + ": layer '" + layers_[l]->name() + "' got X " +
-                            deltaw::detail::shape_str(u.X.rows(), u.X.cols()) + " and dY " +
-                            deltaw::detail::shape_str(u.dY.rows(), u.dY.cols()) + " for W [" + std::to_string(out) +
-                            ", " + std::to_string(A.cols()) + "]");
-        Z[l].push_back(u.X * A.transpose());
-      }
-      const T s = T(layers_[l]->scale() / w);
-      for (std::size_t i = 0; i < N; ++i) {
-        const index_t a = offs[i], n = offs[i + 1] - a;
-        g.setZero(out, A.rows());
-        for (std::size_t k = 0; k < inputs[l].size(); ++k)
-          g.noalias() += s * inputs[l][k].dY.middleRows(a, n).transpose() * Z[l][k].middleRows(a, n);
-        sq[i] += g.template cast<double>().squaredNorm();
+        if (u.X.cols() != A.cols())
+          throw shape_error("deltaw::train::dp_sgd: layer '" + layers_[l]->name() + "' got X " +
+                            deltaw::detail::shape_str(u.X.rows(), u.X.cols()) + " for A " +
+                            deltaw::detail::shape_str(A.rows(), A.cols()));
+        z[l].push_back({dense<T>(u.X * A.transpose()), u.dY});
       }
     }
-    norms_.resize(N);
-    factors_.resize(N);
-    for (std::size_t i = 0; i < N; ++i) {
-      norms_[i] = std::sqrt(sq[i]);
-      factors_[i] = norms_[i] > o_.clip_norm ? o_.clip_norm / norms_[i] : 1.0;
-    }
-    // Σᵢ cᵢ·gᵢ = (s/w)·Σ_uses dYᵀ·(c ⊙ Z), then (· + σC·z)/N.
-    const double noise_sd = o_.noise_multiplier * o_.clip_norm;
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-      auto* B = layers_[l]->lora_B();
-      dense<T>& G = B->grad();
-      G.setZero(B->rows(), B->cols());
-      const T s = T(layers_[l]->scale() / w);
-      for (std::size_t k = 0; k < inputs[l].size(); ++k) {
-        dense<T> cz = Z[l][k];
-        for (std::size_t i = 0; i < N; ++i) cz.middleRows(offs[i], offs[i + 1] - offs[i]) *= T(factors_[i]);
-        G.noalias() += s * inputs[l][k].dY.transpose() * cz;
-      }
-      if (noise_sd > 0) {
-        const random_stream st{o_.seed, (std::uint64_t(count_) << 16) | std::uint64_t(l)};
-        for (index_t j = 0; j < G.size(); ++j) G.data()[j] += T(noise_sd * double(st.normal(std::uint64_t(j))));
-      }
-      G *= T(1.0 / double(N));
-    }
-    ++count_;
+    privatise_z(z);
   }
 
   /// The per-sample gradient norms of the last step, before clipping (all layers jointly).
@@ -392,9 +351,71 @@ class dp_sgd : public method<T> {
   const dp_sgd_options& options() const { return o_; }
 
  private:
-  struct use {
-    autograd::var<T> x, y;
+  // One use of a layer in a step: Z = X·Aᵀ [rows, r] and the output gradient dY [rows, out].
+  struct zd {
+    dense<T> Z;
+    dense<T> dY;
   };
+
+  void privatise_z(const std::vector<std::vector<zd>>& in) {
+    constexpr const char* op = "deltaw::train::dp_sgd";
+    index_t rows = -1;
+    for (std::size_t l = 0; l < in.size(); ++l)
+      for (const auto& u : in[l]) {
+        if (rows >= 0 && u.Z.rows() != rows)
+          throw shape_error(std::string(op) + ": layer uses with different row counts (" + std::to_string(rows) + " and " +
+                            std::to_string(u.Z.rows()) + ")");
+        rows = u.Z.rows();
+        if (u.dY.rows() != u.Z.rows() || u.dY.cols() != layers_[l]->out_features())
+          throw shape_error(std::string(op) + ": layer '" + layers_[l]->name() + "' got dY " +
+                            deltaw::detail::shape_str(u.dY.rows(), u.dY.cols()) + " for " + std::to_string(u.Z.rows()) +
+                            " rows and " + std::to_string(layers_[l]->out_features()) + " outputs");
+      }
+    if (rows < 0) throw argument_error(std::string(op) + ": no layer was used this step (call dp_sgd::forward)");
+    const auto offs = sample_offsets(rows);
+    const std::size_t N = offs.size() - 1;
+    const double w = o_.loss_weight > 0 ? o_.loss_weight : 1.0 / double(N);
+    // Per-sample squared norms, summed over layers and uses: gᵢ = (s/w)·Σ_uses dYᵢᵀ·Zᵢ.
+    std::vector<double> sq(N, 0.0);
+    dense<T> g;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      if (in[l].empty()) continue;
+      const index_t out = layers_[l]->out_features(), r = layers_[l]->lora_A()->rows();
+      const T s = T(layers_[l]->scale() / w);
+      for (std::size_t i = 0; i < N; ++i) {
+        const index_t a = offs[i], n = offs[i + 1] - a;
+        g.setZero(out, r);
+        for (const auto& u : in[l]) g.noalias() += s * u.dY.middleRows(a, n).transpose() * u.Z.middleRows(a, n);
+        sq[i] += g.template cast<double>().squaredNorm();
+      }
+    }
+    norms_.resize(N);
+    factors_.resize(N);
+    for (std::size_t i = 0; i < N; ++i) {
+      norms_[i] = std::sqrt(sq[i]);
+      factors_[i] = norms_[i] > o_.clip_norm ? o_.clip_norm / norms_[i] : 1.0;
+    }
+    // Σᵢ cᵢ·gᵢ = (s/w)·Σ_uses dYᵀ·(c ⊙ Z): one GEMM a use. Then (· + σC·z)/N.
+    const double noise_sd = o_.noise_multiplier * o_.clip_norm;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      auto* B = layers_[l]->lora_B();
+      dense<T>& G = B->grad();
+      G.setZero(B->rows(), B->cols());
+      const T s = T(layers_[l]->scale() / w);
+      for (const auto& u : in[l]) {
+        dense<T> cz = u.Z;
+        for (std::size_t i = 0; i < N; ++i) cz.middleRows(offs[i], offs[i + 1] - offs[i]) *= T(factors_[i]);
+        G.noalias() += s * u.dY.transpose() * cz;
+      }
+      if (noise_sd > 0) {
+        const random_stream st{o_.seed, (std::uint64_t(count_) << 16) | std::uint64_t(l)};
+        for (index_t j = 0; j < G.size(); ++j) G.data()[j] += T(noise_sd * double(st.normal(std::uint64_t(j))));
+      }
+      G *= T(1.0 / double(N));
+    }
+    ++count_;
+  }
+
   std::vector<index_t> sample_offsets(index_t rows) const {
     constexpr const char* op = "deltaw::train::dp_sgd";
     std::vector<index_t> offs;
@@ -416,7 +437,7 @@ class dp_sgd : public method<T> {
 
   std::vector<nn::linear<T>*> layers_;
   dp_sgd_options o_;
-  std::vector<std::vector<use>> uses_;
+  std::vector<std::vector<zd>> uses_;
   std::vector<index_t> offsets_;
   std::vector<double> norms_, factors_;
   index_t count_ = 0;

@@ -16,9 +16,12 @@
 // Exact removal. fl(fl(w + e) − e) is not always w (when |e| ≫ |w|, or when w + e moves
 // to another binade, bits of w are lost), so subtraction alone is not exact. Two schemes:
 //   restore_mode::patch (default)  while perturbing, compute r = fl(w' − e) exactly as the
-//       removal will, and keep (index, w) for the entries where r ≠ w bit for bit; the
-//       removal subtracts e everywhere and writes those entries back. Memory: 16 bytes
-//       per inexact entry (a small fraction of the weights; the test prints it).
+//       removal will, and keep (column, w) for the entries where r ≠ w bit for bit; the
+//       removal subtracts e everywhere and writes those entries back. Per row, when the
+//       patches would cost more than the row (4 + sizeof(T) bytes a patch), the whole
+//       original row is kept instead. Memory ≤ the save scheme's + 8 bytes a row; with
+//       ρ = 0.05 about 12% of float entries need a patch, ≈ 1 byte an entry in all
+//       (the test prints the figures).
 //   restore_mode::save             copy the touched rows (all of them) before perturbing
 //       and copy them back: out·in·sizeof(T) bytes per target, a second copy of W.
 // Both are exact because the removal's subtraction is the same IEEE operation on the
@@ -115,6 +118,9 @@ class flat_lora : public method<T> {
     for (std::size_t l = 0; l < t_.size(); ++l) {
       const auto& tg = t_[l];
       if (tg.W.empty()) throw argument_error(std::string(op) + ": target " + std::to_string(l) + " is empty");
+      if (o.restore == restore_mode::patch && double(tg.W.rows()) * double(tg.W.cols()) >= 4294967295.0)
+        throw argument_error(std::string(op) + ": target " + std::to_string(l) +
+                             " has 2³² entries or more; the patch log indexes with 32 bits (use restore_mode::save)");
       if (tg.layer) {
         if (tg.layer->out_features() != tg.W.rows() || tg.layer->in_features() != tg.W.cols())
           throw shape_error(std::string(op) + ": target " + std::to_string(l) + " is " +
@@ -126,7 +132,7 @@ class flat_lora : public method<T> {
     }
     const std::size_t L = t_.size();
     sigma_.resize(L);
-    patches_.resize(L);
+    undo_.resize(L);
     saved_.resize(L);
     gbar_.resize(L);
   }
@@ -154,37 +160,56 @@ class flat_lora : public method<T> {
       throw argument_error("deltaw::train::flat_lora::perturb: the weights are already perturbed (restore first)");
     step_ = step;
     patched_entries_ = 0;
+    whole_rows_ = 0;
+    for (auto& u : undo_) u.clear();
     if (!(c > 0) || o_.rho == 0) {
       for (auto& s : sigma_) s.clear();
       return;  // nothing to do, nothing to undo
     }
-    std::vector<T> e;
+    std::vector<T> e, w0;
+    std::vector<std::uint32_t> cols;
     for (std::size_t l = 0; l < t_.size(); ++l) {
       auto& W = t_[l].W;
       const index_t m = W.rows(), n = W.cols();
       sigma_[l] = sigmas(l, c);
-      patches_[l].clear();
+      auto& u = undo_[l];
       if (o_.restore == restore_mode::save) {
         saved_[l].resize(m, n);
         for (index_t i = 0; i < m; ++i)
           for (index_t j = 0; j < n; ++j) saved_[l](i, j) = W(i, j);
+      } else {
+        u.vbeg.assign(1, 0);
+        u.cbeg.assign(1, 0);
       }
       const random_stream st = stream(l);
       e.resize(std::size_t(n));
+      w0.resize(std::size_t(n));
       for (index_t i = 0; i < m; ++i) {
         detail::fill_noise_row<T>(st, std::uint64_t(i) * std::uint64_t(n), n, sigma_[l][std::size_t(i)], e.data());
+        cols.clear();
         for (index_t j = 0; j < n; ++j) {
           T& w = W(i, j);
-          const T w0 = w;
-          const T w1 = w0 + e[std::size_t(j)];
+          w0[std::size_t(j)] = w;
+          const T w1 = w + e[std::size_t(j)];
           w = w1;
-          if (o_.restore == restore_mode::patch) {
-            const T r = w1 - e[std::size_t(j)];
-            if (!detail::same_bits(r, w0)) patches_[l].push_back({i * n + j, w0});
-          }
+          // The removal computes exactly this subtraction on the same stored operands.
+          const T r = w1 - e[std::size_t(j)];
+          if (!detail::same_bits(r, w0[std::size_t(j)])) cols.push_back(std::uint32_t(j));
         }
+        if (o_.restore == restore_mode::save) continue;
+        // Per row, the cheaper of the sparse patch (4 + sizeof(T) bytes an entry) and the
+        // whole original row (sizeof(T) an entry).
+        if (cols.size() * (sizeof(std::uint32_t) + sizeof(T)) < std::size_t(n) * sizeof(T)) {
+          for (auto j : cols) u.val.push_back(w0[j]);
+          u.col.insert(u.col.end(), cols.begin(), cols.end());
+          patched_entries_ += index_t(cols.size());
+        } else {
+          u.val.insert(u.val.end(), w0.begin(), w0.end());
+          ++whole_rows_;
+        }
+        u.vbeg.push_back(std::uint32_t(u.val.size()));
+        u.cbeg.push_back(std::uint32_t(u.col.size()));
       }
-      patched_entries_ += index_t(patches_[l].size());
     }
     perturbed_ = true;
   }
@@ -201,33 +226,42 @@ class flat_lora : public method<T> {
           for (index_t j = 0; j < n; ++j) W(i, j) = saved_[l](i, j);
         continue;
       }
+      const auto& u = undo_[l];
       const random_stream st = stream(l);
       e.resize(std::size_t(n));
       for (index_t i = 0; i < m; ++i) {
+        const std::size_t v0 = u.vbeg[std::size_t(i)], v1 = u.vbeg[std::size_t(i) + 1];
+        const std::size_t c0 = u.cbeg[std::size_t(i)], c1 = u.cbeg[std::size_t(i) + 1];
+        if (c0 == c1 && v1 - v0 == std::size_t(n)) {  // a whole saved row
+          for (index_t j = 0; j < n; ++j) W(i, j) = u.val[v0 + std::size_t(j)];
+          continue;
+        }
         detail::fill_noise_row<T>(st, std::uint64_t(i) * std::uint64_t(n), n, sigma_[l][std::size_t(i)], e.data());
         for (index_t j = 0; j < n; ++j) {
           T& w = W(i, j);
           w = w - e[std::size_t(j)];
         }
+        for (std::size_t k = 0; k < c1 - c0; ++k) W(i, index_t(u.col[c0 + k])) = u.val[v0 + k];
       }
-      for (const auto& p : patches_[l]) W(p.index / n, p.index % n) = p.value;
-      patches_[l].clear();
     }
+    for (auto& u : undo_) u.clear();
     perturbed_ = false;
   }
 
   bool perturbed() const { return perturbed_; }
   /// σ_i of target l at the last perturbation (empty when c(t) = 0).
   const std::vector<double>& sigmas(std::size_t l) const { return sigma_.at(l); }
-  /// The entries written back by the patch scheme at the last perturbation.
+  /// Entries kept as sparse patches, and rows kept whole, at the last perturbation
+  /// (patch mode).
   index_t patched_entries() const { return patched_entries_; }
-  /// Bytes held across the step to undo it exactly: σ (8 per row), patches (index +
-  /// value) or the saved rows.
+  index_t whole_rows() const { return whole_rows_; }
+  /// Bytes held across the step to undo it exactly: σ (8 per row), and the patches
+  /// (column + value, row offsets) or the saved rows.
   std::size_t restore_bytes() const {
     std::size_t b = 0;
     for (std::size_t l = 0; l < t_.size(); ++l) {
       b += sigma_[l].size() * sizeof(double);
-      b += patches_[l].size() * sizeof(patch);
+      b += undo_[l].bytes();
       if (o_.restore == restore_mode::save && perturbed_) b += std::size_t(saved_[l].size()) * sizeof(T);
     }
     return b;
@@ -237,9 +271,22 @@ class flat_lora : public method<T> {
   const flat_lora_options& options() const { return o_; }
 
  private:
-  struct patch {
-    index_t index;
-    T value;
+  // The patch scheme's record of one target: row i's original values are
+  // val[vbeg[i] .. vbeg[i+1]); with columns col[cbeg[i] .. cbeg[i+1]) they are sparse
+  // patches, without columns and n of them the whole row.
+  struct undo_log {
+    std::vector<std::uint32_t> col;
+    std::vector<T> val;
+    std::vector<std::uint32_t> vbeg, cbeg;
+    void clear() {
+      col.clear();
+      val.clear();
+      vbeg.clear();
+      cbeg.clear();
+    }
+    std::size_t bytes() const {
+      return col.size() * sizeof(std::uint32_t) + val.size() * sizeof(T) + (vbeg.size() + cbeg.size()) * sizeof(std::uint32_t);
+    }
   };
   random_stream stream(std::size_t l) const {
     return random_stream{o_.seed, (std::uint64_t(step_) << 16) | std::uint64_t(l)};
@@ -325,11 +372,11 @@ class flat_lora : public method<T> {
   std::vector<perturb_target<T>> t_;
   flat_lora_options o_;
   std::vector<std::vector<double>> sigma_;
-  std::vector<std::vector<patch>> patches_;
+  std::vector<undo_log> undo_;
   std::vector<dense<T>> saved_;
   std::vector<std::vector<double>> gbar_;
   index_t step_ = 0;
-  index_t patched_entries_ = 0;
+  index_t patched_entries_ = 0, whole_rows_ = 0;
   bool perturbed_ = false;
 };
 
