@@ -1,2 +1,3 @@
 # Training methods, part 3: LaMDA freezing, IncreLoRA growth, DiffoRA gates, O3 regulariser.
-deltaw_add_test(train_methods_growth train/test_methods_growth.cpp train/test_methods_gates.cpp)
+deltaw_add_test(train_methods_growth train/test_methods_growth.cpp train/test_methods_gates.cpp
+                train/test_methods_growth_float.cpp)
