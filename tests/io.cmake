@@ -22,6 +22,21 @@ if(Python3_Interpreter_FOUND)
     target_include_directories(test_io_dlpack_v1 BEFORE PRIVATE ${CMAKE_CURRENT_BINARY_DIR}/dlpack_v1)
   endif()
 endif()
+# PyTorch-produced tensors (to_dlpack) through a probe library loaded with ctypes;
+# skipped (exit 77) without torch.
+if(DELTAW_DLPACK_INCLUDE_DIR)
+  add_library(io_dlpack_probe MODULE io/dlpack_probe.cpp)
+  target_link_libraries(io_dlpack_probe PRIVATE deltaw::deltaw)
+  target_include_directories(io_dlpack_probe PRIVATE ${DELTAW_DLPACK_INCLUDE_DIR})
+  target_compile_options(io_dlpack_probe PRIVATE -Wall -Wextra)
+  if(Python3_Interpreter_FOUND)
+    add_test(NAME io_dlpack_torch COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/io/check_dlpack.py
+                                          --lib $<TARGET_FILE:io_dlpack_probe>)
+  else()
+    add_test(NAME io_dlpack_torch COMMAND sh -c "echo 'SKIPPED: python3 not found'; exit 77")
+  endif()
+  set_tests_properties(io_dlpack_torch PROPERTIES SKIP_RETURN_CODE 77)
+endif()
 
 # They need nlohmann-json; without it the io tests are left out with a message.
 find_package(nlohmann_json 3.10 QUIET)

@@ -116,7 +116,7 @@ T* dlpack_checked_data(const DLTensor& t, int want_ndim, const char* op) {
   const DLDataType want = dlpack_dtype_of<T>();
   if (t.dtype.code != want.code || t.dtype.bits != want.bits || t.dtype.lanes != 1)
     throw argument_error(where + "the tensor's dtype is " + dlpack_dtype_name(t.dtype) + " but the view's element type is " +
-                         dtype_name<std::remove_const_t<T>>() + " (" + dlpack_dtype_name(want) + ")");
+                         dlpack_dtype_name(want));
   for (int i = 0; i < t.ndim; ++i)
     if (t.shape[i] < 0) throw shape_error(where + "negative extent " + std::to_string(t.shape[i]) + " in dimension " + std::to_string(i));
   auto addr = reinterpret_cast<std::uintptr_t>(t.data) + std::uintptr_t(t.byte_offset);
@@ -155,8 +155,8 @@ matrix_view<T, Device> dlpack_matrix(const DLTensor& t) {
   constexpr bool writable = !std::is_const_v<T>;
   constexpr bool cuda = std::is_same_v<Device, device::cuda>;
   if ((writable || cuda) && rows * cols > 0 && rs != 1 && cs != 1)
-    throw layout_error(where + "strides " + detail::strides_text(rs, cs) + " of a " + detail::strides_text(rows, cols) +
-                       " tensor have no unit stride; " + (cuda ? "CUDA views" : "writable views") +
+    throw layout_error(where + "strides " + detail::strides_text(rs, cs) + " of a " +
+                       deltaw::detail::shape_str(index_t(rows), index_t(cols)) + " tensor have no unit stride; " + (cuda ? "CUDA views" : "writable views") +
                        " need one contiguous dimension (row- or column-major, possibly padded)");
   if (writable && ((rows > 1 && rs == 0) || (cols > 1 && cs == 0)))
     throw layout_error(where + "a zero (broadcast) stride " + detail::strides_text(rs, cs) +
