@@ -90,3 +90,44 @@ TEST_CASE("float: LaMDA freezes bit-exactly, IncreLoRA grows within budget and k
   });
   CHECK(MatF(y0g.value()) == base);
 }
+
+TEST_CASE("growth and gate methods: misuse throws the specific error, naming the operation and the values") {
+  using dwt::check_throws_with;
+  tr::lamda_options lo;
+  lo.start = 0.9;
+  lo.end = 0.5;
+  check_throws_with<deltaw::argument_error>([&] { tr::lamda<float> l(lo); }, {"deltaw::train::lamda", "start", "end"});
+  {
+    ag::parameter<float> B("B", MatF::Zero(3, 2));
+    tr::lamda<float> l;
+    l.add(&B);
+    check_throws_with<deltaw::argument_error>([&] { l.after_step({}); }, {"lamda", "total_steps"});
+  }
+  check_throws_with<deltaw::argument_error>([] { tr::increlora<float>(tr::increlora_options{}, nullptr); },
+                                            {"increlora", "budget", "got 0"});
+  {
+    const MatD B = MatD::Ones(4, 2), e = MatD::Ones(1, 2), A = MatD::Ones(2, 3), X = MatD::Ones(5, 3), dY = MatD::Ones(5, 3);
+    check_throws_with<deltaw::shape_error>([&] { tr::increlora_score(B, e.row(0), A, 1.0, X, dY); },
+                                           {"increlora_score", "dY [5, 3]", "do not chain"});
+  }
+  {
+    const MatF W = MatF::Ones(3, 4);
+    check_throws_with<deltaw::rank_error>([&] { tr::increlora_adapter<float> a("x", deltaw::view(W), 0, 1.0, 1); },
+                                          {"increlora_adapter(x)", "at least 1"});
+  }
+  {
+    tr::diffora<float> d;
+    d.add_module("m");
+    check_throws_with<deltaw::argument_error>([&] { d.binarise(2); }, {"binarise", "[0, 1]", "got 2"});
+    ag::tape<float> t;
+    const MatF x = MatF::Ones(2, 2), z = MatF::Ones(1, 2);
+    check_throws_with<deltaw::shape_error>([&] { ag::sigmoid_gate(t.frozen(x), t.frozen(z)); },
+                                           {"sigmoid_gate", "[1, 2]", "[1, 1]"});
+  }
+  {
+    ag::parameter<float> A("A", MatF::Ones(2, 5));
+    tr::o3<float> o;
+    o.add_module(&A);
+    check_throws_with<deltaw::shape_error>([&] { o.add_previous(0, MatF::Ones(2, 4)); }, {"add_previous", "[2, 4]"});
+  }
+}

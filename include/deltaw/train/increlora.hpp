@@ -257,6 +257,9 @@ struct increlora_options {
   index_t components = 1;         ///< rank added to each of them
   bool reset_score_on_growth = false;
   index_t chunk = 64;             ///< row block of increlora_score
+  /// Score (and update the EMAs) every this many steps: the score costs as much as a
+  /// dense weight gradient per module, so large models may want to thin it out.
+  index_t score_every = 1;
 };
 
 /// Importance scores and growth over registered adapters.
@@ -272,8 +275,9 @@ class increlora : public method<T> {
     if (o.budget < 1) throw argument_error(std::string(op) + ": the rank budget must be ≥ 1; got " + std::to_string(o.budget));
     if (!(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1))
       throw argument_error(std::string(op) + ": betas must lie in [0, 1)");
-    if (o.interval < 1 || o.modules_per_event < 1 || o.components < 1 || o.chunk < 1)
-      throw argument_error(std::string(op) + ": interval, modules_per_event, components and chunk must be ≥ 1");
+    if (o.interval < 1 || o.modules_per_event < 1 || o.components < 1 || o.chunk < 1 || o.score_every < 1)
+      throw argument_error(std::string(op) +
+                           ": interval, modules_per_event, components, chunk and score_every must be ≥ 1");
   }
   template <class Optimiser>
   static reset_fn resetter(Optimiser& opt) {
@@ -302,10 +306,11 @@ class increlora : public method<T> {
   double score(index_t i) const { return at(i).Ibar * at(i).Ubar; }
   index_t growth_events() const { return events_; }
 
-  void before_forward(const step_context&) override {
+  void before_forward(const step_context& ctx) override {
+    const bool score = ctx.step % o_.score_every == 0;
     for (auto& m : mods_) {
       m.a->clear_capture();
-      m.a->set_capturing(true);
+      m.a->set_capturing(score);
     }
   }
   void after_backward(const step_context&) override {
