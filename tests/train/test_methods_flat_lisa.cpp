@@ -81,20 +81,23 @@ void run_exactness(tr::restore_mode mode, bool ggpo, double rho, const char* lab
     ids[i] = std::int64_t((7 * i + 3) % 11);
     labels[i] = std::int64_t((5 * i + 1) % 11);
   }
-  index_t patched = 0;
+  index_t patched = 0, whole = 0;
   std::size_t bytes = 0;
   struct probe : tr::method<T> {
     tr::flat_lora<T>* f;
     index_t* patched;
+    index_t* whole;
     std::size_t* bytes;
     std::string name() const override { return "probe"; }
     void before_forward(const tr::step_context&) override {
       *patched = std::max(*patched, f->patched_entries());
+      *whole = std::max(*whole, f->whole_rows());
       *bytes = std::max(*bytes, f->restore_bytes());
     }
   } pr;
   pr.f = &flat;
   pr.patched = &patched;
+  pr.whole = &whole;
   pr.bytes = &bytes;
   const auto r = tr::fit<T>([&](ag::tape<T>& t, index_t) { return ag::cross_entropy(model(t, ids, 2), labels); }, opt,
                             {&flat, &watch, &pr}, o);
@@ -103,10 +106,10 @@ void run_exactness(tr::restore_mode mode, bool ggpo, double rho, const char* lab
     total += w->size();
     rows += w->rows();
   }
-  std::printf("%s: %td weights, changed during each step >= %.1f%%, restored bit for bit: %s; patched entries %td "
-              "(%.2f%%), bytes kept across the step %zu (weights %zu)\n",
+  std::printf("%s: %td weights, changed during each step >= %.1f%%, restored bit for bit: %s; sparse patches %td "
+              "(%.2f%%), whole rows %td of %td, bytes kept across the step %zu (weights %zu)\n",
               label, total, 100 * watch.min_changed, watch.all_restored ? "yes" : "NO", patched,
-              100.0 * double(patched) / double(total), bytes, std::size_t(total) * sizeof(T));
+              100.0 * double(patched) / double(total), whole, rows, bytes, std::size_t(total) * sizeof(T));
   CHECK(std::isfinite(r.final_loss));
   CHECK(watch.min_changed > 0.9);  // the perturbation was really applied
   CHECK(watch.all_restored);       // and removed to the last bit after each full step
@@ -143,6 +146,9 @@ TEST_CASE("Flat-LoRA: sigma_i = c(t)*rho/sqrt(n)*||W'_i|| and the per-row std of
   fo.rho = 0.1;
   fo.seed = 5;
   tr::flat_lora<double> flat({{deltaw::view(W), &layer}}, fo);
+  MatD other = W;
+  dwt::check_throws_with<deltaw::argument_error>([&] { tr::flat_lora<double>({{deltaw::view(other), &layer}}, fo); },
+                                                 {"flat_lora", "not the memory layer 'l' views"});
 
   // c(t) = (1 − cos(π·t/T))/2 at t = 7 of T = 20, from the loop's total.
   tr::step_context ctx;

@@ -126,6 +126,14 @@ class flat_lora : public method<T> {
           throw shape_error(std::string(op) + ": target " + std::to_string(l) + " is " +
                             deltaw::detail::shape_str(tg.W.rows(), tg.W.cols()) + " but layer '" + tg.layer->name() +
                             "' is " + deltaw::detail::shape_str(tg.layer->out_features(), tg.layer->in_features()));
+        const auto lw = tg.layer->weight();
+        if (lw.data() != tg.W.data() || lw.row_stride() != tg.W.row_stride() || lw.col_stride() != tg.W.col_stride())
+          throw argument_error(std::string(op) + ": target " + std::to_string(l) + " is not the memory layer '" +
+                               tg.layer->name() + "' views; perturbing it would not change the layer");
+        if (tg.layer->weight_parameter() != nullptr)
+          throw argument_error(std::string(op) + ": layer '" + tg.layer->name() +
+                               "' trains its own copy of W (make_weight_trainable); perturbing the frozen memory would "
+                               "not change it");
         if (tg.layer->has_adapter() && tg.layer->kind() == nn::adapter_kind::dora)
           throw argument_error(std::string(op) + ": layer '" + tg.layer->name() + "' is DoRA (W' is not W + s·B·A)");
       }
@@ -171,7 +179,7 @@ class flat_lora : public method<T> {
     for (std::size_t l = 0; l < t_.size(); ++l) {
       auto& W = t_[l].W;
       const index_t m = W.rows(), n = W.cols();
-      sigma_[l] = sigmas(l, c);
+      sigma_[l] = compute_sigmas(l, c);
       auto& u = undo_[l];
       if (o_.restore == restore_mode::save) {
         saved_[l].resize(m, n);
@@ -316,7 +324,7 @@ class flat_lora : public method<T> {
     return out;
   }
 
-  std::vector<double> sigmas(std::size_t l, double c) const {
+  std::vector<double> compute_sigmas(std::size_t l, double c) const {
     const auto nrm = merged_row_norms(l);
     const double base = c * o_.rho / std::sqrt(double(t_[l].W.cols()));
     std::vector<double> s(nrm.size());
