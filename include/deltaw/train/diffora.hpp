@@ -55,7 +55,7 @@ var<T> gate_mul(const var<T>& x, const var<T>& g) {
       dg(0, 0) = dY.cwiseProduct(t.value_at(ix)).sum();
       detail::accumulate(t, ig, dg);
     }
-  });
+  }, /*backward_reads_output=*/false);
 }
 
 /// σ(z/τ)·x with z a [1, 1] logit: the relaxed gate. dz = σ'(z/τ)/τ · Σ dY ⊙ x.

@@ -153,7 +153,8 @@ class increlora_adapter {
                         if (t.needs_grad(ia)) autograd::detail::accumulate(t, ia, s * (De.transpose() * Xv));
                         if (t.needs_grad(ix)) autograd::detail::accumulate(t, ix, s * (De * Av));
                       }
-                    });
+                    },
+                    /*backward_reads_output=*/false);
   }
 
   /// Adds n components with e = 0 from the reserve; multiplies the existing e by

@@ -65,7 +65,8 @@ var<T> o3_penalty(const var<T>& A_cur, const std::vector<matrix_view<const T>>& 
                       dA.noalias() += M.transpose() * P;
                     }
                     detail::accumulate(t, ia, g * dA);
-                  });
+                  },
+                  /*backward_reads_output=*/false);
 }
 
 }  // namespace autograd
