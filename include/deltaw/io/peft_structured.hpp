@@ -31,13 +31,15 @@
 //    materialised (they are small: r·in_max + out_max·r, resp. r·min_dim + max_dim·N·r)
 //    and stored with save_projection = true, so PEFT loads exactly deltaw's ΔW.
 //  - Bone "bat" needs the base weight: peft_miss_module::bat(W) / visit(W, f).
-//  - Refused (unsupported_error): convolution LoKr (4-D factors, lokr_t2), rank / module
-//    dropout are ignored as PEFT ignores them in eval; biases, modules_to_save,
-//    fan_in_fan_out for VeRA / RandLoRA, VeRA / RandLoRA without stored bases.
+//  - Refused (unsupported_error): convolution LoKr (3-/4-D factors, lokr_t2), biases,
+//    modules_to_save, fan_in_fan_out for VeRA / RandLoRA, VeRA / RandLoRA without stored
+//    bases. Dropout fields are ignored, as PEFT ignores them in eval.
 #pragma once
 
 #include <cstring>
 #include <functional>
+#include <map>
+#include <set>
 #include <variant>
 
 #include "../expr/block_affine.hpp"
