@@ -120,7 +120,7 @@ struct spec {
 // over one grid), see docs/training.md.
 const std::vector<spec> methods = {
     {kind::lora, "LoRA", 3e-2},
-    {kind::lora_plus, "LoRA+ (λ=16)", 3e-3},  // the lr of A; B gets 16× that
+    {kind::lora_plus, "LoRA+ (ratio 16)", 3e-3},  // the lr of A; B gets 16× that
     {kind::lora_fa, "LoRA-FA", 1e-1},
     {kind::allora, "ALLoRA", 3e-2},
     {kind::lora_pro, "LoRA-Pro", 1e-2},
