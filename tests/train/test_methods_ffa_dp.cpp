@@ -18,6 +18,10 @@ namespace op = deltaw::optim;
 namespace tr = deltaw::train;
 using deltaw::index_t;
 
+// Every member compiles for float too (the tests below run in double).
+template class deltaw::train::ffa_lora<float>;
+template class deltaw::train::dp_sgd<float>;
+
 namespace {
 bool same_bits(const MatD& a, const MatD& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&

@@ -19,6 +19,9 @@ namespace op = deltaw::optim;
 namespace tr = deltaw::train;
 using deltaw::index_t;
 
+template class deltaw::train::lisa<float>;
+template class deltaw::train::lisa<double, deltaw::optim::sgd<double>>;
+
 namespace {
 template <class M>
 bool same_bits(const M& a, const M& b) {
