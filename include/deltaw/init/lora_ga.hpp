@@ -27,8 +27,8 @@
 #include <vector>
 
 #include "../autograd/tape.hpp"
+#include "factors.hpp"  // first: it brings expr/low_rank.hpp, which backend/cpu/ops.hpp needs
 #include "../linalg/randomized_svd.hpp"
-#include "factors.hpp"
 
 DELTAW_NAMESPACE_BEGIN
 

@@ -17,8 +17,8 @@
 #include <string>
 
 #include "../expr/core_low_rank.hpp"
+#include "factors.hpp"  // first: it brings expr/low_rank.hpp, which backend/cpu/ops.hpp needs
 #include "../linalg/randomized_svd.hpp"
-#include "factors.hpp"
 
 DELTAW_NAMESPACE_BEGIN
 

@@ -26,6 +26,7 @@
 #include <string>
 
 #include "../backend/cpu/eigen_bridge.hpp"
+#include "../expr/low_rank.hpp"  // backend/cpu/ops.hpp (via randomized_svd.hpp) names low_rank without including it
 #include "randomized_svd.hpp"
 
 DELTAW_NAMESPACE_BEGIN
