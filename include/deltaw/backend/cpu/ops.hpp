@@ -168,8 +168,7 @@ void apply_transposed_expr(const E& e, const GM& G, OM& O) {
             if (detail::shares_base(d, e.base())) {
               const dense<C> Gs = evaluator<U>::template transposed_input<C>(d, G);
               base_apply_transposed<C>(e.base(), Gs, O);
-              evaluator<low_rank<typename U::value_type, device::cpu>>::template apply_transposed_add<C>(d.lora(), Gs,
-                                                                                                        O);
+              evaluator<std::remove_cvref_t<decltype(d.lora())>>::template apply_transposed_add<C>(d.lora(), Gs, O);
               done_base = true;
             }
           }
