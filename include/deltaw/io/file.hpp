@@ -60,21 +60,32 @@ struct fd_closer {
 #endif
 }  // namespace detail
 
-/// Reads a whole file into memory.
+/// Reads a whole file into memory: one buffer sized from the file's length (no
+/// zero-fill, no regrowth), grown only if the file is longer than it said.
 inline byte_buffer read_file(const std::filesystem::path& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) throw io_error(detail::os_message("deltaw::io::read_file: cannot open", path));
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> guard(f, &std::fclose);
-  auto buf = std::make_shared<std::vector<std::byte>>();
-  std::byte chunk[1 << 16];
+  std::error_code ec;
+  const auto length = std::filesystem::file_size(path, ec);
+  // One byte beyond the length lets the first read see the end of the file.
+  std::size_t cap = ec ? std::size_t(1) << 16 : std::size_t(length) + 1, size = 0;
+  auto data = std::make_unique_for_overwrite<std::byte[]>(cap);
   for (;;) {
-    const std::size_t got = std::fread(chunk, 1, sizeof chunk, f);
-    buf->insert(buf->end(), chunk, chunk + got);
-    if (got < sizeof chunk) break;
+    if (size == cap) {
+      auto bigger = std::make_unique_for_overwrite<std::byte[]>(2 * cap);
+      std::memcpy(bigger.get(), data.get(), size);
+      data = std::move(bigger);
+      cap *= 2;
+    }
+    const std::size_t got = std::fread(data.get() + size, 1, cap - size, f);
+    size += got;
+    if (got == 0) break;
   }
   if (std::ferror(f)) throw io_error(detail::os_message("deltaw::io::read_file: cannot read", path));
-  std::span<const std::byte> s(buf->data(), buf->size());
-  return {s, std::move(buf)};
+  const std::byte* p = data.get();
+  std::shared_ptr<const void> owner(data.release(), [](const void* q) { delete[] static_cast<const std::byte*>(q); });
+  return {std::span<const std::byte>(p, size), std::move(owner)};
 }
 
 /// Maps a file read-only (falls back to read_file where mmap is unavailable). Empty files
