@@ -4,6 +4,11 @@
 safetensors: a few valid files and the known attacks (huge length prefix, huge header,
 overlapping / out-of-range offsets, shape/size mismatch, duplicate keys, ...).
 peft_config: adapter_config.json variants. gguf: valid LoRA adapters and broken ones.
+peft_structured: u32 little-endian n, n bytes of adapter_config.json, then
+adapter_model.safetensors: the committed LoKr / MiSS / VeRA / RandLoRA fixtures
+(tests/fixtures/peft_*/adapter) packed so, and edits of them that must be refused (config r
+against tensor shapes, missing / extra / duplicate-role tensors, huge r, zero-size bases,
+bf16 and unaligned tensors).
 Standard library only, so the corpus can be rebuilt anywhere."""
 import json
 import os
@@ -139,10 +144,118 @@ def gguf_seeds():
     return s
 
 
+FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
+STRUCTURED = ["peft_lokr", "peft_lokr_both", "peft_lokr_dense", "peft_miss", "peft_miss_mini", "peft_miss_bat",
+              "peft_vera", "peft_randlora", "peft_randlora_sparse"]
+
+
+def st_read(blob):
+    """{name: [dtype, shape, bytes]} in file order (metadata dropped)."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    h = json.loads(blob[8:8 + n])
+    out = {}
+    for k, v in h.items():
+        if k == "__metadata__":
+            continue
+        b, e = v["data_offsets"]
+        out[k] = [v["dtype"], list(v["shape"]), blob[8 + n + b:8 + n + e]]
+    return out
+
+
+def st_write(tensors, pad=True):
+    hdr, data = {}, b""
+    for k, (dt, shape, raw) in tensors.items():
+        hdr[k] = {"dtype": dt, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    return st(hdr, data, pad=pad)
+
+
+def pack(cfg, st_blob):
+    c = cfg if isinstance(cfg, bytes) else json.dumps(cfg).encode()
+    return struct.pack("<I", len(c)) + c + st_blob
+
+
+def to_bf16(raw):
+    return b"".join(raw[i + 2:i + 4] for i in range(0, len(raw), 4))
+
+
+def peft_structured_seeds():
+    s, fx = {}, {}
+    for name in STRUCTURED:
+        d = os.path.join(FIXTURES, name, "adapter")
+        with open(os.path.join(d, "adapter_config.json"), "rb") as f:
+            cfg = f.read()
+        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
+            blob = f.read()
+        s[name] = pack(cfg, blob)
+        fx[name] = (json.loads(cfg), st_read(blob))
+
+    def edit(name, cfg_changes=None, drop=(), change=None, pad=True):
+        cfg, t = fx[name]
+        cfg = dict(cfg, **(cfg_changes or {}))
+        t = {k: list(v) for k, v in t.items() if not any(k.endswith(d) for d in drop)}
+        if change:
+            change(t)
+        return pack(cfg, st_write(t, pad=pad))
+
+    q = "base_model.model.blocks.0.q."
+    s["lokr_r_mismatch"] = edit("peft_lokr", {"r": 3})
+    s["lokr_huge_r"] = edit("peft_lokr", {"r": 2**31, "rank_pattern": {}})
+    s["lokr_missing_w2_b"] = edit("peft_lokr", drop=["q.lokr_w2_b"])
+    s["lokr_dense_and_low_rank"] = edit("peft_lokr", change=lambda t: t.update(
+        {q + "lokr_w2": ["F32", [6, 4], f32(24)]}))
+    s["lokr_w2_inner_mismatch"] = edit("peft_lokr", change=lambda t: t.update(
+        {q + "lokr_w2_b": ["F32", [3, 4], f32(12)]}))
+    s["lokr_conv"] = edit("peft_lokr_dense", change=lambda t: t.update(
+        {q + "lokr_w2": ["F32", [12, 8, 1, 1], t[q + "lokr_w2"][2]]}))
+    s["lokr_bf16_unaligned"] = edit("peft_lokr_both", pad=False, change=lambda t: t.update(
+        {k: ["BF16", v[1], to_bf16(v[2])] for k, v in t.items()}))
+    s["lokr_zero_rows"] = edit("peft_lokr_dense", change=lambda t: t.update(
+        {q + "lokr_w1": ["F32", [0, 2], b""]}))
+    s["miss_r_mismatch"] = edit("peft_miss", {"r": 4})
+    s["miss_huge_r"] = edit("peft_miss", {"r": 2**31}, change=lambda t: t.update(
+        {q + "miss_block": ["F32", [2**31, 0], b""]}))
+    s["miss_mini_r_mismatch"] = edit("peft_miss_mini", {"mini_r": 5})
+    s["miss_zero_cols"] = edit("peft_miss", change=lambda t: t.update({q + "miss_block": ["F32", [3, 0], b""]}))
+    s["miss_bat_bad_block"] = edit("peft_miss_bat", change=lambda t: t.update(
+        {q + "miss_block": ["F32", [8, 4, 3], f32(96)]}))
+    s["miss_bat_zero"] = edit("peft_miss_bat", change=lambda t: t.update({q + "miss_block": ["F32", [0, 4, 4], b""]}))
+    s["miss_bat_as_2d"] = edit("peft_miss_bat", change=lambda t: t.update({q + "miss_block": ["F32", [24, 4], f32(96)]}))
+    s["bone"] = edit("peft_miss", {"peft_type": "BONE"}, change=lambda t: t.update(
+        {k.replace("miss_block", "bone_block"): t.pop(k) for k in list(t)}))
+    s["miss_empty"] = edit("peft_miss", drop=["miss_block"])
+    s["vera_missing_B"] = edit("peft_vera", drop=["base_model.vera_B"])
+    s["vera_missing_lambda_d"] = edit("peft_vera", drop=["q.vera_lambda_d"])
+    s["vera_r_mismatch"] = edit("peft_vera", {"r": 5})
+    s["vera_lambda_d_short"] = edit("peft_vera", change=lambda t: t.update({q + "vera_lambda_d": ["F32", [3], f32(3)]}))
+    s["vera_lambda_b_long"] = edit("peft_vera", change=lambda t: t.update({q + "vera_lambda_b": ["F32", [30], f32(30)]}))
+    s["vera_bases_disagree"] = edit("peft_vera", change=lambda t: t.update(
+        {"base_model.vera_B": ["F32", [24, 3], f32(72)]}))
+    s["vera_zero_in"] = edit("peft_vera", change=lambda t: t.update({"base_model.vera_A": ["F32", [4, 0], b""]}))
+    s["vera_no_projection"] = edit("peft_vera", {"save_projection": False})
+    s["randlora_r_mismatch"] = edit("peft_randlora", {"r": 5})
+    s["randlora_missing_gamma"] = edit("peft_randlora", drop=["q.randlora_gamma"])
+    s["randlora_gamma_wide"] = edit("peft_randlora", change=lambda t: t.update(
+        {q + "randlora_gamma": ["F32", [4, 30], f32(120)]}))
+    s["randlora_copy_differs"] = edit("peft_randlora", change=lambda t: t.update(
+        {q + "randlora_A": ["F32", [4, 1, 24], f32(96, 1.0)]}))
+    s["randlora_zero_B"] = edit("peft_randlora", drop=[".randlora_A", ".randlora_B"], change=lambda t: t.update(
+        {"base_model.randlora_A": ["F32", [4, 1, 24], f32(96)],
+         "base_model.randlora_B": ["F32", [0, 2**40, 4], b""]}))
+    s["randlora_A_2d"] = edit("peft_randlora", change=lambda t: t.update(
+        {"base_model.randlora_A": ["F32", [4, 24], f32(96)]}))
+    s["randlora_bf16"] = edit("peft_randlora_sparse", change=lambda t: t.update(
+        {k: ["BF16", v[1], to_bf16(v[2])] for k, v in t.items()}))
+    s["unknown_key"] = edit("peft_miss", change=lambda t: t.update({"base_model.model.x.lora_A.weight": ["F32", [1], f32(1)]}))
+    s["length_past_end"] = struct.pack("<I", 2**32 - 1) + json.dumps(fx["peft_miss"][0]).encode()
+    s["config_only"] = pack(fx["peft_vera"][0], b"")
+    return s
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "corpus")
     for target, seeds in (("safetensors", safetensors_seeds()), ("peft_config", peft_seeds()),
-                          ("gguf", gguf_seeds())):
+                          ("gguf", gguf_seeds()), ("peft_structured", peft_structured_seeds())):
         d = os.path.join(out, target)
         os.makedirs(d, exist_ok=True)
         for name, blob in seeds.items():

@@ -694,7 +694,10 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
                          " but the stored bases have rank " + std::to_string(a.basis_A.view.rows()));
   }
 
-  for (const auto& [mod, p] : parts) {
+  for (const auto& entry : parts) {
+    // Not a structured binding: the lambdas below capture p, which clang before 16 rejects.
+    const std::string& mod = entry.first;
+    const auto& p = entry.second;
     const std::string where = "deltaw::io::peft (" + source + "): module \"" + mod + "\"";
     auto get = [&](const char* s) -> const st_tensor_info* {
       auto it = p.find(s);

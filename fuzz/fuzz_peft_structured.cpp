@@ -1,0 +1,148 @@
+// libFuzzer target: structured PEFT adapters (LoKr, MiSS / Bone bat, VeRA, RandLoRA) read
+// from memory, the way read_peft_structured_adapter reads a directory.
+//
+// Input: u32 little-endian n, then n bytes of adapter_config.json, then the bytes of
+// adapter_model.safetensors (n is clamped to what is there; fuzz/make_corpus.py packs the
+// committed fixtures this way). Every module that reads is then turned into its update for
+// a few small layer shapes (the fixtures' layers, and the one the module's own tensors
+// imply) and applied, transposed-applied and materialised, so a shape the reader or the
+// update constructors let through but the evaluators do not expect shows up as an ASan
+// report. A read adapter is also written back (to_files) and read again.
+// deltaw::error is the expected way to refuse an input; anything else is a finding.
+#include <deltaw/backend/cpu/block_affine.hpp>
+#include <deltaw/backend/cpu/kron.hpp>
+#include <deltaw/backend/cpu/low_rank.hpp>
+#include <deltaw/backend/cpu/ops.hpp>
+#include <deltaw/core/eigen.hpp>
+#include <deltaw/io/peft_structured.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace {
+
+namespace dw = deltaw;
+namespace io = deltaw::io;
+
+// Keeps each input cheap: an update is evaluated only for layers up to this many weights.
+constexpr dw::index_t max_weights = 1 << 14;
+
+[[noreturn]] void finding(const char* what) {
+  std::fprintf(stderr, "fuzz_peft_structured: %s\n", what);
+  std::abort();
+}
+
+// Deterministic, small, finite values (the point is memory safety, not numerics).
+dw::dense<float> filled(dw::index_t r, dw::index_t c, float s) {
+  dw::dense<float> m(r, c);
+  for (dw::index_t i = 0; i < r; ++i)
+    for (dw::index_t j = 0; j < c; ++j) m(i, j) = s * float((i * 7 + j * 3) % 11 - 5);
+  return m;
+}
+
+// Evaluates update u of a layer [out, in] (W its weight) every way the public API allows.
+template <class U>
+void exercise(const U& u, const dw::dense<float>& W) {
+  const dw::index_t out = u.rows(), in = u.cols();
+  if (out != W.rows() || in != W.cols()) {
+    // LoKr's shape comes from its factors alone; the others must take the layer's.
+    if constexpr (!requires { u.w1(); }) finding("update shape differs from the layer it was built for");
+  }
+  if (out < 0 || in < 0 || out > max_weights || in > max_weights || out * in > max_weights) return;
+  const auto X = filled(3, in, 0.25f);
+  const auto G = filled(3, out, 0.5f);
+  const auto Y = dw::apply(u, X);
+  const auto O = dw::apply_transposed(u, G);
+  const auto D = dw::materialize(u);
+  if (Y.rows() != 3 || Y.cols() != out || O.rows() != 3 || O.cols() != in || D.rows() != out || D.cols() != in)
+    finding("apply / apply_transposed / materialize returned a wrongly shaped result");
+  if (out == W.rows() && in == W.cols()) {
+    const auto Ys = dw::apply(dw::view(W) + u, X);
+    if (Ys.rows() != 3 || Ys.cols() != out) finding("apply(W + dW) returned a wrongly shaped result");
+  }
+}
+
+void exercise_module(const io::peft_structured_adapter& a, const io::peft_structured_adapter::module& mv) {
+  const std::string& name = io::peft_structured_adapter::name_of(mv);
+  // The fixtures' layers (blocks.0.q [24, 16], blocks.0.v [20, 24], head [8, 20]), a
+  // square one, and the shapes the module's own tensors imply.
+  std::vector<std::pair<dw::index_t, dw::index_t>> shapes{{24, 16}, {20, 24}, {8, 20}, {4, 4}};
+  if (const auto* m = std::get_if<io::peft_lokr_module>(&mv)) {
+    shapes.emplace_back(m->out_features(), m->in_features());
+  } else if (const auto* m = std::get_if<io::peft_miss_module>(&mv)) {
+    const dw::index_t c = m->block.view.cols(), rows = m->block.view.rows();
+    if (m->kind == io::miss_kind::bat) shapes.emplace_back(rows, c > 0 ? 2 * c : 1);
+    else shapes.emplace_back(c, c > 0 ? c + 1 : 1);
+  } else if (const auto* m = std::get_if<io::peft_vera_module>(&mv)) {
+    shapes.emplace_back(m->lambda_b.view.size(), m->A.view.cols());
+    shapes.emplace_back(m->lambda_b.view.size(), 1);
+  } else if (const auto* m = std::get_if<io::peft_randlora_module>(&mv)) {
+    const dw::index_t mn = m->gamma.view.cols(), hi = m->B.view.rows();
+    shapes.emplace_back(hi, mn);
+    shapes.emplace_back(mn, hi);
+  }
+  for (const auto& [out, in] : shapes) {
+    if (out < 0 || in < 0 || out > max_weights || in > max_weights || out * in > max_weights) continue;
+    const auto W = filled(out, in, 0.125f);
+    try {
+      a.visit(name, dw::view(W), [&](const auto& u) { exercise(u, W); });
+    } catch (const dw::error& e) {
+      if (std::getenv("DELTAW_FUZZ_VERBOSE")) std::fprintf(stderr, "  %s [%ld, %ld]: %s\n", name.c_str(), long(out), long(in), e.what());
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  // DELTAW_FUZZ_VERBOSE=1 prints what became of each input (to check the seeds).
+  static const bool verbose = std::getenv("DELTAW_FUZZ_VERBOSE") != nullptr;
+  if (size < 4) return 0;
+  std::uint32_t n = 0;
+  std::memcpy(&n, data, 4);  // little endian on every target libFuzzer runs on here
+  data += 4;
+  size -= 4;
+  const std::size_t cn = std::min<std::size_t>(n, size);
+  const std::string_view config(reinterpret_cast<const char*>(data), cn);
+  // An owned copy, as a mapped file would be: views into it must not outlive the adapter.
+  std::vector<std::byte> st(reinterpret_cast<const std::byte*>(data + cn), reinterpret_cast<const std::byte*>(data + size));
+  io::peft_structured_adapter a;
+  try {
+    auto cfg = io::parse_peft_structured_config(config);
+    a = io::peft_structured_adapter::from_safetensors(std::move(cfg), io::safetensors_file::parse(std::move(st)));
+  } catch (const dw::error& e) {
+    if (verbose) std::fprintf(stderr, "refused: %s\n", e.what());
+    return 0;
+  }
+  if (verbose) std::fprintf(stderr, "read %s with %zu modules\n", a.config.peft_type.c_str(), a.size());
+  for (const auto& m : a.modules()) exercise_module(a, m);
+
+  // What was read can be written back and reads again to the same modules.
+  std::vector<std::byte> bytes;
+  std::string text;
+  try {
+    auto [c, w] = a.to_files();
+    bytes = w.serialize();
+    text = io::peft_structured_config_json(c).dump();
+  } catch (const dw::error&) {
+    return 0;  // e.g. an empty adapter, or tensors the writer refuses
+  }
+  try {
+    auto b = io::peft_structured_adapter::from_safetensors(io::parse_peft_structured_config(text),
+                                                          io::safetensors_file::parse(std::move(bytes)));
+    if (b.size() != a.size()) finding("the written-back adapter has another number of modules");
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (io::peft_structured_adapter::name_of(a.modules()[i]) != io::peft_structured_adapter::name_of(b.modules()[i]))
+        finding("the written-back adapter has other module names");
+  } catch (const dw::error& e) {
+    std::fprintf(stderr, "fuzz_peft_structured: re-reading a written adapter threw: %s\n", e.what());
+    std::abort();
+  }
+  return 0;
+}
