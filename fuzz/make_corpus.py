@@ -242,6 +242,10 @@ def peft_structured_seeds():
     s["randlora_zero_B"] = edit("peft_randlora", drop=[".randlora_A", ".randlora_B"], change=lambda t: t.update(
         {"base_model.randlora_A": ["F32", [4, 1, 24], f32(96)],
          "base_model.randlora_B": ["F32", [0, 2**40, 4], b""]}))
+    # N·r of randlora_B wraps around 2^64 (no data: max_dim is 0)
+    s["randlora_B_wraps"] = edit("peft_randlora", drop=[".randlora_A", ".randlora_B"], change=lambda t: t.update(
+        {"base_model.randlora_A": ["F32", [4, 1, 24], f32(96)],
+         "base_model.randlora_B": ["F32", [0, 2**62, 4], b""]}))
     s["randlora_A_2d"] = edit("peft_randlora", change=lambda t: t.update(
         {"base_model.randlora_A": ["F32", [4, 24], f32(96)]}))
     s["randlora_bf16"] = edit("peft_randlora_sparse", change=lambda t: t.update(
