@@ -70,6 +70,22 @@ void pissa_randomized(benchmark::State& state) {
   }
 }
 
+/// The same with weight_type_arithmetic: the SVD and the residual in fp32 (as torch's
+/// svd_lowrank on a float tensor).
+void pissa_randomized_fp32(benchmark::State& state) {
+  const int n = int(state.range(0)), r = int(state.range(1));
+  const mat& W = weight(n);
+  mat Wc;
+  for (auto _ : state) {
+    state.PauseTiming();
+    Wc = W;
+    state.ResumeTiming();
+    auto f = dw::pissa(Wc, r, 1.0,
+                       {.power_iterations = 4, .oversampling = 10, .seed = 1, .weight_type_arithmetic = true});
+    benchmark::DoNotOptimize(f.A.data());
+  }
+}
+
 void rsvd_float(benchmark::State& state) {
   const int n = int(state.range(0)), r = int(state.range(1));
   const mat& W = weight(n);
@@ -149,6 +165,7 @@ void dense_spectrum(benchmark::State& state) {
 }  // namespace
 
 BENCHMARK(pissa_randomized)->Args({4096, rank})->Unit(benchmark::kMillisecond);
+BENCHMARK(pissa_randomized_fp32)->Args({4096, rank})->Unit(benchmark::kMillisecond);
 BENCHMARK(rsvd_float)->Args({4096, rank})->Unit(benchmark::kMillisecond);
 BENCHMARK(pissa_exact)->Args({4096, rank})->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(dense_svd_float)->Arg(4096)->Iterations(1)->Unit(benchmark::kMillisecond);

@@ -88,6 +88,22 @@ TEST_CASE("pissa (randomized, niter): close to the exact factors, exact residual
   CHECK(dwt::rel_err(Wr, We) < 1e-6);
 }
 
+TEST_CASE("pissa (randomized in fp32, weight_type_arithmetic): fp32-close to the exact factors, residual to fp32 rounding") {
+  const MatD W0d = dwt::with_spectrum(80, 60, dwt::geometric_spectrum(60, 5.0, 0.7), 17);
+  const MatF W0 = W0d.cast<float>();
+  MatD We = W0.cast<double>();
+  MatF Wr = W0;
+  const auto fe = dw::pissa(We, 6, 2.0);
+  const auto fr = dw::pissa(Wr, 6, 2.0, {.power_iterations = 4, .seed = 5, .weight_type_arithmetic = true});
+  static_assert(std::is_same_v<decltype(fr.B)::Scalar, float>);
+  const double back = dwt::rel_err(MatD(Wr.cast<double>() + 2.0 * fr.B.cast<double>() * fr.A.cast<double>()),
+                                   MatD(W0.cast<double>()));
+  const double e = dwt::rel_err(MatD(fr.B.cast<double>() * fr.A.cast<double>()), MatD(fe.B * fe.A));
+  MESSAGE("pissa fp32 niter=4: residual rel err ", back, ", B·A vs exact (double) ", e);
+  CHECK(back < 8 * std::numeric_limits<float>::epsilon());
+  CHECK(e < 1e-5);
+}
+
 TEST_CASE("olora: W_res + s·B·A = W; B orthonormal, A upper trapezoidal, first r columns in the adapter") {
   struct shape {
     Eigen::Index m, n, r;
