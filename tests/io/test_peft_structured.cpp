@@ -321,6 +321,17 @@ TEST_CASE("peft structured: unsupported and inconsistent inputs are specific err
         }, vera_cfg);
       },
       {"save_projection needs base_model.vera_A"});
+  // An empty randlora_B with a huge dimension: N·r must not wrap around (found by fuzzing).
+  const auto randlora_cfg = cfg(R"({"peft_type": "RANDLORA", "r": 4})");
+  const std::vector<float> a8(8, 0.5f);
+  dwt::check_throws_with<dw::format_error>(
+      [&] {
+        build([&](auto& w) {
+          w.add_raw("base_model.randlora_A", io::st_dtype::F32, {4, 1, 2}, std::as_bytes(std::span(a8)));
+          w.add_raw("base_model.randlora_B", io::st_dtype::F32, {0, std::uint64_t(1) << 62, 4}, {});
+        }, randlora_cfg);
+      },
+      {"randlora_B", "above 2^31"});
   const auto bat_cfg = cfg(R"({"peft_type": "MISS", "r": 4, "init_weights": "bat"})");
   dwt::check_throws_with<dw::format_error>(
       [&] { build([&](auto& w) { w.add("base_model.model.q.miss_block", m44); }, bat_cfg); }, {"[out/r, r, r]"});

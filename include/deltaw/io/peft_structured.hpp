@@ -38,6 +38,7 @@
 
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <set>
 #include <variant>
@@ -685,6 +686,12 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
                            " [max_dim, N, r] do not fit together");
       const auto& sa = shared_A->shape;
       const auto& sb = shared_B->shape;
+      // An empty tensor passes the byte-length check with any other dimensions: bound them
+      // so that N·r cannot wrap around.
+      constexpr auto dim_max = std::uint64_t(std::numeric_limits<std::int32_t>::max());
+      if (sb[1] > dim_max || sb[2] > dim_max || sa[2] > dim_max)
+        throw format_error("deltaw::io::peft (" + source + "): randlora_B " + detail::shape_string(shared_B->shape) +
+                           " or randlora_A " + detail::shape_string(shared_A->shape) + " has a dimension above 2^31 − 1");
       a.basis_A = detail::st_flat_matrix(f, *shared_A, index_t(sa[0]), index_t(sa[2]), source);
       a.basis_B = detail::st_flat_matrix(f, *shared_B, index_t(sb[0]), index_t(sb[1] * sb[2]), source);
       a.randlora_bases = index_t(sb[1]);
