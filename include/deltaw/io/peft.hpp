@@ -482,21 +482,39 @@ class peft_adapter {
   std::vector<peft_lora_module> modules_;
 };
 
+namespace detail {
+/// What every PEFT adapter directory holds: adapter_config.json (read whole, parsed by
+/// the caller) and adapter_model.safetensors (mapped by tensors()). `op` names the
+/// caller in the errors.
+struct adapter_dir {
+  std::filesystem::path dir;
+  const char* op;
+  byte_buffer config;
+  std::string config_path = (dir / "adapter_config.json").string();
+  std::string tensors_path = (dir / "adapter_model.safetensors").string();
+
+  adapter_dir(std::filesystem::path d, const char* o) : dir(std::move(d)), op(o) { config = read_file(config_path); }
+  std::string_view config_text() const {
+    return {reinterpret_cast<const char*>(config.bytes.data()), config.bytes.size()};
+  }
+  safetensors_file tensors() const {
+    if (!std::filesystem::exists(tensors_path)) {
+      if (std::filesystem::exists(dir / "adapter_model.bin"))
+        throw unsupported_error(std::string(op) + ": '" + dir.string() +
+                                "' holds adapter_model.bin (a pickle); only adapter_model.safetensors is read");
+      throw io_error(std::string(op) + ": '" + tensors_path + "' does not exist");
+    }
+    return safetensors_file::open(tensors_path);
+  }
+};
+}  // namespace detail
+
 /// Reads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors; the
 /// tensors stay mapped and are viewed without copying when stored as aligned F32).
 inline peft_adapter read_peft_adapter(const std::filesystem::path& dir) {
-  const auto cfg_path = dir / "adapter_config.json";
-  const auto st_path = dir / "adapter_model.safetensors";
-  const auto cfg_bytes = read_file(cfg_path);
-  std::string_view text(reinterpret_cast<const char*>(cfg_bytes.bytes.data()), cfg_bytes.bytes.size());
-  auto cfg = parse_peft_config(text, cfg_path.string());
-  if (!std::filesystem::exists(st_path)) {
-    if (std::filesystem::exists(dir / "adapter_model.bin"))
-      throw unsupported_error("deltaw::io::read_peft_adapter: '" + dir.string() +
-                              "' holds adapter_model.bin (a pickle); only adapter_model.safetensors is read");
-    throw io_error("deltaw::io::read_peft_adapter: '" + st_path.string() + "' does not exist");
-  }
-  return peft_adapter::from_safetensors(std::move(cfg), safetensors_file::open(st_path), st_path.string());
+  const detail::adapter_dir d(dir, "deltaw::io::read_peft_adapter");
+  auto cfg = parse_peft_config(d.config_text(), d.config_path);
+  return peft_adapter::from_safetensors(std::move(cfg), d.tensors(), d.tensors_path);
 }
 
 /// Writes `a` as a PEFT adapter directory (created if needed).

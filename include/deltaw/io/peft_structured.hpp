@@ -887,18 +887,9 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
 
 /// Reads a structured PEFT adapter directory (LOKR, MISS, BONE, VERA, RANDLORA).
 inline peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir) {
-  const auto cfg_path = dir / "adapter_config.json";
-  const auto st_path = dir / "adapter_model.safetensors";
-  const auto cfg_bytes = read_file(cfg_path);
-  std::string_view text(reinterpret_cast<const char*>(cfg_bytes.bytes.data()), cfg_bytes.bytes.size());
-  auto cfg = parse_peft_structured_config(text, cfg_path.string());
-  if (!std::filesystem::exists(st_path)) {
-    if (std::filesystem::exists(dir / "adapter_model.bin"))
-      throw unsupported_error("deltaw::io::read_peft_structured_adapter: '" + dir.string() +
-                              "' holds adapter_model.bin (a pickle); only adapter_model.safetensors is read");
-    throw io_error("deltaw::io::read_peft_structured_adapter: '" + st_path.string() + "' does not exist");
-  }
-  return peft_structured_adapter::from_safetensors(std::move(cfg), safetensors_file::open(st_path), st_path.string());
+  const detail::adapter_dir d(dir, "deltaw::io::read_peft_structured_adapter");
+  auto cfg = parse_peft_structured_config(d.config_text(), d.config_path);
+  return peft_structured_adapter::from_safetensors(std::move(cfg), d.tensors(), d.tensors_path);
 }
 
 /// Writes `a` as a PEFT adapter directory (created if needed).
