@@ -141,6 +141,23 @@ inline std::string regex_escape(const std::string& s) {
   return r;
 }
 
+/// PEFT's "target_modules": a regular expression (a string) or a list of names.
+template <class J, class Regex>
+void read_target_modules(const J& o, Regex& regex, std::vector<std::string>& names, const std::string& source) {
+  auto it = o.find("target_modules");
+  if (it == o.end() || it->is_null()) return;
+  if (it->is_string()) {
+    regex = it->template get<std::string>();
+    check_regex_text(*regex, "\"target_modules\"", source);
+  } else if (it->is_array()) {
+    for (const auto& e : *it) {
+      if (!e.is_string()) peft_fail(source, "\"target_modules\" entries must be strings");
+      names.push_back(e.template get<std::string>());
+    }
+  } else {
+    peft_fail(source, "\"target_modules\" must be a list of names or a regular expression");
+  }
+}
 }  // namespace detail
 
 /// Parses adapter_config.json text. Throws format_error when malformed and
@@ -165,19 +182,7 @@ inline peft_lora_config parse_peft_config(std::string_view text, const std::stri
   if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
     c.base_model_name_or_path = it->get<std::string>();
 
-  if (auto it = o.find("target_modules"); it != o.end() && !it->is_null()) {
-    if (it->is_string()) {
-      c.target_modules_regex = it->get<std::string>();
-      detail::check_regex_text(*c.target_modules_regex, "\"target_modules\"", source);
-    } else if (it->is_array()) {
-      for (const auto& t : *it) {
-        if (!t.is_string()) detail::peft_fail(source, "\"target_modules\" entries must be strings");
-        c.target_modules.push_back(t.get<std::string>());
-      }
-    } else {
-      detail::peft_fail(source, "\"target_modules\" must be a list of names or a regular expression");
-    }
-  }
+  detail::read_target_modules(o, c.target_modules_regex, c.target_modules, source);
   if (auto it = o.find("rank_pattern"); it != o.end() && !it->is_null()) {
     if (!it->is_object()) detail::peft_fail(source, "\"rank_pattern\" must be an object");
     for (const auto& [k, v] : it->items()) {

@@ -160,19 +160,7 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
     if (auto it = o.find(alpha_key); it != o.end()) c.alpha = detail::peft_number(*it, alpha_key, source);
   if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
     c.base_model_name_or_path = it->get<std::string>();
-  if (auto it = o.find("target_modules"); it != o.end() && !it->is_null()) {
-    if (it->is_string()) {
-      c.target_modules_regex = it->get<std::string>();
-      detail::check_regex_text(*c.target_modules_regex, "\"target_modules\"", source);
-    } else if (it->is_array()) {
-      for (const auto& e : *it) {
-        if (!e.is_string()) detail::peft_fail(source, "\"target_modules\" entries must be strings");
-        c.target_modules.push_back(e.get<std::string>());
-      }
-    } else {
-      detail::peft_fail(source, "\"target_modules\" must be a list of names or a regular expression");
-    }
-  }
+  detail::read_target_modules(o, c.target_modules_regex, c.target_modules, source);
   if (t == "LOKR") {
     for (const char* k : {"rank_pattern", "alpha_pattern"}) {
       auto it = o.find(k);
