@@ -9,10 +9,19 @@
 //
 // Built twice (bench/train.cmake): with Eigen's own products and with EIGEN_USE_BLAS.
 // `--rss_steps=N` skips Google Benchmark and runs N training steps only (no two_gemms
-// buffers), printing the sizes of what is held, for `/usr/bin/time -v` (peak RSS).
+// buffers), printing the sizes of what is held, for `/usr/bin/time -v` (peak RSS). With
+// glibc it first fixes malloc's mmap threshold at 128 KiB (its initial value), so that
+// every activation buffer the tape frees goes back to the system at once; without that,
+// glibc raises the threshold to 8 MiB after the first activation is freed and keeps later
+// ones on its heap, where freed blocks stay resident (docs/benchmarks.md, "Memory of the
+// training step"). `--rss_malloc_defaults` keeps glibc's dynamic threshold.
 #include <benchmark/benchmark.h>
 #ifdef DELTAW_BENCH_HAS_OPENBLAS
 #include <cblas.h>
+#endif
+
+#if defined(__GLIBC__)
+#include <malloc.h>
 #endif
 
 #include <Eigen/Core>
@@ -140,14 +149,23 @@ double peak_rss_mib() {
   return -1;
 }
 
-int rss_only(int steps) {
+int rss_only(int steps, bool malloc_defaults) {
+#if defined(__GLIBC__)
+  if (!malloc_defaults) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+  std::printf("malloc: glibc, mmap threshold %s\n", malloc_defaults ? "dynamic (default)" : "fixed at 128 KiB");
+#else
+  (void)malloc_defaults;
+#endif
   const double startup = peak_rss_mib();  // the runtime's libraries, before any tensor
   use_threads(1);
   auto& d = step_data();
   dw::optim::adamw<float> opt({&d.B, &d.A}, {1e-4, 0.9, 0.999, 1e-8, 0.0});
   const double mib = 1.0 / (1024.0 * 1024.0);
   const double act = double(tokens) * features * sizeof(float) * mib;
-  for (int i = 0; i < steps; ++i) std::printf("step %d loss %.6f\n", i, double(train_step_once(d, opt)));
+  for (int i = 0; i < steps; ++i) {
+    const double loss = train_step_once(d, opt);
+    std::printf("step %d loss %.6f, peak RSS so far %.2f MiB\n", i, loss, peak_rss_mib());
+  }
   std::printf("frozen W          %8.2f MiB (viewed by the tape, never copied)\n",
               double(d.W.size()) * sizeof(float) * mib);
   std::printf("X, target         %8.2f MiB (caller's batch, viewed)\n", 2 * act);
@@ -165,8 +183,11 @@ int rss_only(int steps) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  bool malloc_defaults = false;
   for (int i = 1; i < argc; ++i)
-    if (std::strncmp(argv[i], "--rss_steps=", 12) == 0) return rss_only(std::atoi(argv[i] + 12));
+    if (std::strcmp(argv[i], "--rss_malloc_defaults") == 0) malloc_defaults = true;
+  for (int i = 1; i < argc; ++i)
+    if (std::strncmp(argv[i], "--rss_steps=", 12) == 0) return rss_only(std::atoi(argv[i] + 12), malloc_defaults);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 #ifdef EIGEN_USE_BLAS

@@ -7,6 +7,10 @@ target; backward; AdamW on A and B (foreach off); zero_grad. Reference in the sa
 y = x·Wᵀ and dx = dy·W (the two GEMMs). Prints medians and min of each and their ratios.
 
 Usage: python3 bench/compare/torch_train_step.py [--threads 1 2] [--reps 15]
+       python3 bench/compare/torch_train_step.py --rss-steps 3
+The second form runs N training steps with one thread and no two_gemms buffers, and prints
+the peak resident memory (VmHWM) above what the process held before any tensor existed:
+the counterpart of `bench_train_step --rss_steps=N`.
 Exits 0 with a "skipped" line when torch is not installed.
 """
 import argparse
@@ -30,21 +34,39 @@ def once(fn):
     return time.perf_counter() - t0
 
 
+def peak_rss_mib():
+    """VmHWM (peak resident set so far) in MiB, from /proc/self/status; -1 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return -1.0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--rss-steps", type=int, default=0)
     args = ap.parse_args()
+    if args.rss_steps:
+        torch.set_num_threads(1)
+        torch.ones(1) @ torch.ones(1, 1)  # load the kernels before measuring the start-up
+    startup = peak_rss_mib()
 
     g = torch.Generator().manual_seed(20240611)
-    W = (torch.rand(OUT, IN, generator=g) * 2 - 1) / IN ** 0.5  # frozen
-    X = torch.rand(TOKENS, IN, generator=g) * 2 - 1
-    target = torch.rand(TOKENS, OUT, generator=g) * 2 - 1
+    # uniform in [-1, 1), made in place so that no temporary raises the peak RSS
+    W = torch.rand(OUT, IN, generator=g).mul_(2).sub_(1).div_(IN ** 0.5)  # frozen
+    X = torch.rand(TOKENS, IN, generator=g).mul_(2).sub_(1)
+    target = torch.rand(TOKENS, OUT, generator=g).mul_(2).sub_(1)
     B = torch.nn.Parameter((torch.rand(OUT, RANK, generator=g) * 2 - 1) * 0.01)
     A = torch.nn.Parameter((torch.rand(RANK, IN, generator=g) * 2 - 1) / IN ** 0.5)
     s = ALPHA / RANK
     opt = torch.optim.AdamW([B, A], lr=1e-4, weight_decay=0.0, foreach=False)
-    dY = torch.rand(TOKENS, OUT, generator=g) * 2 - 1
+    dY = None if args.rss_steps else torch.rand(TOKENS, OUT, generator=g).mul_(2).sub_(1)
 
     def train_step():
         x = X.detach().requires_grad_(True)
@@ -61,6 +83,14 @@ def main():
         return y, dx
 
     print(f"torch {torch.__version__}, W [{OUT}, {IN}] fp32 frozen, LoRA r = {RANK}, {TOKENS} tokens")
+    if args.rss_steps:
+        for i in range(args.rss_steps):
+            train_step()
+            print(f"step {i}: peak RSS so far {peak_rss_mib():.2f} MiB")
+        peak = peak_rss_mib()
+        print(f"peak RSS {peak:.2f} MiB, of which {startup:.2f} MiB before any tensor existed; "
+              f"peak - startup = {peak - startup:.2f} MiB")
+        return
     for th in args.threads:
         torch.set_num_threads(th)
         train_step()  # warm-up (allocates AdamW state)
