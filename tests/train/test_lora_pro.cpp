@@ -211,3 +211,98 @@ TEST_CASE("LoRA-Pro full-size AdamW: the first step moves W' along −lr·projec
   CHECK(e < 1e-7);
   CHECK(layer.lora_A()->grad().norm() == 0);  // fit zeroed the gradients
 }
+
+TEST_CASE("LoRA-Pro full-size AdamW, decay_base_weight: W' = (1 − lr·wd)·W; the effective update is the written-out rule") {
+  const Eigen::Index in = 9, out = 8, r = 3;
+  const double lr = 2e-2, wd = 0.5, b1 = 0.9, b2 = 0.999, eps = 1e-8;
+  MatD W = dwt::random<MatD>(out, in, 110);
+  const MatD W0 = W;
+  nn::linear<double> layer("proj", deltaw::view(std::as_const(W)));
+  std::mt19937_64 g(5);
+  layer.attach(nn::adapter_kind::lora, r, 6.0, g);
+  layer.lora_B()->value() = dwt::random<MatD>(out, r, 111);
+  const MatD A0 = layer.lora_A()->value(), B0 = layer.lora_B()->value();
+  const double s = layer.scale();
+  tr::lora_pro_adamw_options o;
+  o.lr = lr;
+  o.weight_decay = wd;
+  o.decay_base_weight = true;
+  o.adjust.delta = 0;  // exact inverses, as the dense reference below
+  o.report = nullptr;
+
+  // Zero gradient: the moments stay zero, D = 0, and only the decay acts.
+  {
+    tr::lora_pro_adamw<double> opt({&layer}, o, {deltaw::view(W)});
+    layer.lora_A()->zero_grad();
+    layer.lora_B()->zero_grad();
+    opt.step();
+    CHECK(W == MatD((1 - lr * wd) * W0));  // the reference's rule, bit for bit
+    CHECK(layer.lora_A()->value() == MatD(std::sqrt(1 - lr * wd) * A0));
+    CHECK(layer.lora_B()->value() == MatD(std::sqrt(1 - lr * wd) * B0));
+    const MatD eff0 = W0 + s * B0 * A0, eff1 = W + s * layer.lora_B()->value() * layer.lora_A()->value();
+    CHECK(dwt::rel_err(eff1, MatD((1 - lr * wd) * eff0)) < 1e-15);
+  }
+
+  // A real gradient G = ∂L/∂W' (LoRA gradients s·Bᵀ·G, s·G·Aᵀ), first step of a fresh optimiser.
+  W = W0;
+  layer.lora_A()->value() = A0;
+  layer.lora_B()->value() = B0;
+  tr::lora_pro_adamw<double> opt({&layer}, o, {deltaw::view(W)});
+  const MatD G = dwt::random<MatD>(out, in, 112);
+  layer.lora_A()->grad() = s * B0.transpose() * G;
+  layer.lora_B()->grad() = s * G * A0.transpose();
+  opt.step();
+  // Written out densely: g̃ = P_B·G + G·P_A − P_B·G·P_A, Adam's first step on it, the LoRA
+  // gradients of D, X from the Kronecker form of the Sylvester equation, then the factors.
+  const MatD PB = dense_projector_cols(B0), PA = dense_projector_rows(A0);
+  const MatD gt = PB * G + G * PA - PB * G * PA;
+  const MatD m = (1 - b1) * gt, v = (1 - b2) * gt.cwiseProduct(gt);
+  const MatD D = ((m / (1 - b1)).array() / ((v / (1 - b2)).array().sqrt() + eps)).matrix();
+  const MatD gA = s * B0.transpose() * D, gB = s * D * A0.transpose();
+  const MatD BtBi = (B0.transpose() * B0).inverse(), AAti = (A0 * A0.transpose()).inverse();
+  const ColD C = -(1 / (s * s)) * BtBi * gA * A0.transpose();
+  const ColD Xs = unvec(sylvester_operator(B0.transpose() * B0, A0 * A0.transpose()).lu().solve(vec(C)), r, r);
+  const MatD X = Xs;
+  const MatD nA = (1 / (s * s)) * BtBi * gA + X * A0;
+  const MatD nB = (1 / (s * s)) * (MatD::Identity(out, out) - PB) * gB * AAti - B0 * X;
+  const double d = std::sqrt(1 - lr * wd);
+  const MatD want = (1 - lr * wd) * W0 + s * (d * B0 - lr * nB) * (d * A0 - lr * nA);
+  const MatD got = W + s * layer.lora_B()->value() * layer.lora_A()->value();
+  const double e = dwt::rel_err(got, want);
+  std::printf("LoRA-Pro full-moment step with base decay: effective W + s·B·A vs the written-out rule, rel err %.2e\n", e);
+  CHECK(e < 1e-12);
+  CHECK(W == MatD((1 - lr * wd) * W0));
+  // Without the option the base weight is not written; the rest of the step is the same.
+  MatD W2 = W0;
+  layer.lora_A()->value() = A0;
+  layer.lora_B()->value() = B0;
+  o.decay_base_weight = false;
+  tr::lora_pro_adamw<double> plain({&layer}, o);
+  layer.lora_A()->grad() = s * B0.transpose() * G;
+  layer.lora_B()->grad() = s * G * A0.transpose();
+  plain.step();
+  CHECK(W2 == W0);
+  CHECK(dwt::rel_err(MatD(W0 + s * layer.lora_B()->value() * layer.lora_A()->value()),
+                     MatD(want - (1 - lr * wd) * W0 + W0)) < 1e-12);
+}
+
+TEST_CASE("LoRA-Pro full-size AdamW, decay_base_weight: a read-only W throws, naming the layer") {
+  const MatD W = dwt::random<MatD>(4, 5, 120);
+  MatD other = W;
+  nn::linear<double> layer("attn.q", deltaw::view(W));
+  std::mt19937_64 g(6);
+  layer.attach(nn::adapter_kind::lora, 2, 4.0, g);
+  tr::lora_pro_adamw_options o;
+  o.weight_decay = 0.1;
+  o.report = nullptr;
+  o.decay_base_weight = true;
+  dwt::check_throws_with<deltaw::argument_error>([&] { tr::lora_pro_adamw<double> opt({&layer}, o); },
+                                                 {"lora_pro_adamw", "'attn.q'", "read-only", "base_weights"});
+  // A mutable view of other memory is not the layer's W.
+  dwt::check_throws_with<deltaw::argument_error>(
+      [&] { tr::lora_pro_adamw<double> opt({&layer}, o, {deltaw::view(other)}); },
+      {"base_weights[0]", "'attn.q'", "[4, 5]"});
+  o.decay_base_weight = false;
+  dwt::check_throws_with<deltaw::argument_error>(
+      [&] { tr::lora_pro_adamw<double> opt({&layer}, o, {deltaw::view(other)}); }, {"decay_base_weight is off"});
+}

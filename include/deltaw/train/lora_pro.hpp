@@ -30,6 +30,11 @@
 //      train::lora_pro_adamw<float> opt(model.adapted_layers(), {.lr = 1e-3});
 //      train::fit<float>(loss, opt, {}, o);           // prints its state's size once
 //
+//    Weight decay scales A and B by √(1 − lr·wd) each (B·A by 1 − lr·wd); the reference
+//    also decays the frozen base W by 1 − lr·wd, which here is the option
+//    decay_base_weight, given the caller's mutable views of the layers' W (layers hold W
+//    read-only; without such a view the option throws argument_error naming the layer).
+//
 //    It replaces the optimiser rather than hooking a method into a plain one, because
 //    the update needs the moments, the learning rate and its schedule together; a
 //    method that stepped by itself and zeroed the gradients would duplicate the
@@ -193,9 +198,15 @@ struct lora_pro_adamw_options {
   double beta2 = 0.999;
   double eps = 1e-8;
   /// Decoupled decay: A and B are multiplied by √(1 − lr·wd) each, so B·A decays by
-  /// (1 − lr·wd) as in the reference. (The reference also decays the frozen base weight;
-  /// deltaw never writes the frozen W.)
+  /// (1 − lr·wd) as in the reference.
   double weight_decay = 0;
+  /// Also decay the frozen base weight, W ← (1 − lr·wd)·W, as the reference does, so the
+  /// effective W + s·B·A decays by (1 − lr·wd) as full AdamW's weight would. Off by
+  /// default: layers hold W as a read-only view, so this needs the caller's mutable view
+  /// of each layer's W (the constructor's base_weights; the layer keeps reading that
+  /// memory, so the forward pass sees the decayed W). Merged or saved adapters then no
+  /// longer describe the change from the original W alone.
+  bool decay_base_weight = false;
   /// The adjustment used to project the Adam direction back onto the factors.
   lora_pro_options adjust{};
   /// Where the size of the full-size state is printed at construction (null: silent).
@@ -205,12 +216,17 @@ struct lora_pro_adamw_options {
 /// LoRA-Pro with full-size AdamW moments (the reference's "full" mode). Per step and
 /// layer: g̃ from the LoRA gradients (dense m × n), m ← β₁m + (1−β₁)g̃,
 /// v ← β₂v + (1−β₂)g̃², D = m̂/(√v̂ + ε), then (g_A, g_B) = lora_pro_adjust of
-/// (s·Bᵀ·D, s·D·Aᵀ), and A ← √(1−lr·wd)·A − lr·g_A, B likewise. State: 2·m·n values
-/// per layer, reported by state_bytes().
+/// (s·Bᵀ·D, s·D·Aᵀ), and A ← √(1−lr·wd)·A − lr·g_A, B likewise (and, with
+/// decay_base_weight, W ← (1−lr·wd)·W). State: 2·m·n values per layer, reported by
+/// state_bytes().
 template <class T>
 class lora_pro_adamw {
  public:
-  lora_pro_adamw(std::vector<nn::linear<T>*> layers, lora_pro_adamw_options o) : layers_(std::move(layers)), o_(o) {
+  /// base_weights: with decay_base_weight, one mutable view per layer of the very memory
+  /// the layer reads as W (same data, shape and strides); otherwise empty.
+  lora_pro_adamw(std::vector<nn::linear<T>*> layers, lora_pro_adamw_options o,
+                 std::vector<matrix_view<T>> base_weights = {})
+      : layers_(std::move(layers)), o_(o), base_(std::move(base_weights)) {
     constexpr const char* op = "deltaw::train::lora_pro_adamw";
     if (!std::isfinite(o.lr) || o.lr < 0 || !std::isfinite(o.eps) || o.eps < 0 || !std::isfinite(o.weight_decay) ||
         o.weight_decay < 0)
@@ -223,6 +239,28 @@ class lora_pro_adamw {
       params_.push_back(l->lora_A());
       m_.push_back(dense<T>::Zero(l->out_features(), l->in_features()));
       v_.push_back(dense<T>::Zero(l->out_features(), l->in_features()));
+    }
+    if (!o.decay_base_weight && !base_.empty())
+      throw argument_error(std::string(op) + ": base_weights given but decay_base_weight is off");
+    if (o.decay_base_weight) {
+      for (std::size_t i = 0; i < layers_.size(); ++i) {
+        const auto w = layers_[i]->weight();
+        if (i >= base_.size() || base_[i].data() == nullptr)
+          throw argument_error(std::string(op) + ": decay_base_weight needs a mutable view of layer '" +
+                               layers_[i]->name() + "''s base weight W " + deltaw::detail::shape_str(w.rows(), w.cols()) +
+                               ", which the layer holds read-only; pass it in base_weights (one per layer, " +
+                               std::to_string(layers_.size()) + " in all; got " + std::to_string(base_.size()) + ")");
+        const auto& b = base_[i];
+        if (b.data() != w.data() || b.rows() != w.rows() || b.cols() != w.cols() || b.row_stride() != w.row_stride() ||
+            b.col_stride() != w.col_stride())
+          throw argument_error(std::string(op) + ": base_weights[" + std::to_string(i) + "] " +
+                               deltaw::detail::shape_str(b.rows(), b.cols()) + " is not the memory layer '" +
+                               layers_[i]->name() + "' reads as W " + deltaw::detail::shape_str(w.rows(), w.cols()) +
+                               " (same data, shape and strides needed)");
+      }
+      if (base_.size() != layers_.size())
+        throw argument_error(std::string(op) + ": " + std::to_string(base_.size()) + " base_weights for " +
+                             std::to_string(layers_.size()) + " layers");
     }
     steps_.assign(layers_.size(), 0);
     if (o.report)
@@ -266,6 +304,12 @@ class lora_pro_adamw {
       const T decay = T(std::sqrt(1 - lr * o_.weight_decay));
       A->value() = decay * A->value() - T(lr) * u.g_A;
       B->value() = decay * B->value() - T(lr) * u.g_B;
+      if (o_.decay_base_weight && o_.weight_decay != 0) {
+        const T d = T(1 - lr * o_.weight_decay);
+        const auto& w = base_[i];
+        for (index_t r = 0; r < w.rows(); ++r)
+          for (index_t c = 0; c < w.cols(); ++c) w(r, c) *= d;
+      }
     }
   }
   void zero_grad() { autograd::zero_grad(params_); }
@@ -276,6 +320,7 @@ class lora_pro_adamw {
   std::vector<nn::linear<T>*> layers_;
   lora_pro_adamw_options o_;
   std::vector<autograd::parameter<T>*> params_;
+  std::vector<matrix_view<T>> base_;
   std::vector<dense<T>> m_, v_;
   std::vector<index_t> steps_;
 };
