@@ -2,6 +2,7 @@
 // views of memory the caller (or the model object) owns: layers never copy them.
 //
 //   linear          frozen W (view) + optional bias + optional LoRA / rsLoRA / DoRA adapter
+//                   + an optional forward hook (DP-SGD's capture, EVA's input collection)
 //   embedding       a token table (frozen view or trainable parameter)
 //   layer_norm, rms_norm
 //   transformer_block   pre-norm: x + attn(ln1(x)), then x + mlp(ln2(x)) (GELU MLP)
@@ -10,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
@@ -120,7 +122,47 @@ class linear {
       y = autograd::lora_linear(x, W_, t.param(*B_), t.param(*A_), s_);
     }
     if (bias_) y = autograd::add_bias(y, t.param(*bias_));
+    if (hook_) y = hook_(t, x, y);
     return y;
+  }
+
+  /// A forward hook: called by operator() after the layer computed y (bias included),
+  /// with the layer's input x and output y on the same tape; what it returns is the
+  /// layer's output. It may return y itself (a hook that only reads x or y: EVA's input
+  /// collection) or a node recorded on the tape that passes y through, whose backward
+  /// closure sees dL/dy (DP-SGD's capture of the output gradient). It runs under no_grad
+  /// too (t.grad_enabled() tells). One hook per layer: setting a second one throws, so two
+  /// users cannot silently replace each other's; `owner` is a tag (e.g. the object that
+  /// installed it) that clear_forward_hook(owner) checks. The hook must not outlive what
+  /// it captures: its owner clears it (dp_sgd does so on destruction). Without a hook the
+  /// forward pass pays one test of an empty std::function.
+  using forward_hook = std::function<var<T>(tape<T>&, const var<T>& x, const var<T>& y)>;
+  void set_forward_hook(forward_hook h, const void* owner = nullptr) {
+    if (!h) throw argument_error("deltaw::nn::linear(" + name_ + ")::set_forward_hook: empty hook (use clear_forward_hook)");
+    if (hook_)
+      throw argument_error("deltaw::nn::linear(" + name_ + ")::set_forward_hook: the layer already has a forward hook" +
+                           (hook_owner_ == owner ? std::string(" from the same owner (attached twice?)")
+                                                 : std::string(" from another owner")) +
+                           "; clear it first");
+    hook_ = std::move(h);
+    hook_owner_ = owner;
+  }
+  /// Removes the hook. With an owner, only that owner's hook (returns whether it removed one).
+  bool clear_forward_hook(const void* owner = nullptr) {
+    if (!hook_ || (owner != nullptr && owner != hook_owner_)) return false;
+    hook_ = nullptr;
+    hook_owner_ = nullptr;
+    return true;
+  }
+  bool has_forward_hook() const { return bool(hook_); }
+  const void* forward_hook_owner() const { return hook_ ? hook_owner_ : nullptr; }
+
+  /// Removes the adapter (B, A, magnitude): the layer is the frozen one again (EVA gives a
+  /// layer rank 0 this way).
+  void remove_adapter() {
+    B_.reset();
+    A_.reset();
+    m_.reset();
   }
 
   /// The trainable parameters (weight when trainable, adapter factors, bias when trainable).
@@ -137,6 +179,8 @@ class linear {
   std::unique_ptr<parameter<T>> Wp_;  // full fine-tuning only
   adapter_kind kind_ = adapter_kind::lora;
   double s_ = 1.0;
+  forward_hook hook_;
+  const void* hook_owner_ = nullptr;
 };
 
 /// LayerNorm with γ [1, d] (ones) and β [1, d] (zeros), frozen unless made trainable.

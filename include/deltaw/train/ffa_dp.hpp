@@ -18,15 +18,22 @@
 // each (O(rows·out·r) in all, the cost of the batch gradient). No out × in matrix is
 // formed.
 //
+// dp_sgd sees a layer's input and output gradient either through dp_sgd::forward (the
+// caller runs the layer through it) or through a forward hook on nn::linear (attach(), or
+// the constructor from a tiny_transformer, whose forward pass calls its projections
+// itself); the hooks come off in detach() and the destructor.
+//
 // Limits (documented in docs/training.md): dp_sgd privatises the B of the layers it is
-// given, run through dp_sgd::forward so that it sees their inputs and output gradients.
-// Any other trainable parameter would leak: the constructor refuses layers with a
-// trainable A or bias, or a DoRA adapter. tiny_transformer calls its projections itself,
-// so DP-SGD on it would need a forward hook in nn::linear (not provided). No privacy
-// accountant (ε, δ) is included. The batch loss must be a weighted sum of per-sample
-// losses, L = w·Σᵢ ℓᵢ (w = 1/N for a mean); set dp_sgd_options::loss_weight otherwise.
+// given. Any other trainable parameter would leak: the constructor refuses layers with a
+// trainable A or bias, or a DoRA adapter, and a model with any other trainable parameter.
+// No privacy accountant (ε, δ) is included. The batch loss must be a weighted sum of
+// per-sample losses, L = w·Σᵢ ℓᵢ (w = 1/N for a mean); set dp_sgd_options::loss_weight
+// otherwise. A token-mean cross-entropy is such a mean over samples only when every
+// sample counts the same number of tokens (no label −100): otherwise w = 1/(tokens kept
+// in the batch) depends on the other samples and the clipping bound no longer holds.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -240,13 +247,21 @@ struct dp_sgd_options {
   index_t rows_per_sample = 0;
   /// The batch loss is L = w·Σᵢ ℓᵢ; 0 → w = 1/N (the mean of the per-sample losses).
   double loss_weight = 0;
+  /// Keep the last step's per-layer Z and dY after privatising (until the next
+  /// before_forward) so that per_sample_grad() can return the per-sample gradients; costs
+  /// the memory of one step's captures. For tests and diagnostics.
+  bool keep_last_step = false;
 };
 
-/// DP-SGD on the B of FFA/LoRA layers as a training method. Usage, inside loss_fn:
+/// DP-SGD on the B of FFA/LoRA layers as a training method. Either, inside loss_fn:
 ///   auto y = dp.forward(t, 0, x);     // instead of layer(t, x): records X·Aᵀ and, in
 ///                                     // the backward sweep, dY
-/// after backward, dp replaces every B's gradient by the privatised one. Leave
-/// fit_options::clip_norm at 0 (the clipping is per sample here).
+/// or with hooks: dp.attach() (or the tiny_transformer constructor, which attaches) and
+/// the model's usual loss_fn; every forward pass (with gradients enabled) of a layer is
+/// captured. After backward, dp replaces every B's gradient by the privatised one. Leave
+/// fit_options::clip_norm at 0 (the clipping is per sample here). The object must not
+/// outlive its layers (it clears their hooks on destruction); it is neither copied nor
+/// moved (the hooks point at it).
 ///
 /// Noise: entry j of layer l at the k-th privatised step (k counts after_backward calls
 /// since construction) is σ·C·z, z = Philox normal of stream (seed, k·2¹⁶ + l), element j:
@@ -277,9 +292,63 @@ class dp_sgd : public method<T> {
       if (l->bias() && l->bias()->trainable())
         throw argument_error(std::string(op) + ": layer '" + l->name() + "' has a trainable bias, which would not be privatised");
     }
+    for (std::size_t i = 0; i < layers_.size(); ++i)
+      for (std::size_t j = 0; j < i; ++j)
+        if (layers_[i] == layers_[j])
+          throw argument_error(std::string(op) + ": layer '" + layers_[i]->name() + "' is listed twice (" +
+                               std::to_string(j) + " and " + std::to_string(i) + ")");
     uses_.resize(layers_.size());
   }
+
+  /// DP-SGD on every adapted layer of a tiny_transformer, hooks attached: train::fit with
+  /// the model's usual loss (e.g. cross_entropy(model(t, ids, batch), labels)) then
+  /// privatises each B. A sample is one sequence: rows_per_sample defaults to the model's
+  /// seq. Throws if the model has no adapted layer or any trainable parameter other than
+  /// those layers' B (embedding, norms, head, A, bias: they would not be privatised).
+  dp_sgd(nn::tiny_transformer<T>& model, dp_sgd_options o)
+      : dp_sgd(model_layers(model), with_rows(o, model.config().seq)) {
+    std::vector<const autograd::parameter<T>*> bs;
+    for (auto* l : layers_) bs.push_back(l->lora_B());
+    for (auto* p : model.trainable_parameters())
+      if (std::find(bs.begin(), bs.end(), p) == bs.end())
+        throw argument_error("deltaw::train::dp_sgd: the model's parameter '" + p->name() +
+                             "' is trainable but is not the B of an adapted layer; its gradient would not be "
+                             "privatised (freeze it)");
+    attach();
+  }
+  ~dp_sgd() override { detach(); }
+  dp_sgd(const dp_sgd&) = delete;
+  dp_sgd& operator=(const dp_sgd&) = delete;
+
   std::string name() const override { return "DP-SGD"; }
+
+  /// Installs a forward hook on every layer: each forward pass with gradients enabled
+  /// records X·Aᵀ and, in the backward sweep, dY (as forward() does). Throws if attached
+  /// already, or if a layer has another owner's hook (nothing is installed then).
+  void attach() {
+    constexpr const char* op = "deltaw::train::dp_sgd::attach";
+    if (attached_) throw argument_error(std::string(op) + ": the hooks are already attached");
+    for (auto* l : layers_)
+      if (l->has_forward_hook())
+        throw argument_error(std::string(op) + ": layer '" + l->name() + "' already has a forward hook" +
+                             (l->forward_hook_owner() == this ? "" : " from another owner") + "; clear it first");
+    for (std::size_t i = 0; i < layers_.size(); ++i)
+      layers_[i]->set_forward_hook(
+          [this, i](autograd::tape<T>& t, const autograd::var<T>& x, const autograd::var<T>& y) {
+            // Evaluation passes (no_grad) have no backward sweep to capture.
+            return t.grad_enabled() && t.requires_grad(y) ? capture(t, i, x, y) : y;
+          },
+          this);
+    attached_ = true;
+  }
+  /// Removes the hooks this object installed (those still there); a no-op when detached.
+  void detach() noexcept {
+    if (!attached_) return;
+    for (auto* l : layers_) l->clear_forward_hook(this);
+    attached_ = false;
+  }
+  bool attached() const { return attached_; }
+  const std::vector<nn::linear<T>*>& layers() const { return layers_; }
 
   /// Runs layer i on x and records what the per-sample gradients need: Z = X·Aᵀ now
   /// ([rows, r], so X itself need not outlive the sweep), and dY when the backward sweep
@@ -289,24 +358,17 @@ class dp_sgd : public method<T> {
     if (i >= layers_.size())
       throw argument_error("deltaw::train::dp_sgd::forward: layer " + std::to_string(i) + " of " +
                            std::to_string(layers_.size()));
-    auto y = (*layers_[i])(t, x);
-    const std::size_t k = uses_[i].size();
-    uses_[i].push_back({dense<T>(x.value() * layers_[i]->lora_A()->value().transpose()), dense<T>()});
-    const index_t iy = y.id();
-    return t.record(
-        "dp_sgd capture", dense<T>(y.value()), t.requires_grad(y),
-        [this, i, k, iy](autograd::tape<T>& tp, index_t self) {
-          const auto& g = tp.upstream(self);
-          uses_[i][k].dY = g;
-          autograd::detail::accumulate(tp, iy, g);
-        },
-        /*backward_reads_output=*/false);
+    if (attached_)
+      throw argument_error("deltaw::train::dp_sgd::forward: the hooks are attached, which capture layer '" +
+                           layers_[i]->name() + "' already; call the layer itself (or detach())");
+    return capture(t, i, x, (*layers_[i])(t, x));
   }
   /// Sample boundaries of this step's rows: 0 = o₀ < o₁ < … < o_N = rows.
   void set_sample_offsets(std::vector<index_t> offsets) { offsets_ = std::move(offsets); }
 
   void before_forward(const step_context&) override {
     for (auto& u : uses_) u.clear();
+    last_.clear();
   }
   void after_backward(const step_context&) override {
     // A use whose output the sweep never reached has dY = 0.
@@ -314,7 +376,28 @@ class dp_sgd : public method<T> {
       for (auto& u : uses_[l])
         if (u.dY.size() == 0) u.dY.setZero(u.Z.rows(), layers_[l]->out_features());
     privatise_z(uses_);
+    if (o_.keep_last_step) {
+      last_ = std::move(uses_);
+      uses_.assign(layers_.size(), {});
+    }
     for (auto& u : uses_) u.clear();
+  }
+
+  /// Sample i's gradient of layer l's B at the last privatised step, before clipping and
+  /// noise: gᵢ = (s/w)·Σ_uses dYᵢᵀ·(Xᵢ·Aᵀ), the gradient of ℓᵢ alone. Needs
+  /// dp_sgd_options::keep_last_step (and a step run through after_backward).
+  dense<T> per_sample_grad(std::size_t l, std::size_t i) const {
+    constexpr const char* op = "deltaw::train::dp_sgd::per_sample_grad";
+    if (!o_.keep_last_step) throw argument_error(std::string(op) + ": set dp_sgd_options::keep_last_step");
+    if (last_.size() != layers_.size()) throw argument_error(std::string(op) + ": no step was kept");
+    if (l >= layers_.size() || i + 1 >= last_offs_.size())
+      throw argument_error(std::string(op) + ": layer " + std::to_string(l) + " of " + std::to_string(layers_.size()) +
+                           ", sample " + std::to_string(i) + " of " + std::to_string(last_offs_.size() - 1));
+    const index_t a = last_offs_[i], n = last_offs_[i + 1] - a;
+    dense<T> g = dense<T>::Zero(layers_[l]->out_features(), layers_[l]->lora_A()->rows());
+    const T s = T(layers_[l]->scale() / last_w_);
+    for (const auto& u : last_[l]) g.noalias() += s * u.dY.middleRows(a, n).transpose() * u.Z.middleRows(a, n);
+    return g;
   }
 
   /// One layer use's input X [rows, in] and output gradient dY [rows, out].
@@ -375,6 +458,8 @@ class dp_sgd : public method<T> {
     const auto offs = sample_offsets(rows);
     const std::size_t N = offs.size() - 1;
     const double w = o_.loss_weight > 0 ? o_.loss_weight : 1.0 / double(N);
+    last_offs_ = offs;
+    last_w_ = w;
     // Per-sample squared norms, summed over layers and uses: gᵢ = (s/w)·Σ_uses dYᵢᵀ·Zᵢ.
     std::vector<double> sq(N, 0.0);
     dense<T> g;
@@ -416,6 +501,32 @@ class dp_sgd : public method<T> {
     ++count_;
   }
 
+  // Records Z = X·Aᵀ of layer i's use now and an identity node after y whose closure
+  // copies dY (it works with release_values, which train::fit turns on).
+  autograd::var<T> capture(autograd::tape<T>& t, std::size_t i, const autograd::var<T>& x, const autograd::var<T>& y) {
+    const std::size_t k = uses_[i].size();
+    uses_[i].push_back({dense<T>(x.value() * layers_[i]->lora_A()->value().transpose()), dense<T>()});
+    const index_t iy = y.id();
+    return t.record(
+        "dp_sgd capture", dense<T>(y.value()), t.requires_grad(y),
+        [this, i, k, iy](autograd::tape<T>& tp, index_t self) {
+          const auto& g = tp.upstream(self);
+          uses_[i][k].dY = g;
+          autograd::detail::accumulate(tp, iy, g);
+        },
+        /*backward_reads_output=*/false);
+  }
+  static std::vector<nn::linear<T>*> model_layers(nn::tiny_transformer<T>& model) {
+    auto ls = model.adapted_layers();
+    if (ls.empty())
+      throw argument_error("deltaw::train::dp_sgd: the model has no adapted layer (attach adapters and freeze A: ffa_init)");
+    return ls;
+  }
+  static dp_sgd_options with_rows(dp_sgd_options o, index_t seq) {
+    if (o.rows_per_sample == 0) o.rows_per_sample = seq;
+    return o;
+  }
+
   std::vector<index_t> sample_offsets(index_t rows) const {
     constexpr const char* op = "deltaw::train::dp_sgd";
     std::vector<index_t> offs;
@@ -437,8 +548,10 @@ class dp_sgd : public method<T> {
 
   std::vector<nn::linear<T>*> layers_;
   dp_sgd_options o_;
-  std::vector<std::vector<zd>> uses_;
-  std::vector<index_t> offsets_;
+  std::vector<std::vector<zd>> uses_, last_;
+  std::vector<index_t> offsets_, last_offs_;
+  double last_w_ = 1.0;
+  bool attached_ = false;
   std::vector<double> norms_, factors_;
   index_t count_ = 0;
 };
