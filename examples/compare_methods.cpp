@@ -96,16 +96,7 @@ double accuracy(nn::tiny_transformer<float>& model, const std::vector<std::int64
   const auto b = make_batch(perm, 32, 1u << 30);  // held out: a key no training step uses
   ag::tape<float> t;
   ag::no_grad<float> ng(t);
-  const auto logits = model(t, b.ids, 32);
-  index_t correct = 0, counted = 0;
-  for (std::size_t i = 0; i < b.labels.size(); ++i) {
-    if (b.labels[i] == ag::ignore_label) continue;
-    Eigen::Index arg = 0;
-    logits.value().row(Eigen::Index(i)).maxCoeff(&arg);
-    correct += arg == b.labels[i];
-    ++counted;
-  }
-  return double(correct) / double(counted);
+  return ag::accuracy(model(t, b.ids, 32), b.labels);
 }
 
 enum class kind { lora, lora_plus, lora_fa, allora, lora_pro, lora_pro_full, full };

@@ -87,16 +87,8 @@ int main() {
   const auto b = make_batch(perm, 32, cfg.seq, g);
   ag::tape<float> t;
   ag::no_grad<float> ng(t);
-  const auto logits = model(t, b.ids, 32);
-  std::int64_t correct = 0, counted = 0;
-  for (std::size_t i = 0; i < b.labels.size(); ++i) {
-    if (b.labels[i] == ag::ignore_label) continue;
-    Eigen::Index arg = 0;
-    logits.value().row(Eigen::Index(i)).maxCoeff(&arg);
-    correct += arg == b.labels[i];
-    ++counted;
-  }
+  const double acc = ag::accuracy(model(t, b.ids, 32), b.labels);
   std::printf("trained %td steps in %.1f s: loss %.3f -> %.3f (uniform guess %.3f); held-out next-token accuracy %.1f%%\n",
-              steps, total, first_loss, last_loss, std::log(double(cfg.vocab)), 100.0 * double(correct) / double(counted));
+              steps, total, first_loss, last_loss, std::log(double(cfg.vocab)), 100.0 * acc);
   return last_loss < first_loss ? 0 : 1;
 }

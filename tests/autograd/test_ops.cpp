@@ -104,6 +104,22 @@ TEST_CASE("autograd: cross-entropy and MSE values against direct formulas") {
   CHECK(ag::mse(t.frozen(a), t.frozen(b)).value()(0, 0) == doctest::Approx((a - b).squaredNorm() / 6).epsilon(1e-12));
 }
 
+TEST_CASE("autograd: accuracy counts argmax hits over the rows not ignored") {
+  // Rows whose argmax is planted at a known column: 0 → col 3 (label 3, hit), 1 → col 1
+  // (label 2, miss), 2 ignored, 3 → col 0 (label 0, hit).
+  MatD L = dwt::random<MatD>(4, 5, 9);
+  const int planted[4] = {3, 1, 4, 0};
+  for (int i = 0; i < 4; ++i) L(i, planted[i]) = 10.0;
+  const std::vector<std::int64_t> labels{3, 2, ag::ignore_label, 0};
+  ag::tape<double> t;
+  const auto x = t.frozen(L);
+  CHECK(ag::accuracy(x, labels) == doctest::Approx(2.0 / 3.0).epsilon(1e-15));
+  CHECK(ag::accuracy(x, std::vector<std::int64_t>(4, ag::ignore_label)) == 0.0);
+  dwt::check_throws_with<deltaw::shape_error>([&] { (void)ag::accuracy(x, {0, 1}); }, {"accuracy", "[4, 5]", "2 labels"});
+  dwt::check_throws_with<deltaw::argument_error>([&] { (void)ag::accuracy(x, {0, 1, 5, 0}); },
+                                             {"accuracy", "label 5 at row 2", "outside [0, 5)"});
+}
+
 TEST_CASE("autograd: attention matches a dense masked reference") {
   const Eigen::Index batch = 2, seq = 3, heads = 2, dh = 2;
   const MatD Q = dwt::random<MatD>(6, 4, 1), K = dwt::random<MatD>(6, 4, 2), V = dwt::random<MatD>(6, 4, 3);

@@ -416,5 +416,29 @@ var<T> cross_entropy(const var<T>& logits, const std::vector<std::int64_t>& labe
   });
 }
 
+/// Argmax accuracy of logits [n, classes] against labels [n], over the rows whose label
+/// is not −100: the fraction whose largest logit (the first, on ties) is at the label; 0
+/// when every row is ignored. A metric, not recorded on the tape.
+template <class T>
+double accuracy(const var<T>& logits, const std::vector<std::int64_t>& labels) {
+  const auto L = logits.value();
+  if (index_t(labels.size()) != L.rows())
+    throw shape_error("deltaw::autograd::accuracy: the logits are " + detail::shape_of(L.rows(), L.cols()) +
+                      " but there are " + std::to_string(labels.size()) + " labels; expected one per row");
+  index_t correct = 0, counted = 0;
+  for (index_t i = 0; i < L.rows(); ++i) {
+    const auto lab = labels[std::size_t(i)];
+    if (lab == ignore_label) continue;
+    if (lab < 0 || lab >= L.cols())
+      throw argument_error("deltaw::autograd::accuracy: label " + std::to_string(lab) + " at row " + std::to_string(i) +
+                           " is outside [0, " + std::to_string(L.cols()) + ") and is not the ignore label −100");
+    Eigen::Index arg = 0;
+    L.row(i).maxCoeff(&arg);
+    correct += index_t(arg) == index_t(lab);
+    ++counted;
+  }
+  return counted == 0 ? 0.0 : double(correct) / double(counted);
+}
+
 }  // namespace autograd
 DELTAW_NAMESPACE_END
