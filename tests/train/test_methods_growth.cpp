@@ -1,6 +1,7 @@
 // LaMDA's gradual freezing (train/lamda.hpp) and IncreLoRA's rank growth
 // (train/increlora.hpp): frozen columns observed bit for bit over a run, the score against
-// the dense formula, the output at the moment of growth, the budget over many events.
+// the dense formula (without copying or stacking the batches), the output at the moment
+// of growth, the optimiser moments kept across growth, the budget over many events.
 #include <deltaw/train/increlora.hpp>
 #include <deltaw/train/lamda.hpp>
 #include <deltaw/train/loop.hpp>
@@ -9,12 +10,14 @@
 #include <memory>
 #include <vector>
 
+#include "../alloc_counter.hpp"
 #include "../autograd/grad_util.hpp"
 
 using namespace dwag;
 namespace op = deltaw::optim;
 namespace tr = deltaw::train;
 using deltaw::index_t;
+using dwt::MatF;
 
 namespace {
 struct watcher : tr::method<double> {
@@ -217,7 +220,7 @@ TEST_CASE("IncreLoRA in fit: total rank never exceeds the budget over many growt
   o.budget = budget;
   o.interval = 3;
   o.modules_per_event = 3;  // 20 ranks to add, 3 per event: the 7th event is cut to 2 by the budget
-  tr::increlora<double> inc(o, tr::increlora<double>::resetter(opt));
+  tr::increlora<double> inc(o, opt);  // growth keeps the old components' moments
   for (auto& a : ad) inc.add(a.get());
   CHECK(inc.total_rank() == n);
   index_t max_seen = 0, grew_steps = 0, prev_total = n, checked_events = 0;
@@ -297,4 +300,181 @@ TEST_CASE("IncreLoRA in fit: total rank never exceeds the budget over many growt
         for (auto& a : ad) small.add(a.get());
       },
       {"budget 3"});
+}
+
+TEST_CASE("IncreLoRA score over batches: equals the dense double score; no tokens×in or out×in allocation") {
+  const index_t out = 40, in = 48, r = 4, tokens = 70;
+  const MatD B = dwt::random<MatD>(out, r, 201), e = dwt::random<MatD>(1, r, 202), A = dwt::random<MatD>(r, in, 203);
+  const double s = 0.75;
+  std::vector<MatD> Xs, Ds;
+  for (std::uint64_t k = 0; k < 3; ++k) {
+    Xs.push_back(dwt::random<MatD>(tokens, in, 210 + k));
+    Ds.push_back(dwt::random<MatD>(tokens, out, 220 + k));
+  }
+  // The dense reference: ΔW and ∂L/∂ΔW = Σ dYₖᵀ·Xₖ formed here only.
+  const MatD dW = s * B * e.row(0).asDiagonal() * A;
+  auto dense_score = [&](const MatD& G) { return dW.cwiseProduct(G).cwiseAbs().sum() / std::sqrt(double(out * in)); };
+  const double one = dense_score(Ds[0].transpose() * Xs[0]);
+  MatD G = MatD::Zero(out, in);
+  for (std::size_t k = 0; k < 3; ++k) G += Ds[k].transpose() * Xs[k];
+  const double all = dense_score(G);
+  for (index_t chunk : {1, 7, 64, 1000}) {
+    CHECK(std::abs(tr::increlora_score(B, e.row(0), A, s, Xs[0], Ds[0], chunk) - one) < 1e-12 * one);
+    CHECK(std::abs(tr::increlora_score(B, e.row(0), A, s, Xs, Ds, chunk) - all) < 1e-12 * all);
+  }
+  // float batches: cast block by block, accumulated in double.
+  std::vector<MatF> Xf, Df;
+  for (std::size_t k = 0; k < 3; ++k) {
+    Xf.push_back(Xs[k].cast<float>());
+    Df.push_back(Ds[k].cast<float>());
+  }
+  const MatF Bf = B.cast<float>(), ef = e.cast<float>(), Af = A.cast<float>();
+  CHECK(std::abs(tr::increlora_score(Bf, ef.row(0), Af, s, Xf, Df, 8) - all) < 1e-6 * all);
+
+  // Through the adapter: one application is scored inside its backward (nothing copied);
+  // keep_batches copies each call's X and dY, and the score reads them without stacking.
+  const MatD W = dwt::random<MatD>(out, in, 230);
+  tr::increlora_adapter<double> a("q", deltaw::view(W), r, 3.0, 231);
+  a.B().value() = B;
+  a.e().value() = e;
+  a.A().value() = A;
+  REQUIRE(a.scale() == s);
+  a.set_score_chunk(8);
+  auto backward = [&](std::size_t k) {
+    ag::tape<double> t;
+    t.backward(ag::weighted_sum(a.forward(t.frozen(Xs[k])), Ds[k]));  // ∂L/∂y = Dₖ
+  };
+  a.set_capturing(true);
+  backward(0);
+  a.set_capturing(false);
+  CHECK(a.has_capture());
+  CHECK(a.captured_batches() == 0);
+  CHECK(std::abs(a.take_score() - one) < 1e-12 * one);
+  // Gradient accumulation over several tapes under the automatic policy: the second
+  // forward refuses, since the first batch was scored and not kept.
+  a.set_capturing(true);
+  backward(0);
+  dwt::check_throws_with<deltaw::argument_error>([&] { backward(1); }, {"increlora_adapter(q)", "keep_batches"});
+  a.clear_capture();
+  a.set_capture_policy(tr::capture_policy::keep_batches);
+  for (std::size_t k = 0; k < 3; ++k) backward(k);
+  a.set_capturing(false);
+  CHECK(a.captured_batches() == 3);
+  double got = 0;
+  const std::size_t dense_bytes = std::size_t(out * in) * sizeof(double);
+  const std::size_t batch_bytes = std::size_t(tokens * in) * sizeof(double);
+  const std::size_t big = dwt::largest_allocation([&] { got = a.take_score(8); });
+  CHECK(std::abs(got - all) < 1e-12 * all);
+  const std::size_t big_free = dwt::largest_allocation([&] { got = tr::increlora_score(B, e.row(0), A, s, Xs, Ds, 8); });
+  const std::size_t big_float = dwt::largest_allocation([&] { got = tr::increlora_score(Bf, ef.row(0), Af, s, Xf, Df, 8); });
+  MESSAGE("largest allocation while scoring: " << big << " B (adapter), " << big_free << " B, " << big_float
+                                               << " B (float); out x in is " << dense_bytes << " B, one batch's X "
+                                               << batch_bytes << " B");
+  if (dwt::allocation_counting_available()) {
+    CHECK(big < dense_bytes / 2);
+    CHECK(big_free < dense_bytes / 2);
+    CHECK(big_float < dense_bytes / 4);  // below out × in in float too
+    // The control: the counter sees a stacked copy of the batches.
+    CHECK(dwt::largest_allocation([&] { MatD st(3 * tokens, in); st.setZero(); }) >= batch_bytes);
+  }
+}
+
+TEST_CASE("IncreLoRA growth keeps AdamW's moments of the old components; their next step is the one without growth") {
+  const index_t out = 9, in = 7, tokens = 12;
+  const MatD W = dwt::random<MatD>(out, in, 301), X = dwt::random<MatD>(tokens, in, 302);
+  const MatD target = X * (W + 0.5 * dwt::random<MatD>(out, in, 303)).transpose();
+  const op::adamw_options ao{1e-2, 0.9, 0.999, 1e-8, 0.05};
+  auto make = [&] {
+    auto a = std::make_unique<tr::increlora_adapter<double>>("m", deltaw::view(W), 2, 4.0, 304);
+    a->e().value() = dwt::random<MatD>(1, 2, 305);  // every gradient non-zero from the start
+    return a;
+  };
+  auto ga = make(), na = make(), ra = make();  // grown (resize), never grown, grown (reset)
+  op::adamw<double> gopt(ga->parameters(), ao), nopt(na->parameters(), ao), ropt(ra->parameters(), ao);
+  auto step = [&](tr::increlora_adapter<double>& a, op::adamw<double>& o) {
+    ag::tape<double> t;
+    t.backward(ag::mse(a.forward(t.frozen(X)), t.frozen(target)));
+    o.step();
+    o.zero_grad();
+  };
+  for (int k = 0; k < 5; ++k) {
+    step(*ga, gopt);
+    step(*na, nopt);
+    step(*ra, ropt);
+  }
+  REQUIRE(ga->A().value() == na->A().value());
+  tr::increlora_options io;
+  io.budget = 8;
+  io.components = 2;  // rank 2 → 4: s halves and the old e double, both exact
+  tr::increlora<double> inc(io, gopt);  // the optimiser constructor: resize_state
+  tr::increlora<double> rinc(io, tr::increlora<double>::resetter(ropt));
+  inc.add(ga.get());
+  rinc.add(ra.get());
+  std::vector<MatD> m0, v0;
+  for (auto* p : ga->parameters()) {
+    m0.push_back(gopt.first_moment(p));
+    v0.push_back(gopt.second_moment(p));
+  }
+  REQUIRE(inc.grow_now() == 2);
+  REQUIRE(rinc.grow_now() == 2);
+  CHECK(ga->rank() == 4);
+  // Old block (B: left columns, e: left columns, A: top rows) bit for bit; new block zero.
+  const auto ps = ga->parameters();  // B, e, A
+  for (std::size_t i = 0; i < 3; ++i) {
+    const MatD &m = gopt.first_moment(ps[i]), &v = gopt.second_moment(ps[i]);
+    CHECK(m.rows() == ps[i]->rows());
+    CHECK(m.cols() == ps[i]->cols());
+    const bool rows = i == 2;
+    const MatD mo = rows ? MatD(m.topRows(2)) : MatD(m.leftCols(2)), vo = rows ? MatD(v.topRows(2)) : MatD(v.leftCols(2));
+    const MatD mn = rows ? MatD(m.bottomRows(2)) : MatD(m.rightCols(2)), vn = rows ? MatD(v.bottomRows(2)) : MatD(v.rightCols(2));
+    CHECK(mo == m0[i]);
+    CHECK(vo == v0[i]);
+    CHECK(mn.cwiseAbs().maxCoeff() == 0.0);
+    CHECK(vn.cwiseAbs().maxCoeff() == 0.0);
+    CHECK(gopt.state_steps(ps[i]) == 5);  // bias correction continues
+    CHECK(ropt.state_steps(ra->parameters()[i]) == 0);
+  }
+  // The next step: A's old rows and B's old columns move exactly as without growth.
+  const MatD A5 = ga->A().value().topRows(2), B5 = ga->B().value().leftCols(2);
+  step(*ga, gopt);
+  step(*na, nopt);
+  step(*ra, ropt);
+  const double eA = dwt::rel_err(MatD(ga->A().value().topRows(2) - A5), MatD(na->A().value() - A5));
+  const double eB = dwt::rel_err(MatD(ga->B().value().leftCols(2) - B5), MatD(na->B().value() - B5));
+  const double eM = dwt::rel_err(MatD(gopt.first_moment(&ga->A()).topRows(2)), nopt.first_moment(&na->A()));
+  // The control: resetting the state changes the old components' step.
+  const double eR = dwt::rel_err(MatD(ra->A().value().topRows(2) - A5), MatD(na->A().value() - A5));
+  std::printf("IncreLoRA growth with kept moments: next step of old A rows vs no growth %.2e, B columns %.2e, "
+              "A's first moment %.2e; with reset_state %.2e\n",
+              eA, eB, eM, eR);
+  CHECK(eA < 1e-13);
+  CHECK(eB < 1e-13);
+  CHECK(eM < 1e-13);
+  CHECK(eR > 1e-3);
+  // The new components moved (zero moments, bias-corrected with the count 6).
+  CHECK(ga->A().value().bottomRows(2).cwiseAbs().maxCoeff() > 0);
+
+  // SGD with momentum: the old entries keep their buffer, the new ones start from zero.
+  ag::parameter<double> P("p", dwt::random<MatD>(2, 3, 310)), Q("q", P.value());
+  op::sgd<double> sp({&P}, {0.1, 0.9, 0.0, 0.0, false}), sq({&Q}, {0.1, 0.9, 0.0, 0.0, false});
+  const MatD g0 = dwt::random<MatD>(2, 3, 311), g1 = dwt::random<MatD>(3, 3, 312);
+  P.grad() = g0;
+  Q.grad() = g0;
+  sp.step();
+  sq.step();
+  MatD grown(3, 3);
+  grown.topRows(2) = P.value();
+  grown.row(2) = dwt::random<MatD>(1, 3, 313);
+  const MatD before = grown;
+  P.value() = grown;
+  P.zero_grad();
+  sp.resize_state(&P);
+  P.grad() = g1;
+  Q.grad() = g1.topRows(2);
+  const MatD Q0 = Q.value();
+  sp.step();
+  sq.step();
+  CHECK(dwt::rel_err(MatD(P.value().topRows(2)), Q.value()) < 1e-15);  // momentum kept: −lr·(μ·g0 + g1)
+  CHECK(dwt::rel_err(MatD(Q.value() - Q0), MatD(-0.1 * (0.9 * g0 + g1.topRows(2)))) < 1e-15);
+  CHECK(dwt::rel_err(MatD(P.value().row(2) - before.row(2)), MatD(-0.1 * g1.row(2))) < 1e-15);  // zero buffer
 }

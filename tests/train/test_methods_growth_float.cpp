@@ -53,7 +53,7 @@ TEST_CASE("float: LaMDA freezes bit-exactly, IncreLoRA grows within budget and k
   tr::increlora_options io;
   io.budget = 4;
   io.interval = 5;
-  tr::increlora<float> inc(io, tr::increlora<float>::resetter(o2));
+  tr::increlora<float> inc(io, o2);  // resize_state: old moments kept
   inc.add(&ia);
   tr::fit<float>([&](ag::tape<float>& t, index_t) { return ag::mse(ia.forward(t.frozen(X)), t.frozen(target)); }, o2,
                  {&inc}, fo);

@@ -3,6 +3,7 @@
 // clipping by global norm, and the warmup + cosine learning-rate schedule.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 #include <string>
@@ -25,6 +26,16 @@ template <class T>
 void check_params(const std::vector<parameter<T>*>& ps, const char* op) {
   for (auto* p : ps)
     if (p == nullptr) throw argument_error(std::string(op) + ": null parameter");
+}
+// Resizes M to [rows, cols], keeping the block both shapes share (top-left) and zeroing
+// the rest: a parameter that grew by appended rows or columns keeps its old entries' state.
+template <class T>
+void resize_keep(dense<T>& M, index_t rows, index_t cols) {
+  if (M.rows() == rows && M.cols() == cols) return;
+  dense<T> N = dense<T>::Zero(rows, cols);
+  const index_t r = std::min(rows, index_t(M.rows())), c = std::min(cols, index_t(M.cols()));
+  N.topLeftCorner(r, c) = M.topLeftCorner(r, c);
+  M = std::move(N);
 }
 template <class T>
 std::size_t index_of(const std::vector<parameter<T>*>& ps, const parameter<T>* p, const char* cls, const char* op) {
@@ -64,6 +75,14 @@ class sgd {
   /// Forgets the momentum buffer of one parameter.
   void reset_state(const parameter<T>* p) {
     buf_[detail::index_of(params_, p, "deltaw::optim::sgd::", "reset_state")].resize(0, 0);
+  }
+  /// Sizes the momentum buffer of one parameter to its current shape, keeping the entries
+  /// both shapes share (top-left block) and zeroing the rest (a parameter that grew by
+  /// appended rows or columns: IncreLoRA). A parameter with no buffer yet keeps none. The
+  /// new entries' buffer starts at zero, so their first update is (1 − dampening)·g, not g.
+  void resize_state(const parameter<T>* p) {
+    auto& b = buf_[detail::index_of(params_, p, "deltaw::optim::sgd::", "resize_state")];
+    if (b.size() != 0) detail::resize_keep(b, p->rows(), p->cols());
   }
   /// One update with learning rate lr·lr_factor (a schedule's factor).
   void step(double lr_factor = 1.0) {
@@ -139,6 +158,23 @@ class adamw {
   /// Forgets the moments of one parameter and sizes them to its current shape (LISA's
   /// newly activated layers, a parameter whose rank grew).
   void reset_state(const parameter<T>* p) { reset_state(index_of(p, "reset_state")); }
+  /// Sizes the moments of one parameter to its current shape, keeping the entries both
+  /// shapes share (top-left block: old rows and columns of a parameter that grew by
+  /// appended ones, as IncreLoRA's B, e, A) bit for bit and zeroing the rest. The
+  /// parameter's step count is kept, so the old entries continue exactly as without the
+  /// change, and the new entries' zero moments are bias-corrected with that count (as
+  /// PyTorch's per-parameter step would), not as a fresh AdamW's: under a constant
+  /// gradient their steps are (1−β₁ᵏ)/√(1−β₂ᵏ) · √(1−β₂ᵗ)/(1−β₁ᵗ) of a fresh AdamW's at
+  /// their k-th step (t = count + k): 0.48 at k = 1 after 10 steps, but 2.5 at k = 1 and
+  /// up to 5.2 near k = 10 after 1000 steps (back under 1.7 by k = 300). reset_state
+  /// restarts the whole parameter instead.
+  void resize_state(const parameter<T>* p) {
+    const std::size_t i = index_of(p, "resize_state");
+    detail::resize_keep(m_[i], p->rows(), p->cols());
+    detail::resize_keep(v_[i], p->rows(), p->cols());
+  }
+  /// The number of steps this parameter's moments have seen (its bias-correction count).
+  index_t state_steps(const parameter<T>* p) const { return steps_[index_of(p, "state_steps")]; }
   /// The first and second moments of a parameter (read-only; for tests and reports).
   const dense<T>& first_moment(const parameter<T>* p) const { return m_[index_of(p, "first_moment")]; }
   const dense<T>& second_moment(const parameter<T>* p) const { return v_[index_of(p, "second_moment")]; }

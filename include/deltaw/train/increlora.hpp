@@ -9,17 +9,24 @@
 // rank-1 components until the total rank reaches the budget.
 //
 //   train::increlora_adapter<T>   a frozen W with a growable B·diag(e)·A adapter; its
-//                                 own tape op (forward, VJP, and the capture of X and dY
-//                                 the score needs)
-//   train::increlora_score        the score from the factors, X and dY, without forming
-//                                 ΔW or ∂L/∂ΔW (row blocks of `chunk` rows only)
+//                                 own tape op (forward, VJP, and the score: inside the
+//                                 backward from the tape's X and dY when the module is
+//                                 applied once per step, else from copies of each call's)
+//   train::increlora_score        the score from the factors and one or several (X, dY)
+//                                 batches, without forming ΔW or ∂L/∂ΔW and without
+//                                 stacking the batches (blocks of `chunk` rows and tokens)
 //   train::increlora<T>           the scores, EMAs and growth as a training method
 //
 // Growth leaves the layer's output unchanged: a new component starts with e = 0 (A and B
 // random, so that ∂L/∂e is not zero and it starts learning at once), and since s = α/r
 // shrinks when r grows, the existing e are multiplied by r_new/r_old (s·e unchanged, up
-// to one rounding). The grown parameters change shape, so their optimiser state is reset
-// (a callback: e.g. increlora<T>::resetter(adamw)).
+// to one rounding). The grown parameters change shape; a callback tells the optimiser:
+// increlora<T>(o, adamw) / resizer(adamw) keeps the old components' moments and step
+// count (their next step is the one they would take without growth; the new components'
+// moments start at zero and bias-correct with that count, see optim::adamw::resize_state),
+// resetter(adamw) restarts the whole state. This holds exactly for A and B; the old e
+// entries are rescaled by r_new/r_old, so their gradients shrink by r_old/r_new and their
+// kept moments mix the two scales: e's next steps differ from a run without growth.
 //
 // Reserve components: each adapter keeps `reserve` components drawn in advance from its
 // own seeded generator outside the optimiser; growth moves the first ones into the
@@ -41,6 +48,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../autograd/adapters.hpp"
@@ -49,35 +57,105 @@
 DELTAW_NAMESPACE_BEGIN
 namespace train {
 
-/// I = Σ_{o,j} |ΔW_oj · G_oj| / √(out·in) with ΔW = s·B·diag(e)·A and G = dYᵀ·X the
-/// gradient of the loss with respect to ΔW (y = x·(W + ΔW)ᵀ; X [tokens, in], dY
-/// [tokens, out]). The absolute value does not factor, so this costs
-/// O(out·in·(r + tokens)) time, like a dense weight gradient, but only `chunk` rows of
-/// ΔW and of G exist at a time (memory O(chunk·in)).
-template <class MB, class ME, class MA, class MX, class MG>
-double increlora_score(const MB& B, const ME& e, const MA& A, double s, const MX& X, const MG& dY, index_t chunk = 64) {
+namespace detail {
+// Σ_{o,j} |ΔW_oj · G_oj| with ΔW = s·B·diag(e)·A and G = Σ_k dY_kᵀ·X_k over `batches`
+// pairs (x_at(k), dy_at(k)), in double. Output rows go in blocks of `chunk`, and within a
+// block the tokens of each batch go in blocks of `chunk` too, so only [chunk, in] blocks of
+// ΔW and G and [chunk, in] / [chunk, chunk] slices of a batch (cast to double when T is
+// float) exist: no copy of X, dY or their concatenation, and no [tokens, in] packing
+// buffer inside the products either.
+template <class MB, class ME, class MA, class XAt, class DYAt>
+double increlora_score_sum(const MB& B, const ME& e, const MA& A, double s, std::size_t batches, const XAt& x_at,
+                           const DYAt& dy_at, index_t chunk, const std::string& op) {
   const index_t out = B.rows(), in = A.cols(), r = A.rows();
-  if (B.cols() != r || e.size() != r || X.cols() != in || dY.cols() != out || X.rows() != dY.rows())
-    throw shape_error("deltaw::train::increlora_score: B " + deltaw::detail::shape_str(B.rows(), B.cols()) + ", e " +
-                      std::to_string(e.size()) + " entries, A " + deltaw::detail::shape_str(A.rows(), A.cols()) +
-                      ", X " + deltaw::detail::shape_str(X.rows(), X.cols()) + ", dY " +
-                      deltaw::detail::shape_str(dY.rows(), dY.cols()) + " do not chain");
-  if (chunk < 1) throw argument_error("deltaw::train::increlora_score: chunk must be ≥ 1");
+  auto shapes = [&](std::size_t k) {
+    std::string m = "B " + deltaw::detail::shape_str(B.rows(), B.cols()) + ", e " + std::to_string(e.size()) +
+                    " entries, A " + deltaw::detail::shape_str(A.rows(), A.cols());
+    if (k < batches) {
+      m += ", " + (batches > 1 ? "batch " + std::to_string(k) + ": " : std::string()) + "X " +
+           deltaw::detail::shape_str(x_at(k).rows(), x_at(k).cols()) + ", dY " +
+           deltaw::detail::shape_str(dy_at(k).rows(), dy_at(k).cols());
+    }
+    return m + " do not chain";
+  };
+  if (B.cols() != r || e.size() != r) throw shape_error(op + ": " + shapes(batches));
+  for (std::size_t k = 0; k < batches; ++k)
+    if (x_at(k).cols() != in || dy_at(k).cols() != out || x_at(k).rows() != dy_at(k).rows())
+      throw shape_error(op + ": " + shapes(k));
+  if (chunk < 1) throw argument_error(op + ": chunk must be ≥ 1");
   if (out == 0 || in == 0) return 0;
   using Md = dense<double>;
-  const Md Ad = A.template cast<double>(), Xd = X.template cast<double>();
+  const Md Ad = A.template cast<double>();  // factor-sized copies
   Md Be = B.template cast<double>();
   for (index_t k = 0; k < r; ++k) Be.col(k) *= s * double(e(k));
   double total = 0;
-  Md dW, G;
+  Md dW, G, Xb, Db;
   for (index_t o0 = 0; o0 < out; o0 += chunk) {
     const index_t c = std::min(chunk, out - o0);
     dW.noalias() = Be.middleRows(o0, c) * Ad;
-    G.noalias() = dY.middleCols(o0, c).transpose().template cast<double>() * Xd;
+    G.setZero(c, in);
+    for (std::size_t k = 0; k < batches; ++k) {
+      const auto& X = x_at(k);
+      const auto& dY = dy_at(k);
+      using SX = typename std::decay_t<decltype(X)>::Scalar;
+      using SY = typename std::decay_t<decltype(dY)>::Scalar;
+      const index_t tokens = X.rows();
+      for (index_t t0 = 0; t0 < tokens; t0 += chunk) {
+        const index_t tb = std::min(chunk, tokens - t0);
+        if constexpr (std::is_same_v<SX, double> && std::is_same_v<SY, double>) {
+          G.noalias() += dY.block(t0, o0, tb, c).transpose() * X.middleRows(t0, tb);
+        } else {
+          Xb = X.middleRows(t0, tb).template cast<double>();
+          Db = dY.block(t0, o0, tb, c).template cast<double>();
+          G.noalias() += Db.transpose() * Xb;
+        }
+      }
+    }
     total += dW.cwiseProduct(G).cwiseAbs().sum();
   }
   return total / std::sqrt(double(out) * double(in));
 }
+}  // namespace detail
+
+/// I = Σ_{o,j} |ΔW_oj · G_oj| / √(out·in) with ΔW = s·B·diag(e)·A and G = dYᵀ·X the
+/// gradient of the loss with respect to ΔW (y = x·(W + ΔW)ᵀ; X [tokens, in], dY
+/// [tokens, out]). The absolute value does not factor, so this costs
+/// O(out·in·(r + tokens)) time, like a dense weight gradient, but only `chunk` rows of
+/// ΔW and of G exist at a time, and X and dY are read in blocks of `chunk` tokens (memory
+/// O(chunk·in); nothing of size tokens × in or out × in is allocated).
+template <class MB, class ME, class MA, class MX, class MG>
+double increlora_score(const MB& B, const ME& e, const MA& A, double s, const MX& X, const MG& dY, index_t chunk = 64) {
+  return detail::increlora_score_sum(
+      B, e, A, s, 1, [&](std::size_t) -> const MX& { return X; }, [&](std::size_t) -> const MG& { return dY; }, chunk,
+      "deltaw::train::increlora_score");
+}
+
+/// The same score for G = Σ_k dY_kᵀ·X_k over several batches (a module applied several
+/// times per step), read batch by batch: the batches are neither copied nor stacked.
+template <class MB, class ME, class MA, class MX, class MG>
+double increlora_score(const MB& B, const ME& e, const MA& A, double s, const std::vector<MX>& X,
+                       const std::vector<MG>& dY, index_t chunk = 64) {
+  if (X.size() != dY.size())
+    throw shape_error("deltaw::train::increlora_score: " + std::to_string(X.size()) + " X batches but " +
+                      std::to_string(dY.size()) + " dY batches");
+  return detail::increlora_score_sum(
+      B, e, A, s, X.size(), [&](std::size_t k) -> const MX& { return X[k]; },
+      [&](std::size_t k) -> const MG& { return dY[k]; }, chunk, "deltaw::train::increlora_score");
+}
+
+/// How an increlora_adapter keeps what its score needs while capturing.
+enum class capture_policy {
+  /// Applied once before its first backward in a capture window (one forward and one
+  /// backward per step, as train::fit runs): the score is computed inside the backward
+  /// from the tape's own X and dY, nothing is copied. Applied k > 1 times on one tape
+  /// (a shared module): each call's X and dY are copied, as keep_batches. Applied again
+  /// after a backward already took the score (gradient accumulation over several tapes):
+  /// the forward throws argument_error, since the first batch was not kept.
+  automatic,
+  /// Every backward copies its X [tokens, in] and dY [tokens, out] (exact for any number
+  /// of forward/backward passes per capture window).
+  keep_batches,
+};
 
 /// A frozen W [out, in] with a growable adapter s·B·diag(e)·A.
 template <class T>
@@ -131,6 +209,7 @@ class increlora_adapter {
     y.noalias() += s * (He * B_->value().transpose());
     const index_t ix = x.id(), ib = vb.id(), ie = ve.id(), ia = va.id();
     const bool rg = t.requires_grad(x) || t.requires_grad(vb) || t.requires_grad(ve) || t.requires_grad(va);
+    if (capturing_ && rg && t.grad_enabled()) count_use();
     increlora_adapter* self_ad = this;
     const matrix_view<const T> W = W_;
     return t.record("increlora_adapter", std::move(y), rg,
@@ -140,10 +219,7 @@ class increlora_adapter {
                       const auto Bv = t.value_at(ib);
                       const auto ev = t.value_at(ie);
                       const auto Av = t.value_at(ia);
-                      if (self_ad->capturing_) {
-                        self_ad->cap_X_.emplace_back(Xv);
-                        self_ad->cap_dY_.emplace_back(dY);
-                      }
+                      if (self_ad->capturing_) self_ad->capture(Bv, ev, Av, s, Xv, dY);
                       autograd::detail::base_input_grad(t, ix, W, dY);
                       const dense<T> D = dY * Bv;  // [tokens, r]
                       if (t.needs_grad(ib)) autograd::detail::accumulate(t, ib, s * (dY.transpose() * He));
@@ -169,30 +245,39 @@ class increlora_adapter {
     s_ = alpha_ / double(r1);
   }
 
-  /// While capturing, each backward through this adapter records its X and dY (the
-  /// score's inputs). Calls on the same tape concatenate: G = Σ dYᵢᵀ·Xᵢ.
+  /// While capturing, each backward through this adapter contributes its X and dY to the
+  /// score (the gradient ∂L/∂ΔW = Σ dYᵢᵀ·Xᵢ sums over the calls of the capture window,
+  /// which clear_capture() or take_score() ends). With capture_policy::automatic (the
+  /// default) a single application is scored inside its backward without copying X or dY.
   void set_capturing(bool c) { capturing_ = c; }
   bool capturing() const { return capturing_; }
-  bool has_capture() const { return !cap_X_.empty(); }
-  /// increlora_score over the captured batches (rows stacked), then forgets them.
+  void set_capture_policy(capture_policy p) { policy_ = p; }
+  capture_policy policy() const { return policy_; }
+  /// Row and token block of the score (memory O(chunk·in)); the method sets its own.
+  void set_score_chunk(index_t chunk) {
+    if (chunk < 1) throw argument_error("deltaw::train::increlora_adapter(" + name_ + ")::set_score_chunk: chunk must be ≥ 1");
+    chunk_ = chunk;
+  }
+  bool has_capture() const { return scored_ || !cap_X_.empty(); }
+  /// Batches whose X and dY were copied in this window (0 when the score was taken inside
+  /// the backward).
+  index_t captured_batches() const { return index_t(cap_X_.size()); }
+  /// The score over this capture window (increlora_score of the summed gradient), then
+  /// forgets it. `chunk` applies to copied batches; a score taken inside the backward used
+  /// set_score_chunk's.
   double take_score(index_t chunk = 64) {
-    if (cap_X_.empty()) throw argument_error("deltaw::train::increlora_adapter(" + name_ + ")::take_score: nothing captured");
-    index_t rows = 0;
-    for (const auto& x : cap_X_) rows += x.rows();
-    dense<T> X(rows, W_.cols()), dY(rows, W_.rows());
-    index_t r0 = 0;
-    for (std::size_t k = 0; k < cap_X_.size(); ++k) {
-      X.middleRows(r0, cap_X_[k].rows()) = cap_X_[k];
-      dY.middleRows(r0, cap_X_[k].rows()) = cap_dY_[k];
-      r0 += cap_X_[k].rows();
-    }
-    cap_X_.clear();
-    cap_dY_.clear();
-    return increlora_score(B_->value(), e_->value().row(0), A_->value(), s_, X, dY, chunk);
+    if (!has_capture()) throw argument_error("deltaw::train::increlora_adapter(" + name_ + ")::take_score: nothing captured");
+    const double v = scored_ ? score_
+                             : increlora_score(B_->value(), e_->value().row(0), A_->value(), s_, cap_X_, cap_dY_, chunk);
+    clear_capture();
+    return v;
   }
   void clear_capture() {
     cap_X_.clear();
     cap_dY_.clear();
+    uses_ = backwards_ = 0;
+    scored_ = false;
+    score_ = 0;
   }
 
  private:
@@ -243,7 +328,38 @@ class increlora_adapter {
   index_t reserve_count_;
   std::unique_ptr<autograd::parameter<T>> B_, e_, A_;
   dense<T> rA_, rB_;
+  // A forward recorded for a backward while capturing.
+  void count_use() {
+    if (scored_ && policy_ == capture_policy::automatic)
+      throw argument_error("deltaw::train::increlora_adapter(" + name_ +
+                           "): applied again after a backward pass scored it in the same capture window (gradient "
+                           "accumulation over several tapes?); the earlier batch was not kept, so the summed gradient's "
+                           "score cannot be formed: set_capture_policy(capture_policy::keep_batches)");
+    ++uses_;
+  }
+  // From the backward: score at once when this is the window's only application, else copy.
+  template <class MB, class ME, class MA, class MX>
+  void capture(const MB& B, const ME& e, const MA& A, T s, const MX& X, const dense<T>& dY) {
+    ++backwards_;
+    if (policy_ == capture_policy::automatic && uses_ <= 1 && backwards_ == 1 && cap_X_.empty()) {
+      score_ = increlora_score(B, e.row(0), A, double(s), X, dY, chunk_);
+      scored_ = true;
+      return;
+    }
+    if (scored_)  // a second backward over the one application (retain_graph)
+      throw argument_error("deltaw::train::increlora_adapter(" + name_ +
+                           "): a second backward pass in one capture window after the first was scored without "
+                           "keeping its batch; set_capture_policy(capture_policy::keep_batches) for that");
+    cap_X_.emplace_back(X);
+    cap_dY_.emplace_back(dY);
+  }
+
   bool capturing_ = false;
+  capture_policy policy_ = capture_policy::automatic;
+  index_t chunk_ = 64;
+  index_t uses_ = 0, backwards_ = 0;
+  bool scored_ = false;
+  double score_ = 0;
   std::vector<dense<T>> cap_X_, cap_dY_;
 };
 
@@ -270,7 +386,8 @@ class increlora : public method<T> {
   using reset_fn = std::function<void(autograd::parameter<T>*)>;
 
   /// `reset` is called for every parameter whose shape changed (B, e, A of a grown
-  /// module): pass resetter(optimiser).
+  /// module): pass resizer(optimiser) to keep the old components' moments (or
+  /// resetter(optimiser) to restart them), or use the constructor taking the optimiser.
   increlora(increlora_options o, reset_fn reset) : o_(o), reset_(std::move(reset)) {
     constexpr const char* op = "deltaw::train::increlora";
     if (o.budget < 1) throw argument_error(std::string(op) + ": the rank budget must be ≥ 1; got " + std::to_string(o.budget));
@@ -280,6 +397,17 @@ class increlora : public method<T> {
       throw argument_error(std::string(op) +
                            ": interval, modules_per_event, components, chunk and score_every must be ≥ 1");
   }
+  /// Growth keeps the optimiser state of the existing components: resizer(opt).
+  template <class Optimiser>
+    requires requires(Optimiser& op, autograd::parameter<T>* p) { op.resize_state(p); }
+  increlora(increlora_options o, Optimiser& opt) : increlora(o, resizer(opt)) {}
+  /// Keeps the moments (and the step count) of the old components bit for bit, zero for
+  /// the new ones: the optimiser's resize_state (optim::adamw, optim::sgd).
+  template <class Optimiser>
+  static reset_fn resizer(Optimiser& opt) {
+    return [&opt](autograd::parameter<T>* p) { opt.resize_state(p); };
+  }
+  /// Restarts the grown parameters' whole state (old components too): reset_state.
   template <class Optimiser>
   static reset_fn resetter(Optimiser& opt) {
     return [&opt](autograd::parameter<T>* p) { opt.reset_state(p); };
@@ -291,6 +419,7 @@ class increlora : public method<T> {
     if (total_rank() + a->rank() > o_.budget)
       throw rank_error("deltaw::train::increlora::add: the initial ranks (" + std::to_string(total_rank() + a->rank()) +
                        ") exceed the budget " + std::to_string(o_.budget));
+    a->set_score_chunk(o_.chunk);
     mods_.push_back({a, 0, 0, 0});
     return index_t(mods_.size()) - 1;
   }
