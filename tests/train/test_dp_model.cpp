@@ -248,12 +248,21 @@ TEST_CASE("DP-SGD in tiny_transformer under train::fit: the loss decreases; eval
   CHECK(tail < r.first_loss - 0.05);
   CHECK(dp.steps() == 40);
 
-  // A no_grad evaluation pass with the hooks attached records nothing.
-  ag::tape<double> t;
-  {
+  // A no_grad evaluation pass with the hooks attached records no capture node (the same
+  // tape as without hooks); a pass with gradients records one per layer.
+  auto nodes = [&](bool grad) {
+    ag::tape<double> t;
     ag::no_grad<double> ng(t);
+    t.set_grad_enabled(grad);
     model_loss(*m, t, b);
-  }
+    return t.size();
+  };
+  const index_t hooked = nodes(false), hooked_grad = nodes(true);
+  dp.detach();
+  const index_t plain = nodes(false);
+  dp.attach();
+  CHECK(hooked == plain);
+  CHECK(hooked_grad == plain + 12);
   CHECK_NOTHROW(dp_step(*m, dp, b));
   CHECK(dp.steps() == 41);
 }
