@@ -24,8 +24,9 @@
 // increlora<T>(o, adamw) / resizer(adamw) keeps the old components' moments and step
 // count (their next step is the one they would take without growth; the new components'
 // moments start at zero and bias-correct with that count, see optim::adamw::resize_state),
-// resetter(adamw) restarts the whole state. This holds exactly for A and B; the old e
-// entries are rescaled by r_new/r_old, so their gradients shrink by r_old/r_new and their
+// resetter(adamw) restarts the whole state. This holds for A and B (bit for bit when
+// r_new/r_old is a power of two, else up to the rounding of s·e); the old e entries are
+// rescaled by r_new/r_old, so their gradients shrink by r_old/r_new and their
 // kept moments mix the two scales: e's next steps differ from a run without growth.
 //
 // Reserve components: each adapter keeps `reserve` components drawn in advance from its
@@ -373,7 +374,7 @@ struct increlora_options {
   index_t modules_per_event = 1;  ///< top modules grown at each event
   index_t components = 1;         ///< rank added to each of them
   bool reset_score_on_growth = false;
-  index_t chunk = 64;             ///< row block of increlora_score
+  index_t chunk = 64;             ///< row and token block of increlora_score
   /// Score (and update the EMAs) every this many steps: the score costs as much as a
   /// dense weight gradient per module, so large models may want to thin it out.
   index_t score_every = 1;
