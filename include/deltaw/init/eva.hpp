@@ -17,8 +17,9 @@
 // first batch's inputs, which the caller here knows without hashing. Each member still
 // takes part in the pooled redistribution with its own copy of the group's ratios (as PEFT).
 //
-// There are no forward hooks in C++: the caller runs its forward passes and hands each
-// layer's input to `observe` (the callback of eva_fit does this once per batch).
+// Here the caller runs its forward passes and hands each layer's input to `observe` (the
+// callback of eva_fit does this once per batch); init/eva_model.hpp does it for models
+// built of nn::linear, with forward hooks that collect the inputs (as PEFT).
 #pragma once
 
 #include <algorithm>
