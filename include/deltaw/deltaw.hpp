@@ -52,6 +52,7 @@
 #include "linalg/incremental_pca.hpp"
 #include "init/lora_ga.hpp"
 #include "init/eva.hpp"
+#include "init/eva_model.hpp"
 #include "init/lora_sb.hpp"
 #include "init/loldu.hpp"
 #include "init/corda.hpp"
