@@ -86,22 +86,29 @@ TEST_CASE("cbq: soft weight against a reference written out here; op and regular
     CHECK(rep.min_grad_norm > 0);
     // the degenerate row's A₁ row gets no gradient from the op
     CHECK(A1.grad().row(2).norm() == 0.0);
+    // Larger logits for the regulariser (|V| < 3·0.75² ≈ 1.69, still inside the clip), so
+    // that |2h − 1| is not tiny and its β-th power has a gradient well above the
+    // central-difference noise of a sum of ~60 terms near 1.
+    P B1("B1", uniform(7, 3, 16, 0.75)), B2("B2", uniform(3, 10, 17, 0.75));
+    const MatD VB = B1.value() * B2.value();
+    CHECK(VB.cwiseAbs().maxCoeff() < 2.3);
     for (double beta : {2.0, 7.5}) {
-      auto reg = [&](ag::tape<double>& t) { return tr::cbq_rounding_regularizer(t.param(A1), t.param(A2), q, beta, 4); };
+      auto reg = [&](ag::tape<double>& t) { return tr::cbq_rounding_regularizer(t.param(B1), t.param(B2), q, beta, 4); };
       // value against the formula
       double ref = 0;
       for (Eigen::Index i = 0; i < W.rows(); ++i)
         for (Eigen::Index j = 0; j < W.cols(); ++j)
-          if (i != 2) ref += 1 - std::pow(std::abs(2 * h_ref(V(i, j)) - 1), beta);
+          if (i != 2) ref += 1 - std::pow(std::abs(2 * h_ref(VB(i, j)) - 1), beta);
       {
         ag::tape<double> t;
         CHECK(reg(t).value()(0, 0) == doctest::Approx(ref).epsilon(1e-13));
       }
-      const auto rr = ag::gradcheck(reg, {&A1, &A2});
+      const auto rr = ag::gradcheck(reg, {&B1, &B2});
       std::printf("gradcheck cbq_regularizer b=%.1f entries %3td max rel err %.2e (%s)\n", beta, rr.entries,
                   rr.max_rel_error, rr.worst.c_str());
       CHECK(rr.max_rel_error < 1e-6);
       CHECK(rr.min_grad_norm > 0);
+      CHECK(B1.grad().row(2).norm() == 0.0);  // the zero channel is not regularised
     }
   }
 }
@@ -119,8 +126,9 @@ MatD correlated_inputs(Eigen::Index n, Eigen::Index in, std::uint64_t seed) {
 TEST_CASE("cbq: reconstruction beats round-to-nearest on correlated inputs; codes on the grid; reproducible") {
   const MatD W = uniform(16, 32, 21);
   const MatD X = correlated_inputs(256, 32, 22);
+  for (int bits : {3, 4}) {
   tr::cbq_reconstruct_options o;
-  o.bits = 3;
+  o.bits = bits;
   o.rank = 8;
   o.steps = 600;
   o.lr = 2e-2;
@@ -150,9 +158,9 @@ TEST_CASE("cbq: reconstruction beats round-to-nearest on correlated inputs; code
   const double n = double(X.rows());
   const double err_rtn = (X * (W - Wr).transpose()).squaredNorm() / n;
   const double err_cbq = (X * (W - Wc).transpose()).squaredNorm() / n;
-  std::printf("cbq 3-bit, 16x32, r=8, 600 steps: ||X(W-What)^T||^2/n  rtn %.6f  cbq %.6f  (ratio %.3f, %td flips; "
+  std::printf("cbq %d-bit, 16x32, r=8, 600 steps: ||X(W-What)^T||^2/n  rtn %.6f  cbq %.6f  (ratio %.3f, %td flips; "
               "returned %.6f / %.6f)\n",
-              err_rtn, err_cbq, err_cbq / err_rtn, r.flips, r.error, r.rtn_error);
+              bits, err_rtn, err_cbq, err_cbq / err_rtn, r.flips, r.error, r.rtn_error);
   CHECK(r.error == doctest::Approx(err_cbq).epsilon(1e-10));
   CHECK(r.rtn_error == doctest::Approx(err_rtn).epsilon(1e-10));
   CHECK(err_cbq < 0.8 * err_rtn);
@@ -161,6 +169,7 @@ TEST_CASE("cbq: reconstruction beats round-to-nearest on correlated inputs; code
   CHECK((r2.codes.array() == r.codes.array()).all());
   CHECK(r2.error == r.error);
   CHECK((r2.A1.array() == r.A1.array()).all());
+  }
 }
 
 TEST_CASE("cbq: bad inputs give specific errors; a zero channel stays zero without NaN") {

@@ -114,7 +114,7 @@ class cbq_quantizer {
       }
       if (!(s > 0) || !std::isfinite(s) || !std::isfinite(T(s)) || !(T(s) > T(0))) {
         s = 1;
-        z = o.symmetric ? 0 : 0;
+        z = 0;
         degenerate_[std::size_t(i)] = true;
       }
       scale_(i, 0) = T(s);
