@@ -70,3 +70,4 @@
 #include "train/increlora.hpp"
 #include "train/diffora.hpp"
 #include "train/o3.hpp"
+#include "train/cbq_rounding.hpp"
