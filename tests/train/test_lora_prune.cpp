@@ -342,6 +342,54 @@ TEST_CASE("LoRAPrune in train::fit: target sparsity reached, loss finite and dec
   CHECK(last < 0.5 * first);
 }
 
+TEST_CASE("LoRAPrune on a tiny_transformer: heads of q, k, v masked as groups, loss decreasing") {
+  nn::transformer_config c;
+  c.vocab = 16;
+  c.seq = 8;
+  c.d_model = 16;
+  c.heads = 4;
+  c.d_ff = 32;
+  c.layers = 1;
+  c.seed = 7;
+  nn::tiny_transformer<double> model(c);
+  model.attach(nn::adapter_kind::lora, 2, 4.0);
+  auto proj = model.projections();  // q, k, v, o, up, down
+  tr::lora_prune_options o;
+  o.target_sparsity = 0.5;
+  const index_t head_dim = c.d_model / c.heads;
+  deltaw::optim::adamw<double> opt(model.trainable_parameters(), {.lr = 2e-2});
+  // Next token = token + 1 (mod vocab), from a random start per sequence.
+  std::vector<std::int64_t> ids, labels;
+  std::mt19937_64 g(71);
+  for (int b = 0; b < 4; ++b) {
+    const auto s0 = std::int64_t(g() % 16);
+    for (index_t i = 0; i < c.seq; ++i) {
+      ids.push_back((s0 + i) % 16);
+      labels.push_back((s0 + i + 1) % 16);
+    }
+  }
+  tr::fit_options fo;
+  fo.steps = 40;
+  fo.log_every = 0;
+  tr::fit_result r;
+  {
+    tr::lora_prune<double> pr({proj[0], proj[1], proj[2], proj[4]}, o, {head_dim, head_dim, head_dim, 1});
+    r = tr::fit<double>([&](ag::tape<double>& t, index_t) { return ag::cross_entropy(model(t, ids, 4), labels); }, opt,
+                        {&pr}, fo);
+    for (index_t i = 0; i < 3; ++i) {
+      CHECK(pr.masked_count(i) == 2);  // 2 of 4 heads
+      const auto& cols = pr.masked_columns(i);
+      REQUIRE(cols.size() == 8u);
+      for (std::size_t k = 0; k < cols.size(); ++k) CHECK(cols[k] % head_dim == index_t(k) % head_dim);  // whole heads
+    }
+    CHECK(pr.masked_count(3) == 16);  // half of up's 32 channels
+  }
+  for (auto* l : proj) CHECK(!l->has_forward_hook());
+  MESSAGE("tiny_transformer with LoRAPrune: loss " << r.first_loss << " -> " << r.final_loss);
+  CHECK(std::isfinite(r.final_loss));
+  CHECK(r.final_loss < r.first_loss);
+}
+
 TEST_CASE("LoRAPrune: bad inputs give specific argument_errors, and nothing is hooked") {
   mlp net({4, 8, 6}, 2, 61);
   auto* a = net.l[0].get();
