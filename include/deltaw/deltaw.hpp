@@ -71,3 +71,4 @@
 #include "train/diffora.hpp"
 #include "train/o3.hpp"
 #include "train/cbq_rounding.hpp"
+#include "train/lora_prune.hpp"
