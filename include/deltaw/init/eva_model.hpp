@@ -82,34 +82,18 @@ inline std::vector<std::uint8_t> eva_batch_mask(const eva_batch& b) {
   return keep;
 }
 
-/// Forward hooks on a list of layers for the lifetime of the object: on_input(l, tape, x)
-/// for each use of layer l. Refuses layers that already have a hook; clears its own.
-template <class T>
-class eva_hooks {
- public:
-  template <class F>
-  eva_hooks(const std::vector<nn::linear<T>*>& layers, F on_input) : layers_(layers) {
-    for (auto* l : layers_)
-      if (l->has_forward_hook())
-        throw argument_error("deltaw::eva_init: layer '" + l->name() +
-                             "' already has a forward hook (e.g. an attached dp_sgd); clear it first");
-    for (std::size_t i = 0; i < layers_.size(); ++i)
-      layers_[i]->set_forward_hook(
-          [on_input, i](autograd::tape<T>& t, const autograd::var<T>& x, const autograd::var<T>& y) {
-            on_input(i, t, x);
-            return y;
-          },
-          this);
-  }
-  ~eva_hooks() {
-    for (auto* l : layers_) l->clear_forward_hook(this);
-  }
-  eva_hooks(const eva_hooks&) = delete;
-  eva_hooks& operator=(const eva_hooks&) = delete;
-
- private:
-  std::vector<nn::linear<T>*> layers_;
-};
+/// Hooks for the duration of one forward pass: on_input(l, tape, x) for each use of
+/// layer l; the layer's output passes through unchanged.
+template <class T, class F>
+nn::layer_hooks<T> eva_hooks(const std::vector<nn::linear<T>*>& layers, F on_input) {
+  return nn::layer_hooks<T>(
+      layers,
+      [on_input](std::size_t l, autograd::tape<T>& t, const autograd::var<T>& x, const autograd::var<T>& y) {
+        on_input(l, t, x);
+        return y;
+      },
+      "deltaw::eva_init", " (e.g. an attached dp_sgd)");
+}
 
 template <class T>
 void eva_check_layers(const std::vector<nn::linear<T>*>& layers, const char* op) {
@@ -146,7 +130,7 @@ std::vector<dense<T>> eva_collect_inputs(const std::vector<nn::linear<T>*>& laye
   std::vector<dense<T>> out(layers.size());
   std::vector<std::uint8_t> seen(layers.size(), 0);
   {
-    detail::eva_hooks<T> hooks(layers, [&](std::size_t l, autograd::tape<T>&, const autograd::var<T>& x) {
+    const auto hooks = detail::eva_hooks<T>(layers, [&](std::size_t l, autograd::tape<T>&, const autograd::var<T>& x) {
       if (seen[l]) return;
       seen[l] = 1;
       const auto X = x.value();
@@ -190,7 +174,7 @@ eva_model_result<T> eva_init(const std::vector<nn::linear<T>*>& layers, Data&& d
   std::vector<dense<T>> first(L);
   std::vector<index_t> node(L, -1);
   {
-    detail::eva_hooks<T> hooks(layers, [&](std::size_t l, autograd::tape<T>&, const autograd::var<T>& x) {
+    const auto hooks = detail::eva_hooks<T>(layers, [&](std::size_t l, autograd::tape<T>&, const autograd::var<T>& x) {
       if (node[l] >= 0) return;
       node[l] = x.id();
       detail::eva_check_rows(*layers[l], x.rows(), keep0.size());
@@ -220,7 +204,7 @@ eva_model_result<T> eva_init(const std::vector<nn::linear<T>*>& layers, Data&& d
     const auto keep = detail::eva_batch_mask(b);
     std::vector<std::uint8_t> seen(L, 0);
     {
-      detail::eva_hooks<T> hooks(layers, [&](std::size_t l, autograd::tape<T>&, const autograd::var<T>& x) {
+      const auto hooks = detail::eva_hooks<T>(layers, [&](std::size_t l, autograd::tape<T>&, const autograd::var<T>& x) {
         if (seen[l]) return;
         seen[l] = 1;
         detail::eva_check_rows(*layers[l], x.rows(), keep.size());

@@ -183,6 +183,37 @@ class linear {
   const void* hook_owner_ = nullptr;
 };
 
+/// Forward hooks on a set of layers for as long as this object lives: hook(i, tape, x, y)
+/// runs for layers[i] (see linear::set_forward_hook). Every layer is checked before any
+/// hook is installed, so a layer that already has one throws argument_error
+/// "<op>: layer '<name>' already has a forward hook<hint>; clear it first" and nothing is
+/// installed. The hooks carry `owner` (default: this object) and the destructor removes
+/// exactly those. Used by DP-SGD, LoRAPrune and EVA's input collection.
+template <class T>
+class layer_hooks {
+ public:
+  using hook_fn = std::function<var<T>(std::size_t, tape<T>&, const var<T>&, const var<T>&)>;
+  layer_hooks(std::vector<linear<T>*> layers, hook_fn hook, const std::string& op, const std::string& hint = "",
+              const void* owner = nullptr)
+      : layers_(std::move(layers)), owner_(owner ? owner : this) {
+    for (auto* l : layers_)
+      if (l->has_forward_hook())
+        throw argument_error(op + ": layer '" + l->name() + "' already has a forward hook" + hint + "; clear it first");
+    for (std::size_t i = 0; i < layers_.size(); ++i)
+      layers_[i]->set_forward_hook(
+          [hook, i](tape<T>& t, const var<T>& x, const var<T>& y) { return hook(i, t, x, y); }, owner_);
+  }
+  ~layer_hooks() {
+    for (auto* l : layers_) l->clear_forward_hook(owner_);
+  }
+  layer_hooks(const layer_hooks&) = delete;
+  layer_hooks& operator=(const layer_hooks&) = delete;
+
+ private:
+  std::vector<linear<T>*> layers_;
+  const void* owner_;
+};
+
 /// LayerNorm with γ [1, d] (ones) and β [1, d] (zeros), frozen unless made trainable.
 template <class T>
 class layer_norm {

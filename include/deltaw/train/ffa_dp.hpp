@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -327,27 +328,18 @@ class dp_sgd : public method<T> {
   /// already, or if a layer has another owner's hook (nothing is installed then).
   void attach() {
     constexpr const char* op = "deltaw::train::dp_sgd::attach";
-    if (attached_) throw argument_error(std::string(op) + ": the hooks are already attached");
-    for (auto* l : layers_)
-      if (l->has_forward_hook())
-        throw argument_error(std::string(op) + ": layer '" + l->name() + "' already has a forward hook" +
-                             (l->forward_hook_owner() == this ? "" : " from another owner") + "; clear it first");
-    for (std::size_t i = 0; i < layers_.size(); ++i)
-      layers_[i]->set_forward_hook(
-          [this, i](autograd::tape<T>& t, const autograd::var<T>& x, const autograd::var<T>& y) {
-            // Evaluation passes (no_grad) have no backward sweep to capture.
-            return t.grad_enabled() && t.requires_grad(y) ? capture(t, i, x, y) : y;
-          },
-          this);
-    attached_ = true;
+    if (hooks_) throw argument_error(std::string(op) + ": the hooks are already attached");
+    hooks_.emplace(
+        layers_,
+        [this](std::size_t i, autograd::tape<T>& t, const autograd::var<T>& x, const autograd::var<T>& y) {
+          // Evaluation passes (no_grad) have no backward sweep to capture.
+          return t.grad_enabled() && t.requires_grad(y) ? capture(t, i, x, y) : y;
+        },
+        op, " from another owner", this);
   }
   /// Removes the hooks this object installed (those still there); a no-op when detached.
-  void detach() noexcept {
-    if (!attached_) return;
-    for (auto* l : layers_) l->clear_forward_hook(this);
-    attached_ = false;
-  }
-  bool attached() const { return attached_; }
+  void detach() noexcept { hooks_.reset(); }
+  bool attached() const { return hooks_.has_value(); }
   const std::vector<nn::linear<T>*>& layers() const { return layers_; }
 
   /// Runs layer i on x and records what the per-sample gradients need: Z = X·Aᵀ now
@@ -358,7 +350,7 @@ class dp_sgd : public method<T> {
     if (i >= layers_.size())
       throw argument_error("deltaw::train::dp_sgd::forward: layer " + std::to_string(i) + " of " +
                            std::to_string(layers_.size()));
-    if (attached_)
+    if (hooks_)
       throw argument_error("deltaw::train::dp_sgd::forward: the hooks are attached, which capture layer '" +
                            layers_[i]->name() + "' already; call the layer itself (or detach())");
     return capture(t, i, x, (*layers_[i])(t, x));
@@ -551,7 +543,7 @@ class dp_sgd : public method<T> {
   std::vector<std::vector<zd>> uses_, last_;
   std::vector<index_t> offsets_, last_offs_;
   double last_w_ = 1.0;
-  bool attached_ = false;
+  std::optional<nn::layer_hooks<T>> hooks_;  // set while attached
   std::vector<double> norms_, factors_;
   index_t count_ = 0;
 };

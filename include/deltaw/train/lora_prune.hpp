@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -200,8 +201,6 @@ class lora_prune : public method<T> {
       if (l->kind() == nn::adapter_kind::dora)
         throw argument_error(op + ": layer '" + l->name() +
                              "' has a DoRA adapter; LoRAPrune's estimate is defined for LoRA / rsLoRA only");
-      if (l->has_forward_hook())
-        throw argument_error(op + ": layer '" + l->name() + "' already has a forward hook; clear it first");
       const index_t g = group_sizes.empty() ? o_.importance.group_size : group_sizes[i];
       if (g < 1 || l->out_features() % g != 0)
         throw argument_error(op + ": layer '" + l->name() + "': group_size " + std::to_string(g) +
@@ -214,15 +213,13 @@ class lora_prune : public method<T> {
       e.masked.assign(e.ema.size(), 0);
       es_.push_back(std::move(e));
     }
-    for (std::size_t i = 0; i < layers_.size(); ++i)
-      layers_[i]->set_forward_hook(
-          [this, i](autograd::tape<T>&, const autograd::var<T>&, const autograd::var<T>& y) {
-            return es_[i].columns.empty() ? y : mask_columns(y, es_[i].columns);
-          },
-          this);
-  }
-  ~lora_prune() override {
-    for (auto* l : layers_) l->clear_forward_hook(this);
+    // Refuses a layer that already has a hook (nothing installed then); removed with this.
+    hooks_.emplace(
+        layers_,
+        [this](std::size_t i, autograd::tape<T>&, const autograd::var<T>&, const autograd::var<T>& y) {
+          return es_[i].columns.empty() ? y : mask_columns(y, es_[i].columns);
+        },
+        op, "", this);
   }
   lora_prune(const lora_prune&) = delete;
   lora_prune& operator=(const lora_prune&) = delete;
@@ -334,6 +331,7 @@ class lora_prune : public method<T> {
   std::vector<entry> es_;
   double sparsity_ = 0;
   index_t events_ = 0, updates_ = 0;
+  std::optional<nn::layer_hooks<T>> hooks_;  // last: removed before the state it reads
 };
 
 }  // namespace train
