@@ -1,5 +1,7 @@
-// How CPU evaluators see views: as Eigen Maps, without copying whenever the layout and
-// element type allow it.
+// SPDX-License-Identifier: MIT
+// Eigen interop for CPU-only code (init, spectral, linalg): views seen as Eigen Maps,
+// without copying whenever the layout and element type allow it. The evaluators do not
+// use this header; they are written against deltaw/kernels/ (see evaluator.hpp).
 //
 // - A view with a unit stride maps directly: row-major as a RowMajor Map, column-major as
 //   the transpose of a RowMajor Map of the transposed shape. Eigen's products accept both
@@ -14,6 +16,7 @@
 #include <type_traits>
 
 #include "../../core/eigen.hpp"
+#include "evaluator.hpp"
 
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
@@ -22,10 +25,6 @@ template <class C>
 using cmap = Eigen::Map<const dense<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
 template <class C>
 using mmap = Eigen::Map<dense<C>, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-/// Rows of a weight converted at a time when the weight's storage is not the arithmetic
-/// type (bf16 W, or fully strided W): bounds the scratch to panel_rows x in.
-inline constexpr index_t panel_rows = 256;
 
 namespace detail {
 template <class V>
@@ -46,12 +45,6 @@ dense<C> to_dense(const matrix_view<T, D>& v) {
   for (index_t i = 0; i < v.rows(); ++i)
     for (index_t j = 0; j < v.cols(); ++j) out(i, j) = convert<C>(v(i, j));
   return out;
-}
-
-/// True when v can be mapped as arithmetic type C without copying.
-template <class C, class T>
-bool maps_directly(const matrix_view<T>& v) {
-  return std::is_same_v<std::remove_cv_t<T>, C> && (v.is_row_major() || v.is_col_major());
 }
 
 /// Calls f(M) with M an Eigen expression of v in arithmetic type C: a Map (row-major), a

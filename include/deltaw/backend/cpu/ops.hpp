@@ -11,7 +11,6 @@
 #include <type_traits>
 
 #include "../../expr/update.hpp"
-#include "eigen_bridge.hpp"
 #include "evaluator.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -50,14 +49,15 @@ bool shares_base(const U& u, const matrix_view<const TW>& W) {
     return false;
   }
 }
+using ctx_t = kernels::cpu_context;
 template <class U, class C>
-concept has_base_hook = requires { &evaluator<U>::template apply_on_base<C, dense<C>, dense<C>>; };
+concept has_base_hook = requires { &evaluator<U>::template apply_on_base<C, ctx_t>; };
 /// Types that compute X·(W + ΔW)ᵀ and G·(W + ΔW) themselves, instead of the base product
 /// plus their ΔW (Bone bat: one product with W' instead of two with W).
 template <class U, class C>
 concept has_base_replacement = requires {
-  &evaluator<U>::template apply_with_base<C, dense<C>, dense<C>>;
-  &evaluator<U>::template apply_transposed_with_base<C, dense<C>, dense<C>>;
+  &evaluator<U>::template apply_with_base<C, ctx_t>;
+  &evaluator<U>::template apply_transposed_with_base<C, ctx_t>;
 };
 template <class U, class C>
 concept uses_base = has_base_hook<U, C> || has_base_replacement<U, C>;
@@ -92,45 +92,51 @@ bool replace_base(const Tuple& deltas, const matrix_view<const TW>& W, F&& f) {
   }, deltas);
   return done;
 }
+/// A mutable view of a dense row-major matrix.
+template <class C>
+matrix_view<C> dense_view(dense<C>& m) {
+  return matrix_view<C>(m.data(), m.rows(), m.cols(), std::max<index_t>(m.cols(), 1), 1);
+}
 }  // namespace detail
 
 /// Y = X·Wᵀ.
-template <class C, class TW, class XM, class YM>
-void base_apply(const matrix_view<const TW>& W, const XM& X, YM& Y) {
-  for_row_panels<C>(W, [&](index_t r0, const auto& P) { Y.middleCols(r0, P.rows()).noalias() = X * P.transpose(); });
+template <class C, class Ctx, class TW>
+void base_apply(const Ctx& ctx, const matrix_view<const TW>& W, const cview<C>& X, const mview<C>& Y) {
+  for_row_panels<C>(ctx, W, [&](index_t r0, const cview<C>& P) {
+    gemm<C>(ctx, C(1), X, kernels::op::none, P, kernels::op::trans, C(0), Y.middle_cols(r0, P.rows()));
+  });
 }
 
-/// O = G·W.
-template <class C, class TW, class GM, class OM>
-void base_apply_transposed(const matrix_view<const TW>& W, const GM& G, OM& O) {
-  if (maps_directly<C>(W)) {
-    with_operand<C>(W, [&](const auto& M) { O.noalias() = G * M; });
-    return;
-  }
-  O.setZero();
-  for_row_panels<C>(W, [&](index_t r0, const auto& P) { O.noalias() += G.middleCols(r0, P.rows()) * P; });
+/// O = G·W (beta = 1: O += G·W).
+template <class C, class Ctx, class TW>
+void base_apply_transposed(const Ctx& ctx, const matrix_view<const TW>& W, const cview<C>& G, const mview<C>& O,
+                           C beta = C(0)) {
+  if (beta == C(0) && !maps_directly<C>(W)) kernels::fill(ctx, O, C(0));
+  const C b = maps_directly<C>(W) ? beta : C(1);
+  for_row_panels<C>(ctx, W, [&](index_t r0, const cview<C>& P) {
+    gemm<C>(ctx, C(1), G.middle_cols(r0, P.rows()), kernels::op::none, P, kernels::op::none, b, O);
+  });
 }
 
-template <class C, class E, class XM, class YM>
-void apply_expr(const E& e, const XM& X, YM& Y) {
+template <class C, class Ctx, class E>
+void apply_expr(const Ctx& ctx, const E& e, const cview<C>& X, const mview<C>& Y) {
   if constexpr (is_matrix_view_v<E>) {
-    base_apply<C>(matrix_view<const typename E::value_type>(e), X, Y);
+    base_apply<C>(ctx, matrix_view<const typename E::value_type>(e), X, Y);
   } else if constexpr (update<E>) {
-    Y.setZero();
-    evaluator<E>::template apply_add<C>(e, X, Y);
+    kernels::fill(ctx, Y, C(0));
+    evaluator<E>::template apply_add<C>(ctx, e, X, Y);
   } else {
-    const int hooked = detail::count_hooked<C>(e.deltas(), e.base());
+    detail::count_hooked<C>(e.deltas(), e.base());
     const bool replaced = detail::replace_base<C>(e.deltas(), e.base(), [&](const auto& d) {
-      evaluator<std::remove_cvref_t<decltype(d)>>::template apply_with_base<C>(d, X, Y);
+      evaluator<std::remove_cvref_t<decltype(d)>>::template apply_with_base<C>(ctx, d, X, Y);
     });
-    if (!replaced) base_apply<C>(e.base(), X, Y);
+    if (!replaced) base_apply<C>(ctx, e.base(), X, Y);
     std::apply([&](const auto&... u) {
       auto one = [&](const auto& d) {
         using U = std::remove_cvref_t<decltype(d)>;
         if constexpr (detail::has_base_hook<U, C>) {
-          if (detail::shares_base(d, e.base())) return evaluator<U>::template apply_on_base<C>(d, X, Y);
+          if (detail::shares_base(d, e.base())) evaluator<U>::template apply_on_base<C>(ctx, d, X, Y);
         }
-        (void)hooked;
       };
       (one(u), ...);
     }, e.deltas());
@@ -140,35 +146,36 @@ void apply_expr(const E& e, const XM& X, YM& Y) {
         if constexpr (detail::uses_base<U, C>) {
           if (detail::shares_base(d, e.base())) return;
         }
-        evaluator<U>::template apply_add<C>(d, X, Y);
+        evaluator<U>::template apply_add<C>(ctx, d, X, Y);
       };
       (one(u), ...);
     }, e.deltas());
   }
 }
 
-template <class C, class E, class GM, class OM>
-void apply_transposed_expr(const E& e, const GM& G, OM& O) {
+template <class C, class Ctx, class E>
+void apply_transposed_expr(const Ctx& ctx, const E& e, const cview<C>& G, const mview<C>& O) {
   if constexpr (is_matrix_view_v<E>) {
-    base_apply_transposed<C>(matrix_view<const typename E::value_type>(e), G, O);
+    base_apply_transposed<C>(ctx, matrix_view<const typename E::value_type>(e), G, O);
   } else if constexpr (update<E>) {
-    O.setZero();
-    evaluator<E>::template apply_transposed_add<C>(e, G, O);
+    kernels::fill(ctx, O, C(0));
+    evaluator<E>::template apply_transposed_add<C>(ctx, e, G, O);
   } else {
-    bool done_base = detail::count_hooked<C>(e.deltas(), e.base()) == 1 &&
-                     detail::replace_base<C>(e.deltas(), e.base(), [&](const auto& d) {
-                       evaluator<std::remove_cvref_t<decltype(d)>>::template apply_transposed_with_base<C>(d, G, O);
+    const bool hooked = detail::count_hooked<C>(e.deltas(), e.base()) == 1;
+    bool done_base = hooked && detail::replace_base<C>(e.deltas(), e.base(), [&](const auto& d) {
+                       evaluator<std::remove_cvref_t<decltype(d)>>::template apply_transposed_with_base<C>(ctx, d, G, O);
                      });
-    if (!done_base && detail::count_hooked<C>(e.deltas(), e.base()) == 1) {
+    if (!done_base && hooked) {
       // DoRA over the base: G·W' = (G·diag(g))·W + s·((G·diag(g))·B)·A.
       std::apply([&](const auto&... u) {
         auto one = [&](const auto& d) {
           using U = std::remove_cvref_t<decltype(d)>;
           if constexpr (detail::has_base_hook<U, C>) {
             if (detail::shares_base(d, e.base())) {
-              const dense<C> Gs = evaluator<U>::template transposed_input<C>(d, G);
-              base_apply_transposed<C>(e.base(), Gs, O);
-              evaluator<std::remove_cvref_t<decltype(d.lora())>>::template apply_transposed_add<C>(d.lora(), Gs, O);
+              const auto Gs = evaluator<U>::template transposed_input<C>(ctx, d, G);
+              base_apply_transposed<C>(ctx, e.base(), Gs.cview(), O);
+              evaluator<std::remove_cvref_t<decltype(d.lora())>>::template apply_transposed_add<C>(ctx, d.lora(),
+                                                                                                   Gs.cview(), O);
               done_base = true;
             }
           }
@@ -176,18 +183,34 @@ void apply_transposed_expr(const E& e, const GM& G, OM& O) {
         (one(u), ...);
       }, e.deltas());
     }
-    if (!done_base) base_apply_transposed<C>(e.base(), G, O);
+    if (!done_base) base_apply_transposed<C>(ctx, e.base(), G, O);
     std::apply([&](const auto&... u) {
       auto one = [&](const auto& d) {
         using U = std::remove_cvref_t<decltype(d)>;
         if constexpr (detail::uses_base<U, C>) {
           if (detail::shares_base(d, e.base())) return;
         }
-        evaluator<U>::template apply_transposed_add<C>(d, G, O);
+        evaluator<U>::template apply_transposed_add<C>(ctx, d, G, O);
       };
       (one(u), ...);
     }, e.deltas());
   }
+}
+
+/// Runs f(ctx, In, Out) with In the input in arithmetic type C (converted when its storage
+/// or layout needs it) and Out the output or, when the output has no BLAS-compatible
+/// layout, a scratch copied back afterwards.
+template <class C, class T, class F>
+void with_views(const matrix_view<const T>& In, const mview<C>& Out, F&& f) {
+  const kernels::cpu_context ctx;
+  const kernels::operand<C> in(ctx, In);
+  if (kernels::is_blas_compatible(Out)) {
+    f(ctx, in.view(), Out);
+    return;
+  }
+  auto tmp = kernels::make_scratch<C>(ctx, Out.rows(), Out.cols());
+  f(ctx, in.view(), tmp.view());
+  kernels::copy(ctx, tmp.cview(), Out);
 }
 
 }  // namespace cpu
@@ -234,8 +257,8 @@ void apply(const E& e, const XL& X, YL&& Y) {
     if (Yv.rows() != Xv.rows() || Yv.cols() != e.rows())
       throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Yv.rows(), Yv.cols()) +
                         " but X·Wᵀ is " + detail::shape_str(Xv.rows(), e.rows()));
-    cpu::with_output<C>(Yv, [&](auto& Ym) {
-      cpu::with_operand<C>(Xv, [&](const auto& Xm) { cpu::apply_expr<C>(e, Xm, Ym); });
+    cpu::with_views<C>(Xv, Yv, [&](const auto& ctx, const cpu::cview<C>& Xm, const cpu::mview<C>& Ym) {
+      cpu::apply_expr<C>(ctx, e, Xm, Ym);
     });
   }
 }
@@ -266,8 +289,8 @@ void apply_transposed(const E& e, const GL& G, OL&& O) {
     if (Ov.rows() != Gv.rows() || Ov.cols() != e.cols())
       throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Ov.rows(), Ov.cols()) +
                         " but G·W is " + detail::shape_str(Gv.rows(), e.cols()));
-    cpu::with_output<C>(Ov, [&](auto& Om) {
-      cpu::with_operand<C>(Gv, [&](const auto& Gm) { cpu::apply_transposed_expr<C>(e, Gm, Om); });
+    cpu::with_views<C>(Gv, Ov, [&](const auto& ctx, const cpu::cview<C>& Gm, const cpu::mview<C>& Om) {
+      cpu::apply_transposed_expr<C>(ctx, e, Gm, Om);
     });
   }
 }
@@ -287,16 +310,21 @@ auto apply_transposed(const E& e, const GL& G) {
 template <cpu_expression E>
 auto materialize(const E& e) {
   using C = expression_compute_t<E>;
+  const kernels::cpu_context ctx;
   if constexpr (is_matrix_view_v<E>) {
-    return cpu::to_dense<C>(e);
+    dense<C> D(e.rows(), e.cols());
+    kernels::copy(ctx, matrix_view<const typename E::value_type>(e), cpu::detail::dense_view(D));
+    return D;
   } else if constexpr (update<E>) {
     dense<C> D = dense<C>::Zero(e.rows(), e.cols());
-    cpu::evaluator<E>::template add_delta_rows<C>(e, 0, D);
+    cpu::evaluator<E>::template add_delta_rows<C>(ctx, e, 0, cpu::detail::dense_view(D));
     return D;
   } else {
-    dense<C> D = cpu::to_dense<C>(e.base());
+    dense<C> D(e.rows(), e.cols());
+    kernels::copy(ctx, e.base(), cpu::detail::dense_view(D));
     std::apply([&](const auto&... u) {
-      (cpu::evaluator<std::remove_cvref_t<decltype(u)>>::template add_delta_rows<C>(u, 0, D), ...);
+      (cpu::evaluator<std::remove_cvref_t<decltype(u)>>::template add_delta_rows<C>(ctx, u, 0, cpu::detail::dense_view(D)),
+       ...);
     }, e.deltas());
     return D;
   }
@@ -332,7 +360,10 @@ void merge(WL&& W, const U& u) {
   auto Wv = detail::mutable_weight_view(std::forward<WL>(W), "deltaw::merge");
   detail::check_merge(u, Wv, "deltaw::merge");
   using C = compute_t<typename decltype(Wv)::value_type, typename U::value_type>;
-  cpu::for_mutable_row_panels<C>(Wv, [&](index_t r0, auto& P) { cpu::evaluator<U>::template merge_rows<C>(u, r0, P); });
+  const kernels::cpu_context ctx;
+  cpu::for_mutable_row_panels<C>(ctx, Wv, [&](index_t r0, const cpu::mview<C>& P) {
+    cpu::evaluator<U>::template merge_rows<C>(ctx, u, r0, P);
+  });
 }
 
 /// The exact inverse of merge: W ← W − ΔW (DoRA: W ← W'/g − s·B·A with the cached norms).
@@ -342,7 +373,10 @@ void unmerge(WL&& W, const U& u) {
   auto Wv = detail::mutable_weight_view(std::forward<WL>(W), "deltaw::unmerge");
   detail::check_merge(u, Wv, "deltaw::unmerge");
   using C = compute_t<typename decltype(Wv)::value_type, typename U::value_type>;
-  cpu::for_mutable_row_panels<C>(Wv, [&](index_t r0, auto& P) { cpu::evaluator<U>::template unmerge_rows<C>(u, r0, P); });
+  const kernels::cpu_context ctx;
+  cpu::for_mutable_row_panels<C>(ctx, Wv, [&](index_t r0, const cpu::mview<C>& P) {
+    cpu::evaluator<U>::template unmerge_rows<C>(ctx, u, r0, P);
+  });
 }
 
 /// merge(), but first computes the merged weight panel by panel and throws
@@ -354,21 +388,18 @@ void merge_checked(WL&& W, const U& u) {
   auto Wv = detail::mutable_weight_view(std::forward<WL>(W), "deltaw::merge_checked");
   detail::check_merge(u, Wv, "deltaw::merge_checked");
   using C = compute_t<typename decltype(Wv)::value_type, typename U::value_type>;
-  dense<C> P;
+  const kernels::cpu_context ctx;
+  auto scratch = kernels::make_scratch<C>(ctx, std::min(cpu::panel_rows, Wv.rows()), Wv.cols());
   for (index_t r0 = 0; r0 < Wv.rows(); r0 += cpu::panel_rows) {
     const index_t n = std::min(cpu::panel_rows, Wv.rows() - r0);
-    P = cpu::to_dense<C>(Wv.middle_rows(r0, n));
-    cpu::evaluator<U>::template merge_rows<C>(u, r0, P);
-    if (!P.allFinite()) {
-      index_t i = 0, j = 0;
-      for (i = 0; i < P.rows(); ++i) {
-        for (j = 0; j < P.cols(); ++j)
-          if (!std::isfinite(double(P(i, j)))) break;
-        if (j < P.cols()) break;
-      }
-      throw non_finite_error("deltaw::merge_checked: merging would make W(" + std::to_string(r0 + i) + ", " +
-                             std::to_string(j) + ") non-finite; W is left unchanged");
-    }
+    const auto P = scratch.view().middle_rows(0, n);
+    kernels::copy(ctx, matrix_view<const typename decltype(Wv)::value_type>(Wv.middle_rows(r0, n)), P);
+    cpu::evaluator<U>::template merge_rows<C>(ctx, u, r0, P);
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < P.cols(); ++j)
+        if (!std::isfinite(double(P(i, j))))
+          throw non_finite_error("deltaw::merge_checked: merging would make W(" + std::to_string(r0 + i) + ", " +
+                                 std::to_string(j) + ") non-finite; W is left unchanged");
   }
   merge(Wv, u);
 }

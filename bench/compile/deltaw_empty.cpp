@@ -1,0 +1,4 @@
+// deltaw/deltaw.hpp included, nothing used.
+#include <deltaw/deltaw.hpp>
+
+int main() {}

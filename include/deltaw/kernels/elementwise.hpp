@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: MIT
+// Element-wise primitives over views with runtime layouts: fill, scale, axpy, maps by a
+// functor, diagonal scalings, row and column reductions, row gathers and scatters, and
+// Philox fills of random bases. Loops run along the contiguous dimension.
+#pragma once
+
+#include <span>
+#include <string>
+
+#include "../core/random.hpp"
+#include "context.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace kernels {
+
+namespace detail {
+inline void check_same(index_t r1, index_t c1, index_t r2, index_t c2, const char* op) {
+  if (r1 != r2 || c1 != c2)
+    throw shape_error(std::string(op) + ": " + deltaw::detail::shape_str(r1, c1) + " and " +
+                      deltaw::detail::shape_str(r2, c2) + " differ");
+}
+/// Calls f(i, j) for every element of a rows × cols matrix, j innermost when the matrix
+/// is row-major (row_major = true), i innermost otherwise.
+template <class F>
+void for_each_index(index_t rows, index_t cols, bool row_major, F&& f) {
+  if (row_major) {
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < cols; ++j) f(i, j);
+  } else {
+    for (index_t j = 0; j < cols; ++j)
+      for (index_t i = 0; i < rows; ++i) f(i, j);
+  }
+}
+}  // namespace detail
+
+/// Y(i, j) = f(i, j, Y(i, j)) for every element: the general element-wise map.
+template <class C, class F>
+void transform(const cpu_context&, const matrix_view<C>& Y, F&& f) {
+  if (Y.col_stride() == 1) {
+    for (index_t i = 0; i < Y.rows(); ++i) {
+      C* y = Y.data() + i * Y.row_stride();
+      for (index_t j = 0; j < Y.cols(); ++j) y[j] = f(i, j, y[j]);
+    }
+    return;
+  }
+  detail::for_each_index(Y.rows(), Y.cols(), !Y.is_col_major(), [&](index_t i, index_t j) { Y(i, j) = f(i, j, Y(i, j)); });
+}
+
+/// Y(i, j) = f(X(i, j), Y(i, j)): a binary map of two same-shaped views.
+template <class T, class C, class F>
+void transform(const cpu_context&, const matrix_view<const T>& X, const matrix_view<C>& Y, F&& f) {
+  detail::check_same(X.rows(), X.cols(), Y.rows(), Y.cols(), "deltaw::kernels::transform");
+  if (X.col_stride() == 1 && Y.col_stride() == 1) {
+    for (index_t i = 0; i < Y.rows(); ++i) {
+      const T* x = X.data() + i * X.row_stride();
+      C* y = Y.data() + i * Y.row_stride();
+      for (index_t j = 0; j < Y.cols(); ++j) y[j] = f(x[j], y[j]);
+    }
+    return;
+  }
+  detail::for_each_index(Y.rows(), Y.cols(), !Y.is_col_major(), [&](index_t i, index_t j) { Y(i, j) = f(X(i, j), Y(i, j)); });
+}
+
+/// Y = v everywhere.
+template <class C>
+void fill(const cpu_context& ctx, const matrix_view<C>& Y, std::type_identity_t<C> v) {
+  transform(ctx, Y, [v](index_t, index_t, C) { return v; });
+}
+
+/// Y = α·Y (α = 0 writes zeros, whatever Y held).
+template <class C>
+void scale(const cpu_context& ctx, const matrix_view<C>& Y, std::type_identity_t<C> alpha) {
+  if (alpha == C(1)) return;
+  if (alpha == C(0)) return fill(ctx, Y, C(0));
+  transform(ctx, Y, [alpha](index_t, index_t, C y) { return alpha * y; });
+}
+
+/// Y += α·X.
+template <class C>
+void axpy(const cpu_context& ctx, std::type_identity_t<C> alpha, const matrix_view<const C>& X, const matrix_view<C>& Y) {
+  transform(ctx, X, Y, [alpha](C x, C y) { return y + alpha * x; });
+}
+
+/// Y(i, :) *= g[i0 + i]: diag(g)·Y for a window of g starting at i0.
+template <class C>
+void scale_rows(const cpu_context& ctx, const matrix_view<C>& Y, const vector_view<const C>& g, index_t i0 = 0) {
+  if (i0 < 0 || i0 + Y.rows() > g.size())
+    throw shape_error("deltaw::kernels::scale_rows: rows [" + std::to_string(i0) + ", " + std::to_string(i0 + Y.rows()) +
+                      ") of a vector of size " + std::to_string(g.size()));
+  transform(ctx, Y, [&](index_t i, index_t, C y) { return y * g[i0 + i]; });
+}
+
+/// Y(:, j) *= g[j0 + j]: Y·diag(g) for a window of g starting at j0.
+template <class C>
+void scale_cols(const cpu_context& ctx, const matrix_view<C>& Y, const vector_view<const C>& g, index_t j0 = 0) {
+  if (j0 < 0 || j0 + Y.cols() > g.size())
+    throw shape_error("deltaw::kernels::scale_cols: columns [" + std::to_string(j0) + ", " +
+                      std::to_string(j0 + Y.cols()) + ") of a vector of size " + std::to_string(g.size()));
+  transform(ctx, Y, [&](index_t, index_t j, C y) { return y * g[j0 + j]; });
+}
+
+/// out[i] (+)= Σ_j f(X(i, j)), accumulated in out's type (double for the norms).
+template <class T, class A, class F>
+void reduce_rows(const cpu_context&, const matrix_view<const T>& X, const vector_view<A>& out, F&& f,
+                 bool accumulate = false) {
+  if (out.size() != X.rows())
+    throw shape_error("deltaw::kernels::reduce_rows: " + std::to_string(out.size()) + " outputs for " +
+                      deltaw::detail::shape_str(X.rows(), X.cols()));
+  for (index_t i = 0; i < X.rows(); ++i) {
+    A s = accumulate ? out[i] : A(0);
+    for (index_t j = 0; j < X.cols(); ++j) s += A(f(X(i, j)));
+    out[i] = s;
+  }
+}
+
+/// out[j] (+)= Σ_i f(X(i, j)).
+template <class T, class A, class F>
+void reduce_cols(const cpu_context& ctx, const matrix_view<const T>& X, const vector_view<A>& out, F&& f,
+                 bool accumulate = false) {
+  if (out.size() != X.cols())
+    throw shape_error("deltaw::kernels::reduce_cols: " + std::to_string(out.size()) + " outputs for " +
+                      deltaw::detail::shape_str(X.rows(), X.cols()));
+  if (!accumulate)
+    for (index_t j = 0; j < X.cols(); ++j) out[j] = A(0);
+  for (index_t i = 0; i < X.rows(); ++i)
+    for (index_t j = 0; j < X.cols(); ++j) out[j] += A(f(X(i, j)));
+  (void)ctx;
+}
+
+/// Y(i, :) = X(rows[i], :).
+template <class T, class C>
+void gather_rows(const cpu_context& ctx, const matrix_view<const T>& X, std::span<const index_t> rows,
+                 const matrix_view<C>& Y) {
+  if (index_t(rows.size()) != Y.rows() || X.cols() != Y.cols())
+    throw shape_error("deltaw::kernels::gather_rows: " + std::to_string(rows.size()) + " rows of " +
+                      deltaw::detail::shape_str(X.rows(), X.cols()) + " into " +
+                      deltaw::detail::shape_str(Y.rows(), Y.cols()));
+  for (index_t i = 0; i < Y.rows(); ++i) {
+    const index_t r = rows[std::size_t(i)];
+    if (r < 0 || r >= X.rows())
+      throw shape_error("deltaw::kernels::gather_rows: row index " + std::to_string(r) + " outside [0, " +
+                        std::to_string(X.rows()) + ")");
+    copy(ctx, X.middle_rows(r, 1), Y.middle_rows(i, 1));
+  }
+}
+
+/// Y(rows[i], :) += α·X(i, :). Repeated indices add up.
+template <class C>
+void scatter_add_rows(const cpu_context& ctx, std::type_identity_t<C> alpha, const matrix_view<const C>& X,
+                      std::span<const index_t> rows, const matrix_view<C>& Y) {
+  if (index_t(rows.size()) != X.rows() || X.cols() != Y.cols())
+    throw shape_error("deltaw::kernels::scatter_add_rows: " + std::to_string(rows.size()) + " rows of " +
+                      deltaw::detail::shape_str(X.rows(), X.cols()) + " into " +
+                      deltaw::detail::shape_str(Y.rows(), Y.cols()));
+  for (index_t i = 0; i < X.rows(); ++i) {
+    const index_t r = rows[std::size_t(i)];
+    if (r < 0 || r >= Y.rows())
+      throw shape_error("deltaw::kernels::scatter_add_rows: row index " + std::to_string(r) + " outside [0, " +
+                        std::to_string(Y.rows()) + ")");
+    axpy<C>(ctx, alpha, X.middle_rows(i, 1), Y.middle_rows(r, 1));
+  }
+}
+
+/// Y(i, j) = e(first + i·ld + j): a tile of a random basis regenerated from its Philox
+/// stream, `ld` the row length of the basis's full shape (bit-identical on every device).
+template <class C>
+void fill_random(const cpu_context&, const basis_entries& e, std::uint64_t first, std::uint64_t ld,
+                 const matrix_view<C>& Y) {
+  if (Y.col_stride() == 1) {
+    for (index_t i = 0; i < Y.rows(); ++i)
+      fill_entries<C>(e, first + std::uint64_t(i) * ld, std::uint64_t(Y.cols()), Y.data() + i * Y.row_stride());
+    return;
+  }
+  for (index_t i = 0; i < Y.rows(); ++i)
+    for (index_t j = 0; j < Y.cols(); ++j) Y(i, j) = e.template value<C>(first + std::uint64_t(i) * ld + std::uint64_t(j));
+}
+
+}  // namespace kernels
+DELTAW_NAMESPACE_END
