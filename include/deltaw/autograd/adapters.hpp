@@ -96,7 +96,7 @@ var<T> adapted_linear(const var<T>& x, matrix_view<const T> W, const std::array<
     for (std::size_t i = 0; i < N; ++i) g[i] = t.needs_grad(ids[i]) ? &t.grad_accumulator(ids[i]) : nullptr;
     detail::base_input_grad(t, ix, W, dY);
     dense<T>* dX = t.needs_grad(ix) ? &t.grad_accumulator(ix) : nullptr;
-    cpu::vjp<U>::template backward<T>(u, t.value_at(ix), dY, std::span<dense<T>* const>(g.data(), N), dX);
+    cpu::backward<T>(u, t.value_at(ix), dY, std::span<dense<T>* const>(g.data(), N), dX);
   }, /*backward_reads_output=*/false);
 }
 
@@ -129,20 +129,35 @@ var<T> dora_linear(const var<T>& x, matrix_view<const T> W, const var<T>& B, con
   const auto u = norms ? dora_update<T, T>(held_matrix<T>{W, nullptr}, l, held_vector<T>{mvec, nullptr}, norms)
                        : deltaw::dora(W, l, mvec);
   using V = cpu::vjp<std::remove_cvref_t<decltype(u)>>;
-  dense<T> y;
-  auto P = std::make_shared<dense<T>>();
-  V::template forward<T>(u, x.value(), y, *P);
+  const kernels::cpu_context ctx;
+  dense<T> y(x.rows(), W.rows());
+  auto P = std::make_shared<dense<T>>(x.rows(), W.rows());
+  {
+    const auto xv = view(x.value());
+    const kernels::operand<T> X(ctx, matrix_view<const T>(xv));
+    V::template forward<T>(ctx, u, X.view(), cpu::detail::dense_view(y), cpu::detail::dense_view(*P));
+  }
   const index_t ix = x.id();
   const std::array<index_t, 3> ids{B.id(), A.id(), m.id()};
   const bool rg = t.requires_grad(x) || t.requires_grad(B) || t.requires_grad(A) || t.requires_grad(m);
   return t.record("dora_linear", std::move(y), rg, [ix, u, ids, P](tape<T>& t, index_t self) {
-    std::array<dense<T>*, 3> g{};
-    for (std::size_t i = 0; i < 3; ++i) g[i] = t.needs_grad(ids[i]) ? &t.grad_accumulator(ids[i]) : nullptr;
-    dense<T>* dX = nullptr;
+    const kernels::cpu_context ctx;
+    std::array<matrix_view<T>, 3> g{};
+    for (std::size_t i = 0; i < 3; ++i)
+      if (t.needs_grad(ids[i])) g[i] = cpu::detail::dense_view(t.grad_accumulator(ids[i]));
+    matrix_view<T> dXv;
     bool fresh = false;
-    if (t.needs_grad(ix)) std::tie(dX, fresh) = t.grad_slot(ix);
-    V::template backward_with_base<T>(u, t.value_at(ix), *P, t.upstream(self), std::span<dense<T>* const>(g.data(), 3),
-                                      dX, fresh);
+    if (t.needs_grad(ix)) {
+      dense<T>* dX = nullptr;
+      std::tie(dX, fresh) = t.grad_slot(ix);
+      if (fresh) dX->resize(t.upstream(self).rows(), u.cols());
+      dXv = cpu::detail::dense_view(*dX);
+    }
+    const auto xv = view(t.value_at(ix));
+    const auto gv = view(t.upstream(self));
+    const kernels::operand<T> X(ctx, matrix_view<const T>(xv)), dY(ctx, matrix_view<const T>(gv));
+    V::template backward_with_base<T>(ctx, u, X.view(), cpu::detail::dense_view(std::as_const(*P)), dY.view(),
+                                      std::span<const matrix_view<T>>(g.data(), 3), dXv, fresh);
   }, /*backward_reads_output=*/false);
 }
 

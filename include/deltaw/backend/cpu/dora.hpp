@@ -1,6 +1,9 @@
-// CPU evaluator of DoRA and its constructors. The row norms of W + s·B·A come from
+// SPDX-License-Identifier: MIT
+// Evaluator of DoRA and its constructors. The row norms of W + s·B·A come from
 //   ‖w_o + s·b_o·A‖² = ‖w_o‖² + 2s·b_o·(A·w_oᵀ) + s²·b_o·(A·Aᵀ)·b_oᵀ,
 // one r × out product A·Wᵀ (panel by panel) and an r × r Gram matrix: no dense ΔW.
+// Written against the primitive layer; the gains g = m/n are host values (CPU only until
+// the CUDA backend gets DoRA).
 #pragma once
 
 #include <algorithm>
@@ -10,6 +13,7 @@
 
 #include "../../expr/dora.hpp"
 #include "low_rank.hpp"
+#include "ops.hpp"
 
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
@@ -17,20 +21,35 @@ namespace cpu {
 /// Row norms ‖W + s·B·A‖ per output row, accumulated in double.
 template <class C, class TW, class T>
 std::vector<double> dora_row_norms(const matrix_view<const TW>& W, const low_rank<T, device::cpu>& l) {
-  dense<C> sb, sa;
-  const auto B = row_major_operand<C>(l.B(), sb);
-  const auto A = row_major_operand<C>(l.A(), sa);
-  const dense<double> gram = (A.template cast<double>() * A.template cast<double>().transpose());
+  using enum kernels::op;
+  const kernels::cpu_context ctx;
+  const index_t r = l.rank();
+  const kernels::operand<C> B(ctx, l.B()), A(ctx, l.A());
+  const kernels::operand<double> Ad(ctx, l.A());
+  auto gram = kernels::make_scratch<double>(ctx, r, r);
+  gemm<double>(ctx, 1.0, Ad, none, Ad, trans, 0.0, gram.view());
+  const auto G = gram.cview();
+  const auto Bv = B.view();
   const double s = l.scale();
   std::vector<double> norms(std::size_t(W.rows()));
-  for_row_panels<C>(W, [&](index_t r0, const auto& P) {
-    const dense<C> AW = A * P.transpose();  // r × panel rows
+  auto AW = kernels::make_scratch<C>(ctx, r, std::min(panel_rows, W.rows()));
+  std::vector<double> b(std::size_t(r), 0.0);
+  for_row_panels<C>(ctx, W, [&](index_t r0, const cview<C>& P) {
+    if (AW.cols() < P.rows()) AW.resize(r, P.rows());
+    const auto aw = AW.view().middle_cols(0, P.rows());
+    gemm<C>(ctx, C(1), A, none, P, trans, C(0), aw);  // r × panel rows
     for (index_t i = 0; i < P.rows(); ++i) {
       const index_t o = r0 + i;
-      const double wsq = P.row(i).template cast<double>().squaredNorm();
-      const auto b = B.row(o).template cast<double>();
-      const double cross = b.dot(AW.col(i).template cast<double>());
-      const double quad = b * gram * b.transpose();
+      double wsq = 0.0;
+      for (index_t j = 0; j < P.cols(); ++j) wsq += double(P(i, j)) * double(P(i, j));
+      for (index_t k = 0; k < r; ++k) b[std::size_t(k)] = double(Bv(o, k));
+      double cross = 0.0, quad = 0.0;
+      for (index_t k = 0; k < r; ++k) {
+        cross += b[std::size_t(k)] * double(aw(k, i));
+        double gb = 0.0;
+        for (index_t q = 0; q < r; ++q) gb += G(k, q) * b[std::size_t(q)];
+        quad += b[std::size_t(k)] * gb;
+      }
       norms[std::size_t(o)] = std::sqrt(std::max(wsq + 2.0 * s * cross + s * s * quad, 0.0));
     }
   });
@@ -42,80 +61,88 @@ struct evaluator<dora_update<T, TW, device::cpu>> {
   using U = dora_update<T, TW, device::cpu>;
   using L = evaluator<low_rank<T, device::cpu>>;
 
+  /// g = m/n (offset by `shift`: g − 1 for the update alone), in type C, on the host.
   template <class C>
-  static Eigen::Array<C, Eigen::Dynamic, 1> gains(const U& u) {
-    Eigen::Array<C, Eigen::Dynamic, 1> g(u.rows());
-    for (index_t o = 0; o < u.rows(); ++o) g(o) = C(u.gain(o));
+  static std::vector<C> gains(const U& u, double shift = 0.0) {
+    std::vector<C> g(std::size_t(u.rows()));
+    for (index_t o = 0; o < u.rows(); ++o) g[std::size_t(o)] = C(u.gain(o)) - C(shift);
     return g;
+  }
+  template <class C>
+  static vector_view<const C> as_view(const std::vector<C>& g) {
+    return vector_view<const C>(g.data(), index_t(g.size()));
   }
 
   /// Y = X·Wᵀ on entry (W the DoRA's own weight); Y = X·W'ᵀ on exit.
-  template <class C, class XM, class YM>
-  static void apply_on_base(const U& u, const XM& X, YM& Y) {
-    L::template apply_add<C>(u.lora(), X, Y);
-    Y.array().rowwise() *= gains<C>(u).transpose();
+  template <class C, class Ctx>
+  static void apply_on_base(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+    L::template apply_add<C>(ctx, u.lora(), X, Y);
+    scale_cols(ctx, Y, as_view(gains<C>(u)));
   }
 
-  template <class C, class XM, class YM>
-  static void apply_add(const U& u, const XM& X, YM& Y) {
-    dense<C> base(X.rows(), u.rows());
-    for_row_panels<C>(u.W(), [&](index_t r0, const auto& P) {
-      base.middleCols(r0, P.rows()).noalias() = X * P.transpose();
-    });
-    dense<C> low = dense<C>::Zero(X.rows(), u.rows());
-    L::template apply_add<C>(u.lora(), X, low);
-    const auto g = gains<C>(u);
-    Y.array() += base.array().rowwise() * (g - C(1)).transpose() + low.array().rowwise() * g.transpose();
+  /// Y += X·(W' − W)ᵀ = (X·Wᵀ)·diag(g − 1) + (s·(X·Aᵀ)·Bᵀ)·diag(g).
+  template <class C, class Ctx>
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+    auto base = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
+    base_apply<C>(ctx, u.W(), X, base.view());
+    auto low = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
+    kernels::fill(ctx, low.view(), C(0));
+    L::template apply_add<C>(ctx, u.lora(), X, low.view());
+    scale_cols(ctx, base.view(), as_view(gains<C>(u, 1.0)));
+    scale_cols(ctx, low.view(), as_view(gains<C>(u)));
+    axpy<C>(ctx, C(1), base.cview(), Y);
+    axpy<C>(ctx, C(1), low.cview(), Y);
   }
 
   /// G·diag(g): the input that makes O = (G·diag(g))·W + s·((G·diag(g))·B)·A equal G·W'.
-  template <class C, class GM>
-  static dense<C> transposed_input(const U& u, const GM& G) {
-    dense<C> Gs = G;
-    Gs.array().rowwise() *= gains<C>(u).transpose();
+  template <class C, class Ctx>
+  static auto transposed_input(const Ctx& ctx, const U& u, const cview<C>& G) {
+    auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
+    copy(ctx, G, Gs.view());
+    scale_cols(ctx, Gs.view(), as_view(gains<C>(u)));
     return Gs;
   }
 
-  template <class C, class GM, class OM>
-  static void apply_transposed_add(const U& u, const GM& G, OM& O) {
-    const auto g = gains<C>(u);
-    dense<C> Gm = G;
-    Gm.array().rowwise() *= (g - C(1)).transpose();
-    for_row_panels<C>(u.W(), [&](index_t r0, const auto& P) {
-      O.noalias() += Gm.middleCols(r0, P.rows()) * P;
-    });
-    const dense<C> Gs = transposed_input<C>(u, G);
-    L::template apply_transposed_add<C>(u.lora(), Gs, O);
+  template <class C, class Ctx>
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+    auto Gm = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
+    copy(ctx, G, Gm.view());
+    scale_cols(ctx, Gm.view(), as_view(gains<C>(u, 1.0)));
+    base_apply_transposed<C>(ctx, u.W(), Gm.cview(), O, C(1));
+    const auto Gs = transposed_input<C>(ctx, u, G);
+    L::template apply_transposed_add<C>(ctx, u.lora(), Gs.cview(), O);
   }
 
-  template <class C, class P>
-  static void add_delta_rows(const U& u, index_t r0, P& panel) {
+  template <class C, class Ctx>
+  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
     const index_t n = panel.rows();
-    const dense<C> Wr = to_dense<C>(u.W().middle_rows(r0, n));
-    dense<C> merged = Wr;
-    L::template merge_rows<C>(u.lora(), r0, merged);
-    merged.array().colwise() *= gains<C>(u).segment(r0, n);
-    panel += merged - Wr;
+    auto Wr = kernels::make_scratch<C>(ctx, n, u.cols());
+    copy(ctx, u.W().middle_rows(r0, n), Wr.view());
+    auto merged = kernels::make_scratch<C>(ctx, n, u.cols());
+    copy(ctx, Wr.cview(), merged.view());
+    merge_rows<C>(ctx, u, r0, merged.view());
+    axpy<C>(ctx, C(1), merged.cview(), panel);
+    axpy<C>(ctx, C(-1), Wr.cview(), panel);
   }
 
   /// Rows of W ← diag(g)·(rows of W + s·B·A).
-  template <class C, class P>
-  static void merge_rows(const U& u, index_t r0, P& panel) {
-    L::template merge_rows<C>(u.lora(), r0, panel);
-    panel.array().colwise() *= gains<C>(u).segment(r0, panel.rows());
+  template <class C, class Ctx>
+  static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+    L::template merge_rows<C>(ctx, u.lora(), r0, panel);
+    scale_rows(ctx, panel, as_view(gains<C>(u)), r0);
   }
   /// Rows of W' ← diag(1/g)·rows of W' − s·B·A, with the cached norms.
-  template <class C, class P>
-  static void unmerge_rows(const U& u, index_t r0, P& panel) {
-    panel.array().colwise() /= gains<C>(u).segment(r0, panel.rows());
-    L::template unmerge_rows<C>(u.lora(), r0, panel);
+  template <class C, class Ctx>
+  static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+    const auto g = gains<C>(u);
+    transform(ctx, panel, [&](index_t i, index_t, C y) { return y / g[std::size_t(r0 + i)]; });
+    L::template unmerge_rows<C>(ctx, u.lora(), r0, panel);
   }
 
   template <class C>
   static double frobenius_norm(const U& u) {
     return frobenius_norm_by_panels<C>(u);
   }
-
 };
 
 }  // namespace cpu
