@@ -79,11 +79,10 @@ TEST_CASE("VJP of LoLDU: gradients of z, sigma and x; forward equals the dense r
 TEST_CASE("VJP of LoLDU: at initialisation (ΔW = 0) z still gets σ·⟨G, Z⟩; σ's slot is left alone when σ is frozen") {
   const MatD W = dwt::random<MatD>(6, 5, 1), X = dwt::random<MatD>(3, 5, 2), dY = dwt::random<MatD>(3, 6, 3);
   const auto u = dw::loldu(W, 3, dw::alpha(2.0));
-  using V = dw::cpu::vjp<std::remove_cvref_t<decltype(u)>>;
   dw::dense<double> gz = dw::dense<double>::Zero(1, 3), gs = dw::dense<double>::Zero(1, 1),
                     dX = dw::dense<double>::Zero(3, 5);
   std::array<dw::dense<double>*, 2> slots{&gz, &gs};
-  V::backward<double>(u, X, dY, std::span<dw::dense<double>* const>(slots), &dX);
+  dw::cpu::backward<double>(u, X, dY, std::span<dw::dense<double>* const>(slots), &dX);
   // Independent reference: ∂/∂z_j ⟨dY, X·ΔWᵀ⟩ = σ·⟨dY, X·(P·L_r·e_j·e_jᵀ·U_r)ᵀ⟩ with the
   // permutation applied as a dense matrix.
   const auto f = dw::partial_pivot_ldu(W);
@@ -133,8 +132,7 @@ TEST_CASE("VJP of NOLA: coefficient gradients span several 16 K chunks") {
   const MatD X = dwt::random<MatD>(tokens, in, 3), dY = dwt::random<MatD>(tokens, out, 4);
   dw::dense<double> ga = dw::dense<double>::Zero(1, k), gb = dw::dense<double>::Zero(1, l);
   std::array<dw::dense<double>*, 2> slots{&ga, &gb};
-  dw::cpu::vjp<std::remove_cvref_t<decltype(u)>>::backward<double>(u, X, dY, std::span<dw::dense<double>* const>(slots),
-                                                                   nullptr);
+  dw::cpu::backward<double>(u, X, dY, std::span<dw::dense<double>* const>(slots), nullptr);
   // Reference: the bases drawn whole, dα_i = ⟨s·(dY·B)ᵀ·X, A_i⟩, dβ_j = ⟨s·dYᵀ·(X·Aᵀ), B_j⟩.
   auto draw = [](const dw::basis_entries& e, Eigen::Index rows, Eigen::Index cols) {
     MatD M(rows, cols);
@@ -225,7 +223,7 @@ void check_backward_no_dense(const U& u, std::array<dw::dense<float>, 2>& grads,
   std::array<dw::dense<float>*, 2> slots{&grads[0], &grads[1]};
   const std::size_t dense_bytes = std::size_t(u.rows()) * std::size_t(u.cols()) * sizeof(float);
   const std::size_t a = dwt::largest_allocation([&] {
-    dw::cpu::vjp<U>::template backward<float>(u, X, dY, std::span<dw::dense<float>* const>(slots), &dX);
+    dw::cpu::backward<float>(u, X, dY, std::span<dw::dense<float>* const>(slots), &dX);
   });
   std::printf("backward %-30s largest allocation %zu B; out x in is %zu B\n", what, a, dense_bytes);
   INFO(what);
@@ -281,11 +279,11 @@ TEST_CASE("rebind and backward reject mis-shaped factors and gradient slots with
   dw::dense<double> g3 = dw::dense<double>::Zero(1, 3);
   std::array<dw::dense<double>*, 2> bad{&g3, nullptr};
   dwt::check_throws_with<dw::shape_error>(
-      [&] { VL::backward<double>(l, X, dY, std::span<dw::dense<double>* const>(bad), nullptr); },
+      [&] { dw::cpu::backward<double>(l, X, dY, std::span<dw::dense<double>* const>(bad), nullptr); },
       {"vjp<ldu>::backward", "gradient of z", "[1, 3]"});
   std::array<dw::dense<double>*, 1> one{nullptr};
   dwt::check_throws_with<dw::argument_error>(
-      [&] { VL::backward<double>(l, X, dY, std::span<dw::dense<double>* const>(one), nullptr); },
+      [&] { dw::cpu::backward<double>(l, X, dY, std::span<dw::dense<double>* const>(one), nullptr); },
       {"expected 2 gradient slots", "got 1"});
 
   const auto basis = dw::vera_shared_basis(1, 3, 8, 8);

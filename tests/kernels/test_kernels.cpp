@@ -117,7 +117,7 @@ TEST_CASE("kernels::gemm: beta = 0 ignores NaN in C, k = 0 scales C, empty outpu
       {"deltaw::kernels::gemm", "[3, 4]", "[4, 2]", "[3, 3]"});
 }
 
-TEST_CASE("kernels::gemm_strided_batched and gemm_grouped against per-problem references") {
+TEST_CASE("kernels::gemm_strided_batched, gemm_strided_reduce and gemm_grouped against per-problem references") {
   const k::cpu_context ctx;
   const dw::index_t count = 4, m = 3, n = 5, kk = 2;
   const MatD As = dwt::random(count * kk, m, 11);  // A_i = rows [i·k, (i+1)·k) transposed
@@ -132,6 +132,27 @@ TEST_CASE("kernels::gemm_strided_batched and gemm_grouped against per-problem re
                      C0.middleRows(i * m, m);
     CHECK(dwt::rel_err(MatD(Cs.middleRows(i * m, m)), ref) < 1e-14);
   }
+
+  // The batch-reduce form: C = α·Σ_i op(A_i)·op(B_i) + β·C (sums of per-token products).
+  MatD R = dwt::random(m, n, 17);
+  const MatD R0 = R;
+  k::gemm_strided_reduce<double>(ctx, 0.5, dw::view(As).middle_rows(0, kk), kk * m, k::op::trans,
+                                 dw::view(Bs).middle_rows(0, kk), kk * n, k::op::none, -1.0, dw::view(R), count);
+  MatD Rref = -1.0 * R0;
+  for (dw::index_t i = 0; i < count; ++i)
+    Rref += 0.5 * product(As.middleRows(i * kk, kk).transpose(), Bs.middleRows(i * kk, kk));
+  CHECK(dwt::rel_err(R, Rref) < 1e-14);
+  MatD Rz = MatD::Constant(m, n, std::numeric_limits<double>::quiet_NaN());
+  k::gemm_strided_reduce<double>(ctx, 1.0, dw::view(As).middle_rows(0, kk), kk * m, k::op::trans,
+                                 dw::view(Bs).middle_rows(0, kk), kk * n, k::op::none, 0.0, dw::view(Rz), 0);
+  CHECK(Rz.cwiseAbs().maxCoeff() == 0.0);  // count = 0 with β = 0: zeros, the NaNs not read
+  MatD Rbad(m + 1, n);
+  dwt::check_throws_with<dw::shape_error>(
+      [&] {
+        k::gemm_strided_reduce<double>(ctx, 1.0, dw::view(As).middle_rows(0, kk), kk * m, k::op::trans,
+                                       dw::view(Bs).middle_rows(0, kk), kk * n, k::op::none, 0.0, dw::view(Rbad), count);
+      },
+      {"gemm_strided_reduce", "[4, 5]"});
 
   // Groups of different shapes (adapters of different ranks).
   const MatD X = dwt::random(6, 8, 14), A1 = dwt::random(2, 8, 15), A2 = dwt::random(5, 8, 16);
@@ -222,4 +243,41 @@ TEST_CASE("kernels::copy converts storage types; operand maps or copies; fill_ra
   dwt::ColMat<float> Tc(3, 5);
   k::fill_random(ctx, e, 9, 11, dw::view(Tc));
   CHECK(dwt::rel_err(Tc, T) == 0.0);
+}
+
+TEST_CASE("kernels::axpy_random adds weighted bases entry by entry; dot_rows gives the row inner products") {
+  const k::cpu_context ctx;
+  std::vector<dw::basis_entries> bases(3);
+  for (int b = 0; b < 3; ++b) {
+    bases[std::size_t(b)].stream = {99, std::uint64_t(b + 1)};
+    bases[std::size_t(b)].scale = 0.25 * (b + 1);
+  }
+  bases[2].law = dw::basis_law::ternary;
+  bases[2].p = 0.3;
+  const std::vector<double> c{1.0, -2.0, 0.5};
+  for (layout l : all_layouts) {
+    const MatD Y0 = dwt::random(4, 7, 51);
+    stored<double> y(Y0, l);
+    k::axpy_random(ctx, dw::vector_view<const double>(c.data(), 3), std::span<const dw::basis_entries>(bases), 5, 9,
+                   y.v);
+    MatD ref = Y0;
+    for (int b = 0; b < 3; ++b)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 7; ++j)
+          ref(i, j) += c[std::size_t(b)] * bases[std::size_t(b)].value<double>(5 + std::uint64_t(i) * 9 + std::uint64_t(j));
+    CHECK(dwt::rel_err(y.value(), ref) < 1e-15);
+
+    const stored<double> x(dwt::random(4, 7, 52), l);
+    std::vector<double> d(4, 1.0);
+    k::dot_rows(ctx, x.cv(), y.cv(), dw::vector_view<double>(d.data(), 4), /*accumulate=*/true);
+    for (int i = 0; i < 4; ++i)
+      CHECK(d[std::size_t(i)] == doctest::Approx(1.0 + x.value().row(i).dot(y.value().row(i))).epsilon(1e-14));
+  }
+  MatD Y(2, 2);
+  dwt::check_throws_with<dw::shape_error>(
+      [&] {
+        k::axpy_random(ctx, dw::vector_view<const double>(c.data(), 2), std::span<const dw::basis_entries>(bases), 0, 2,
+                       dw::view(Y));
+      },
+      {"axpy_random", "2 coefficients for 3 bases"});
 }

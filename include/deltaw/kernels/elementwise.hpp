@@ -175,5 +175,63 @@ void fill_random(const cpu_context&, const basis_entries& e, std::uint64_t first
     for (index_t j = 0; j < Y.cols(); ++j) Y(i, j) = e.template value<C>(first + std::uint64_t(i) * ld + std::uint64_t(j));
 }
 
+/// Y(i, j) += Σ_k c[k]·e_k(first + i·ld + j): a weighted sum of random bases (NOLA's
+/// A₀ + Σᵢ αᵢ·Aᵢ) added to a tile, `ld` the row length of the bases' full shape. The bases
+/// are added in order and each entry is rounded to C before its multiply-add (as
+/// axpy_entries), so the sum is bit-identical on every device. The CPU sweeps the tile in
+/// pieces of 16 K entries and adds every basis to a piece while it is in cache.
+template <class C>
+void axpy_random(const cpu_context&, const vector_view<const C>& c, std::span<const basis_entries> bases,
+                 std::uint64_t first, std::uint64_t ld, const matrix_view<C>& Y) {
+  if (c.size() != index_t(bases.size()))
+    throw shape_error("deltaw::kernels::axpy_random: " + std::to_string(c.size()) + " coefficients for " +
+                      std::to_string(bases.size()) + " bases");
+  if (Y.rows() == 0 || Y.cols() == 0 || bases.empty()) return;
+  constexpr std::uint64_t piece = std::uint64_t(1) << 14;
+  const auto sweep = [&](std::uint64_t f0, std::uint64_t n, C* y) {
+    for (std::uint64_t f = 0; f < n; f += piece) {
+      const std::uint64_t m = std::min(piece, n - f);
+      for (std::size_t k = 0; k < bases.size(); ++k) axpy_entries<C>(c[index_t(k)], bases[k], f0 + f, m, y + f);
+    }
+  };
+  if (Y.col_stride() == 1) {
+    if (Y.rows() == 1 || (Y.row_stride() == Y.cols() && ld == std::uint64_t(Y.cols())))
+      sweep(first, std::uint64_t(Y.rows()) * std::uint64_t(Y.cols()), Y.data());  // one contiguous range
+    else
+      for (index_t i = 0; i < Y.rows(); ++i)
+        sweep(first + std::uint64_t(i) * ld, std::uint64_t(Y.cols()), Y.data() + i * Y.row_stride());
+    return;
+  }
+  for (std::size_t k = 0; k < bases.size(); ++k)
+    for (index_t i = 0; i < Y.rows(); ++i)
+      for (index_t j = 0; j < Y.cols(); ++j)
+        Y(i, j) += c[index_t(k)] * bases[k].template value<C>(first + std::uint64_t(i) * ld + std::uint64_t(j));
+}
+
+/// out[i] (+)= Σ_j X(i, j)·Y(i, j): the inner products of the rows of two same-shaped views
+/// (the diagonal of X·Yᵀ; pass transposed views for columns), accumulated in out's type.
+template <class T, class A>
+void dot_rows(const cpu_context&, const matrix_view<const T>& X, const matrix_view<const T>& Y,
+              const vector_view<A>& out, bool accumulate = false) {
+  detail::check_same(X.rows(), X.cols(), Y.rows(), Y.cols(), "deltaw::kernels::dot_rows");
+  if (out.size() != X.rows())
+    throw shape_error("deltaw::kernels::dot_rows: " + std::to_string(out.size()) + " outputs for " +
+                      deltaw::detail::shape_str(X.rows(), X.cols()));
+  for (index_t i = 0; i < X.rows(); ++i) {
+    A s(0);
+    if constexpr (std::is_same_v<A, T> && (std::is_same_v<T, float> || std::is_same_v<T, double>)) {
+      if (X.col_stride() == 1 && Y.col_stride() == 1) {
+        using vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+        s = Eigen::Map<const vec>(X.data() + i * X.row_stride(), X.cols())
+                .dot(Eigen::Map<const vec>(Y.data() + i * Y.row_stride(), Y.cols()));
+        out[i] = accumulate ? out[i] + s : s;
+        continue;
+      }
+    }
+    for (index_t j = 0; j < X.cols(); ++j) s += A(X(i, j)) * A(Y(i, j));
+    out[i] = accumulate ? out[i] + s : s;
+  }
+}
+
 }  // namespace kernels
 DELTAW_NAMESPACE_END

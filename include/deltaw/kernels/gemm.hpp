@@ -152,5 +152,30 @@ void gemm_grouped(const cpu_context& ctx, std::span<const gemm_problem<C>> probl
   for (const auto& p : problems) gemm<C>(ctx, p.alpha, p.A, p.oa, p.B, p.ob, p.beta, p.Cv);
 }
 
+/// C = α·Σ_i op(A_i)·op(B_i) + β·C over a strided batch of count (A_i, B_i as in
+/// gemm_strided_batched): the batch-reduce GEMM, for sums of per-token products such as
+/// Σ_t Q_t·X_tᵀ over tokens. C is not read when β = 0; count = 0 leaves β·C.
+template <class C>
+void gemm_strided_reduce(const cpu_context& ctx, std::type_identity_t<C> alpha, matrix_view<const C> A,
+                         index_t stride_a, op oa, matrix_view<const C> B, index_t stride_b, op ob,
+                         std::type_identity_t<C> beta, matrix_view<C> Cv, index_t count) {
+  {
+    const auto Ao = oa == op::trans ? A.transpose() : A;
+    const auto Bo = ob == op::trans ? B.transpose() : B;
+    detail::check_gemm(Ao.rows(), Ao.cols(), Bo.rows(), Bo.cols(), Cv.rows(), Cv.cols(),
+                       "deltaw::kernels::gemm_strided_reduce");
+  }
+  if (count <= 0) {
+    for (index_t i = 0; i < Cv.rows(); ++i)
+      for (index_t j = 0; j < Cv.cols(); ++j) Cv(i, j) = beta == C(0) ? C(0) : beta * Cv(i, j);
+    return;
+  }
+  for (index_t i = 0; i < count; ++i) {
+    const matrix_view<const C> Ai(A.data() + i * stride_a, A.rows(), A.cols(), A.row_stride(), A.col_stride());
+    const matrix_view<const C> Bi(B.data() + i * stride_b, B.rows(), B.cols(), B.row_stride(), B.col_stride());
+    gemm<C>(ctx, alpha, Ai, oa, Bi, ob, i == 0 ? beta : C(1), Cv);
+  }
+}
+
 }  // namespace kernels
 DELTAW_NAMESPACE_END

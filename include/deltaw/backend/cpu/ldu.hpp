@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // CPU side of LoLDU: the partial-pivot LDU of a rectangular weight, the `loldu` factory,
 // and the evaluator of ΔW = P·L_r·diag(c)·U_r, c = σ·z − σ₀·z₀.
 //
@@ -6,8 +7,10 @@
 // a matrix. While c = 0 (at initialisation) nothing is added at all.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -139,75 +142,108 @@ auto loldu(const WL& W, index_t r, alpha a = alpha(1.0), ldu_options opt = {}) {
 
 namespace cpu {
 
+/// The host-side pieces of LoLDU's evaluator and VJP: the coefficients c = σ·z − σ₀·z₀ in
+/// type C, and the permutation as a contiguous index span (perm[o] = the row of L_r that
+/// row o of P·L_r is), for kernels::gather_rows.
+namespace detail {
+template <class C, class T>
+std::vector<C> ldu_coefficients(const ldu<T, device::cpu>& u) {
+  std::vector<C> c(std::size_t(u.rank()));
+  for (index_t j = 0; j < u.rank(); ++j) c[std::size_t(j)] = C(u.coefficient(j));
+  return c;
+}
+template <class C>
+bool all_zero(const std::vector<C>& c) {
+  return std::all_of(c.begin(), c.end(), [](C x) { return x == C(0); });
+}
+/// perm as a span: the view's own memory when it is contiguous, else a copy in `storage`.
+template <class T>
+std::span<const index_t> ldu_perm(const ldu<T, device::cpu>& u, std::vector<index_t>& storage) {
+  const auto& p = u.perm();
+  if (p.stride() == 1 || p.size() <= 1) return {p.data(), std::size_t(p.size())};
+  storage.resize(std::size_t(p.size()));
+  for (index_t o = 0; o < p.size(); ++o) storage[std::size_t(o)] = p[o];
+  return {storage.data(), storage.size()};
+}
+/// Rows [r0, r0 + P.rows()) of P·L_r in type C, gathered into P [n, r].
+template <class C, class Ctx, class T>
+void ldu_gather(const Ctx& ctx, const ldu<T, device::cpu>& u, index_t r0, const matrix_view<C>& P) {
+  std::vector<index_t> storage;
+  const auto perm = ldu_perm(u, storage).subspan(std::size_t(r0), std::size_t(P.rows()));
+  gather_rows(ctx, u.L(), perm, P);
+}
+}  // namespace detail
+
+/// ΔW = P·L_r·diag(c)·U_r. The rows of P·L_r·diag(c) are gathered once into an out × r
+/// scratch (LoRA's B); the permutation is never a matrix. c and perm are host values, so
+/// this evaluator is the CPU's (a device one needs them on the device).
 template <class T>
 struct evaluator<ldu<T, device::cpu>> : additive_rows<evaluator<ldu<T, device::cpu>>, ldu<T, device::cpu>> {
   using U = ldu<T, device::cpu>;
 
-  /// Rows [r0, r0 + n) of P·L_r·diag(c), gathered and scaled in type C.
-  template <class C>
-  static dense<C> scaled_rows(const U& u, index_t r0, index_t n) {
-    const index_t r = u.rank();
-    Eigen::Matrix<C, 1, Eigen::Dynamic> cf(r);
-    for (index_t j = 0; j < r; ++j) cf(j) = C(u.coefficient(j));
-    dense<C> out(n, r);
-    const auto& L = u.L();
-    for (index_t i = 0; i < n; ++i) {
-      const index_t src = u.perm()[r0 + i];
-      for (index_t j = 0; j < r; ++j) out(i, j) = convert<C>(L(src, j)) * cf(j);
-    }
-    return out;
+  /// Rows [r0, r0 + P.rows()) of P·L_r·diag(c) into P [n, r], in type C.
+  template <class C, class Ctx>
+  static void scaled_rows(const Ctx& ctx, const U& u, index_t r0, const std::vector<C>& c, const mview<C>& P) {
+    detail::ldu_gather(ctx, u, r0, P);
+    scale_cols(ctx, P, vector_view<const C>(c.data(), index_t(c.size())));
   }
 
-  static bool is_zero(const U& u) {
-    for (index_t j = 0; j < u.rank(); ++j)
-      if (u.coefficient(j) != 0.0) return false;
-    return true;
+  /// Y += (X·U_rᵀ)·(P·L_r·diag(c))ᵀ; nothing while c = 0 (ΔW = 0 exactly, the initial state).
+  template <class C, class Ctx>
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+    using enum kernels::op;
+    const auto c = detail::ldu_coefficients<C>(u);
+    if (detail::all_zero(c)) return;
+    const kernels::operand<C> Ur(ctx, u.U());
+    auto Lp = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
+    scaled_rows<C>(ctx, u, 0, c, Lp.view());
+    auto Z = kernels::make_scratch<C>(ctx, X.rows(), u.rank());
+    gemm<C>(ctx, C(1), X, none, Ur, trans, C(0), Z.view());
+    gemm<C>(ctx, C(1), Z.cview(), none, Lp.cview(), trans, C(1), Y);
   }
 
-  template <class C, class XM, class YM>
-  static void apply_add(const U& u, const XM& X, YM& Y) {
-    if (is_zero(u)) return;  // ΔW = 0 exactly (the initial state)
-    dense<C> su;
-    const auto Ur = row_major_operand<C>(u.U(), su);
-    const dense<C> Lp = scaled_rows<C>(u, 0, u.rows());
-    dense<C> Z(X.rows(), u.rank());
-    Z.noalias() = X * Ur.transpose();
-    Y.noalias() += Z * Lp.transpose();
+  /// O += (G·P·L_r·diag(c))·U_r.
+  template <class C, class Ctx>
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+    using enum kernels::op;
+    const auto c = detail::ldu_coefficients<C>(u);
+    if (detail::all_zero(c)) return;
+    const kernels::operand<C> Ur(ctx, u.U());
+    auto Lp = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
+    scaled_rows<C>(ctx, u, 0, c, Lp.view());
+    auto Z = kernels::make_scratch<C>(ctx, G.rows(), u.rank());
+    gemm<C>(ctx, C(1), G, none, Lp.cview(), none, C(0), Z.view());
+    gemm<C>(ctx, C(1), Z.cview(), none, Ur, none, C(1), O);
   }
 
-  template <class C, class GM, class OM>
-  static void apply_transposed_add(const U& u, const GM& G, OM& O) {
-    if (is_zero(u)) return;
-    dense<C> su;
-    const auto Ur = row_major_operand<C>(u.U(), su);
-    const dense<C> Lp = scaled_rows<C>(u, 0, u.rows());
-    dense<C> Z(G.rows(), u.rank());
-    Z.noalias() = G * Lp;
-    O.noalias() += Z * Ur;
+  /// P += factor·(P·L_r·diag(c))[r0 : r0 + P.rows()]·U_r.
+  template <class C, class Ctx>
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C factor) {
+    using enum kernels::op;
+    const auto c = detail::ldu_coefficients<C>(u);
+    if (detail::all_zero(c)) return;
+    const kernels::operand<C> Ur(ctx, u.U());
+    auto Lp = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
+    scaled_rows<C>(ctx, u, r0, c, Lp.view());
+    gemm<C>(ctx, factor, Lp.cview(), none, Ur, none, C(1), P);
   }
-
-  template <class C, class P>
-  static void add_scaled_rows(const U& u, index_t r0, P& panel, C factor) {
-    if (is_zero(u)) return;
-    dense<C> su;
-    const auto Ur = row_major_operand<C>(u.U(), su);
-    const dense<C> Lp = scaled_rows<C>(u, r0, panel.rows());
-    panel.noalias() += (factor * Lp) * Ur;
-  }
-
 
   /// ‖P·L·diag(c)·U‖_F = ‖L·diag(c)·U‖_F = √(Σᵢⱼ cᵢcⱼ (LᵀL)ᵢⱼ (UUᵀ)ᵢⱼ), in double.
   template <class C>
   static double frobenius_norm(const U& u) {
-    dense<double> sl, su;
-    const auto L = row_major_operand<double>(u.L(), sl);
-    const auto Ur = row_major_operand<double>(u.U(), su);
-    Eigen::VectorXd c(u.rank());
-    for (index_t j = 0; j < u.rank(); ++j) c(j) = u.coefficient(j);
-    const dense<double> GL = L.transpose() * L;
-    const dense<double> GU = Ur * Ur.transpose();
-    const double sq = (c.asDiagonal() * GL.cwiseProduct(GU) * c.asDiagonal()).sum();
-    return std::sqrt(std::max(sq, 0.0));
+    using enum kernels::op;
+    const kernels::cpu_context ctx;
+    const index_t r = u.rank();
+    const kernels::operand<double> L(ctx, u.L()), Ur(ctx, u.U());
+    const auto c = detail::ldu_coefficients<double>(u);
+    const vector_view<const double> cv(c.data(), r);
+    auto GL = kernels::make_scratch<double>(ctx, r, r);
+    auto GU = kernels::make_scratch<double>(ctx, r, r);
+    gemm<double>(ctx, 1.0, L, trans, L, none, 0.0, GL.view());
+    gemm<double>(ctx, 1.0, Ur, none, Ur, trans, 0.0, GU.view());
+    scale_rows(ctx, GL.view(), cv);  // diag(c)·LᵀL·diag(c)
+    scale_cols(ctx, GL.view(), cv);
+    return std::sqrt(std::max(trace_of_product<double>(GL.cview(), GU.cview()), 0.0));
   }
 };
 

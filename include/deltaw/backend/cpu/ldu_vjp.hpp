@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // VJP of LoLDU, ΔW = P·L_r·diag(c)·U_r with c = σ·z − σ₀·z₀ (expr/ldu.hpp). P, L_r, U_r,
 // z₀ and σ₀ are frozen; the trainable factors are z [r] and σ (a scalar). With
 //   Z = X·U_rᵀ [tokens, r],  G = dY·(P·L_r) [tokens, r],
@@ -18,9 +19,12 @@
 #pragma once
 
 #include <array>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "../../expr/ldu.hpp"
+#include "ldu.hpp"
 #include "vjp.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -48,60 +52,56 @@ struct vjp<ldu<T, device::cpu>> {
     return u.with_z(zv).with_sigma(double(convert<double>(s(0, 0))));
   }
 
-  /// grads = {&dz ([1, r] or [r, 1]), &dσ ([1, 1])}; see vjp.hpp.
-  template <class C, class XM, class GM>
-  static void backward(const U& u, const XM& X, const GM& dY, std::span<dense<C>* const> grads, dense<C>* dX) {
+  /// grads = {dz ([1, r] or [r, 1]), dσ ([1, 1])}; see vjp.hpp.
+  template <class C, class Ctx>
+  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
+                       std::span<const mview<C>> grads, const mview<C>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<ldu>::backward";
-    detail::check_grad_slots<C>(grads, factor_count, op);
+    using enum kernels::op;
+    detail::check_grad_slots(grads, factor_count, op);
     const index_t r = u.rank();
-    dense<C>* gz = grads[0];
-    dense<C>* gs = u.options().train_sigma ? grads[1] : nullptr;
-    if (gz && ((gz->rows() != 1 && gz->cols() != 1) || gz->size() != r))
-      throw shape_error(std::string(op) + ": the gradient of z is " + deltaw::detail::shape_str(gz->rows(), gz->cols()) +
+    const mview<C>& gz = grads[0];
+    const mview<C> gs = u.options().train_sigma ? grads[1] : mview<C>();
+    if (present(gz) && ((gz.rows() != 1 && gz.cols() != 1) || gz.size() != r))
+      throw shape_error(std::string(op) + ": the gradient of z is " + deltaw::detail::shape_str(gz.rows(), gz.cols()) +
                         " but z has " + std::to_string(r) + " entries");
-    if (grads[1] && (grads[1]->rows() != 1 || grads[1]->cols() != 1))
+    if (present(grads[1]) && (grads[1].rows() != 1 || grads[1].cols() != 1))
       throw shape_error(std::string(op) + ": the gradient of sigma is " +
-                        deltaw::detail::shape_str(grads[1]->rows(), grads[1]->cols()) + "; expected [1, 1]");
+                        deltaw::detail::shape_str(grads[1].rows(), grads[1].cols()) + "; expected [1, 1]");
 
-    Eigen::Matrix<C, 1, Eigen::Dynamic> c(r);
-    bool c_zero = true;
-    for (index_t j = 0; j < r; ++j) {
-      c(j) = C(u.coefficient(j));
-      c_zero = c_zero && c(j) == C(0);
-    }
-    const bool need_dc = gz || gs;
-    const bool need_dx = dX && !c_zero;  // ΔW = 0 exactly: no dX contribution
+    const auto c = detail::ldu_coefficients<C>(u);
+    const bool need_dc = present(gz) || present(gs);
+    const bool need_dx = present(dX) && !detail::all_zero(c);  // ΔW = 0 exactly: no dX contribution
     if (!need_dc && !need_dx) return;
 
-    // Rows of P·L_r: row o is row perm[o] of L_r.
-    dense<C> PL(u.rows(), r);
-    const auto& L = u.L();
-    for (index_t o = 0; o < u.rows(); ++o) {
-      const index_t src = u.perm()[o];
-      for (index_t j = 0; j < r; ++j) PL(o, j) = convert<C>(L(src, j));
-    }
-    dense<C> su;
-    const auto Ur = row_major_operand<C>(u.U(), su);
-    dense<C> G(dY.rows(), r);
-    G.noalias() = dY * PL;
+    // Rows of P·L_r (row o is row perm[o] of L_r), then G = dY·(P·L_r).
+    auto PL = kernels::make_scratch<C>(ctx, u.rows(), r);
+    detail::ldu_gather(ctx, u, 0, PL.view());
+    const kernels::operand<C> Ur(ctx, u.U());
+    auto G = kernels::make_scratch<C>(ctx, dY.rows(), r);
+    gemm<C>(ctx, C(1), dY, none, PL.cview(), none, C(0), G.view());
 
     if (need_dc) {
-      dense<C> Z(X.rows(), r);
-      Z.noalias() = X * Ur.transpose();
-      const Eigen::Matrix<C, 1, Eigen::Dynamic> dc = G.cwiseProduct(Z).colwise().sum();
-      if (gz) {
+      // dc_j = ⟨G[:, j], Z[:, j]⟩ with Z = X·U_rᵀ (Z is overwritten by G ∘ Z).
+      auto Z = kernels::make_scratch<C>(ctx, X.rows(), r);
+      gemm<C>(ctx, C(1), X, none, Ur, trans, C(0), Z.view());
+      transform(ctx, G.cview(), Z.view(), [](C g, C z) { return g * z; });
+      std::vector<C> dc(static_cast<std::size_t>(r));
+      reduce_cols(ctx, Z.cview(), vector_view<C>(dc.data(), r), [](C x) { return x; });
+      if (present(gz)) {
         const C sigma = C(u.sigma());
-        for (index_t j = 0; j < r; ++j) gz->data()[j] += sigma * dc(j);
+        const bool row = gz.rows() == 1;
+        transform(ctx, gz, [&](index_t i, index_t j, C y) { return y + sigma * dc[std::size_t(row ? j : i)]; });
       }
-      if (gs) {
+      if (present(gs)) {
         C acc(0);
-        for (index_t j = 0; j < r; ++j) acc += convert<C>(u.z()[j]) * dc(j);
-        (*gs)(0, 0) += acc;
+        for (index_t j = 0; j < r; ++j) acc += convert<C>(u.z()[j]) * dc[std::size_t(j)];
+        transform(ctx, gs, [acc](index_t, index_t, C y) { return y + acc; });
       }
     }
     if (need_dx) {
-      G.array().rowwise() *= c.array();  // G·diag(c)
-      dX->noalias() += G * Ur;
+      scale_cols(ctx, G.view(), vector_view<const C>(c.data(), r));  // G·diag(c)
+      gemm<C>(ctx, C(1), G.cview(), none, Ur, none, C(1), dX);
     }
   }
 };

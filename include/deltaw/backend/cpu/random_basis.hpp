@@ -1,20 +1,26 @@
-// CPU evaluators of NOLA, VeRA and RandLoRA. Bases are regenerated from their seed on
-// every call, in tiles, straight into the buffer the next product reads (still in cache);
-// none is kept between calls and RandLoRA's U [max_dim, N·r] and V [N·r, min_dim] (each
-// about the size of W) are never formed whole.
+// SPDX-License-Identifier: MIT
+// Evaluators of NOLA, VeRA and RandLoRA, written against the primitive layer. Bases are
+// regenerated from their seed on every call (kernels::fill_random, kernels::axpy_random:
+// Philox, bit-identical on every device), in tiles, straight into the scratch the next
+// product reads (still in cache); none is kept between calls and RandLoRA's
+// U [max_dim, N·r] and V [N·r, min_dim] (each about the size of W) are never formed whole.
 //
 // - NOLA forms A [r, in] and B [out, r] per call: they are LoRA-sized (r small), and A and
-//   B are sums of k and l bases, so one buffer each, filled chunk by chunk with all bases
-//   accumulated while the chunk is in L1/L2, is the cheapest order (every basis entry is
-//   drawn exactly once per call). The dense ΔW is not formed.
+//   B are sums of k and l bases, so one scratch each, swept in 16 K-entry pieces with all
+//   bases accumulated while the piece is in L1/L2 (axpy_random), is the cheapest order
+//   (every basis entry is drawn exactly once per call). The dense ΔW is not formed.
 // - VeRA draws A in column tiles [r, tile] and B in row tiles [tile, r], scaled by λ_d/λ_b
 //   as they are drawn, so a large shared rank (PEFT's default r = 256) costs no r × in buffer.
 // - RandLoRA draws U in row tiles [tile, N·r] and V in row tiles [tile, min_dim]; each tile
 //   feeds one GEMM and is overwritten.
+//
+// The coefficients (NOLA's α, β, VeRA's λ_d, λ_b, RandLoRA's λ) are read on the host, as
+// DoRA's gains: these evaluators are the CPU's until the CUDA backend gets the family.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -35,21 +41,18 @@ inline index_t tile_lines(index_t line_length, index_t total, index_t budget = i
   return std::max<index_t>(1, std::min(total, std::clamp(t, lo, hi)));
 }
 
-/// rows × cols entries of a random tensor with leading dimension ld, from (i0, j0), into a
-/// row-major buffer with leading dimension ldo.
-template <class C>
-void fill_block(const basis_entries& e, index_t ld, index_t i0, index_t j0, index_t rows, index_t cols, C* out,
-                index_t ldo) {
-  for (index_t i = 0; i < rows; ++i)
-    fill_entries<C>(e, std::uint64_t(i0 + i) * std::uint64_t(ld) + std::uint64_t(j0), std::uint64_t(cols),
-                    out + i * ldo);
-}
-
+/// A coefficient vector converted to C on the host.
 template <class C, class T>
 std::vector<C> to_vector(const vector_view<const T>& v) {
   std::vector<C> out(std::size_t(v.size()));
   for (index_t i = 0; i < v.size(); ++i) out[std::size_t(i)] = convert<C>(v[i]);
   return out;
+}
+
+/// A host vector as a read-only vector_view.
+template <class C>
+vector_view<const C> host_view(const std::vector<C>& v) {
+  return vector_view<const C>(v.data(), index_t(v.size()));
 }
 }  // namespace detail
 
@@ -60,85 +63,104 @@ std::vector<C> to_vector(const vector_view<const T>& v) {
 template <class T>
 struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_update<T, device::cpu>>, nola_update<T, device::cpu>> {
   using U = nola_update<T, device::cpu>;
-  /// Entries accumulated over all bases before moving on: 16 K floats = 64 KiB.
-  static constexpr std::uint64_t chunk = std::uint64_t(1) << 14;
 
-  /// A = A₀ + Σᵢ αᵢ·Aᵢ, [r, in].
-  template <class C>
-  static void form_A(const U& u, dense<C>& A) {
-    A.resize(u.rank(), u.cols());
-    const std::vector<C> a = detail::to_vector<C>(u.a_coefficients());
+  /// The bases Aᵢ [r, in] (without A₀) and Bⱼ [out, r], in order.
+  static std::vector<basis_entries> a_bases(const U& u) {
     std::vector<basis_entries> bases;
-    bases.reserve(a.size());
+    bases.reserve(std::size_t(u.num_a_bases()));
     for (index_t i = 0; i < u.num_a_bases(); ++i) bases.push_back(u.a_basis(i));
-    const basis_entries a0 = u.a0();
-    const std::uint64_t n = std::uint64_t(A.size());
-    C* p = A.data();
-    for (std::uint64_t f = 0; f < n; f += chunk) {
-      const std::uint64_t m = std::min(chunk, n - f);
-      if (u.options().frozen_a0)
-        fill_entries<C>(a0, f, m, p + f);
-      else
-        std::fill(p + f, p + f + m, C(0));
-      for (std::size_t i = 0; i < bases.size(); ++i) axpy_entries<C>(a[i], bases[i], f, m, p + f);
-    }
+    return bases;
+  }
+  static std::vector<basis_entries> b_bases(const U& u) {
+    std::vector<basis_entries> bases;
+    bases.reserve(std::size_t(u.num_b_bases()));
+    for (index_t j = 0; j < u.num_b_bases(); ++j) bases.push_back(u.b_basis(j));
+    return bases;
   }
 
-  /// Rows [r0, r0 + nrows) of B = Σⱼ βⱼ·Bⱼ, times `factor`.
-  template <class C>
-  static void form_B_rows(const U& u, index_t r0, index_t nrows, C factor, dense<C>& B) {
-    B.setZero(nrows, u.rank());
+  /// A = A₀ + Σᵢ αᵢ·Aᵢ into A [r, in]. A₀ enters as a basis of coefficient 1 added to zeros,
+  /// which reproduces its entries exactly.
+  template <class C, class Ctx>
+  static void form_A(const Ctx& ctx, const U& u, const mview<C>& A) {
+    const std::vector<C> a = detail::to_vector<C>(u.a_coefficients());
+    std::vector<C> coef;
+    std::vector<basis_entries> bases;
+    coef.reserve(a.size() + 1);
+    bases.reserve(a.size() + 1);
+    if (u.options().frozen_a0) {
+      coef.push_back(C(1));
+      bases.push_back(u.a0());
+    }
+    for (index_t i = 0; i < u.num_a_bases(); ++i) {
+      coef.push_back(a[std::size_t(i)]);
+      bases.push_back(u.a_basis(i));
+    }
+    kernels::fill(ctx, A, C(0));
+    axpy_random(ctx, detail::host_view(coef), std::span<const basis_entries>(bases), 0, std::uint64_t(u.cols()), A);
+  }
+
+  /// Rows [r0, r0 + B.rows()) of B = Σⱼ βⱼ·Bⱼ, times `factor`, into B [rows, r].
+  template <class C, class Ctx>
+  static void form_B_rows(const Ctx& ctx, const U& u, index_t r0, C factor, const mview<C>& B) {
     std::vector<C> b = detail::to_vector<C>(u.b_coefficients());
     for (C& x : b) x *= factor;
-    std::vector<basis_entries> bases;
-    bases.reserve(b.size());
-    for (index_t j = 0; j < u.num_b_bases(); ++j) bases.push_back(u.b_basis(j));
-    const std::uint64_t first = std::uint64_t(r0) * std::uint64_t(u.rank());
-    const std::uint64_t n = std::uint64_t(B.size());
-    C* p = B.data();
-    for (std::uint64_t f = 0; f < n; f += chunk) {
-      const std::uint64_t m = std::min(chunk, n - f);
-      for (std::size_t j = 0; j < bases.size(); ++j) axpy_entries<C>(b[j], bases[j], first + f, m, p + f);
-    }
+    const std::vector<basis_entries> bases = b_bases(u);
+    kernels::fill(ctx, B, C(0));
+    axpy_random(ctx, detail::host_view(b), std::span<const basis_entries>(bases),
+                std::uint64_t(r0) * std::uint64_t(u.rank()), std::uint64_t(u.rank()), B);
   }
 
-  template <class C, class XM, class YM>
-  static void apply_add(const U& u, const XM& X, YM& Y) {
-    dense<C> A, B;
-    form_A<C>(u, A);
-    form_B_rows<C>(u, 0, u.rows(), C(u.scale()), B);
-    dense<C> Z(X.rows(), u.rank());
-    Z.noalias() = X * A.transpose();
-    Y.noalias() += Z * B.transpose();
+  /// Y += (X·Aᵀ)·(s·B)ᵀ.
+  template <class C, class Ctx>
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+    using enum kernels::op;
+    auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
+    auto B = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
+    form_A<C>(ctx, u, A.view());
+    form_B_rows<C>(ctx, u, 0, C(u.scale()), B.view());
+    auto Z = kernels::make_scratch<C>(ctx, X.rows(), u.rank());
+    gemm<C>(ctx, C(1), X, none, A.cview(), trans, C(0), Z.view());
+    gemm<C>(ctx, C(1), Z.cview(), none, B.cview(), trans, C(1), Y);
   }
 
-  template <class C, class GM, class OM>
-  static void apply_transposed_add(const U& u, const GM& G, OM& O) {
-    dense<C> A, B;
-    form_A<C>(u, A);
-    form_B_rows<C>(u, 0, u.rows(), C(u.scale()), B);
-    dense<C> Z(G.rows(), u.rank());
-    Z.noalias() = G * B;
-    O.noalias() += Z * A;
+  /// O += (G·s·B)·A.
+  template <class C, class Ctx>
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+    using enum kernels::op;
+    auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
+    auto B = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
+    form_A<C>(ctx, u, A.view());
+    form_B_rows<C>(ctx, u, 0, C(u.scale()), B.view());
+    auto Z = kernels::make_scratch<C>(ctx, G.rows(), u.rank());
+    gemm<C>(ctx, C(1), G, none, B.cview(), none, C(0), Z.view());
+    gemm<C>(ctx, C(1), Z.cview(), none, A.cview(), none, C(1), O);
   }
 
-  template <class C, class P>
-  static void add_scaled_rows(const U& u, index_t r0, P& panel, C factor) {
-    dense<C> A, B;
-    form_A<C>(u, A);
-    form_B_rows<C>(u, r0, panel.rows(), factor * C(u.scale()), B);
-    panel.noalias() += B * A;
+  /// P += factor·s·B[r0 : r0 + P.rows()]·A.
+  template <class C, class Ctx>
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C factor) {
+    using enum kernels::op;
+    auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
+    auto B = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
+    form_A<C>(ctx, u, A.view());
+    form_B_rows<C>(ctx, u, r0, factor * C(u.scale()), B.view());
+    gemm<C>(ctx, C(1), B.cview(), none, A.cview(), none, C(1), P);
   }
 
   /// ‖s·B·A‖_F from the r × r Gram matrices, in double.
   template <class C>
   static double frobenius_norm(const U& u) {
-    dense<double> A, B;
-    form_A<double>(u, A);
-    form_B_rows<double>(u, 0, u.rows(), u.scale(), B);
-    const dense<double> GB = B.transpose() * B;
-    const dense<double> GA = A * A.transpose();
-    return std::sqrt(std::max(GB.cwiseProduct(GA).sum(), 0.0));
+    using enum kernels::op;
+    const kernels::cpu_context ctx;
+    auto A = kernels::make_scratch<double>(ctx, u.rank(), u.cols());
+    auto B = kernels::make_scratch<double>(ctx, u.rows(), u.rank());
+    form_A<double>(ctx, u, A.view());
+    form_B_rows<double>(ctx, u, 0, u.scale(), B.view());
+    auto GB = kernels::make_scratch<double>(ctx, u.rank(), u.rank());
+    auto GA = kernels::make_scratch<double>(ctx, u.rank(), u.rank());
+    gemm<double>(ctx, 1.0, B.cview(), trans, B.cview(), none, 0.0, GB.view());
+    gemm<double>(ctx, 1.0, A.cview(), none, A.cview(), trans, 0.0, GA.view());
+    return std::sqrt(std::max(trace_of_product<double>(GB.cview(), GA.cview()), 0.0));
   }
 };
 
@@ -150,83 +172,109 @@ template <class T>
 struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_update<T, device::cpu>>, vera_update<T, device::cpu>> {
   using U = vera_update<T, device::cpu>;
 
-  /// diag(λ_d)·A[:, j0 : j0+tj], [r, tj].
-  template <class C>
-  static void A_tile(const U& u, const std::vector<C>& ld, index_t j0, index_t tj, dense<C>& At) {
+  /// diag(λ_d)·A[:, j0 : j0 + At.cols()] into At [r, tj]; an empty ld leaves A unscaled.
+  template <class C, class Ctx>
+  static void A_tile(const Ctx& ctx, const U& u, const vector_view<const C>& ld, index_t j0, const mview<C>& At) {
     const auto& b = u.basis();
-    At.resize(u.rank(), tj);
-    detail::fill_block<C>(b.A(), b.in_max, 0, j0, u.rank(), tj, At.data(), tj);
-    for (index_t k = 0; k < u.rank(); ++k) At.row(k) *= ld[std::size_t(k)];
+    fill_random(ctx, b.A(), b.a_index(0, j0), std::uint64_t(b.in_max), At);
+    if (ld.size() > 0) scale_rows(ctx, At, ld);
   }
-  /// factor·diag(λ_b)·B[i0 : i0+ti, :], [ti, r] (contiguous in B's flat order).
-  template <class C>
-  static void B_tile(const U& u, const std::vector<C>& lb, index_t i0, index_t ti, C factor, dense<C>& Bt) {
+  /// diag(lb)·B[i0 : i0 + Bt.rows(), :] into Bt [ti, r] (lb: λ_b times the caller's factor,
+  /// indexed by the layer's row); an empty lb leaves B unscaled.
+  template <class C, class Ctx>
+  static void B_tile(const Ctx& ctx, const U& u, const vector_view<const C>& lb, index_t i0, const mview<C>& Bt) {
     const auto& b = u.basis();
-    Bt.resize(ti, u.rank());
-    fill_entries<C>(b.B(), b.b_index(i0, 0), std::uint64_t(ti) * std::uint64_t(u.rank()), Bt.data());
-    for (index_t i = 0; i < ti; ++i) Bt.row(i) *= factor * lb[std::size_t(i0 + i)];
+    fill_random(ctx, b.B(), b.b_index(i0, 0), std::uint64_t(u.rank()), Bt);
+    if (lb.size() > 0) scale_rows(ctx, Bt, lb, i0);
   }
   static index_t a_tile(const U& u) { return detail::tile_lines(u.rank(), u.cols(), index_t(1) << 16); }
   static index_t b_tile(const U& u) { return detail::tile_lines(u.rank(), u.rows(), index_t(1) << 16); }
 
-  template <class C, class XM, class YM>
-  static void apply_add(const U& u, const XM& X, YM& Y) {
+  /// Z = X·(diag(λ_d)·A)ᵀ, then Y += Z·(diag(λ_b)·B)ᵀ, tile by tile.
+  template <class C, class Ctx>
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+    using enum kernels::op;
     const auto ld = detail::to_vector<C>(u.lambda_d());
     const auto lb = detail::to_vector<C>(u.lambda_b());
-    dense<C> Z = dense<C>::Zero(X.rows(), u.rank()), At, Bt;
-    for (index_t j0 = 0, t = a_tile(u); j0 < u.cols(); j0 += t) {
-      const index_t tj = std::min(t, u.cols() - j0);
-      A_tile<C>(u, ld, j0, tj, At);
-      Z.noalias() += X.middleCols(j0, tj) * At.transpose();
+    const index_t r = u.rank(), ta = a_tile(u), tb = b_tile(u);
+    auto Z = kernels::make_scratch<C>(ctx, X.rows(), r);
+    auto At = kernels::make_scratch<C>(ctx, r, ta);
+    auto Bt = kernels::make_scratch<C>(ctx, tb, r);
+    kernels::fill(ctx, Z.view(), C(0));
+    for (index_t j0 = 0; j0 < u.cols(); j0 += ta) {
+      const index_t tj = std::min(ta, u.cols() - j0);
+      const auto a = At.view().middle_cols(0, tj);
+      A_tile<C>(ctx, u, detail::host_view(ld), j0, a);
+      gemm<C>(ctx, C(1), X.middle_cols(j0, tj), none, cview<C>(a), trans, C(1), Z.view());
     }
-    for (index_t i0 = 0, t = b_tile(u); i0 < u.rows(); i0 += t) {
-      const index_t ti = std::min(t, u.rows() - i0);
-      B_tile<C>(u, lb, i0, ti, C(1), Bt);
-      Y.middleCols(i0, ti).noalias() += Z * Bt.transpose();
+    for (index_t i0 = 0; i0 < u.rows(); i0 += tb) {
+      const index_t ti = std::min(tb, u.rows() - i0);
+      const auto bt = Bt.view().middle_rows(0, ti);
+      B_tile<C>(ctx, u, detail::host_view(lb), i0, bt);
+      gemm<C>(ctx, C(1), Z.cview(), none, cview<C>(bt), trans, C(1), Y.middle_cols(i0, ti));
     }
   }
 
-  template <class C, class GM, class OM>
-  static void apply_transposed_add(const U& u, const GM& G, OM& O) {
+  /// Z = G·diag(λ_b)·B, then O += Z·diag(λ_d)·A, tile by tile.
+  template <class C, class Ctx>
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+    using enum kernels::op;
     const auto ld = detail::to_vector<C>(u.lambda_d());
     const auto lb = detail::to_vector<C>(u.lambda_b());
-    dense<C> Z = dense<C>::Zero(G.rows(), u.rank()), At, Bt;
-    for (index_t i0 = 0, t = b_tile(u); i0 < u.rows(); i0 += t) {
-      const index_t ti = std::min(t, u.rows() - i0);
-      B_tile<C>(u, lb, i0, ti, C(1), Bt);
-      Z.noalias() += G.middleCols(i0, ti) * Bt;
+    const index_t r = u.rank(), ta = a_tile(u), tb = b_tile(u);
+    auto Z = kernels::make_scratch<C>(ctx, G.rows(), r);
+    auto At = kernels::make_scratch<C>(ctx, r, ta);
+    auto Bt = kernels::make_scratch<C>(ctx, tb, r);
+    kernels::fill(ctx, Z.view(), C(0));
+    for (index_t i0 = 0; i0 < u.rows(); i0 += tb) {
+      const index_t ti = std::min(tb, u.rows() - i0);
+      const auto bt = Bt.view().middle_rows(0, ti);
+      B_tile<C>(ctx, u, detail::host_view(lb), i0, bt);
+      gemm<C>(ctx, C(1), G.middle_cols(i0, ti), none, cview<C>(bt), none, C(1), Z.view());
     }
-    for (index_t j0 = 0, t = a_tile(u); j0 < u.cols(); j0 += t) {
-      const index_t tj = std::min(t, u.cols() - j0);
-      A_tile<C>(u, ld, j0, tj, At);
-      O.middleCols(j0, tj).noalias() += Z * At;
+    for (index_t j0 = 0; j0 < u.cols(); j0 += ta) {
+      const index_t tj = std::min(ta, u.cols() - j0);
+      const auto a = At.view().middle_cols(0, tj);
+      A_tile<C>(ctx, u, detail::host_view(ld), j0, a);
+      gemm<C>(ctx, C(1), Z.cview(), none, cview<C>(a), none, C(1), O.middle_cols(j0, tj));
     }
   }
 
-  template <class C, class P>
-  static void add_scaled_rows(const U& u, index_t r0, P& panel, C factor) {
+  /// P += factor·diag(λ_b)[r0 : …]·B[r0 : …]·diag(λ_d)·A, A in column tiles.
+  template <class C, class Ctx>
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C factor) {
+    using enum kernels::op;
     const auto ld = detail::to_vector<C>(u.lambda_d());
-    const auto lb = detail::to_vector<C>(u.lambda_b());
-    dense<C> At, Bt;
-    B_tile<C>(u, lb, r0, panel.rows(), factor, Bt);
-    for (index_t j0 = 0, t = a_tile(u); j0 < u.cols(); j0 += t) {
-      const index_t tj = std::min(t, u.cols() - j0);
-      A_tile<C>(u, ld, j0, tj, At);
-      panel.middleCols(j0, tj).noalias() += Bt * At;
+    auto lb = detail::to_vector<C>(u.lambda_b());
+    for (C& x : lb) x = factor * x;
+    const index_t ta = a_tile(u);
+    auto Bt = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
+    auto At = kernels::make_scratch<C>(ctx, u.rank(), ta);
+    B_tile<C>(ctx, u, detail::host_view(lb), r0, Bt.view());
+    for (index_t j0 = 0; j0 < u.cols(); j0 += ta) {
+      const index_t tj = std::min(ta, u.cols() - j0);
+      const auto a = At.view().middle_cols(0, tj);
+      A_tile<C>(ctx, u, detail::host_view(ld), j0, a);
+      gemm<C>(ctx, C(1), Bt.cview(), none, cview<C>(a), none, C(1), P.middle_cols(j0, tj));
     }
   }
 
   /// ‖diag(λ_b)·B·diag(λ_d)·A‖_F from two r × r Gram matrices, in double.
   template <class C>
   static double frobenius_norm(const U& u) {
+    using enum kernels::op;
+    const kernels::cpu_context ctx;
     const auto ld = detail::to_vector<double>(u.lambda_d());
     const auto lb = detail::to_vector<double>(u.lambda_b());
-    dense<double> A, B;
-    A_tile<double>(u, ld, 0, u.cols(), A);
-    B_tile<double>(u, lb, 0, u.rows(), 1.0, B);
-    const dense<double> GB = B.transpose() * B;
-    const dense<double> GA = A * A.transpose();
-    return std::sqrt(std::max(GB.cwiseProduct(GA).sum(), 0.0));
+    auto A = kernels::make_scratch<double>(ctx, u.rank(), u.cols());
+    auto B = kernels::make_scratch<double>(ctx, u.rows(), u.rank());
+    A_tile<double>(ctx, u, detail::host_view(ld), 0, A.view());
+    B_tile<double>(ctx, u, detail::host_view(lb), 0, B.view());
+    auto GB = kernels::make_scratch<double>(ctx, u.rank(), u.rank());
+    auto GA = kernels::make_scratch<double>(ctx, u.rank(), u.rank());
+    gemm<double>(ctx, 1.0, B.cview(), trans, B.cview(), none, 0.0, GB.view());
+    gemm<double>(ctx, 1.0, A.cview(), none, A.cview(), trans, 0.0, GA.view());
+    return std::sqrt(std::max(trace_of_product<double>(GB.cview(), GA.cview()), 0.0));
   }
 };
 
@@ -240,114 +288,147 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
 
   /// What every call needs once: A [r, min_dim] drawn, λ and γ in type C.
   template <class C>
-  struct context {
-    dense<C> A, lambda_scratch, gamma_scratch;
-    cmap<C> lambda, gamma;
+  struct state {
+    kernels::scratch<C> A;
+    kernels::operand<C> lambda, gamma;
     index_t N, nr, n, m;
     C factor;  ///< s times the caller's sign, folded into V
 
-    context(const U& u, C sign)
-        : lambda(row_major_operand<C>(u.lambda(), lambda_scratch)),
-          gamma(row_major_operand<C>(u.gamma(), gamma_scratch)),
+    template <class Ctx>
+    state(const Ctx& ctx, const U& u, C sign)
+        : A(kernels::make_scratch<C>(ctx, u.rank(), u.min_dim())), lambda(ctx, u.lambda()), gamma(ctx, u.gamma()),
           N(u.num_bases()), nr(u.num_bases() * u.rank()), n(u.min_dim()), m(u.max_dim()),
           factor(sign * C(u.scale())) {
       const auto& b = u.basis();
-      A.resize(u.rank(), n);
-      detail::fill_block<C>(b.A(), b.min_dim, 0, 0, u.rank(), n, A.data(), n);
+      fill_random(ctx, b.A(), 0, std::uint64_t(b.min_dim), A.view());
     }
   };
 
-  /// Rows [c0, c0+tc) and columns [j0, j0+tj) of factor·V: row c = λ[c/N, c%N]·A[c/N]∘γ[c%N].
-  template <class C>
-  static void V_tile(const context<C>& x, index_t c0, index_t tc, index_t j0, index_t tj, dense<C>& Vt) {
-    Vt.resize(tc, tj);
-    for (index_t q = 0; q < tc; ++q) {
+  /// Rows [c0, c0 + Vt.rows()) and columns [j0, j0 + Vt.cols()) of factor·V:
+  /// row c = λ[c/N, c%N]·A[c/N]∘γ[c%N].
+  template <class C, class Ctx>
+  static void V_tile(const Ctx& ctx, const state<C>& x, index_t c0, index_t j0, const mview<C>& Vt) {
+    const index_t tj = Vt.cols();
+    const auto L = x.lambda.view();
+    for (index_t q = 0; q < Vt.rows(); ++q) {
       const index_t c = c0 + q, k = c / x.N, b = c % x.N;
-      const C coef = x.factor * x.lambda(k, b);
-      Vt.row(q).noalias() = coef * x.A.row(k).segment(j0, tj).cwiseProduct(x.gamma.row(b).segment(j0, tj));
+      const C coef = x.factor * L(k, b);
+      const auto row = Vt.middle_rows(q, 1);
+      kernels::copy(ctx, x.A.cview().block(k, j0, 1, tj), row);
+      transform(ctx, x.gamma.view().block(b, j0, 1, tj), row, [coef](C g, C a) { return coef * (a * g); });
     }
   }
-  /// Rows [i0, i0+ti) of U: row i is B[i, :N, :] flattened, i.e. entries i·N_shared·r + c.
-  template <class C>
-  static void U_tile(const U& u, const context<C>& x, index_t i0, index_t ti, dense<C>& Ut) {
+  /// Rows [i0, i0 + Ut.rows()) of U: row i is B[i, :N, :] flattened, i.e. entries i·N_shared·r + c.
+  template <class C, class Ctx>
+  static void U_tile(const Ctx& ctx, const U& u, index_t i0, const mview<C>& Ut) {
     const auto& b = u.basis();
-    Ut.resize(ti, x.nr);
-    for (index_t q = 0; q < ti; ++q)
-      fill_entries<C>(b.B(), b.b_index(i0 + q, 0, 0), std::uint64_t(x.nr), Ut.data() + q * x.nr);
+    fill_random(ctx, b.B(), b.b_index(i0, 0, 0), b.b_index(1, 0, 0), Ut);
   }
+  template <class C>
+  static index_t v_tile(const state<C>& x) { return detail::tile_lines(x.n, x.nr); }
+  template <class C>
+  static index_t u_tile(const state<C>& x) { return detail::tile_lines(x.nr, x.m); }
 
   /// Y [T, max_dim] += X [T, min_dim]·(factor·V)ᵀ·Uᵀ.
-  template <class C, class XM, class YM>
-  static void left(const U& u, const context<C>& x, const XM& X, YM& Y) {
-    dense<C> Z(X.rows(), x.nr), Vt, Ut;
-    for (index_t c0 = 0, t = detail::tile_lines(x.n, x.nr); c0 < x.nr; c0 += t) {
-      const index_t tc = std::min(t, x.nr - c0);
-      V_tile<C>(x, c0, tc, 0, x.n, Vt);
-      Z.middleCols(c0, tc).noalias() = X * Vt.transpose();
+  template <class C, class Ctx>
+  static void left(const Ctx& ctx, const U& u, const state<C>& x, const cview<C>& X, const mview<C>& Y) {
+    using enum kernels::op;
+    const index_t tv = v_tile(x), tu = u_tile(x);
+    auto Z = kernels::make_scratch<C>(ctx, X.rows(), x.nr);
+    auto Vt = kernels::make_scratch<C>(ctx, tv, x.n);
+    for (index_t c0 = 0; c0 < x.nr; c0 += tv) {
+      const index_t tc = std::min(tv, x.nr - c0);
+      const auto v = Vt.view().middle_rows(0, tc);
+      V_tile<C>(ctx, x, c0, 0, v);
+      gemm<C>(ctx, C(1), X, none, cview<C>(v), trans, C(0), Z.view().middle_cols(c0, tc));
     }
-    for (index_t i0 = 0, t = detail::tile_lines(x.nr, x.m); i0 < x.m; i0 += t) {
-      const index_t ti = std::min(t, x.m - i0);
-      U_tile<C>(u, x, i0, ti, Ut);
-      Y.middleCols(i0, ti).noalias() += Z * Ut.transpose();
+    auto Ut = kernels::make_scratch<C>(ctx, tu, x.nr);
+    for (index_t i0 = 0; i0 < x.m; i0 += tu) {
+      const index_t ti = std::min(tu, x.m - i0);
+      const auto ut = Ut.view().middle_rows(0, ti);
+      U_tile<C>(ctx, u, i0, ut);
+      gemm<C>(ctx, C(1), Z.cview(), none, cview<C>(ut), trans, C(1), Y.middle_cols(i0, ti));
     }
   }
   /// Y [T, min_dim] += X [T, max_dim]·U·(factor·V).
-  template <class C, class XM, class YM>
-  static void right(const U& u, const context<C>& x, const XM& X, YM& Y) {
-    dense<C> Z = dense<C>::Zero(X.rows(), x.nr), Vt, Ut;
-    for (index_t i0 = 0, t = detail::tile_lines(x.nr, x.m); i0 < x.m; i0 += t) {
-      const index_t ti = std::min(t, x.m - i0);
-      U_tile<C>(u, x, i0, ti, Ut);
-      Z.noalias() += X.middleCols(i0, ti) * Ut;
+  template <class C, class Ctx>
+  static void right(const Ctx& ctx, const U& u, const state<C>& x, const cview<C>& X, const mview<C>& Y) {
+    using enum kernels::op;
+    const index_t tv = v_tile(x), tu = u_tile(x);
+    auto Z = kernels::make_scratch<C>(ctx, X.rows(), x.nr);
+    kernels::fill(ctx, Z.view(), C(0));
+    auto Ut = kernels::make_scratch<C>(ctx, tu, x.nr);
+    for (index_t i0 = 0; i0 < x.m; i0 += tu) {
+      const index_t ti = std::min(tu, x.m - i0);
+      const auto ut = Ut.view().middle_rows(0, ti);
+      U_tile<C>(ctx, u, i0, ut);
+      gemm<C>(ctx, C(1), X.middle_cols(i0, ti), none, cview<C>(ut), none, C(1), Z.view());
     }
-    for (index_t c0 = 0, t = detail::tile_lines(x.n, x.nr); c0 < x.nr; c0 += t) {
-      const index_t tc = std::min(t, x.nr - c0);
-      V_tile<C>(x, c0, tc, 0, x.n, Vt);
-      Y.noalias() += Z.middleCols(c0, tc) * Vt;
+    auto Vt = kernels::make_scratch<C>(ctx, tv, x.n);
+    for (index_t c0 = 0; c0 < x.nr; c0 += tv) {
+      const index_t tc = std::min(tv, x.nr - c0);
+      const auto v = Vt.view().middle_rows(0, tc);
+      V_tile<C>(ctx, x, c0, 0, v);
+      gemm<C>(ctx, C(1), Z.cview().middle_cols(c0, tc), none, cview<C>(v), none, C(1), Y);
     }
   }
 
-  template <class C, class XM, class YM>
-  static void apply_add(const U& u, const XM& X, YM& Y) {
-    const context<C> x(u, C(1));
+  template <class C, class Ctx>
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+    const state<C> x(ctx, u, C(1));
     if (u.transposed())
-      right<C>(u, x, X, Y);  // ΔW = s·Vᵀ·Uᵀ: X·ΔWᵀ = s·X·U·V
+      right<C>(ctx, u, x, X, Y);  // ΔW = s·Vᵀ·Uᵀ: X·ΔWᵀ = s·X·U·V
     else
-      left<C>(u, x, X, Y);   // ΔW = s·U·V:  X·ΔWᵀ = s·X·Vᵀ·Uᵀ
+      left<C>(ctx, u, x, X, Y);   // ΔW = s·U·V:  X·ΔWᵀ = s·X·Vᵀ·Uᵀ
   }
 
-  template <class C, class GM, class OM>
-  static void apply_transposed_add(const U& u, const GM& G, OM& O) {
-    const context<C> x(u, C(1));
+  template <class C, class Ctx>
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+    const state<C> x(ctx, u, C(1));
     if (u.transposed())
-      left<C>(u, x, G, O);   // G·ΔW = s·G·Vᵀ·Uᵀ
+      left<C>(ctx, u, x, G, O);   // G·ΔW = s·G·Vᵀ·Uᵀ
     else
-      right<C>(u, x, G, O);  // G·ΔW = s·G·U·V
+      right<C>(ctx, u, x, G, O);  // G·ΔW = s·G·U·V
   }
 
-  /// Rows [r0, r0 + panel.rows()) of sign·ΔW added to the panel, 256 rows at a time.
-  template <class C, class P>
-  static void add_scaled_rows(const U& u, index_t r0, P& panel, C sign) {
-    const context<C> x(u, sign);
-    dense<C> Vt, Ut;
-    for (index_t p0 = 0; p0 < panel.rows(); p0 += panel_rows) {
-      const index_t pr = std::min(panel_rows, panel.rows() - p0);
-      auto sub = panel.middleRows(p0, pr);
-      if (!u.transposed()) {
-        // Rows of U·V are rows of U.
-        U_tile<C>(u, x, r0 + p0, pr, Ut);
-        for (index_t c0 = 0, t = detail::tile_lines(x.n, x.nr); c0 < x.nr; c0 += t) {
-          const index_t tc = std::min(t, x.nr - c0);
-          V_tile<C>(x, c0, tc, 0, x.n, Vt);
-          sub.noalias() += Ut.middleCols(c0, tc) * Vt;
+  /// Rows [r0, r0 + P.rows()) of sign·ΔW added to P, 256 rows at a time.
+  template <class C, class Ctx>
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C sign) {
+    using enum kernels::op;
+    const state<C> x(ctx, u, sign);
+    const index_t rows = std::min(panel_rows, P.rows());
+    if (!u.transposed()) {
+      // Rows of U·V are rows of U.
+      const index_t tv = v_tile(x);
+      auto Ut = kernels::make_scratch<C>(ctx, rows, x.nr);
+      auto Vt = kernels::make_scratch<C>(ctx, tv, x.n);
+      for (index_t p0 = 0; p0 < P.rows(); p0 += panel_rows) {
+        const index_t pr = std::min(panel_rows, P.rows() - p0);
+        const auto sub = P.middle_rows(p0, pr);
+        const auto ut = Ut.view().middle_rows(0, pr);
+        U_tile<C>(ctx, u, r0 + p0, ut);
+        for (index_t c0 = 0; c0 < x.nr; c0 += tv) {
+          const index_t tc = std::min(tv, x.nr - c0);
+          const auto v = Vt.view().middle_rows(0, tc);
+          V_tile<C>(ctx, x, c0, 0, v);
+          gemm<C>(ctx, C(1), cview<C>(ut).middle_cols(c0, tc), none, cview<C>(v), none, C(1), sub);
         }
-      } else {
-        // Rows of Vᵀ·Uᵀ are columns of V.
-        V_tile<C>(x, 0, x.nr, r0 + p0, pr, Vt);
-        for (index_t i0 = 0, t = detail::tile_lines(x.nr, x.m); i0 < x.m; i0 += t) {
-          const index_t ti = std::min(t, x.m - i0);
-          U_tile<C>(u, x, i0, ti, Ut);
-          sub.middleCols(i0, ti).noalias() += Vt.transpose() * Ut.transpose();
+      }
+    } else {
+      // Rows of Vᵀ·Uᵀ are columns of V.
+      const index_t tu = u_tile(x);
+      auto Vt = kernels::make_scratch<C>(ctx, x.nr, rows);
+      auto Ut = kernels::make_scratch<C>(ctx, tu, x.nr);
+      for (index_t p0 = 0; p0 < P.rows(); p0 += panel_rows) {
+        const index_t pr = std::min(panel_rows, P.rows() - p0);
+        const auto sub = P.middle_rows(p0, pr);
+        const auto v = Vt.view().middle_cols(0, pr);
+        V_tile<C>(ctx, x, 0, r0 + p0, v);
+        for (index_t i0 = 0; i0 < x.m; i0 += tu) {
+          const index_t ti = std::min(tu, x.m - i0);
+          const auto ut = Ut.view().middle_rows(0, ti);
+          U_tile<C>(ctx, u, i0, ut);
+          gemm<C>(ctx, C(1), cview<C>(v), trans, cview<C>(ut), trans, C(1), sub.middle_cols(i0, ti));
         }
       }
     }
@@ -367,10 +448,13 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
 /// k + l bases on every call.
 template <class C = float, class T>
 std::pair<dense<C>, dense<C>> nola_factors(const nola_update<T, device::cpu>& u) {
-  dense<C> A, B;
-  cpu::evaluator<nola_update<T, device::cpu>>::template form_A<C>(u, A);
-  cpu::evaluator<nola_update<T, device::cpu>>::template form_B_rows<C>(u, 0, u.rows(), C(1), B);
-  return {std::move(B), std::move(A)};
+  using E = cpu::evaluator<nola_update<T, device::cpu>>;
+  const kernels::cpu_context ctx;
+  auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
+  auto B = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
+  E::template form_A<C>(ctx, u, A.view());
+  E::template form_B_rows<C>(ctx, u, 0, C(1), B.view());
+  return {std::move(B.eigen()), std::move(A.eigen())};
 }
 
 DELTAW_NAMESPACE_END

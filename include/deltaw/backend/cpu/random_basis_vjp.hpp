@@ -1,7 +1,8 @@
-// VJPs of the random-basis family (expr/random_basis.hpp): NOLA, VeRA, RandLoRA. The
-// frozen bases are regenerated from the seed with the evaluators' own tile generators
-// (backend/cpu/random_basis.hpp), never stored and never formed at out × in; neither is
-// ΔW nor any out × in gradient.
+// SPDX-License-Identifier: MIT
+// VJPs of the random-basis family (expr/random_basis.hpp): NOLA, VeRA, RandLoRA, written
+// against the primitive layer. The frozen bases are regenerated from the seed with the
+// evaluators' own tile generators (backend/cpu/random_basis.hpp), never stored and never
+// formed at out × in; neither is ΔW nor any out × in gradient.
 //
 // - NOLA, ΔW = s·B·A, A = A₀ + Σᵢ αᵢ·Aᵢ, B = Σⱼ βⱼ·Bⱼ. As LoRA, with Z = X·Aᵀ:
 //     dB = s·dYᵀ·Z [out, r],  dZ = s·dY·B,  dA = dZᵀ·X [r, in],  dX += dZ·A,
@@ -36,6 +37,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -55,30 +57,35 @@ vector_view<const T> coefficient_vector(const matrix_view<const T>& v, index_t n
   return vector_view<const T>(v.data(), n, v.rows() == 1 ? v.col_stride() : v.row_stride());
 }
 
-/// A vector factor's gradient slot: [1, n] or [n, 1] (dense, so contiguous).
+/// A vector factor's gradient slot: absent, or [1, n] or [n, 1].
 template <class C>
-void check_vector_grad(const dense<C>* g, index_t n, const char* op, const char* name) {
-  if (g && ((g->rows() != 1 && g->cols() != 1) || g->size() != n))
+void check_vector_grad(const mview<C>& g, index_t n, const char* op, const char* name) {
+  if (present(g) && ((g.rows() != 1 && g.cols() != 1) || g.size() != n))
     throw shape_error(std::string(op) + ": the gradient of " + name + " is " +
-                      deltaw::detail::shape_str(g->rows(), g->cols()) + " but " + name + " has " + std::to_string(n) +
+                      deltaw::detail::shape_str(g.rows(), g.cols()) + " but " + name + " has " + std::to_string(n) +
                       " entries");
+}
+/// A present [1, n] or [n, 1] gradient slot as a vector_view.
+template <class C>
+vector_view<C> grad_vector(const mview<C>& g) {
+  return vector_view<C>(g.data(), g.size(), g.rows() == 1 ? g.col_stride() : g.row_stride());
 }
 
 /// out[i] += ⟨G, basis i⟩ over G's row-major flat order (entry f of G pairs with entry
 /// f of each basis). Bases are drawn `chunk` entries at a time into one buffer, all of them
 /// against the same chunk of G while it is in cache.
-template <class C>
-void contract_with_bases(const dense<C>& G, const std::vector<basis_entries>& bases, C* out,
-                         std::uint64_t chunk = std::uint64_t(1) << 14) {
-  const std::uint64_t n = std::uint64_t(G.size());
-  std::vector<C> buf(std::size_t(std::min(chunk, n)));
-  using vec = Eigen::Matrix<C, Eigen::Dynamic, 1>;
+template <class C, class Ctx>
+void contract_with_bases(const Ctx& ctx, const kernels::scratch<C>& G, std::span<const basis_entries> bases,
+                         const vector_view<C>& out, std::uint64_t chunk = std::uint64_t(1) << 14) {
+  const std::uint64_t n = std::uint64_t(G.rows()) * std::uint64_t(G.cols());
+  auto buf = kernels::make_scratch<C>(ctx, 1, index_t(std::min(chunk, n)));
   for (std::uint64_t f = 0; f < n; f += chunk) {
-    const std::uint64_t m = std::min(chunk, n - f);
-    const Eigen::Map<const vec> g(G.data() + f, Eigen::Index(m));
+    const index_t m = index_t(std::min(chunk, n - f));
+    const cview<C> g(G.data() + f, 1, m);
+    const auto b = buf.view().middle_cols(0, m);
     for (std::size_t i = 0; i < bases.size(); ++i) {
-      fill_entries<C>(bases[i], f, m, buf.data());
-      out[i] += g.dot(Eigen::Map<const vec>(buf.data(), Eigen::Index(m)));
+      fill_random(ctx, bases[i], f, std::uint64_t(m), b);
+      dot_rows(ctx, g, cview<C>(b), vector_view<C>(&out[index_t(i)], 1), true);
     }
   }
 }
@@ -105,41 +112,39 @@ struct vjp<nola_update<T, device::cpu>> {
              u.options());
   }
 
-  /// grads = {&dα [1, k], &dβ [1, l]}; see vjp.hpp.
-  template <class C, class XM, class GM>
-  static void backward(const U& u, const XM& X, const GM& dY, std::span<dense<C>* const> grads, dense<C>* dX) {
+  /// grads = {dα [1, k], dβ [1, l]}; see vjp.hpp.
+  template <class C, class Ctx>
+  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
+                       std::span<const mview<C>> grads, const mview<C>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<nola>::backward";
-    detail::check_grad_slots<C>(grads, factor_count, op);
+    using enum kernels::op;
+    detail::check_grad_slots(grads, factor_count, op);
     detail::check_vector_grad<C>(grads[0], u.num_a_bases(), op, "a_coef");
     detail::check_vector_grad<C>(grads[1], u.num_b_bases(), op, "b_coef");
-    dense<C>* ga = grads[0];
-    dense<C>* gb = grads[1];
-    if (!ga && !gb && !dX) return;
-    dense<C> A, B;
-    E::template form_A<C>(u, A);
-    E::template form_B_rows<C>(u, 0, u.rows(), C(1), B);
+    const bool ga = present(grads[0]), gb = present(grads[1]), gx = present(dX);
+    if (!ga && !gb && !gx) return;
+    auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
+    auto B = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
+    E::template form_A<C>(ctx, u, A.view());
+    E::template form_B_rows<C>(ctx, u, 0, C(1), B.view());
     const C s = C(u.scale());
-    dense<C> dZ(dY.rows(), u.rank());
-    dZ.noalias() = dY * B;
-    dZ *= s;  // dZ = s·dY·B
+    auto dZ = kernels::make_scratch<C>(ctx, dY.rows(), u.rank());
+    gemm<C>(ctx, s, dY, none, B.cview(), none, C(0), dZ.view());  // dZ = s·dY·B
     if (gb) {
-      dense<C> Z(X.rows(), u.rank());
-      Z.noalias() = X * A.transpose();
-      dense<C> dB(u.rows(), u.rank());
-      dB.noalias() = dY.transpose() * Z;
-      dB *= s;
-      std::vector<basis_entries> bases;
-      for (index_t j = 0; j < u.num_b_bases(); ++j) bases.push_back(u.b_basis(j));
-      detail::contract_with_bases<C>(dB, bases, gb->data());
+      auto Z = kernels::make_scratch<C>(ctx, X.rows(), u.rank());
+      gemm<C>(ctx, C(1), X, none, A.cview(), trans, C(0), Z.view());
+      auto dB = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
+      gemm<C>(ctx, s, dY, trans, Z.cview(), none, C(0), dB.view());  // dB = s·dYᵀ·Z
+      const auto bases = E::b_bases(u);
+      detail::contract_with_bases<C>(ctx, dB, std::span<const basis_entries>(bases), detail::grad_vector(grads[1]));
     }
     if (ga) {
-      dense<C> dA(u.rank(), u.cols());
-      dA.noalias() = dZ.transpose() * X;
-      std::vector<basis_entries> bases;
-      for (index_t i = 0; i < u.num_a_bases(); ++i) bases.push_back(u.a_basis(i));
-      detail::contract_with_bases<C>(dA, bases, ga->data());
+      auto dA = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
+      gemm<C>(ctx, C(1), dZ.cview(), trans, X, none, C(0), dA.view());  // dA = dZᵀ·X
+      const auto bases = E::a_bases(u);
+      detail::contract_with_bases<C>(ctx, dA, std::span<const basis_entries>(bases), detail::grad_vector(grads[0]));
     }
-    if (dX) dX->noalias() += dZ * A;
+    if (gx) gemm<C>(ctx, C(1), dZ.cview(), none, A.cview(), none, C(1), dX);
   }
 };
 
@@ -162,59 +167,70 @@ struct vjp<vera_update<T, device::cpu>> {
     return U(u.basis(), u.rows(), u.cols(), held_vector<T>{d, nullptr}, held_vector<T>{b, nullptr});
   }
 
-  /// grads = {&dλ_d [1, r], &dλ_b [1, out]}; see vjp.hpp.
-  template <class C, class XM, class GM>
-  static void backward(const U& u, const XM& X, const GM& dY, std::span<dense<C>* const> grads, dense<C>* dX) {
+  /// grads = {dλ_d [1, r], dλ_b [1, out]}; see vjp.hpp.
+  template <class C, class Ctx>
+  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
+                       std::span<const mview<C>> grads, const mview<C>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<vera>::backward";
-    detail::check_grad_slots<C>(grads, factor_count, op);
+    using enum kernels::op;
+    detail::check_grad_slots(grads, factor_count, op);
     detail::check_vector_grad<C>(grads[0], u.rank(), op, "lambda_d");
     detail::check_vector_grad<C>(grads[1], u.rows(), op, "lambda_b");
-    dense<C>* gd = grads[0];
-    dense<C>* gb = grads[1];
-    if (!gd && !gb && !dX) return;
+    const bool gd = present(grads[0]), gb = present(grads[1]), gx = present(dX);
+    if (!gd && !gb && !gx) return;
     const index_t r = u.rank(), out = u.rows(), in = u.cols(), tokens = X.rows();
+    const index_t ta = E::a_tile(u), tb = E::b_tile(u);
     const auto ld = detail::to_vector<C>(u.lambda_d());
     const auto lb = detail::to_vector<C>(u.lambda_b());
-    const std::vector<C> ones_r(std::size_t(r), C(1)), ones_out(std::size_t(out), C(1));
-    const Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>> ldr(ld.data(), r);
-    dense<C> At, Bt;
+    const vector_view<const C> unscaled{};  // empty: the tiles are drawn without λ
+    auto At = kernels::make_scratch<C>(ctx, r, ta);
 
     // Z = X·Aᵀ with the unscaled A (λ_d may be 0), H = Z·diag(λ_d).
-    dense<C> Z, H;
+    auto Z = kernels::make_scratch<C>(ctx, (gd || gb) ? tokens : 0, r);
+    auto H = kernels::make_scratch<C>(ctx, (gd || gb) ? tokens : 0, r);
     if (gd || gb) {
-      Z.setZero(tokens, r);
-      for (index_t j0 = 0, t = E::a_tile(u); j0 < in; j0 += t) {
-        const index_t tj = std::min(t, in - j0);
-        E::template A_tile<C>(u, ones_r, j0, tj, At);
-        Z.noalias() += X.middleCols(j0, tj) * At.transpose();
+      kernels::fill(ctx, Z.view(), C(0));
+      for (index_t j0 = 0; j0 < in; j0 += ta) {
+        const index_t tj = std::min(ta, in - j0);
+        const auto a = At.view().middle_cols(0, tj);
+        E::template A_tile<C>(ctx, u, unscaled, j0, a);
+        gemm<C>(ctx, C(1), X.middle_cols(j0, tj), none, cview<C>(a), trans, C(1), Z.view());
       }
-      H = Z;
-      H.array().rowwise() *= ldr.array();
+      kernels::copy(ctx, Z.cview(), H.view());
+      scale_cols(ctx, H.view(), detail::host_view(ld));
     }
     // One pass over B's row tiles: dλ_b and G = dY·diag(λ_b)·B.
-    const bool need_G = gd || dX;
-    dense<C> G, M;
-    if (need_G) G.setZero(tokens, r);
-    for (index_t i0 = 0, t = E::b_tile(u); i0 < out && (gb || need_G); i0 += t) {
-      const index_t ti = std::min(t, out - i0);
-      E::template B_tile<C>(u, ones_out, i0, ti, C(1), Bt);  // unscaled B rows
-      if (gb) {
-        M.noalias() = dY.middleCols(i0, ti).transpose() * H;  // [ti, r]
-        for (index_t i = 0; i < ti; ++i) gb->data()[i0 + i] += Bt.row(i).dot(M.row(i));
-      }
-      if (need_G) {
-        for (index_t i = 0; i < ti; ++i) Bt.row(i) *= lb[std::size_t(i0 + i)];
-        G.noalias() += dY.middleCols(i0, ti) * Bt;
+    const bool need_G = gd || gx;
+    auto G = kernels::make_scratch<C>(ctx, need_G ? tokens : 0, r);
+    if (need_G) kernels::fill(ctx, G.view(), C(0));
+    if (gb || need_G) {
+      auto Bt = kernels::make_scratch<C>(ctx, tb, r);
+      auto M = kernels::make_scratch<C>(ctx, gb ? tb : 0, r);
+      const auto gbv = gb ? detail::grad_vector(grads[1]) : vector_view<C>();
+      for (index_t i0 = 0; i0 < out; i0 += tb) {
+        const index_t ti = std::min(tb, out - i0);
+        const auto bt = Bt.view().middle_rows(0, ti);
+        E::template B_tile<C>(ctx, u, unscaled, i0, bt);  // unscaled B rows
+        if (gb) {
+          const auto m = M.view().middle_rows(0, ti);
+          gemm<C>(ctx, C(1), dY.middle_cols(i0, ti), trans, H.cview(), none, C(0), m);  // [ti, r]
+          dot_rows(ctx, cview<C>(bt), cview<C>(m), vector_view<C>(&gbv[i0], ti, gbv.stride()), true);
+        }
+        if (need_G) {
+          scale_rows(ctx, bt, detail::host_view(lb), i0);
+          gemm<C>(ctx, C(1), dY.middle_cols(i0, ti), none, cview<C>(bt), none, C(1), G.view());
+        }
       }
     }
-    if (gd)
-      for (index_t k = 0; k < r; ++k) gd->data()[k] += G.col(k).dot(Z.col(k));
-    if (dX) {
-      G.array().rowwise() *= ldr.array();  // dZ = G·diag(λ_d)
-      for (index_t j0 = 0, t = E::a_tile(u); j0 < in; j0 += t) {
-        const index_t tj = std::min(t, in - j0);
-        E::template A_tile<C>(u, ones_r, j0, tj, At);
-        dX->middleCols(j0, tj).noalias() += G * At;
+    if (gd)  // dλ_d[k] += ⟨G[:, k], Z[:, k]⟩
+      dot_rows(ctx, G.cview().transpose(), Z.cview().transpose(), detail::grad_vector(grads[0]), true);
+    if (gx) {
+      scale_cols(ctx, G.view(), detail::host_view(ld));  // dZ = G·diag(λ_d)
+      for (index_t j0 = 0; j0 < in; j0 += ta) {
+        const index_t tj = std::min(ta, in - j0);
+        const auto a = At.view().middle_cols(0, tj);
+        E::template A_tile<C>(ctx, u, unscaled, j0, a);
+        gemm<C>(ctx, C(1), G.cview(), none, cview<C>(a), none, C(1), dX.middle_cols(j0, tj));
       }
     }
   }
@@ -237,58 +253,71 @@ struct vjp<randlora_update<T, device::cpu>> {
              u.scale());
   }
 
-  /// grads = {&dλ [r, N], &dγ [N, min_dim]}; see vjp.hpp.
-  template <class C, class XM, class GM>
-  static void backward(const U& u, const XM& X, const GM& dY, std::span<dense<C>* const> grads, dense<C>* dX) {
+  /// grads = {dλ [r, N], dγ [N, min_dim]}; see vjp.hpp.
+  template <class C, class Ctx>
+  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
+                       std::span<const mview<C>> grads, const mview<C>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<randlora>::backward";
-    detail::check_grad_slots<C>(grads, factor_count, op);
-    detail::check_grad_shape<C>(grads[0], u.lambda(), op, "lambda");
-    detail::check_grad_shape<C>(grads[1], u.gamma(), op, "gamma");
-    if (!grads[0] && !grads[1] && !dX) return;
-    const typename E::template context<C> x(u, C(1));  // A, λ, γ in C; V tiles carry s
+    detail::check_grad_slots(grads, factor_count, op);
+    detail::check_grad_shape(grads[0], u.lambda(), op, "lambda");
+    detail::check_grad_shape(grads[1], u.gamma(), op, "gamma");
+    if (!present(grads[0]) && !present(grads[1]) && !present(dX)) return;
+    const typename E::template state<C> x(ctx, u, C(1));  // A, λ, γ in C; V tiles carry s
     if (u.transposed())
-      run<C>(u, x, dY, X, grads[0], grads[1], dX, dY);
+      run<C>(ctx, u, x, dY, X, grads[0], grads[1], dX, dY);
     else
-      run<C>(u, x, X, dY, grads[0], grads[1], dX, dY);
+      run<C>(ctx, u, x, X, dY, grads[0], grads[1], dX, dY);
   }
 
  private:
   /// P [tokens, min_dim], Q [tokens, max_dim] as in the header comment.
-  template <class C, class PM, class QM, class GM>
-  static void run(const U& u, const typename E::template context<C>& x, const PM& P, const QM& Q, dense<C>* gl,
-                  dense<C>* gg, dense<C>* dX, const GM& dY) {
-    const bool need_dV = gl || gg;
-    const bool dx_from_zq = dX && !u.transposed();  // dX = s·dY·U·V = (Q·U)·(s·V)
-    dense<C> Zq, Ut, Vt, dVt;
+  template <class C, class Ctx>
+  static void run(const Ctx& ctx, const U& u, const typename E::template state<C>& x, const cview<C>& P,
+                  const cview<C>& Q, const mview<C>& gl, const mview<C>& gg, const mview<C>& dX, const cview<C>& dY) {
+    using enum kernels::op;
+    const bool has_gl = present(gl), has_gg = present(gg), has_dx = present(dX);
+    const bool need_dV = has_gl || has_gg;
+    const bool dx_from_zq = has_dx && !u.transposed();  // dX = s·dY·U·V = (Q·U)·(s·V)
     if (need_dV || dx_from_zq) {
-      Zq.setZero(Q.rows(), x.nr);
-      for (index_t i0 = 0, t = cpu::detail::tile_lines(x.nr, x.m); i0 < x.m; i0 += t) {
-        const index_t ti = std::min(t, x.m - i0);
-        E::template U_tile<C>(u, x, i0, ti, Ut);
-        Zq.noalias() += Q.middleCols(i0, ti) * Ut;
+      const index_t tu = E::u_tile(x), tv = E::v_tile(x);
+      auto Zq = kernels::make_scratch<C>(ctx, Q.rows(), x.nr);
+      kernels::fill(ctx, Zq.view(), C(0));
+      {
+        auto Ut = kernels::make_scratch<C>(ctx, tu, x.nr);
+        for (index_t i0 = 0; i0 < x.m; i0 += tu) {
+          const index_t ti = std::min(tu, x.m - i0);
+          const auto ut = Ut.view().middle_rows(0, ti);
+          E::template U_tile<C>(ctx, u, i0, ut);
+          gemm<C>(ctx, C(1), Q.middle_cols(i0, ti), none, cview<C>(ut), none, C(1), Zq.view());
+        }
       }
-    }
-    if (need_dV || dx_from_zq) {
       const C s = C(u.scale());
-      for (index_t c0 = 0, t = cpu::detail::tile_lines(x.n, x.nr); c0 < x.nr; c0 += t) {
-        const index_t tc = std::min(t, x.nr - c0);
+      const auto A = x.A.cview();
+      const auto L = x.lambda.view();
+      const auto Gm = x.gamma.view();
+      auto dVt = kernels::make_scratch<C>(ctx, need_dV ? tv : 0, x.n);
+      auto Vt = kernels::make_scratch<C>(ctx, dx_from_zq ? tv : 0, x.n);
+      for (index_t c0 = 0; c0 < x.nr; c0 += tv) {
+        const index_t tc = std::min(tv, x.nr - c0);
         if (need_dV) {
-          dVt.noalias() = Zq.middleCols(c0, tc).transpose() * P;  // [tc, min_dim]
-          dVt *= s;
+          const auto dv = dVt.view().middle_rows(0, tc);
+          gemm<C>(ctx, s, Zq.cview().middle_cols(c0, tc), trans, P, none, C(0), dv);  // [tc, min_dim]
           for (index_t q = 0; q < tc; ++q) {
             const index_t c = c0 + q, k = c / x.N, b = c % x.N;
-            dVt.row(q).array() *= x.A.row(k).array();  // dV[c, :]∘A[k, :]
-            if (gl) (*gl)(k, b) += dVt.row(q).dot(x.gamma.row(b));
-            if (gg) gg->row(b) += x.lambda(k, b) * dVt.row(q);
+            const auto row = dv.middle_rows(q, 1);
+            transform(ctx, A.middle_rows(k, 1), row, [](C a, C y) { return y * a; });  // dV[c, :]∘A[k, :]
+            if (has_gl) dot_rows(ctx, cview<C>(row), Gm.middle_rows(b, 1), vector_view<C>(&gl(k, b), 1), true);
+            if (has_gg) axpy<C>(ctx, L(k, b), cview<C>(row), gg.middle_rows(b, 1));
           }
         }
         if (dx_from_zq) {
-          E::template V_tile<C>(x, c0, tc, 0, x.n, Vt);
-          dX->noalias() += Zq.middleCols(c0, tc) * Vt;
+          const auto v = Vt.view().middle_rows(0, tc);
+          E::template V_tile<C>(ctx, x, c0, 0, v);
+          gemm<C>(ctx, C(1), Zq.cview().middle_cols(c0, tc), none, cview<C>(v), none, C(1), dX);
         }
       }
     }
-    if (dX && u.transposed()) E::template left<C>(u, x, dY, *dX);  // dX += s·dY·Vᵀ·Uᵀ
+    if (has_dx && u.transposed()) E::template left<C>(ctx, u, x, dY, dX);  // dX += s·dY·Vᵀ·Uᵀ
   }
 };
 
