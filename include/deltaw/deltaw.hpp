@@ -31,7 +31,6 @@
 #include "expr/ldu.hpp"
 #include "expr/random_basis.hpp"
 #include "backend/cpu/evaluator.hpp"
-#include "backend/cpu/eigen_bridge.hpp"  // TEMPORARY while evaluators are being ported (lead removes)
 #include "backend/cpu/ops.hpp"
 #include "backend/cpu/low_rank.hpp"
 #include "backend/cpu/dora.hpp"

@@ -132,9 +132,10 @@ TEST_CASE("Kronecker backward: each of the eight routes equals the gradients for
     const MatD dXr = dY * dW;
     for (int k = 0; k < 8; ++k) {
       const dw::cpu::kron_vjp_detail::plan p{(k & 1) != 0, (k & 2) != 0, (k & 4) != 0};
-      dw::dense<double> G1, G2;
+      dw::dense<double> G1 = dw::dense<double>::Zero(a, c), G2 = dw::dense<double>::Zero(b, d);
       dw::dense<double> dX = dw::dense<double>::Zero(T, c * d);
-      dw::cpu::kron_vjp_detail::kron_backward<double>(u, X, dY, &G1, &G2, &dX, p);
+      std::array<dw::dense<double>*, 2> gs{&G1, &G2};
+      dw::cpu::backward<double>(u, X, dY, std::span<dw::dense<double>* const>(gs), &dX, p);
       worst = std::max({worst, dwt::rel_err(G1, G1r), dwt::rel_err(G2, G2r), dwt::rel_err(dX, dXr)});
     }
     // Low-rank factors: the same gradients reach left and right by the chain rule.
@@ -145,7 +146,7 @@ TEST_CASE("Kronecker backward: each of the eight routes equals the gradients for
     dw::dense<double> gl = dw::dense<double>::Zero(a, 2), gr = dw::dense<double>::Zero(2, c),
                       g2 = dw::dense<double>::Zero(b, d), dX = dw::dense<double>::Zero(T, c * d);
     std::array<dw::dense<double>*, 3> slots{&gl, &gr, &g2};
-    dw::cpu::vjp<std::remove_cvref_t<decltype(ul)>>::backward<double>(ul, X, dY, slots, &dX);
+    dw::cpu::backward<double>(ul, X, dY, std::span<dw::dense<double>* const>(slots), &dX);
     worst = std::max({worst, dwt::rel_err(gl, MatD(G1l * r1.transpose())), dwt::rel_err(gr, MatD(l1.transpose() * G1l)),
                       dwt::rel_err(g2, G2l), dwt::rel_err(dX, MatD(dY * dw::materialize(ul).template cast<double>()))});
   }
@@ -195,16 +196,15 @@ TEST_CASE("Bone bat backward: both routes equal Σ_j W_ijᵀ·∂ΔW_ij + Σ_j �
         const MatD Gij = G.block(i * r, j * r, r, r);
         ref.middleRows(i * r, r) += W.block(i * r, j * r, r, r).transpose() * Gij + Gij;
       }
-    using V = dw::cpu::vjp<std::remove_cvref_t<decltype(u)>>;
     for (int route : {0, 1}) {
       dw::dense<double> db = dw::dense<double>::Zero(out, r);
       std::array<dw::dense<double>*, 1> slots{&db};
-      V::backward<double>(u, X, dY, slots, nullptr, route);
+      dw::cpu::backward<double>(u, X, dY, std::span<dw::dense<double>* const>(slots), nullptr, route);
       worst = std::max(worst, dwt::rel_err(db, ref));
     }
     dw::dense<double> dX = dw::dense<double>::Zero(T, in);
     std::array<dw::dense<double>*, 1> none{nullptr};
-    V::backward<double>(u, X, dY, none, &dX);
+    dw::cpu::backward<double>(u, X, dY, std::span<dw::dense<double>* const>(none), &dX);
     worst = std::max(worst, dwt::rel_err(dX, MatD(dY * dw::materialize(u).template cast<double>())));
     // A column-major W (its block rows are not packed: copied per block, r × in).
     const dwt::ColMat<double> Wc = W;
@@ -212,7 +212,7 @@ TEST_CASE("Bone bat backward: both routes equal Σ_j W_ijᵀ·∂ΔW_ij + Σ_j �
     for (int route : {0, 1}) {
       dw::dense<double> db = dw::dense<double>::Zero(out, r);
       std::array<dw::dense<double>*, 1> slots{&db};
-      dw::cpu::vjp<std::remove_cvref_t<decltype(uc)>>::backward<double>(uc, X, dY, slots, nullptr, route);
+      dw::cpu::backward<double>(uc, X, dY, std::span<dw::dense<double>* const>(slots), nullptr, route);
       worst = std::max(worst, dwt::rel_err(db, ref));
     }
   }
@@ -282,7 +282,7 @@ TEST_CASE("The backward passes allocate nothing of the size of an out × in matr
                    g2b = dw::dense<float>::Zero(4, 32);
   std::array<dw::dense<float>*, 3> ks{&g1, &g2a, &g2b};
   const std::size_t kb = dwt::largest_allocation(
-      [&] { dw::cpu::vjp<std::remove_cvref_t<decltype(k)>>::backward<float>(k, X, dY, ks, &dX); });
+      [&] { dw::cpu::backward<float>(k, X, dY, std::span<dw::dense<float>* const>(ks), &dX); });
   MESSAGE("largest allocation: kron backward " << kb << " B, out x in is " << dense_bytes << " B");
   CHECK(kb < dense_bytes / 4);
 
@@ -291,11 +291,13 @@ TEST_CASE("The backward passes allocate nothing of the size of an out × in matr
   const auto bat = dw::bone_bat(W, bm);
   dw::dense<float> db = dw::dense<float>::Zero(out, 16);
   std::array<dw::dense<float>*, 1> bs{&db};
-  using VB = dw::cpu::vjp<std::remove_cvref_t<decltype(bat)>>;
-  const std::size_t bb = dwt::largest_allocation([&] { VB::backward<float>(bat, X, dY, bs, &dX); });
+  const std::size_t bb =
+      dwt::largest_allocation([&] { dw::cpu::backward<float>(bat, X, dY, std::span<dw::dense<float>* const>(bs), &dX); });
   MESSAGE("largest allocation: bone_bat backward " << bb << " B");
   CHECK(bb < dense_bytes / 4);
-  CHECK(dwt::largest_allocation([&] { VB::backward<float>(bat, X, dY, bs, nullptr, 1); }) < dense_bytes / 4);
+  CHECK(dwt::largest_allocation([&] {
+          dw::cpu::backward<float>(bat, X, dY, std::span<dw::dense<float>* const>(bs), nullptr, 1);
+        }) < dense_bytes / 4);
 
   // MiSS and Block-LoRA.
   const MatF D = dwt::random<MatF>(16, out, 8);
@@ -303,14 +305,14 @@ TEST_CASE("The backward passes allocate nothing of the size of an out × in matr
   dw::dense<float> dD = dw::dense<float>::Zero(16, out);
   std::array<dw::dense<float>*, 1> mslots{&dD};
   CHECK(dwt::largest_allocation(
-            [&] { dw::cpu::vjp<std::remove_cvref_t<decltype(ms)>>::backward<float>(ms, X, dY, mslots, &dX); }) <
+            [&] { dw::cpu::backward<float>(ms, X, dY, std::span<dw::dense<float>* const>(mslots), &dX); }) <
         dense_bytes / 4);
   const MatF B = dwt::random<MatF>(out, 4 * 8, 9), A0 = dwt::random<MatF>(8, in, 10);
   const auto bl = dw::block_lora(B, A0, dw::scale(0.25));
   dw::dense<float> dB = dw::dense<float>::Zero(out, 32), dA0 = dw::dense<float>::Zero(8, in);
   std::array<dw::dense<float>*, 2> bls{&dB, &dA0};
   CHECK(dwt::largest_allocation(
-            [&] { dw::cpu::vjp<std::remove_cvref_t<decltype(bl)>>::backward<float>(bl, X, dY, bls, &dX); }) <
+            [&] { dw::cpu::backward<float>(bl, X, dY, std::span<dw::dense<float>* const>(bls), &dX); }) <
         dense_bytes / 4);
 
   // The control: materialize forms ΔW, and the counter sees it.
@@ -326,28 +328,31 @@ TEST_CASE("VJP edge cases: no tokens, and loud errors for wrong slots and shapes
   dw::dense<double> g1 = dw::dense<double>::Constant(2, 3, 7.0), g2 = dw::dense<double>::Zero(3, 2);
   std::array<dw::dense<double>*, 2> slots{&g1, &g2};
   const MatD X0(0, 6), dY0(0, 6);
-  VK::backward<double>(k, X0, dY0, slots, nullptr);
+  dw::cpu::backward<double>(k, X0, dY0, std::span<dw::dense<double>* const>(slots), nullptr);
   CHECK(g1.isConstant(7.0));  // accumulators untouched: nothing flows from no tokens
   CHECK(g2.isZero());
 
   const MatD X = dwt::random<MatD>(2, 6, 3), dY = dwt::random<MatD>(2, 6, 4);
   dw::dense<double> bad(3, 3);
   std::array<dw::dense<double>*, 2> wrong{&g1, &bad};
-  dwt::check_throws_with<dw::shape_error>([&] { VK::backward<double>(k, X, dY, wrong, nullptr); },
-                                          {"vjp<kron>", "w2", "[3, 3]", "[3, 2]"});
+  dwt::check_throws_with<dw::shape_error>(
+      [&] { dw::cpu::backward<double>(k, X, dY, std::span<dw::dense<double>* const>(wrong), nullptr); },
+      {"vjp<kron>", "w2", "[3, 3]", "[3, 2]"});
   std::array<dw::dense<double>*, 1> one{&g1};
-  dwt::check_throws_with<dw::argument_error>([&] { VK::backward<double>(k, X, dY, one, nullptr); },
-                                             {"vjp<kron>", "expected 2"});
+  dwt::check_throws_with<dw::argument_error>(
+      [&] { dw::cpu::backward<double>(k, X, dY, std::span<dw::dense<double>* const>(one), nullptr); },
+      {"vjp<kron>", "expected 2"});
   const MatD Xbad = dwt::random<MatD>(2, 5, 5);
-  dwt::check_throws_with<dw::shape_error>([&] { VK::backward<double>(k, Xbad, dY, slots, nullptr); },
-                                          {"vjp<kron>", "X is [2, 5]"});
+  dwt::check_throws_with<dw::shape_error>(
+      [&] { dw::cpu::backward<double>(k, Xbad, dY, std::span<dw::dense<double>* const>(slots), nullptr); },
+      {"vjp<kron>", "X is [2, 5]"});
 
   const MatD W = dwt::random<MatD>(4, 4, 6), bm = dwt::random<MatD>(4, 2, 7);
   const auto bat = dw::bone_bat(W, bm);
-  using VB = dw::cpu::vjp<std::remove_cvref_t<decltype(bat)>>;
   dw::dense<double> db = dw::dense<double>::Zero(4, 2), dX = dw::dense<double>::Zero(2, 4);
   std::array<dw::dense<double>*, 1> bs{&db};
   const MatD Xb = dwt::random<MatD>(2, 4, 8), dYb = dwt::random<MatD>(2, 4, 9);
-  dwt::check_throws_with<dw::argument_error>([&] { VB::backward<double>(bat, Xb, dYb, bs, &dX, 1); },
-                                             {"vjp<bone_bat>", "dX"});
+  dwt::check_throws_with<dw::argument_error>(
+      [&] { dw::cpu::backward<double>(bat, Xb, dYb, std::span<dw::dense<double>* const>(bs), &dX, 1); },
+      {"vjp<bone_bat>", "dX"});
 }

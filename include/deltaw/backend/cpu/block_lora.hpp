@@ -1,7 +1,12 @@
-// CPU evaluator of Block-LoRA, ΔW = s·(Σᵢ Bᵢ)·A₀: the n blocks of B are summed once
+// SPDX-License-Identifier: MIT
+// Evaluator of Block-LoRA, ΔW = s·(Σᵢ Bᵢ)·A₀: the n blocks of B are summed once
 // (out × r_b scratch, out·r_b·(n − 1) adds), then it is LoRA at rank r_b, so apply costs
-// the base GEMM plus 2·tokens·r_b·(in + out) flops.
+// the base GEMM plus 2·tokens·r_b·(in + out) flops. Written against the primitive layer,
+// for any device.
 #pragma once
+
+#include <algorithm>
+#include <cmath>
 
 #include "../../expr/block_lora.hpp"
 #include "evaluator.hpp"
@@ -9,62 +14,66 @@
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
-template <class T>
-struct evaluator<block_low_rank<T, device::cpu>> : additive_rows<evaluator<block_low_rank<T, device::cpu>>, block_low_rank<T, device::cpu>> {
-  using U = block_low_rank<T, device::cpu>;
+template <class T, class D>
+struct evaluator<block_low_rank<T, D>> : additive_rows<evaluator<block_low_rank<T, D>>, block_low_rank<T, D>> {
+  using U = block_low_rank<T, D>;
 
-  /// Rows [r0, r0 + n) of Σᵢ Bᵢ, times `factor`, in type C.
-  template <class C>
-  static dense<C> summed_B(const U& u, index_t r0, index_t n, C factor) {
-    dense<C> sb;
-    const auto B = row_major_operand<C>(u.B().middle_rows(r0, n), sb);
+  /// Rows [r0, r0 + n) of Σᵢ Bᵢ, times `factor`, in type C: an n × r_b scratch.
+  template <class C, class Ctx>
+  static auto summed_B(const Ctx& ctx, const U& u, index_t r0, index_t n, C factor) {
     const index_t rb = u.block_rank();
-    dense<C> S = B.middleCols(0, rb);
-    for (index_t i = 1; i < u.blocks(); ++i) S += B.middleCols(i * rb, rb);
-    if (factor != C(1)) S *= factor;
+    const auto B = u.B().middle_rows(r0, n);
+    auto S = kernels::make_scratch<C>(ctx, n, rb);
+    copy(ctx, B.middle_cols(0, rb), S.view());
+    for (index_t i = 1; i < u.blocks(); ++i)
+      transform(ctx, B.middle_cols(i * rb, rb), S.view(), [](auto b, C s) { return s + deltaw::convert<C>(b); });
+    kernels::scale(ctx, S.view(), factor);
     return S;
   }
 
-  template <class C, class XM, class YM>
-  static void apply_add(const U& u, const XM& X, YM& Y) {
-    dense<C> sa;
-    const auto A0 = row_major_operand<C>(u.A0(), sa);
-    const dense<C> S = summed_B<C>(u, 0, u.rows(), C(1));
-    dense<C> Z(X.rows(), u.block_rank());
-    Z.noalias() = X * A0.transpose();
-    Z *= C(u.scale());
-    Y.noalias() += Z * S.transpose();
+  /// Y += (s·X·A₀ᵀ)·Sᵀ.
+  template <class C, class Ctx>
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
+    using enum kernels::op;
+    const kernels::operand<C, D> A0(ctx, u.A0());
+    const auto S = summed_B<C>(ctx, u, 0, u.rows(), C(1));
+    auto Z = kernels::make_scratch<C>(ctx, X.rows(), u.block_rank());
+    gemm<C>(ctx, C(u.scale()), X, none, A0, trans, C(0), Z.view());
+    gemm<C>(ctx, C(1), Z.cview(), none, S.cview(), trans, C(1), Y);
   }
 
-  template <class C, class GM, class OM>
-  static void apply_transposed_add(const U& u, const GM& G, OM& O) {
-    dense<C> sa;
-    const auto A0 = row_major_operand<C>(u.A0(), sa);
-    const dense<C> S = summed_B<C>(u, 0, u.rows(), C(1));
-    dense<C> Z(G.rows(), u.block_rank());
-    Z.noalias() = G * S;
-    Z *= C(u.scale());
-    O.noalias() += Z * A0;
+  /// O += (s·G·S)·A₀.
+  template <class C, class Ctx>
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
+    using enum kernels::op;
+    const kernels::operand<C, D> A0(ctx, u.A0());
+    const auto S = summed_B<C>(ctx, u, 0, u.rows(), C(1));
+    auto Z = kernels::make_scratch<C>(ctx, G.rows(), u.block_rank());
+    gemm<C>(ctx, C(u.scale()), G, none, S.cview(), none, C(0), Z.view());
+    gemm<C>(ctx, C(1), Z.cview(), none, A0, none, C(1), O);
   }
 
-  template <class C, class P>
-  static void add_scaled_rows(const U& u, index_t r0, P& panel, C factor) {
-    dense<C> sa;
-    const auto A0 = row_major_operand<C>(u.A0(), sa);
-    const dense<C> S = summed_B<C>(u, r0, panel.rows(), factor * C(u.scale()));
-    panel.noalias() += S * A0;
+  /// P += factor·s·S[r0 : r0 + P.rows()]·A₀.
+  template <class C, class Ctx>
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& P, C factor) {
+    const kernels::operand<C, D> A0(ctx, u.A0());
+    const auto S = summed_B<C>(ctx, u, r0, P.rows(), factor * C(u.scale()));
+    gemm<C>(ctx, C(1), S.cview(), kernels::op::none, A0, kernels::op::none, C(1), P);
   }
-
 
   /// ‖s·S·A₀‖_F = |s|·√tr((SᵀS)(A₀A₀ᵀ)), S = Σᵢ Bᵢ, in double.
   template <class C>
   static double frobenius_norm(const U& u) {
-    const dense<double> S = summed_B<double>(u, 0, u.rows(), 1.0);
-    dense<double> sa;
-    const auto A0 = row_major_operand<double>(u.A0(), sa);
-    const dense<double> GS = S.transpose() * S;
-    const dense<double> GA = A0 * A0.transpose();
-    return std::abs(u.scale()) * std::sqrt(std::max(GS.cwiseProduct(GA).sum(), 0.0));
+    using enum kernels::op;
+    const kernels::cpu_context ctx;
+    const index_t rb = u.block_rank();
+    const auto S = summed_B<double>(ctx, u, 0, u.rows(), 1.0);
+    const kernels::operand<double> A0(ctx, u.A0());
+    auto GS = kernels::make_scratch<double>(ctx, rb, rb);
+    auto GA = kernels::make_scratch<double>(ctx, rb, rb);
+    gemm<double>(ctx, 1.0, S.cview(), trans, S.cview(), none, 0.0, GS.view());
+    gemm<double>(ctx, 1.0, A0, none, A0, trans, 0.0, GA.view());
+    return std::abs(u.scale()) * std::sqrt(std::max(trace_of_product<double>(GS.cview(), GA.cview()), 0.0));
   }
 };
 
