@@ -51,9 +51,14 @@ target_compile_definitions(test_io PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_S
                                            DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
 
 # Structured PEFT types (LoKr, MiSS / Bone bat, VeRA, RandLoRA): their own
-# executables, to keep each translation unit small.
+# executables, to keep each translation unit small. This one and the round-trip writer
+# use the compiled mode (deltaw::precompiled: the directory readers and writers come from
+# the library), test_io the header-only one, so both are exercised.
 deltaw_add_test(io_peft_structured io/test_peft_structured.cpp)
 target_link_libraries(test_io_peft_structured PRIVATE nlohmann_json::nlohmann_json)
+if(TARGET deltaw::precompiled)
+  target_link_libraries(test_io_peft_structured PRIVATE deltaw::precompiled)
+endif()
 target_compile_definitions(test_io_peft_structured PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
                                                          DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
 
@@ -61,6 +66,9 @@ target_compile_definitions(test_io_peft_structured PRIVATE DELTAW_IO_FIXTURES="$
 # Skipped (exit 77) when python3 or the packages are missing.
 add_executable(io_roundtrip_writer io/roundtrip_writer.cpp)
 target_link_libraries(io_roundtrip_writer PRIVATE deltaw::deltaw nlohmann_json::nlohmann_json)
+if(TARGET deltaw::precompiled)
+  target_link_libraries(io_roundtrip_writer PRIVATE deltaw::precompiled)
+endif()
 target_compile_options(io_roundtrip_writer PRIVATE -Wall -Wextra)
 find_package(Python3 COMPONENTS Interpreter QUIET)
 foreach(part formats peft)

@@ -8,13 +8,23 @@ root="$here/../.."
 cxx="${1:-g++}"; shift || true
 flags=(-std=c++20 -O2 -I"$root/include" -I/usr/include/eigen3 "$@")
 out="$(mktemp -d)"; trap 'rm -rf "$out"' EXIT
-printf '%-22s %8s %10s %8s\n' "TU" "user s" "peak MB" "ratio"
+printf '%-28s %8s %10s %8s\n' "TU" "user s" "peak MB" "ratio"
 base=""
-for tu in plain_eigen deltaw_empty deltaw_apply deltaw_io_apply readme_use ${DELTAW_COMPILE_EXTRA:-}; do
+# name  source  extra flags (the precompiled row is the same source in deltaw::precompiled's
+# mode: the adapter reader is declared, its definition lives in the library)
+rows=(
+  "plain_eigen plain_eigen"
+  "deltaw_empty deltaw_empty"
+  "deltaw_apply deltaw_apply"
+  "readme_use readme_use"
+  "deltaw_io_apply deltaw_io_apply"
+  "deltaw_io_apply_precompiled deltaw_io_apply -DDELTAW_PRECOMPILED"
+)
+for row in "${rows[@]}"; do
+  read -r name tu extra <<< "$row"
   src="$here/$tu.cpp"
-  [[ -f "$src" ]] || continue
-  /usr/bin/time -f '%U %M' -o "$out/t" "$cxx" "${flags[@]}" -c "$src" -o "$out/$tu.o"
+  /usr/bin/time -f '%U %M' -o "$out/t" "$cxx" "${flags[@]}" ${extra:-} -c "$src" -o "$out/$name.o"
   read -r user kb < "$out/t"
   [[ -z "$base" ]] && base="$user"
-  printf '%-22s %8.2f %10.0f %8.2f\n' "$tu" "$user" "$((kb / 1024))" "$(echo "$user / $base" | bc -l)"
+  printf '%-28s %8.2f %10.0f %8.2f\n' "$name" "$user" "$((kb / 1024))" "$(echo "$user / $base" | bc -l)"
 done

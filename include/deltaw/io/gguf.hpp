@@ -28,6 +28,7 @@
 #include <variant>
 #include <vector>
 
+#include "../core/precompiled.hpp"
 #include "../core/dtype.hpp"
 #include "../core/eigen.hpp"
 #include "../core/view.hpp"
@@ -571,9 +572,13 @@ inline gguf_lora_adapter read_gguf_lora(const gguf_file& f, const std::string& a
   }
   return a;
 }
-inline gguf_lora_adapter read_gguf_lora(const std::filesystem::path& path, const std::string& architecture = "") {
+#if DELTAW_DEFINE_PRECOMPILED
+DELTAW_PRECOMPILED_INLINE gguf_lora_adapter read_gguf_lora(const std::filesystem::path& path, const std::string& architecture = "") {
   return read_gguf_lora(gguf_file::open(path), architecture, path.string());
 }
+#else
+gguf_lora_adapter read_gguf_lora(const std::filesystem::path& path, const std::string& architecture = "");
+#endif
 
 /// Writes LoRA updates as a llama.cpp adapter. GGUF has one alpha for all tensors and
 /// llama.cpp scales by alpha/r; alpha is taken as s·r of the first update, and where

@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/precompiled.hpp"
 #include "../backend/cpu/dora.hpp"
 #include "../expr/low_rank.hpp"
 #include "json.hpp"
@@ -516,14 +517,19 @@ struct adapter_dir {
 
 /// Reads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors; the
 /// tensors stay mapped and are viewed without copying when stored as aligned F32).
-inline peft_adapter read_peft_adapter(const std::filesystem::path& dir) {
+#if DELTAW_DEFINE_PRECOMPILED
+DELTAW_PRECOMPILED_INLINE peft_adapter read_peft_adapter(const std::filesystem::path& dir) {
   const detail::adapter_dir d(dir, "deltaw::io::read_peft_adapter");
   auto cfg = parse_peft_config(d.config_text(), d.config_path);
   return peft_adapter::from_safetensors(std::move(cfg), d.tensors(), d.tensors_path);
 }
+#else
+peft_adapter read_peft_adapter(const std::filesystem::path& dir);
+#endif
 
 /// Writes `a` as a PEFT adapter directory (created if needed).
-inline void write_peft_adapter(const std::filesystem::path& dir, const peft_adapter& a) {
+#if DELTAW_DEFINE_PRECOMPILED
+DELTAW_PRECOMPILED_INLINE void write_peft_adapter(const std::filesystem::path& dir, const peft_adapter& a) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) throw io_error("deltaw::io::write_peft_adapter: cannot create '" + dir.string() + "': " + ec.message());
@@ -532,6 +538,9 @@ inline void write_peft_adapter(const std::filesystem::path& dir, const peft_adap
   const std::string text = peft_config_json(cfg).dump(2) + "\n";
   write_file(dir / "adapter_config.json", std::as_bytes(std::span<const char>(text.data(), text.size())));
 }
+#else
+void write_peft_adapter(const std::filesystem::path& dir, const peft_adapter& a);
+#endif
 
 }  // namespace io
 DELTAW_NAMESPACE_END

@@ -43,6 +43,7 @@
 #include <set>
 #include <variant>
 
+#include "../core/precompiled.hpp"
 #include "../expr/block_affine.hpp"
 #include "../expr/kron.hpp"
 #include "../expr/random_basis.hpp"
@@ -874,14 +875,19 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
 }
 
 /// Reads a structured PEFT adapter directory (LOKR, MISS, BONE, VERA, RANDLORA).
-inline peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir) {
+#if DELTAW_DEFINE_PRECOMPILED
+DELTAW_PRECOMPILED_INLINE peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir) {
   const detail::adapter_dir d(dir, "deltaw::io::read_peft_structured_adapter");
   auto cfg = parse_peft_structured_config(d.config_text(), d.config_path);
   return peft_structured_adapter::from_safetensors(std::move(cfg), d.tensors(), d.tensors_path);
 }
+#else
+peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir);
+#endif
 
 /// Writes `a` as a PEFT adapter directory (created if needed).
-inline void write_peft_structured_adapter(const std::filesystem::path& dir, const peft_structured_adapter& a) {
+#if DELTAW_DEFINE_PRECOMPILED
+DELTAW_PRECOMPILED_INLINE void write_peft_structured_adapter(const std::filesystem::path& dir, const peft_structured_adapter& a) {
   if (a.size() == 0) throw argument_error("deltaw::io::write_peft_structured_adapter: the adapter has no modules");
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
@@ -891,6 +897,9 @@ inline void write_peft_structured_adapter(const std::filesystem::path& dir, cons
   const std::string text = peft_structured_config_json(cfg).dump(2) + "\n";
   write_file(dir / "adapter_config.json", std::as_bytes(std::span<const char>(text.data(), text.size())));
 }
+#else
+void write_peft_structured_adapter(const std::filesystem::path& dir, const peft_structured_adapter& a);
+#endif
 
 }  // namespace io
 DELTAW_NAMESPACE_END
