@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <deltaw/deltaw.hpp>
+#include <deltaw/init/pissa.hpp>
 #include <deltaw/spectral/report.hpp>
 
 namespace dw = deltaw;
