@@ -13,6 +13,7 @@ set(common -G ${GENERATOR} -DCMAKE_BUILD_TYPE=Release)
 if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/deltaw-build ${common}
       -DDELTAW_BUILD_TESTS=OFF -DDELTAW_BUILD_BENCHMARKS=OFF -DDELTAW_BUILD_EXAMPLES=OFF -DDELTAW_CUDA=OFF)
+  run(${CMAKE_COMMAND} --build ${WORK_DIR}/deltaw-build)  # deltaw::precompiled, when built
   run(${CMAKE_COMMAND} --install ${WORK_DIR}/deltaw-build --prefix ${WORK_DIR}/prefix)
   # Relocatable: the package must work after the install tree is moved.
   file(RENAME ${WORK_DIR}/prefix ${WORK_DIR}/moved-prefix)
@@ -24,3 +25,6 @@ else()
 endif()
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer-build)
 run(${WORK_DIR}/consumer-build/consumer)
+if(EXISTS ${WORK_DIR}/consumer-build/consumer_precompiled)
+  run(${WORK_DIR}/consumer-build/consumer_precompiled)
+endif()

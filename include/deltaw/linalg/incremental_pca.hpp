@@ -81,7 +81,7 @@ class incremental_pca {
       }
       ++o;
     }
-    fit_rows(Xb);
+    fit_rows<M>(Xb);
   }
 
   /// True once a batch has been folded in.
@@ -110,6 +110,9 @@ class incremental_pca {
   const vector& variance() const { return var_; }
 
  private:
+  // A template (on the caller's batch type, unused) so that the SVD inside is compiled only
+  // in files that fit, not in every file that includes this header.
+  template <class>
   void fit_rows(const matrix& Xb) {
     constexpr const char* op = "deltaw::incremental_pca::partial_fit";
     const index_t b = Xb.rows(), d = Xb.cols();

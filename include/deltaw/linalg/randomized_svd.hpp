@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../backend/cpu/ops.hpp"
 #include "../core/error.hpp"
@@ -81,10 +82,18 @@ svd_result<C> truncated_svd(const D& M, index_t k) {
 /// randomized range finder with q power iterations; the expression is only applied, never
 /// materialised. Arithmetic in C (by default the expression's own: double if any operand is
 /// double, else float). Cost: (2q + 2) applications to k + p vectors, plus O((m + n)·(k + p)²).
+namespace detail {
+template <class C, class E>
+using rsvd_compute_t = std::conditional_t<std::is_void_v<C>, expression_compute_t<E>, C>;
+}  // namespace detail
+
+// The return types are written out (not auto): a call that does not depend on the caller's
+// template parameters would otherwise compile the whole SVD just to learn its type, in
+// every file that includes the caller's header.
 template <class C = void, class E>
   requires cpu_expression<E>
-auto randomized_svd(const E& e, index_t k, const rsvd_options& opt = {}) {
-  using CC = std::conditional_t<std::is_void_v<C>, expression_compute_t<E>, C>;
+svd_result<detail::rsvd_compute_t<C, E>> randomized_svd(const E& e, index_t k, const rsvd_options& opt = {}) {
+  using CC = detail::rsvd_compute_t<C, E>;
   static_assert(std::is_same_v<CC, float> || std::is_same_v<CC, double>,
                 "deltaw::randomized_svd: the arithmetic type must be float or double");
   using Mat = Eigen::Matrix<CC, Eigen::Dynamic, Eigen::Dynamic>;
@@ -130,7 +139,8 @@ auto randomized_svd(const E& e, index_t k, const rsvd_options& opt = {}) {
 /// The same on a dense Eigen matrix (viewed, not copied).
 template <class C = void, class D>
   requires eigen_direct<D>
-auto randomized_svd(const D& M, index_t k, const rsvd_options& opt = {}) {
+svd_result<detail::rsvd_compute_t<C, decltype(view(std::declval<const D&>()))>> randomized_svd(
+    const D& M, index_t k, const rsvd_options& opt = {}) {
   return randomized_svd<C>(view(M), k, opt);
 }
 
