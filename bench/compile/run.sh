@@ -6,7 +6,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 cxx="${1:-g++}"; shift || true
-flags=(-std=c++20 -O2 -I"$root/include" -I/usr/include/eigen3 "$@")
+eigen_inc="$(pkg-config --cflags eigen3 2>/dev/null || echo -I/usr/include/eigen3)"
+flags=(-std=c++20 -O2 -I"$root/include" $eigen_inc "$@")
 out="$(mktemp -d)"; trap 'rm -rf "$out"' EXIT
 printf '%-28s %8s %10s %8s\n' "TU" "user s" "peak MB" "ratio"
 base=""
