@@ -115,7 +115,8 @@ inline void write_file(const std::filesystem::path& path, std::span<const std::b
   tmp += ".deltaw-tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) throw io_error(detail::os_message("deltaw::io::write_file: cannot create", tmp));
-  const bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  // fwrite's buffer must not be null even for zero bytes (an empty span's data() may be).
+  const bool ok = bytes.empty() || std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   const bool closed = std::fclose(f) == 0;
   if (!ok || !closed) {
     std::error_code ec;
