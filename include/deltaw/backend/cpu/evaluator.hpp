@@ -42,6 +42,18 @@ struct evaluator {
                 "deltaw/backend/cpu/ (deltaw/deltaw.hpp includes them all)");
 };
 
+namespace detail {
+/// A view of a dense row-major matrix (mutable for a mutable matrix).
+template <class C>
+matrix_view<C> dense_view(dense<C>& m) {
+  return matrix_view<C>(m.data(), m.rows(), m.cols(), std::max<index_t>(m.cols(), 1), 1);
+}
+template <class C>
+matrix_view<const C> dense_view(const dense<C>& m) {
+  return matrix_view<const C>(m.data(), m.rows(), m.cols(), std::max<index_t>(m.cols(), 1), 1);
+}
+}  // namespace detail
+
 /// The row operations of an update that is simply added to W (merge = +ΔW, unmerge = −ΔW),
 /// derived from the type's one add_scaled_rows. Evaluators inherit it (CRTP).
 template <class Derived, class U>

@@ -92,15 +92,6 @@ bool replace_base(const Tuple& deltas, const matrix_view<const TW>& W, F&& f) {
   }, deltas);
   return done;
 }
-/// A mutable view of a dense row-major matrix.
-template <class C>
-matrix_view<C> dense_view(dense<C>& m) {
-  return matrix_view<C>(m.data(), m.rows(), m.cols(), std::max<index_t>(m.cols(), 1), 1);
-}
-template <class C>
-matrix_view<const C> dense_view(const dense<C>& m) {
-  return matrix_view<const C>(m.data(), m.rows(), m.cols(), std::max<index_t>(m.cols(), 1), 1);
-}
 }  // namespace detail
 
 /// Y = X·Wᵀ.

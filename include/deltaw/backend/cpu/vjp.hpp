@@ -56,8 +56,7 @@ void check_grad_shape(const matrix_view<C, D>& g, const F& factor, const char* o
 }
 template <class C>
 matrix_view<C> grad_view(dense<C>* g) {
-  if (!g) return {};
-  return matrix_view<C>(g->data(), g->rows(), g->cols(), std::max<index_t>(g->cols(), 1), 1);
+  return g ? dense_view(*g) : matrix_view<C>();
 }
 }  // namespace detail
 
