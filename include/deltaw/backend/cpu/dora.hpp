@@ -61,11 +61,13 @@ struct evaluator<dora_update<T, TW, device::cpu>> {
   using U = dora_update<T, TW, device::cpu>;
   using L = evaluator<low_rank<T, device::cpu>>;
 
-  /// g = m/n (offset by `shift`: g − 1 for the update alone), in type C, on the host.
+  /// g = m/n (offset by `shift`: g − 1 for the update alone), in type C, on the host; rows
+  /// [r0, r0 + n) only when n ≥ 0 (a merge panel's window).
   template <class C>
-  static std::vector<C> gains(const U& u, double shift = 0.0) {
-    std::vector<C> g(std::size_t(u.rows()));
-    for (index_t o = 0; o < u.rows(); ++o) g[std::size_t(o)] = C(u.gain(o)) - C(shift);
+  static std::vector<C> gains(const U& u, double shift = 0.0, index_t r0 = 0, index_t n = -1) {
+    if (n < 0) n = u.rows() - r0;
+    std::vector<C> g(static_cast<std::size_t>(n));
+    for (index_t o = 0; o < n; ++o) g[std::size_t(o)] = C(u.gain(r0 + o)) - C(shift);
     return g;
   }
   template <class C>
@@ -129,13 +131,13 @@ struct evaluator<dora_update<T, TW, device::cpu>> {
   template <class C, class Ctx>
   static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
     L::template merge_rows<C>(ctx, u.lora(), r0, panel);
-    scale_rows(ctx, panel, as_view(gains<C>(u)), r0);
+    scale_rows(ctx, panel, as_view(gains<C>(u, 0.0, r0, panel.rows())));
   }
   /// Rows of W' ← diag(1/g)·rows of W' − s·B·A, with the cached norms.
   template <class C, class Ctx>
   static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
-    const auto g = gains<C>(u);
-    transform(ctx, panel, [&](index_t i, index_t, C y) { return y / g[std::size_t(r0 + i)]; });
+    const auto g = gains<C>(u, 0.0, r0, panel.rows());
+    transform(ctx, panel, [&](index_t i, index_t, C y) { return y / g[std::size_t(i)]; });
     L::template unmerge_rows<C>(ctx, u.lora(), r0, panel);
   }
 
