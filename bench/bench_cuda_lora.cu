@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // CUDA LoRA apply against the base GEMM alone, timed with CUDA events on the context's
 // stream. The headline figure is the ratio unmerged/base; the ideal is
 // 1 + r·(in + out)/(in·out). Exits 77 (after saying why) without a CUDA device.

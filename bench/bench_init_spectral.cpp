@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // What the SVD-based tools cost, each beside the dense SVD it avoids (docs/benchmarks.md,
 // "Initialisation and spectra"):
 //

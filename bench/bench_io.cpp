@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Loading a 1 GiB safetensors file: mapped (safetensors_file::open, mmap) against read into
 // memory (read_file + parse), (a) to the first usable view (one tensor viewed, one element
 // read) and (b) through every byte (all tensors summed), fp32, one thread.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Kronecker (LoKr) and block-affine (Bone bat, MiSS) updates at in = out = 4096,
 // tokens = 512, fp32, one thread, against the base GEMM and against PEFT's strategy for
 // each method, in one program and one run (docs/benchmarks.md, "Kronecker and

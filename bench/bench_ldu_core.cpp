@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // What LoLDU, the core low-rank form s·B·R·A (LoRA-XS / LoRA-SB / LaMDA) and Block-LoRA
 // cost on top of the base GEMM at in = out = 4096, tokens = 512, fp32, r = 16, each beside
 // the naive strategy (<type>_peft_strategy: materialise ΔW, add W, one GEMM), as PEFT-style

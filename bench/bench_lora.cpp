@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The foundation benchmarks: what LoRA (r = 16) costs on top of the base GEMM, against
 // the naive materialise-then-multiply strategy, merge/unmerge, and OpenBLAS's sgemm.
 //

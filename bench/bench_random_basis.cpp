@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The random-basis updates (NOLA, VeRA, RandLoRA) at in = out = 4096, tokens = 512, fp32,
 // against the base GEMM and against the strategies PEFT uses, in one program and one run.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // One LoRA training step on a frozen 4096 × 4096 fp32 layer, 512 tokens, r = 16, against
 // the minimal work of any training step of that layer: the base GEMM for the output plus
 // the GEMM for the input gradient (`two_gemms`), in the same run.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Fine-tunes the same frozen tiny transformer on the same self-generated task with LoRA,
 // LoRA+, LoRA-FA, ALLoRA, LoRA-Pro (adjusted gradients, and with full-size moments) and
 // full fine-tuning, each through train::fit with a progress line, then prints a table:

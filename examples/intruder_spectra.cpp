@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRA vs full fine-tuning on a toy regression task, seen through the spectrum of the
 // fine-tuned weight (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
 // Equivalence"): intruder dimensions are top singular vectors of the fine-tuned weight

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw's main demo: a frozen 2048 x 2048 layer with a rank-16 LoRA, applied lazily,
 // checked against the dense result, timed against the base GEMM and against forming ΔW
 // first; merged and unmerged in place; DoRA; and what a mistake looks like.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Trains LoRA adapters on a frozen tiny transformer (random "pretrained" weights) with
 // deltaw's autograd: the attention and MLP projections get rank-8 LoRA, everything else
 // stays frozen (views, never copied). The data is generated here: sequences that follow a

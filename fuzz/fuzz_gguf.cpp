@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // libFuzzer target: GGUF container and LoRA reader. Any input parses or throws
 // deltaw::error; parsed tensors are converted and LoRA pairs applied.
 #include <deltaw/backend/cpu/low_rank.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // libFuzzer target: adapter_config.json parsing (strict JSON, duplicate keys, regex
 // pattern keys). Any input parses or throws deltaw::error; parsed configs are queried.
 #include <deltaw/io/peft.hpp>

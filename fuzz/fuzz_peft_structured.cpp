@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // libFuzzer target: structured PEFT adapters (LoKr, MiSS / Bone bat, VeRA, RandLoRA) read
 // from memory, the way read_peft_structured_adapter reads a directory.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // libFuzzer target: any byte string given to the safetensors reader either parses (and
 // then every tensor can be read) or throws deltaw::error. Anything else is a bug.
 #include <deltaw/io/safetensors.hpp>

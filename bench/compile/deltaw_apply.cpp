@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw/deltaw.hpp and the same LoRA apply as plain_eigen.cpp.
 #include <deltaw/deltaw.hpp>
 #include <cstdio>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw/deltaw.hpp included, nothing used.
 #include <deltaw/deltaw.hpp>
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw/io.hpp: read a PEFT adapter directory and apply one module's LoRA.
 #include <deltaw/io.hpp>
 #include <cstdio>

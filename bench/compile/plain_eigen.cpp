@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Reference TU: one LoRA apply, Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ, written in plain Eigen.
 #include <Eigen/Core>
 #include <cstdio>

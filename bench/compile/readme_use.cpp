@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The README's "Use" block as one program.
 #include <deltaw/deltaw.hpp>
 #include <cstdio>

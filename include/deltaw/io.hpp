@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw's readers and writers: safetensors, PEFT adapter directories (LoRA / rsLoRA /
 // DoRA, and LoKr / MiSS / Bone bat / VeRA / RandLoRA), GGUF LoRA; DLPack views when
 // dlpack/dlpack.h is available.

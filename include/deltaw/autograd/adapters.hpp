@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Differentiable application of a frozen weight plus an update to activations:
 //
 //   linear(x, W)                      x·Wᵀ, W a frozen view (never copied, no gradient)

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Gradient checking by central differences in double, for any loss built on a tape from
 // parameters: the analytic gradient of one backward() against (f(θ + h) − f(θ − h))/2h,
 // entry by entry, evaluated under no_grad.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Differentiable ops on tape variables: arithmetic, matmul, activations, normalisation,
 // embedding, causal attention and the losses. Each records its value and a closure with
 // its analytic VJP; tests/autograd checks every one against central differences.

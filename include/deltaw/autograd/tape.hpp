@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Reverse mode over 2-D tensors: a tape of nodes, recorded in the order they are computed
 // and replayed backwards from a scalar loss.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw configuration: version, the host/device macro and the inline ABI namespace.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Storage types: bf16 and fp16 stored as 16 bits, converted to float for arithmetic.
 // Both conversions round to nearest even and are usable in CUDA device code, so the
 // CPU and CUDA backends see the same bits.

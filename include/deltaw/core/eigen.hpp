@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Zero-copy interop with Eigen: view() over any Eigen matrix, Map or Block with direct
 // access, in either storage order, and hold() for expression operands.
 #pragma once

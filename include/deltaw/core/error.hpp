@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Exceptions thrown by deltaw. Every runtime failure derives from deltaw::error.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Zero-copy views over caller memory: a pointer, a shape and element strides.
 // The canonical layout is PyTorch's: W is [out, in] row-major, activations [tokens, in].
 #pragma once

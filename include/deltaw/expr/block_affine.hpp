@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Block-affine updates: Bone "bat" (weight-guided) and Bone default / MiSS.
 //
 // Bone bat. W [out, in] split into r × r blocks W_ij (i: output block, j: input block),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Block-LoRA ("One Head Eight Arms", Zhou et al. 2025, arXiv:2501.16720): LoRA's B·A written
 // as a block product Σᵢ Bᵢ·Aᵢ whose n down-projections are one shared A₀.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The core low-rank form ΔW = s·B·R·A: B [out, r1], a small core R [r1, r2], A [r2, in].
 // LoRA-XS (Bałazy et al. 2024, arXiv:2405.17604), LoRA-SB (Ponkshe et al. 2024,
 // arXiv:2411.19557) and LaMDA (Azizi et al. 2024, arXiv:2406.12832) all use it; they

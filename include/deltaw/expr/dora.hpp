@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // DoRA: W' = diag(m / n)·(W + s·B·A), n the row norms of W + s·B·A, treated as constants
 // (PEFT detaches them). As an update of W it is
 //     ΔW = W' − W = diag(g − 1)·W + diag(g)·s·B·A,   g = m / n,

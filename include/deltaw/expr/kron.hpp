@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Kronecker updates: LoKr (PEFT, LyCORIS) and DiffuseKronA / KronA.
 //
 //   ΔW = s·(w1 ⊗ w2),  w1 [a, c], w2 [b, d],  out = a·b, in = c·d,

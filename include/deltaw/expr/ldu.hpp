@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoLDU (Shi et al. 2024, arXiv:2410.13618): an update built on the partial-pivot LDU
 // decomposition of the frozen weight, W = P·L·diag(D)·U, of which only the r leading
 // diagonal entries are trained.

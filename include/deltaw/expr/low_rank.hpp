@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRA and rsLoRA: ΔW = s·B·A with B [out, r], A [r, in].
 #pragma once
 

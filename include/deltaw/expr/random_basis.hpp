@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The random-basis family: NOLA, VeRA, RandLoRA. Their frozen bases are functions of a
 // seed (core/random.hpp), regenerated tile by tile by the evaluators and never stored;
 // only the trainable coefficients are held.

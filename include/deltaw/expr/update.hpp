@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // What every update type (ΔW) provides, the scale tags, and the lazy sum W + Δ₁ + Δ₂ ….
 #pragma once
 

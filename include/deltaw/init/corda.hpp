@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // CorDA, context-oriented decomposition adaptation (Yang et al. 2024, arXiv:2406.05223), as
 // PEFT's `init_lora_weights="corda"`.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // EVA, "Explained Variance Adaptation" (Paischer et al. 2024, arXiv:2410.07170), as PEFT's
 // `init_lora_weights="eva"` does it.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // EVA (init/eva.hpp) from a model's own forward passes, as PEFT does it with forward hooks:
 // every adapted nn::linear gets a forward hook that hands its input rows to EVA's
 // incremental PCA, the model runs batches under no_grad until every layer's components

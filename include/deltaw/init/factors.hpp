@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // What the weight-rewriting initialisations (PiSSA, OLoRA, …) produce, and the conversion
 // of such an adapter into a plain LoRA on the original weight.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoLDU initialisation in the reference's residual form (Shi et al. 2024, arXiv:2410.13618).
 //
 // deltaw already has LoLDU: `loldu(W, r, alpha(α))` (backend/cpu/ldu.hpp) runs the r leading

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRA-GA (Wang, Yu, Li 2024, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
 // arXiv:2407.05000): the adapter starts from the SVD of the averaged full gradient G of W,
 // so that the first step of LoRA moves W like the first step of full fine-tuning.

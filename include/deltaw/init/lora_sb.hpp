@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRA-SB initialisation (Ponkshe et al. 2024, "Initialization Using Update Approximation is
 // a Silver Bullet for Extremely Efficient Low-Rank Fine-Tuning", arXiv:2411.19557).
 //

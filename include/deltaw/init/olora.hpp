@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // OLoRA (Büyükakyüz 2024, arXiv:2406.01775): thin QR of W = Q·R, the adapter starts as
 // A = R[:r] (the first r rows of R), B = Q[:, :r] (orthonormal columns), and W −= s·B·A.
 // Since R is upper triangular, the first r columns of W are entirely in the adapter (for

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // PiSSA (Meng, Wang, Zhang 2024, arXiv:2404.02948): the adapter starts as the principal
 // rank-r part of W and W keeps the residual. With W = U·S·Vᵀ:
 //   A = diag(√(S_r/s))·V_rᵀ,  B = U_r·diag(√(S_r/s)),  W_res = W − s·B·A,

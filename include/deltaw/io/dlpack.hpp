@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // DLPack tensors (PyTorch, JAX, CuPy, NumPy's __dlpack__) as deltaw views, without copying.
 //
 //   auto W = io::dlpack_matrix<const float>(managed->dl_tensor);          // borrow

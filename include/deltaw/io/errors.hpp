@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Errors of the file readers and writers (io/). Both derive from deltaw::error.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Bytes of a file for the readers: mapped read-only with mmap (POSIX), read into memory
 // otherwise; and an all-or-nothing file writer.
 #pragma once

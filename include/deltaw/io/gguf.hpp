@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // GGUF (v2/v3) container reader and writer, and llama.cpp LoRA adapters on top of it.
 //
 // Container: "GGUF", u32 version, u64 tensor count, u64 KV count, typed KV pairs,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Strict JSON parsing for the readers: nlohmann-json with duplicate keys rejected (its
 // default keeps the last one silently), a nesting limit, UTF-8 checked, and every
 // failure reported as deltaw::format_error.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // A small regular-expression matcher for PEFT's rank_pattern / alpha_pattern keys and
 // target_modules strings. Compiled to a Thompson NFA and simulated state-set by
 // state-set, so matching is O(|text|·|pattern|) on every input: std::regex (libstdc++)

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // PEFT adapter directories (LoRA, rsLoRA, DoRA): adapter_config.json +
 // adapter_model.safetensors, read into deltaw low_rank updates keyed by module name and
 // written back in the layout PEFT loads.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // PEFT adapter directories of the structured types: LoKr, MiSS (default, "mini", "bat" =
 // Bone), VeRA and RandLoRA. Read and written as adapter_config.json +
 // adapter_model.safetensors with PEFT's key names (checked against peft 0.21.2, see

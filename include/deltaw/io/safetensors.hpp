@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // safetensors: reader (mmap, zero-copy views when aligned) and writer.
 //
 // Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON

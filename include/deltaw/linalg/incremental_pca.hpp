@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Incremental (batch by batch) PCA of mean-centred data: the sequential Karhunen–Loève
 // update of Ross, Lim, Lin and Yang ("Incremental learning for robust visual tracking",
 // IJCV 2008), as scikit-learn's IncrementalPCA and PEFT's EVA use it.

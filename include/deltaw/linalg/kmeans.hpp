@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // k-means (Lloyd's iterations from k-means++ seeding, Arthur & Vassilvitskii 2007) and exact
 // k-nearest neighbours, over a set of points X [n, d] (one point per row, like the
 // activations [tokens, features] they are meant for: EVA's batches, LoDD's neighbours).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Truncated SVD: the exact one (dense, Eigen's BDCSVD) and the randomized one of Halko,
 // Martinsson and Tropp ("Finding structure with randomness", SIAM Review 2011, Alg. 4.4
 // with the re-orthonormalised power iteration of Alg. 4.4/5.1).

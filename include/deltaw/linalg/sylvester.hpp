@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Small dense symmetric solvers: the pseudo-inverse of a damped symmetric matrix and the
 // Sylvester equation A·X + X·B = C for symmetric A [p, p] and B [q, q], both through
 // symmetric eigendecompositions (Eigen's SelfAdjointEigenSolver).

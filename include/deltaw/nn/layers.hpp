@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The layers a tiny transformer and an MLP need, over autograd tapes. Frozen weights are
 // views of memory the caller (or the model object) owns: layers never copy them.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Optimisers over autograd parameters (PyTorch's update rules): SGD with momentum and
 // weight decay, AdamW (decoupled weight decay, bias-corrected moments), gradient
 // clipping by global norm, and the warmup + cosine learning-rate schedule.

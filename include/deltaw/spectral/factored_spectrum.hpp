@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The SVD of a factored update ΔW = s·B·A (B [m, r], A [r, n]) without the dense m × n
 // matrix: B = Q_B·R_B and Aᵀ = Q_A·R_A by thin QR, then the SVD of the small
 // R_B·R_Aᵀ = U·Σ·Vᵀ gives ΔW = (Q_B·U)·(|s|·Σ)·(Q_A·V)ᵀ (the sign of s folded into the left

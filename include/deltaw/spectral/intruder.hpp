@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Intruder dimensions (Shuttleworth, Andreas, Torralba, Sharma 2024, "LoRA vs Full Fine-tuning: An
 // Illusion of Equivalence", arXiv:2410.21228): singular vectors of the fine-tuned weight
 // that resemble none of the pre-trained weight's. For each of the top-k left singular

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoDD, local direction dispersion (Peng, Gui, Gui, Wu 2023, "A Robust and Efficient Boundary
 // Point Detection Method by Measuring Local Direction Dispersion", arXiv:2312.04065): an
 // interior point has neighbours in every direction, a boundary point only on one side.

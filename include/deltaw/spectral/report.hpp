@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // A spectrum report of any update ΔW: its singular values, effective rank, Frobenius norm
 // and the fraction of ‖ΔW‖²_F held by the top-k directions, without the dense ΔW.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // ALLoRA (Huang and Balestriero, 2024): LoRA without dropout and without the scale s
 // (s = 1), with an adaptive learning rate inversely proportional to the parameters'
 // norm:

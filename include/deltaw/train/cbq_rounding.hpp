@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // CBQ's LoRA-Rounding (Ding et al., "CBQ: Cross-Block Quantization for Large Language
 // Models", ICLR 2025): AdaRound (Nagel et al., ICML 2020) with a low-rank rounding matrix,
 // for post-training quantisation of one frozen layer W [out, in]:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // DiffoRA-style learnable module gates (DiffoRA, 2025; see docs/training.md): every
 // adapted (layer, module) gets a scalar gate on its adapter's output,
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // FFA-LoRA (Sun, Li, Ding, Liu, "Improving LoRA in Privacy-preserving Federated Learning",
 // ICLR 2024): A random and frozen, B zero-initialised and trained. Three pieces:
 //

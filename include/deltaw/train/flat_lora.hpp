@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Flat-LoRA (Li et al., "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape",
 // ICML 2025) and LoRA-GGPO (Chang et al., "LoRA-GGPO: Mitigating Double Descent in LoRA
 // Fine-Tuning via Gradient-Guided Perturbation Optimization", 2025): a random perturbation

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // IncreLoRA (Zhang et al. 2023, arXiv:2308.12043): adapters whose rank grows during
 // training where it matters most.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LaMDA (Azizi et al. 2024, arXiv:2406.12832): the core low-rank form ΔW = s·B·R·A with
 // A frozen, the small core R [r, r] trained throughout, and B trained at first and then
 // frozen column by column on a schedule ("gradual freezing"), so that the trainable

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LISA (Pan et al., "LISA: Layerwise Importance Sampling for Memory-Efficient Large
 // Language Model Fine-Tuning", 2024): full-parameter AdamW, but at any time only γ
 // randomly chosen body layers (transformer blocks) are trainable; the embedding and the

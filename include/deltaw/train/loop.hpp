@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The training loop: a loss function (the model and the data source together), an
 // optimiser and any number of methods (train/method.hpp), with a progress line.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRA-FA (Zhang et al., 2023): A stays at its initial (random) value and only B trains,
 // which halves the adapter's optimiser state and removes the activations A needs. With A
 // fixed the best B-gradient in the sense of LoRA-Pro (the one whose update s·ΔB·A is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRA+ (Hayou, Ghosh and Yu, 2024): the adapter's B learns λ times faster than A. It is
 // an optimiser setting, not a gradient rewrite, so it is a function that configures an
 // optimiser with per-parameter learning-rate scales (optim::adamw, optim::sgd):

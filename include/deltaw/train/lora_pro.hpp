@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRA-Pro (Wang et al., "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?", 2024).
 //
 // A LoRA step changes the merged weight W' = W + s·B·A by the "equivalent gradient"

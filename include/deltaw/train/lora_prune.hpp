@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // LoRAPrune (Zhang et al. 2023, arXiv:2305.18403, ACL 2024 Findings): structured pruning
 // of the frozen model guided by the LoRA adapter's gradients only, so that the gradient
 // of the big frozen W is never needed.

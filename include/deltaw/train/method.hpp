@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // A training method (LoRA+, LoRA-FA, ALLoRA, LoRA-Pro, Flat-LoRA, LISA, …) as a set of
 // hooks around one optimisation step. train::fit (train/loop.hpp) calls them in this
 // order for every step:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // O3-style orthogonal LoRA for sequential tasks: while training the adapter of the current
 // task, penalise the overlap of its down-projection A_cur [r, in] with the frozen A's of
 // the previous tasks,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw::cuda::buffer<T>: a small owning device array for tests and examples, with
 // host upload/download. Real engines keep their own tensors and pass views.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw::cuda::context: the stream, library handles and scratch memory that CUDA
 // operations run with; one default context per host thread and device.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deltaw's CUDA backend: include this from .cu files (compiled by nvcc) together with, or
 // instead of, deltaw/deltaw.hpp. Link deltaw::cuda (cudart, cuBLAS, cuSOLVER).
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Error checking for the CUDA backend: every failing CUDA runtime, cuBLAS or cuSOLVER
 // call becomes a deltaw::cuda::cuda_error naming the call and the library's status.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The CUDA evaluator protocol. Each update type U specialises cuda::evaluator<U> with:
 //
 //   template <class C, class TX>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // C = α·P·Q + β·C on CUDA views through cuBLAS, for any pair of unit-stride layouts.
 //
 // cuBLAS is column-major. A view with unit row stride is a column-major matrix with

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // CUDA evaluator of LoRA/rsLoRA (ΔW = s·B·A): two cuBLAS products through a tokens × r
 // scratch, Z = X·Aᵀ then Y = β·Y + s·Z·Bᵀ, so the extra cost over the base GEMM is
 // 2·tokens·r·(in + out) flops and the dense ΔW is never formed. Merge is one product

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The public operations on CUDA expressions, chosen by the views' device: apply (Y =
 // X·(W + ΔW)ᵀ, or an update alone), merge and unmerge in place. Each takes an explicit
 // context first, or uses the calling thread's default_context(). All are asynchronous on

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Views over CUDA device memory. Plain C++ (no CUDA headers needed), so host code
 // compiled by any compiler can build CUDA expressions.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The public operations on CPU expressions: apply, apply_transposed, materialize, merge,
 // unmerge, merge_checked, frobenius_norm, parameter_count, flop_count.
 //
