@@ -9,6 +9,11 @@ int main() {
   const auto Y = dw::apply(dw::view(W) + dw::lora(B, A, dw::alpha(6)), X);
   const Eigen::MatrixXd ref = X * (W + 2.0 * B * A).transpose();
   const double err = (Y - ref).cwiseAbs().maxCoeff();
-  std::cout << "deltaw " << DELTAW_VERSION_STRING << " consumer: max error " << err << "\n";
+  std::cout << "deltaw " << DELTAW_VERSION_STRING << " consumer: max error " << err
+            << ", Eigen threads " << Eigen::nbThreads() << "\n";
+#if defined(DELTAW_CONSUMER_EXPECT_OPENMP) && !defined(_OPENMP)
+  std::cout << "deltaw::deltaw did not bring OpenMP to a consumer on a machine that has it\n";
+  return 1;
+#endif
   return err < 1e-12 ? 0 : 1;
 }
