@@ -31,7 +31,9 @@ endif()
 # The properties are evaluated at generate time (build-interface paths, transitive through
 # Eigen3::Eigen) into a file the script reads, so that lists and generator expressions
 # survive intact.
-file(GENERATE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/config.cmake CONTENT
+# OpenMP's interface options depend on the compile language ($<COMPILE_LANGUAGE:CXX>), so
+# the file is generated once per enabled language and the script reads the CXX one.
+file(GENERATE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/config_$<COMPILE_LANGUAGE>.cmake CONTENT
 "set(CXX [==[${CMAKE_CXX_COMPILER}]==])
 set(FLAGS [==[${_hdr_std};${_hdr_flags}]==])
 set(INCLUDES [==[$<TARGET_PROPERTY:deltaw,INTERFACE_INCLUDE_DIRECTORIES>;$<TARGET_PROPERTY:Eigen3::Eigen,INTERFACE_INCLUDE_DIRECTORIES>]==])
@@ -48,7 +50,7 @@ if(_hdr_jobs GREATER 8)
 endif()
 add_test(NAME headers_self_contained
   COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR}
-          -DCONFIG=${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/config.cmake
+          -DCONFIG=${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/config_CXX.cmake
           -DWORK_DIR=${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained -DJOBS=${_hdr_jobs}
           -P ${CMAKE_CURRENT_SOURCE_DIR}/headers/self_contained.cmake)
 set_tests_properties(headers_self_contained PROPERTIES PROCESSORS ${_hdr_jobs})

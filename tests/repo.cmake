@@ -22,7 +22,7 @@ if(DELTAW_HAS_CUDA)
   set(_doc_cuda "${CMAKE_CUDA_COMPILER}")
   set(_doc_cuda_flags "\"-std=c++20\", \"-DEIGEN_NO_CUDA\", \"-I$<JOIN:${_doc_inc},\", \"-I>\", \"-I${PROJECT_SOURCE_DIR}/cuda/include\"")
 endif()
-file(GENERATE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/docs_snippets/config.json CONTENT
+file(GENERATE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/docs_snippets/config_$<COMPILE_LANGUAGE>.json CONTENT
 "{\"cxx\": \"${CMAKE_CXX_COMPILER}\", \"cxx_flags\": [${_doc_cxx_flags}],
   \"cuda_compiler\": \"${_doc_cuda}\", \"cuda_flags\": [${_doc_cuda_flags}],
   \"implicit\": [\"$<JOIN:${CMAKE_CXX_IMPLICIT_INCLUDE_DIRECTORIES},\", \">\"]}
@@ -31,7 +31,7 @@ cmake_host_system_information(RESULT _doc_jobs QUERY NUMBER_OF_LOGICAL_CORES)
 if(Python3_Interpreter_FOUND)
   add_test(NAME docs_snippets
     COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/docs/check_snippets.py
-            --source-dir ${PROJECT_SOURCE_DIR} --config ${CMAKE_CURRENT_BINARY_DIR}/docs_snippets/config.json
+            --source-dir ${PROJECT_SOURCE_DIR} --config ${CMAKE_CURRENT_BINARY_DIR}/docs_snippets/config_CXX.json
             --work-dir ${CMAKE_CURRENT_BINARY_DIR}/docs_snippets --jobs ${_doc_jobs})
   set_tests_properties(docs_snippets PROPERTIES PROCESSORS ${_doc_jobs})
 else()
