@@ -231,6 +231,9 @@ int main(int argc, char** argv) {
   std::printf("task: next token of a fixed random permutation; %td steps of %td × %td tokens, AdamW, warmup 10 + "
               "cosine, clip 1; target: smoothed loss ≤ %.1f (uniform guess %.2f)\n\n",
               steps, batch_size, c.seq, target_loss, std::log(double(c.vocab)));
+  std::printf("progress lines: loss = this step's training batch (mean next-token cross-entropy), avg = its moving\n"
+              "average (0.9 of the previous avg + 0.1 of the loss: the \"smoothed loss\" of the table), |grad| = the\n"
+              "global gradient norm of the trainable parameters before clipping to 1\n\n");
   std::vector<outcome> results;
   if (sweep) {
     // Every method over the same grid; the best is the lowest final smoothed loss.
@@ -259,5 +262,11 @@ int main(int argc, char** argv) {
     }
   }
   print_table(results, steps);
+  std::printf("\naccuracy: next-token argmax accuracy on 32 held-out sequences no training step saw. final loss:\n"
+              "the smoothed training loss after the last step. The adapters level off near 0.35 while full\n"
+              "fine-tuning reaches 0: the final LayerNorm and the output head stay frozen for them, the norm fixes\n"
+              "the hidden vector's length (sqrt(%td)) and the random head's rows are short, which caps how confident\n"
+              "the logits can be; for a head drawn like this one the best any hidden vector can do is about 0.30 (examples/README.md).\n",
+              c.d_model);
   return 0;
 }
