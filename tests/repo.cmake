@@ -37,3 +37,6 @@ if(Python3_Interpreter_FOUND)
 else()
   message(WARNING "deltaw: python3 not found; docs_snippets (the README's and docs' C++ blocks compile) not registered")
 endif()
+
+add_test(NAME repo_doc_paths
+  COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR} -P ${CMAKE_CURRENT_SOURCE_DIR}/repo/doc_paths.cmake)

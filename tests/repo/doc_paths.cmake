@@ -1,0 +1,20 @@
+# Commands in the docs can be pasted on any machine: no absolute path of the machine they
+# ran on (/work/..., /home/..., /root/...) in README.md, CHANGELOG.md, docs/ or examples/README.md.
+# Run with -DSOURCE_DIR=<repository root>.
+file(GLOB _docs "${SOURCE_DIR}/docs/*.md")
+list(APPEND _docs "${SOURCE_DIR}/README.md" "${SOURCE_DIR}/CHANGELOG.md" "${SOURCE_DIR}/examples/README.md")
+set(_fail "")
+foreach(_f IN LISTS _docs)
+  if(NOT EXISTS "${_f}")
+    continue()
+  endif()
+  file(STRINGS "${_f}" _lines REGEX "(^|[ \t`'\"=(])/(work|home|root)/")
+  foreach(_l IN LISTS _lines)
+    file(RELATIVE_PATH _rel "${SOURCE_DIR}" "${_f}")
+    string(APPEND _fail "${_rel}: ${_l}\n")
+  endforeach()
+endforeach()
+if(_fail)
+  message(FATAL_ERROR "absolute machine paths in the docs (make them relative to the repository root):\n${_fail}")
+endif()
+message(STATUS "doc paths: no absolute machine paths in the docs")
