@@ -3,7 +3,10 @@
 
 --part formats: safetensors (numpy; torch for BF16 if present) and gguf.GGUFReader.
 --part peft:    PEFT loads deltaw's adapter directories (LoRA with rank/alpha patterns,
-                rsLoRA, DoRA) onto a torch model and its forward matches deltaw's output.
+                rsLoRA, DoRA, and the structured types) onto a torch model and its forward
+                matches deltaw's output; loaded onto a deeper model (two blocks, the
+                adapter covers block 0), PEFT wraps exactly the adapter's modules and
+                reports no missing adapter keys (target_modules holds full names).
 Exits 77 (CTest skip) when the packages a part needs are missing."""
 import argparse
 import json
@@ -122,6 +125,36 @@ def part_peft(d):
             h = torch.relu(self.blocks[0].v(h))
             return self.head(h)
 
+    class Deeper(Tiny):
+        """Tiny with a second block the adapter does not cover (same forward)."""
+
+        def __init__(self):
+            super().__init__()
+            self.blocks.append(Block())
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    import warnings
+
+    def check_deeper(variant, ref):
+        model = Deeper()
+        missing = model.load_state_dict(base_sd, strict=False).missing_keys
+        check(all(k.startswith("blocks.1.") for k in missing), "deeper model: only blocks.1 lacks base weights")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pm = PeftModel.from_pretrained(model, os.path.join(d, "adapter_" + variant))
+        pm.eval()
+        wrapped = sorted(n for n, m in pm.base_model.model.named_modules() if isinstance(m, BaseTunerLayer))
+        cfg = pm.peft_config["default"]
+        check(wrapped == ["blocks.0.q", "blocks.0.v", "head"],
+              "%s on a deeper model wraps only the adapter's modules (target_modules %s): %s"
+              % (variant, cfg.target_modules, wrapped))
+        noisy = [str(w.message) for w in caught if "missing" in str(w.message).lower()]
+        check(not noisy, "%s on a deeper model: no missing-key warnings %s" % (variant, noisy[:1]))
+        with torch.no_grad():
+            y = pm(io["x"])
+        err = ((y - ref).abs().max() / max(1.0, ref.abs().max())).item()
+        check(err < 1e-5, "%s on a deeper model: forward rel err %.2e" % (variant, err))
+
     io = load_file(os.path.join(d, "io.safetensors"))
     base_sd = load_file(os.path.join(d, "model.safetensors"))
     for variant in ("lora", "rslora", "dora"):
@@ -136,6 +169,7 @@ def part_peft(d):
         err = ((y - ref).abs().max() / max(1.0, ref.abs().max())).item()
         check(err < 1e-5, "PEFT %s loads deltaw's adapter (r=%d, rank_pattern=%s, alpha_pattern=%s); "
               "forward rel err %.2e" % (variant, cfg.r, dict(cfg.rank_pattern), dict(cfg.alpha_pattern), err))
+        check_deeper(variant, ref)
     # Structured types written by deltaw (peft_structured.hpp): LoKr, MiSS, Bone bat (MiSS
     # init_weights "bat"), VeRA and RandLoRA with deltaw's bases stored (save_projection).
     base = Tiny()
@@ -157,6 +191,7 @@ def part_peft(d):
         moved = ((ref - y0).norm() / ref.norm()).item()
         check(err < 1e-5 and moved > 1e-2, "PEFT %s (peft_type %s) loads deltaw's adapter; forward rel err %.2e "
               "(the adapter moves the output by %.2f)" % (variant, cfg.peft_type, err, moved))
+        check_deeper(variant, ref)
     print("peft", peft.__version__, "torch", torch.__version__)
 
 

@@ -46,7 +46,10 @@ void write_formats(const std::string& dir) {
   std::vector<std::pair<std::string, dw::low_rank<float>>> ups = {
       {"blk.0.attn_q.weight", dw::lora(B1, A1, dw::alpha(6))},  // s = 2, alpha = 6
       {"blk.0.attn_v.weight", dw::lora(B2, A2, dw::scale(0.5))}};
-  io::write_gguf_lora(dir + "/lora.gguf", "llama", ups, "deltaw round trip");
+  io::gguf_lora_options o;
+  o.name = "deltaw round trip";
+  o.permute_qk = false;  // rows as given (check_roundtrip.py compares them to the formula)
+  io::write_gguf_lora(dir + "/lora.gguf", "llama", ups, o);
 }
 
 // The Tiny model of check_roundtrip.py: blocks.0.q [24,16], blocks.0.v [20,24], head [8,20].
@@ -89,7 +92,6 @@ void write_peft(const std::string& dir) {
   for (const char* variant : {"lora", "rslora", "dora"}) {
     io::peft_adapter a;
     a.config.use_rslora = std::string(variant) == "rslora";
-    a.config.target_modules = {"q", "v", "head"};
     MatF h = x;
     std::vector<Eigen::VectorXf> mags(3);
     for (int k = 0; k < 3; ++k) {
@@ -116,7 +118,6 @@ void write_peft(const std::string& dir) {
   // bases, which the writer stores) and deltaw's forward; PEFT must load them and agree.
   auto forward = [&](const std::string& variant, auto&& add_and_apply) {
     io::peft_structured_adapter a;
-    a.config.target_modules = {"q", "v", "head"};
     MatF h = x;
     for (int k = 0; k < 3; ++k) {
       const auto& l = layers[std::size_t(k)];

@@ -2,7 +2,13 @@
 // tools/make_fixtures.py) reproduce PEFT's own forward outputs within 1e-5 relative;
 // rank_pattern / alpha_pattern semantics; write → read round trips; every unsupported or
 // inconsistent input is a specific error.
+#include <csignal>
+#include <fstream>
 #include <functional>
+#include <set>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/resource.h>
+#endif
 
 #include "io_test_util.hpp"
 
@@ -341,5 +347,127 @@ TEST_CASE("peft: adapters built from deltaw updates get rank_pattern / alpha_pat
       CHECK(dwt::rel_err(dw::materialize(b.at(ma.name).update()), dw::materialize(ma.update())) < 1e-7);
     }
     CHECK(b.config.targets("model.layers.0.k_proj"));
+    // Full module names: PEFT would wrap exactly these three, not layer 1's k_proj.
+    CHECK(b.config.target_modules ==
+          std::vector<std::string>{"model.layers.0.k_proj", "model.layers.0.q_proj", "model.layers.1.q_proj"});
+    CHECK_FALSE(b.config.targets("model.layers.1.k_proj"));
+  }
+}
+
+TEST_CASE("peft: a target_modules regex deltaw cannot evaluate (look-ahead) keeps the adapter readable") {
+  const std::string text = R"({"peft_type":"LORA","r":4,"target_modules":"^(?!.*fc2).*\\.(q_proj|v_proj)$"})";
+  const auto c = io::parse_peft_config(text);
+  REQUIRE(c.target_modules_regex.has_value());
+  CHECK(*c.target_modules_regex == "^(?!.*fc2).*\\.(q_proj|v_proj)$");
+  CHECK_FALSE(c.target_modules_unsupported.empty());
+  dwt::check_throws_with<dw::unsupported_error>([&] { (void)c.targets("model.layers.0.q_proj"); },
+                                                {"target_modules", "cannot be evaluated", "modules()"});
+  // A supported regex still answers; a malformed one is still a format_error (Python's re
+  // rejects it too), and look-arounds in rank_pattern keys (which change the math) refuse.
+  CHECK(io::parse_peft_config(R"({"peft_type":"LORA","target_modules":".*\\.q_proj"})").targets("a.q_proj"));
+  dwt::check_throws_with<dw::unsupported_error>(
+      [&] { (void)io::parse_peft_config(R"({"peft_type":"LORA","rank_pattern":{"(?!x)q":2}})"); }, {"pattern key"});
+  // Read from a directory and written back: the modules come from the tensors, and the
+  // written target_modules lists their full names instead of the regex.
+  dwio::temp_dir tmp;
+  io::safetensors_writer w;
+  const MatF A = dwt::random<MatF>(4, 5, 1), B = dwt::random<MatF>(3, 4, 2);
+  w.add("base_model.model.model.layers.0.q_proj.lora_A.weight", A);
+  w.add("base_model.model.model.layers.0.q_proj.lora_B.weight", B);
+  std::filesystem::create_directories(tmp.path / "in");
+  dwio::write_text(tmp.path / "in" / "adapter_config.json", text);
+  w.write(tmp.path / "in" / "adapter_model.safetensors");
+  const auto a = io::read_peft_adapter(tmp.path / "in");
+  REQUIRE(a.size() == 1);
+  CHECK(a.modules()[0].name == "model.layers.0.q_proj");
+  io::write_peft_adapter(tmp.path / "out", a);
+  const auto b = io::read_peft_adapter(tmp.path / "out");
+  CHECK_FALSE(b.config.target_modules_regex.has_value());
+  CHECK(b.config.target_modules == std::vector<std::string>{"model.layers.0.q_proj"});
+  CHECK(b.config.targets("model.layers.0.q_proj"));
+}
+
+namespace {
+std::string file_bytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+std::set<std::string> dir_entries(const std::filesystem::path& d) {
+  std::set<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(d)) out.insert(e.path().filename().string());
+  return out;
+}
+}  // namespace
+
+TEST_CASE("peft: a directory update is all-or-nothing (failure between the two files, rollback of the first)") {
+  namespace fs = std::filesystem;
+  dwio::temp_dir tmp;
+  const auto old_a = io::read_peft_adapter(dwio::fixtures() / "peft_lora" / "adapter");
+  const auto new_a = io::read_peft_adapter(dwio::fixtures() / "peft_dora" / "adapter");
+  const fs::path dir = tmp.path / "adapter";
+  io::write_peft_adapter(dir, old_a);
+  const std::string cfg0 = file_bytes(dir / "adapter_config.json"), st0 = file_bytes(dir / "adapter_model.safetensors");
+  const auto entries0 = dir_entries(dir);
+  auto unchanged = [&] {
+    CHECK(file_bytes(dir / "adapter_config.json") == cfg0);
+    CHECK(file_bytes(dir / "adapter_model.safetensors") == st0);
+    CHECK(dir_entries(dir) == entries0);  // no staging directory left behind
+    CHECK(dir_entries(tmp.path) == std::set<std::string>{"adapter"});
+    CHECK_FALSE(io::read_peft_adapter(dir).config.use_dora);
+  };
+
+  SUBCASE("an error thrown between the two files") {
+    io::detail::peft_write_between_files_hook = [](const fs::path& staging) {
+      CHECK(fs::exists(staging / "adapter_config.json"));  // the first file is written by now
+      throw dw::io_error("injected");
+    };
+    dwt::check_throws_with<dw::io_error>([&] { io::write_peft_adapter(dir, new_a); }, {"injected"});
+    dwt::check_throws_with<dw::io_error>([&] { io::write_peft_adapter(tmp.path / "new", new_a); }, {"injected"});
+    io::detail::peft_write_between_files_hook = nullptr;
+    unchanged();  // and "new" was never created
+  }
+#if defined(__unix__) || defined(__APPLE__)
+  SUBCASE("the second write fails for real (file size limit: the config fits, the tensors do not)") {
+    const std::string cfg_text = io::peft_config_json(new_a.to_files().first).dump(2);
+    const auto st_size = new_a.to_files().second.serialize().size();
+    REQUIRE(cfg_text.size() + 64 < st_size);
+    struct rlimit old {};
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+    auto* old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit lim = old;
+    lim.rlim_cur = rlim_t(cfg_text.size() + 64);
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &lim) == 0);
+    bool threw = false;
+    try {
+      io::write_peft_adapter(dir, new_a);
+    } catch (const dw::io_error&) {
+      threw = true;
+    }
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, old_handler);
+    CHECK(threw);
+    unchanged();
+  }
+#endif
+  SUBCASE("the second rename fails: the first file is rolled back") {
+    // adapter_config.json made a non-empty directory: the tensors move in first, then the
+    // config's rename fails and the old tensors come back.
+    fs::remove(dir / "adapter_config.json");
+    fs::create_directories(dir / "adapter_config.json" / "x");
+    dwt::check_throws_with<dw::io_error>([&] { io::write_peft_adapter(dir, new_a); },
+                                         {"adapter_config.json", "left as it was"});
+    CHECK(file_bytes(dir / "adapter_model.safetensors") == st0);
+    CHECK(fs::is_directory(dir / "adapter_config.json" / "x"));
+    CHECK(dir_entries(dir) == entries0);
+  }
+  SUBCASE("success replaces both and keeps the rest of the directory") {
+    dwio::write_text(dir / "README.md", "card");
+    fs::permissions(dir / "adapter_model.safetensors", fs::perms::owner_read | fs::perms::owner_write);
+    io::write_peft_adapter(dir, new_a);
+    CHECK(file_bytes(dir / "README.md") == "card");
+    CHECK(io::read_peft_adapter(dir).config.use_dora);
+    CHECK((fs::status(dir / "adapter_model.safetensors").permissions() & fs::perms::all) ==
+          (fs::perms::owner_read | fs::perms::owner_write));
+    CHECK(dir_entries(dir).size() == entries0.size() + 1);
   }
 }

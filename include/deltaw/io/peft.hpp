@@ -14,15 +14,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <optional>
+#include <random>
 #include <set>
 #include <sstream>
 #include <string>
 #include <string_view>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "../core/precompiled.hpp"
@@ -46,6 +49,10 @@ struct peft_lora_config {
   bool fan_in_fan_out = false;
   std::vector<std::string> target_modules;          ///< list form (suffix match)
   std::optional<std::string> target_modules_regex;  ///< string form (full match)
+  /// Non-empty when target_modules_regex uses a construct deltaw's matcher does not
+  /// implement (a look-ahead, …): the adapter is still read (its modules come from the
+  /// tensor names), only targets() refuses, with this reason.
+  std::string target_modules_unsupported;
   std::vector<std::pair<std::string, index_t>> rank_pattern;  ///< file order
   std::vector<std::pair<std::string, double>> alpha_pattern;  ///< file order
   std::string base_model_name_or_path;
@@ -77,17 +84,32 @@ struct peft_lora_config {
     return use_rslora ? a / std::sqrt(rr) : a / rr;
   }
   /// Whether PEFT would adapt `module` (list: equal to or ending in "." + entry; string:
-  /// a full regex match).
-  bool targets(const std::string& module) const {
-    if (target_modules_regex) {
-      if (module.size() > 4096) throw format_error("deltaw::io::peft: module name too long to match target_modules");
-      return pattern(*target_modules_regex, "target_modules").full_match(module);
-    }
-    for (const auto& t : target_modules)
-      if (module == t || (module.size() > t.size() && module.ends_with("." + t))) return true;
-    return false;
-  }
+  /// a full regex match). unsupported_error when the regex uses a construct deltaw's
+  /// matcher does not implement (target_modules_unsupported).
+  bool targets(const std::string& module) const;
 };
+
+namespace detail {
+/// PEFT's target_modules rule, shared by the LoRA and the structured configs.
+inline bool targets_module(const std::vector<std::string>& names, const std::optional<std::string>& regex,
+                           const std::string& unsupported, const std::string& module) {
+  if (regex) {
+    if (!unsupported.empty())
+      throw unsupported_error("deltaw::io::peft: target_modules \"" + *regex +
+                              "\" cannot be evaluated by deltaw's matcher (" + unsupported +
+                              "); the adapter's modules are known from its tensors (modules(), find())");
+    if (module.size() > 4096) throw format_error("deltaw::io::peft: module name too long to match target_modules");
+    return pattern(*regex, "target_modules").full_match(module);
+  }
+  for (const auto& t : names)
+    if (module == t || (module.size() > t.size() && module.ends_with("." + t))) return true;
+  return false;
+}
+}  // namespace detail
+
+inline bool peft_lora_config::targets(const std::string& module) const {
+  return detail::targets_module(target_modules, target_modules_regex, target_modules_unsupported, module);
+}
 
 namespace detail {
 
@@ -133,6 +155,23 @@ inline void check_regex_text(const std::string& k, const std::string& what, cons
 }
 inline void check_pattern_key(const std::string& k, const std::string& src) { check_regex_text(k, "pattern key", src); }
 
+/// target_modules as written: the full names of the adapter's modules (sorted). PEFT
+/// matches list entries as the whole name or a "."-suffix of it, so full names wrap exactly
+/// these modules even in a deeper model (leaf names like "q_proj" would wrap every layer's
+/// q_proj and leave PEFT warning about missing keys). A regex read from a file is dropped:
+/// it may match modules the adapter does not hold.
+template <class Config, class Modules>
+void set_full_target_modules(Config& c, const Modules& modules) {
+  c.target_modules.clear();
+  for (const auto& m : modules) {
+    if constexpr (requires { m.name; }) c.target_modules.push_back(m.name);
+    else c.target_modules.push_back(std::visit([](const auto& x) { return x.name; }, m));
+  }
+  std::sort(c.target_modules.begin(), c.target_modules.end());
+  c.target_modules_regex.reset();
+  c.target_modules_unsupported.clear();
+}
+
 /// `s` with regex metacharacters escaped (pattern keys written for one exact module).
 inline std::string regex_escape(const std::string& s) {
   std::string r;
@@ -143,14 +182,24 @@ inline std::string regex_escape(const std::string& s) {
   return r;
 }
 
-/// PEFT's "target_modules": a regular expression (a string) or a list of names.
+/// PEFT's "target_modules": a regular expression (a string) or a list of names. A regex
+/// that is malformed is a format_error (Python's re rejects it too); one that uses a
+/// construct deltaw's matcher does not implement (PEFT accepts look-aheads, …) only
+/// records why in `unsupported`: deltaw takes the modules from the tensor names, so the
+/// adapter stays readable and only target queries refuse.
 template <class J, class Regex>
-void read_target_modules(const J& o, Regex& regex, std::vector<std::string>& names, const std::string& source) {
+void read_target_modules(const J& o, Regex& regex, std::vector<std::string>& names, std::string& unsupported,
+                         const std::string& source) {
   auto it = o.find("target_modules");
   if (it == o.end() || it->is_null()) return;
   if (it->is_string()) {
     regex = it->template get<std::string>();
-    check_regex_text(*regex, "\"target_modules\"", source);
+    try {
+      check_regex_text(*regex, "\"target_modules\"", source);
+    } catch (const unsupported_error& e) {
+      unsupported = e.what();
+      if (unsupported.empty()) unsupported = "unsupported construct";
+    }
   } else if (it->is_array()) {
     for (const auto& e : *it) {
       if (!e.is_string()) peft_fail(source, "\"target_modules\" entries must be strings");
@@ -184,7 +233,7 @@ inline peft_lora_config parse_peft_config(std::string_view text, const std::stri
   if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
     c.base_model_name_or_path = it->get<std::string>();
 
-  detail::read_target_modules(o, c.target_modules_regex, c.target_modules, source);
+  detail::read_target_modules(o, c.target_modules_regex, c.target_modules, c.target_modules_unsupported, source);
   if (auto it = o.find("rank_pattern"); it != o.end() && !it->is_null()) {
     if (!it->is_object()) detail::peft_fail(source, "\"rank_pattern\" must be an object");
     for (const auto& [k, v] : it->items()) {
@@ -256,6 +305,12 @@ struct peft_lora_module {
 
   index_t out_features() const { return B.view.rows(); }
   index_t in_features() const { return A.view.cols(); }
+  /// Empty when a layer with weight [out, in] (nn.Linear's layout; for fan_in_fan_out the
+  /// stored weight's transpose) fits the module, else why not.
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == out_features() && in == in_features()) return {};
+    return "lora_B [out, r] and lora_A [r, in] make it " + deltaw::detail::shape_str(out_features(), in_features());
+  }
 
   /// ΔW [out, in] = s·B·A in PyTorch's nn.Linear layout (zero-copy over the file).
   low_rank<float> update() const { return low_rank<float>(B, A, scale); }
@@ -449,17 +504,12 @@ class peft_adapter {
           c.lora_alpha = m.alpha;
           break;
         }
-      std::set<std::string> leaves(c.target_modules.begin(), c.target_modules.end());
       for (const auto& m : modules_) {
         if (m.rank != c.r) c.rank_pattern.emplace_back(detail::regex_escape(m.name), m.rank);
         if (m.alpha != c.lora_alpha) c.alpha_pattern.emplace_back(detail::regex_escape(m.name), m.alpha);
-        if (!c.target_modules_regex && !c.targets(m.name)) {
-          const auto dot = m.name.rfind('.');
-          leaves.insert(dot == std::string::npos ? m.name : m.name.substr(dot + 1));
-        }
       }
-      if (!c.target_modules_regex) c.target_modules.assign(leaves.begin(), leaves.end());
     }
+    detail::set_full_target_modules(c, modules_);
     c.use_dora = std::any_of(modules_.begin(), modules_.end(), [](const auto& m) { return m.magnitude.has_value(); });
     safetensors_writer w;
     for (const auto& m : modules_) {
@@ -490,6 +540,18 @@ class peft_adapter {
 };
 
 namespace detail {
+/// The directory of adapter `name` under `dir`: PEFT's save_pretrained writes the adapter
+/// named "default" into `dir` itself and any other into `dir/<name>/`. `name` is one path
+/// component (argument_error otherwise); empty means "default".
+inline std::filesystem::path adapter_subdir(const std::filesystem::path& dir, std::string_view name, const char* op) {
+  if (name.empty() || name == "default") return dir;
+  if (name == "." || name == ".." || name.find_first_of("/\\") != std::string_view::npos ||
+      name.find('\0') != std::string_view::npos)
+    throw argument_error(std::string(op) + ": adapter name \"" + std::string(name) +
+                         "\" is not a single directory name (PEFT keeps a named adapter in <dir>/<name>/)");
+  return dir / std::string(name);
+}
+
 /// What every PEFT adapter directory holds: adapter_config.json (read whole, parsed by
 /// the caller) and adapter_model.safetensors (mapped by tensors()). `op` names the
 /// caller in the errors.
@@ -500,7 +562,7 @@ struct adapter_dir {
   std::string config_path = (dir / "adapter_config.json").string();
   std::string tensors_path = (dir / "adapter_model.safetensors").string();
 
-  adapter_dir(std::filesystem::path d, const char* o) : dir(std::move(d)), op(o) { config = read_file(config_path); }
+  adapter_dir(std::filesystem::path d, const char* o) : dir(std::move(d)), op(o) { config = read_file(config_path, max_config_bytes); }
   std::string_view config_text() const {
     return {reinterpret_cast<const char*>(config.bytes.data()), config.bytes.size()};
   }
@@ -514,6 +576,109 @@ struct adapter_dir {
     return safetensors_file::open(tensors_path);
   }
 };
+
+/// Test hook: called between the two files of a PEFT directory update (after
+/// adapter_config.json, before adapter_model.safetensors is written into the staging
+/// directory). Tests make it throw to check that a failure there leaves the old
+/// directory intact. Null (the default) does nothing.
+inline void (*peft_write_between_files_hook)(const std::filesystem::path& staging) = nullptr;
+
+/// Writes the two files of a PEFT adapter directory all-or-nothing:
+///  1. both are written completely (write_file: temporary + rename) into a fresh staging
+///     directory created exclusively, next to `dir` when `dir` does not exist, inside it
+///     (".deltaw-staging-…", same filesystem) when it does;
+///  2. then, if `dir` did not exist, the staging directory is renamed to `dir` (one atomic
+///     step); otherwise the two files are renamed over the old ones, the first one rolled
+///     back from a hard link of the old file if the second rename fails. Entries of `dir`
+///     other than the two files (README.md, named adapters' sub-directories) stay.
+/// On any failure the staging directory is removed and `dir` is as it was; the error is an
+/// io_error naming the path.
+inline void write_adapter_files(const std::filesystem::path& dir_in, const char* op, const safetensors_writer& tensors,
+                                const std::string& config_text) {
+  namespace fs = std::filesystem;
+  fs::path dir = dir_in;
+  if (!dir.empty() && !dir.has_filename()) dir = dir.parent_path();  // "out/adapter/"
+  if (dir.empty() || dir.filename() == "." || dir.filename() == "..")
+    throw argument_error(std::string(op) + ": '" + dir_in.string() + "' does not name a directory to write");
+  std::error_code ec;
+  const auto st = fs::status(dir, ec);
+  const bool exists = fs::exists(st);
+  if (exists && !fs::is_directory(st))
+    throw io_error(std::string(op) + ": '" + dir.string() + "' exists and is not a directory");
+  const fs::path parent = exists ? dir : (dir.has_parent_path() ? dir.parent_path() : fs::path("."));
+  if (!exists) {
+    fs::create_directories(parent, ec);
+    if (ec) throw io_error(std::string(op) + ": cannot create '" + parent.string() + "': " + ec.message());
+  }
+  // A fresh staging directory: mkdir fails when the name exists, so it is ours alone.
+  fs::path staging;
+  {
+    std::random_device rd;
+    const std::string stem = exists ? ".deltaw-staging-" : "." + dir.filename().string() + ".deltaw-staging-";
+    for (int attempt = 0; attempt < 100 && staging.empty(); ++attempt) {
+      char hex[17];
+      std::snprintf(hex, sizeof hex, "%08x%08x", unsigned(rd()), unsigned(rd()));
+      const fs::path p = parent / (stem + hex);
+      if (fs::create_directory(p, ec) && !ec) staging = p;
+      else if (ec && ec != std::errc::file_exists)
+        throw io_error(std::string(op) + ": cannot create a staging directory in '" + parent.string() + "': " + ec.message());
+    }
+    if (staging.empty()) throw io_error(std::string(op) + ": cannot create a staging directory in '" + parent.string() + "'");
+  }
+  struct cleanup {
+    fs::path p;
+    ~cleanup() {
+      if (!p.empty()) {
+        std::error_code e;
+        fs::remove_all(p, e);
+      }
+    }
+  } guard{staging};
+  const char* names[2] = {"adapter_config.json", "adapter_model.safetensors"};
+  write_file(staging / names[0], std::as_bytes(std::span<const char>(config_text.data(), config_text.size())));
+  if (peft_write_between_files_hook) peft_write_between_files_hook(staging);
+  tensors.write(staging / names[1]);
+
+  if (!exists) {
+    fs::rename(staging, dir, ec);
+    if (ec) throw io_error(std::string(op) + ": cannot move the new adapter into place as '" + dir.string() + "': " + ec.message());
+    guard.p.clear();
+    return;
+  }
+  // dir exists: keep a hard link to each old file (the rollback copy), then rename the new
+  // files over the old ones, the safetensors first (a reader of the old config cannot pair
+  // it with the new tensors without failing loudly on their names and shapes).
+  const int order[2] = {1, 0};
+  bool backed_up[2] = {false, false}, moved[2] = {false, false};
+  for (int k : order) {
+    const fs::path old = dir / names[k];
+    if (fs::exists(fs::symlink_status(old, ec))) {
+      std::error_code e;
+      fs::create_hard_link(old, staging / (std::string(names[k]) + ".old"), e);
+      backed_up[k] = !e;
+      // The new file keeps the old one's permission bits (best effort).
+      const auto perms = fs::status(old, e).permissions();
+      if (!e) fs::permissions(staging / names[k], perms, e);
+    }
+  }
+  for (int k : order) {
+    fs::rename(staging / names[k], dir / names[k], ec);
+    if (ec) {
+      const std::string why = ec.message();
+      // Roll back the file already moved: its old version from the hard link, or remove
+      // it when there was none.
+      for (int j : order) {
+        if (!moved[j]) continue;
+        std::error_code e;
+        if (backed_up[j]) fs::rename(staging / (std::string(names[j]) + ".old"), dir / names[j], e);
+        else fs::remove(dir / names[j], e);
+      }
+      throw io_error(std::string(op) + ": cannot move the new " + names[k] + " into '" + dir.string() + "': " + why +
+                     " (the directory is left as it was)");
+    }
+    moved[k] = true;
+  }
+}
 }  // namespace detail
 
 /// Reads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors; the
@@ -528,16 +693,13 @@ DELTAW_PRECOMPILED_INLINE peft_adapter read_peft_adapter(const std::filesystem::
 peft_adapter read_peft_adapter(const std::filesystem::path& dir);
 #endif
 
-/// Writes `a` as a PEFT adapter directory (created if needed).
+/// Writes `a` as a PEFT adapter directory (created if needed), all-or-nothing: both files
+/// are written in full before either replaces an old one (detail::write_adapter_files).
 #if DELTAW_DEFINE_PRECOMPILED
 DELTAW_PRECOMPILED_INLINE void write_peft_adapter(const std::filesystem::path& dir, const peft_adapter& a) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) throw io_error("deltaw::io::write_peft_adapter: cannot create '" + dir.string() + "': " + ec.message());
   auto [cfg, w] = a.to_files();
-  w.write(dir / "adapter_model.safetensors");
   const std::string text = peft_config_json(cfg).dump(2) + "\n";
-  write_file(dir / "adapter_config.json", std::as_bytes(std::span<const char>(text.data(), text.size())));
+  detail::write_adapter_files(dir, "deltaw::io::write_peft_adapter", w, text);
 }
 #else
 void write_peft_adapter(const std::filesystem::path& dir, const peft_adapter& a);

@@ -74,8 +74,14 @@ struct peft_structured_config {
   bool sparse = false, very_sparse = false;                   ///< RandLoRA (informational)
   std::vector<std::string> target_modules;
   std::optional<std::string> target_modules_regex;
+  std::string target_modules_unsupported;  ///< as peft_lora_config's
   std::string base_model_name_or_path;
   json raw = json::object();
+
+  /// Whether PEFT would adapt `module` (as peft_lora_config::targets).
+  bool targets(const std::string& module) const {
+    return detail::targets_module(target_modules, target_modules_regex, target_modules_unsupported, module);
+  }
 
   index_t rank_for(const std::string& module) const {
     const auto* p = peft_lora_config::match_pattern(rank_pattern, module);
@@ -162,7 +168,7 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
     if (auto it = o.find(alpha_key); it != o.end()) c.alpha = detail::peft_number(*it, alpha_key, source);
   if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
     c.base_model_name_or_path = it->get<std::string>();
-  detail::read_target_modules(o, c.target_modules_regex, c.target_modules, source);
+  detail::read_target_modules(o, c.target_modules_regex, c.target_modules, c.target_modules_unsupported, source);
   if (t == "LOKR") {
     for (const char* k : {"rank_pattern", "alpha_pattern"}) {
       auto it = o.find(k);
@@ -279,6 +285,11 @@ struct peft_lokr_module {
   index_t in_features() const {
     return (w1_b ? w1_b->view.cols() : w1.view.cols()) * (w2_b ? w2_b->view.cols() : w2.view.cols());
   }
+  /// Empty when a layer [out, in] fits the module, else why not.
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == out_features() && in == in_features()) return {};
+    return "w1 ⊗ w2 is " + deltaw::detail::shape_str(out_features(), in_features());
+  }
   /// Calls f with the kron_update (its factor kinds are part of its type, so they are
   /// chosen here) and returns what f returns.
   template <class F>
@@ -303,6 +314,25 @@ struct peft_miss_module {
   held_matrix<float> block;
 
   index_t r() const { return kind == miss_kind::bat ? block.view.cols() : block.view.rows(); }
+  /// Empty when a layer [out, in] fits the module, else why not (the block does not record
+  /// in, and "mini" not out either).
+  std::string layer_mismatch(index_t out, index_t in) const {
+    const auto bs = deltaw::detail::shape_str(block.view.rows(), block.view.cols());
+    if (out < 0 || in < 0) return "a negative layer shape";
+    switch (kind) {
+      case miss_kind::miss:
+        return block.view.cols() == out ? std::string() : "miss_block " + bs + " is [r, out]";
+      case miss_kind::mini:
+        return block.view.cols() > 0 && out % block.view.cols() == 0
+                   ? std::string()
+                   : "miss_block " + bs + " is [r, mini_r] and needs out % mini_r == 0";
+      case miss_kind::bat:
+        return block.view.rows() == out && out % r() == 0 && in % r() == 0
+                   ? std::string()
+                   : "the bat block " + bs + " is [out, r] and needs out % r == 0 and in % r == 0";
+    }
+    return {};
+  }
   /// MiSS (default or mini) over a layer [out, in]. Throws argument_error for bat.
   miss_update<float> update(index_t out, index_t in) const {
     if (kind == miss_kind::bat)
@@ -339,6 +369,13 @@ struct peft_vera_module {
   held_matrix<float> A;         ///< the shared vera_A [r, in_max]
   held_matrix<float> B;         ///< the shared vera_B [out_max, r]
 
+  /// Empty when a layer [out, in] fits the module, else why not.
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == lambda_b.view.size() && in >= 1 && in <= A.view.cols() && out <= B.view.rows()) return {};
+    return "vera_lambda_b is [" + std::to_string(lambda_b.view.size()) + "] (out) and the shared bases cover in ≤ " +
+           std::to_string(A.view.cols()) + ", out ≤ " + std::to_string(B.view.rows());
+  }
+
   /// The same ΔW as a low_rank update B'·A[:, :in], B' = diag(λ_b)·B[:out]·diag(λ_d)
   /// [out, r] formed here. shape_error when the layer does not fit the module.
   low_rank<float> update(index_t out, index_t in) const {
@@ -366,6 +403,14 @@ struct peft_randlora_module {
   double scale = 0;
 
   index_t num_bases() const { return lambda.view.cols(); }
+  /// Empty when a layer [out, in] fits the module, else why not.
+  std::string layer_mismatch(index_t out, index_t in) const {
+    const index_t r = lambda.view.rows(), N = num_bases(), mn = gamma.view.cols();
+    if (std::min(out, in) == mn && std::max(out, in) <= B.view.rows() && N * r <= B.view.cols()) return {};
+    return "randlora_gamma is [" + std::to_string(N) + ", " + std::to_string(mn) +
+           "] (min(out, in) = " + std::to_string(mn) + ") and the shared bases cover max(out, in) ≤ " +
+           std::to_string(B.view.rows());
+  }
   /// ΔW = s·U·V (out ≥ in) or s·Vᵀ·Uᵀ (out < in): U = randlora_B[:max_dim, :N] flattened
   /// [max_dim, N·r] (a zero-copy slice), V [N·r, min_dim] with
   /// V[c, j] = λ[c / N, c % N]·A[c / N, j]·γ[c % N, j] formed here, as PEFT does.
@@ -408,14 +453,42 @@ class peft_structured_adapter {
     return std::visit([](const auto& x) -> const std::string& { return x.name; }, m);
   }
   const module* find(std::string_view n) const {
-    for (const auto& m : modules_)
-      if (name_of(m) == n) return &m;
-    return nullptr;
+    auto it = std::lower_bound(modules_.begin(), modules_.end(), n,
+                               [](const module& x, std::string_view k) { return name_of(x) < k; });
+    return it != modules_.end() && name_of(*it) == n ? &*it : nullptr;
   }
   const module& at(std::string_view n) const {
     const auto* m = find(n);
     if (!m) throw argument_error("deltaw::io::peft_structured_adapter::at: the adapter has no module \"" + std::string(n) + "\"");
     return *m;
+  }
+  /// The module adapting the weight tensor `weight_name` ("<module>.weight"), or null.
+  const module* for_weight(std::string_view weight_name) const {
+    if (weight_name.ends_with(".weight")) weight_name.remove_suffix(7);
+    return find(weight_name);
+  }
+  /// Pairs every module with a weight of the user's model, given as name → [out, in]
+  /// ("<module>.weight" or "<module>"), as peft_adapter::match: format_error for a module
+  /// without a weight, shape_error for a weight that does not fit (layer_mismatch).
+  /// Returns module → weight name.
+  std::map<std::string, std::string> match(const std::map<std::string, std::pair<index_t, index_t>>& weights) const {
+    std::map<std::string, std::string> out;
+    for (const auto& mv : modules_) {
+      const std::string& n = name_of(mv);
+      auto it = weights.find(n + ".weight");
+      if (it == weights.end()) it = weights.find(n);
+      if (it == weights.end())
+        throw format_error("deltaw::io::peft_structured_adapter::match: the adapter adapts \"" + n +
+                           "\" but the model has no weight \"" + n + ".weight\"");
+      const std::string why =
+          std::visit([&](const auto& m) { return m.layer_mismatch(it->second.first, it->second.second); }, mv);
+      if (!why.empty())
+        throw shape_error("deltaw::io::peft_structured_adapter::match: weight \"" + it->first + "\" is " +
+                          deltaw::detail::shape_str(it->second.first, it->second.second) + " but the adapter's \"" + n +
+                          "\" does not fit it: " + why);
+      out.emplace(n, it->first);
+    }
+    return out;
   }
   template <class M>
   const M& get(std::string_view n) const {
@@ -679,7 +752,7 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
       // An empty tensor passes the byte-length check with any other dimensions: bound them
       // so that N·r cannot wrap around.
       constexpr auto dim_max = std::uint64_t(std::numeric_limits<std::int32_t>::max());
-      if (sb[1] > dim_max || sb[2] > dim_max || sa[2] > dim_max)
+      if (sb[0] > dim_max || sb[1] > dim_max || sb[2] > dim_max || sa[0] > dim_max || sa[2] > dim_max)
         throw format_error("deltaw::io::peft (" + source + "): randlora_B " + detail::shape_string(shared_B->shape) +
                            " or randlora_A " + detail::shape_string(shared_A->shape) + " has a dimension above 2^31 − 1");
       a.basis_A = detail::st_flat_matrix(f, *shared_A, index_t(sa[0]), index_t(sa[2]), source);
@@ -728,6 +801,22 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
           throw format_error(where + " needs either " + base + " or both " + base + "_a and " + base + "_b");
         }
       }
+      // out = a·b and in = c·d must be representable: zero-byte factors can claim any
+      // other dimension (lokr_w1 [2^62 + 1, 0] with lokr_w2 [4, 0] overflowed).
+      {
+        index_t prod;
+        const index_t c1 = m.w1_b ? m.w1_b->view.cols() : m.w1.view.cols();
+        const index_t c2 = m.w2_b ? m.w2_b->view.cols() : m.w2.view.cols();
+        auto low_rank_fits = [&prod](const held_matrix<float>& l, index_t c) {  // r·(rows + cols)·2
+          index_t sum;
+          return !__builtin_add_overflow(l.view.rows(), c, &sum) && !__builtin_mul_overflow(l.view.cols(), sum, &prod) &&
+                 !__builtin_mul_overflow(prod, index_t(2), &prod);
+        };
+        if (__builtin_mul_overflow(m.w1.view.rows(), m.w2.view.rows(), &prod) || __builtin_mul_overflow(c1, c2, &prod) ||
+            (m.w1_b && !low_rank_fits(m.w1, c1)) || (m.w2_b && !low_rank_fits(m.w2, c2)))
+          throw format_error(where + ": the LoKr factors " + deltaw::detail::shape_str(m.w1.view.rows(), c1) + " ⊗ " +
+                             deltaw::detail::shape_str(m.w2.view.rows(), c2) + " give a layer too large to index");
+      }
       a.insert(std::move(m));
     } else if (is_miss) {
       const auto* t = get(type == "MISS" ? "miss_block" : "bone_block");
@@ -739,7 +828,11 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
         if (t->shape.size() != 3 || t->shape[1] != std::uint64_t(r) || t->shape[2] != std::uint64_t(r))
           throw format_error(where + ": a bat block must be [out/r, r, r] with r = " + std::to_string(r) + "; got " +
                              detail::shape_string(t->shape));
-        m.block = detail::st_flat_matrix(f, *t, index_t(t->shape[0]) * r, r, source);
+        index_t out_rows;
+        if (t->shape[0] > std::uint64_t(std::numeric_limits<index_t>::max()) ||
+            __builtin_mul_overflow(index_t(t->shape[0]), r, &out_rows))
+          throw format_error(where + ": a bat block " + detail::shape_string(t->shape) + " is too large to index");
+        m.block = detail::st_flat_matrix(f, *t, out_rows, r, source);
       } else {
         m.block = mat2(t, "miss_block");
         if (m.block.view.rows() != r)
@@ -816,16 +909,9 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
         }
     }
   }
-  std::set<std::string> leaves(c.target_modules.begin(), c.target_modules.end());
+  detail::set_full_target_modules(c, modules_);
   for (const auto& mv : modules_) {
     const std::string& n = name_of(mv);
-    if (!c.target_modules_regex) {
-      const auto dot = n.rfind('.');
-      const std::string leaf = dot == std::string::npos ? n : n.substr(dot + 1);
-      bool hit = false;
-      for (const auto& t : leaves) hit = hit || n == t || n.ends_with("." + t);
-      if (!hit) leaves.insert(leaf);
-    }
     if (const auto* m = std::get_if<peft_lokr_module>(&mv)) {
       if (m->rank != c.r) c.rank_pattern.emplace_back(detail::regex_escape(n), m->rank);
       if (m->alpha != c.alpha) c.alpha_pattern.emplace_back(detail::regex_escape(n), m->alpha);
@@ -856,7 +942,6 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
       w.add(P + n + ".randlora_gamma", m->gamma.view);
     }
   }
-  if (!c.target_modules_regex) c.target_modules.assign(leaves.begin(), leaves.end());
   if (c.peft_type == "VERA") {
     w.add("base_model.vera_A", basis_A.view);
     w.add("base_model.vera_B", basis_B.view);
@@ -886,17 +971,14 @@ DELTAW_PRECOMPILED_INLINE peft_structured_adapter read_peft_structured_adapter(c
 peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir);
 #endif
 
-/// Writes `a` as a PEFT adapter directory (created if needed).
+/// Writes `a` as a PEFT adapter directory (created if needed), all-or-nothing (as
+/// write_peft_adapter).
 #if DELTAW_DEFINE_PRECOMPILED
 DELTAW_PRECOMPILED_INLINE void write_peft_structured_adapter(const std::filesystem::path& dir, const peft_structured_adapter& a) {
   if (a.size() == 0) throw argument_error("deltaw::io::write_peft_structured_adapter: the adapter has no modules");
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) throw io_error("deltaw::io::write_peft_structured_adapter: cannot create '" + dir.string() + "': " + ec.message());
   auto [cfg, w] = a.to_files();
-  w.write(dir / "adapter_model.safetensors");
   const std::string text = peft_structured_config_json(cfg).dump(2) + "\n";
-  write_file(dir / "adapter_config.json", std::as_bytes(std::span<const char>(text.data(), text.size())));
+  detail::write_adapter_files(dir, "deltaw::io::write_peft_structured_adapter", w, text);
 }
 #else
 void write_peft_structured_adapter(const std::filesystem::path& dir, const peft_structured_adapter& a);
