@@ -5,6 +5,7 @@
 # (regenerate with fuzz/make_corpus.py), a dictionary from fuzz/<target>.dict if there is
 # one. Crashes are left as crash-* in the build dir, each target's output in
 # <build dir>/fuzz_<target>.log. Exits 1 if any target found something.
+# FUZZ_RUNS=N stops each target after N executions (or the time limit, whichever first).
 set -eu
 secs=${1:-600}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,7 +23,8 @@ for t in $targets; do
   log="$build/fuzz_$t.log"
   rc=0
   dict=; [ -f "$here/$t.dict" ] && dict="-dict=$here/$t.dict"
-  (cd "$build" && "./fuzz_$t" -max_total_time="$secs" -max_len=$maxlen -print_final_stats=1 $dict \
+  runs=; [ -n "${FUZZ_RUNS:-}" ] && runs="-runs=$FUZZ_RUNS"
+  (cd "$build" && "./fuzz_$t" -max_total_time="$secs" -max_len=$maxlen -print_final_stats=1 $dict $runs \
       "corpus_$t" "$here/corpus/$t" >"$log" 2>&1) || rc=$?
   # The final "#N DONE cov: .. ft: .." line and the stat:: lines; the whole tail on a finding.
   echo "== fuzz_$t (exit $rc, log $log)"

@@ -281,3 +281,32 @@ TEST_CASE("kernels::axpy_random adds weighted bases entry by entry; dot_rows giv
       },
       {"axpy_random", "2 coefficients for 3 bases"});
 }
+
+TEST_CASE("kernels on empty views with null data: rows without columns and columns without rows do nothing") {
+  // A view of [3, 0] or [0, 3] may have a null data pointer (a reader's empty tensor): no
+  // primitive may offset it (UBSan caught copy and transform doing so through the fuzzers).
+  const k::cpu_context ctx;
+  for (const auto [r, c] : {std::pair<dw::index_t, dw::index_t>{3, 0}, {0, 3}}) {
+    const dw::matrix_view<float> Y(static_cast<float*>(nullptr), r, c, c, 1);
+    const dw::matrix_view<const float> X(static_cast<const float*>(nullptr), r, c, c, 1);
+    k::copy(ctx, X, Y);
+    k::transform(ctx, Y, [](dw::index_t, dw::index_t, float v) { return v + 1; });
+    k::transform(ctx, X, Y, [](float x, float y) { return x + y; });
+    const dw::basis_entries e{};
+    k::fill_random(ctx, e, 0, std::uint64_t(c), Y);
+    // k = 0 (or an empty C): two products C_i = 0·C_i + X_i·B_i with empty X_i and B_i.
+    std::vector<float> cbuf(std::size_t(2 * r * r) + 1, 5.f);
+    k::gemm_strided_batched<float>(ctx, 1.f, X, 5, k::op::none,
+                                   dw::matrix_view<const float>(static_cast<const float*>(nullptr), c, r, r, 1), 5,
+                                   k::op::none, 0.f, dw::matrix_view<float>(cbuf.data(), r, r, r, 1), r * r, 2);
+    for (std::size_t i = 0; i + 1 < cbuf.size(); ++i) CHECK(cbuf[i] == 0.f);
+    CHECK(cbuf.back() == 5.f);
+  }
+  std::vector<float> out(3, 7.f);
+  const dw::matrix_view<const float> E(static_cast<const float*>(nullptr), 3, 0, 0, 1);
+  k::dot_rows(ctx, E, E, dw::vector_view<float>(out.data(), 3));
+  CHECK(out == std::vector<float>(3, 0.f));
+  out.assign(3, 7.f);
+  k::dot_rows(ctx, E, E, dw::vector_view<float>(out.data(), 3), true);
+  CHECK(out == std::vector<float>(3, 7.f));
+}

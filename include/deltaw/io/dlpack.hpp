@@ -127,6 +127,19 @@ T* dlpack_checked_data(const DLTensor& t, int want_ndim, const char* op) {
   return reinterpret_cast<T*>(addr);
 }
 
+/// For a non-empty rows × cols tensor with non-negative strides: whether its element count
+/// and the byte span it reaches ((rows−1)·rs + (cols−1)·cs + 1 elements) fit in an
+/// int64 (a hostile or buggy producer can claim any shape: [2^62, 4] overflowed).
+template <class T>
+bool dlpack_extent_fits(std::int64_t rows, std::int64_t cols, std::int64_t rs, std::int64_t cs) {
+  if (rows == 0 || cols == 0) return true;
+  std::int64_t n, a, b, span, bytes;
+  return !__builtin_mul_overflow(rows, cols, &n) && !__builtin_mul_overflow(rows - 1, rs, &a) &&
+         !__builtin_mul_overflow(cols - 1, cs, &b) && !__builtin_add_overflow(a, b, &span) &&
+         !__builtin_add_overflow(span, std::int64_t(1), &span) &&
+         !__builtin_mul_overflow(span, std::int64_t(sizeof(T)), &bytes);
+}
+
 inline std::string strides_text(std::int64_t a, std::int64_t b) {
   std::string s("(");  // appended piece by piece: GCC 12's false -Wrestrict, as in shape_str
   s += std::to_string(a);
@@ -149,13 +162,16 @@ matrix_view<T, Device> dlpack_matrix(const DLTensor& t) {
   const std::string where = std::string("deltaw::io::") + op + ": ";
   // Extent-1 dimensions: their stride never multiplies a non-zero index.
   if (cols <= 1) cs = 1;
-  if (rows <= 1) rs = cols > 1 ? cols * cs : 1;
+  if (rows <= 1 && (cols <= 1 || __builtin_mul_overflow(cols, cs, &rs))) rs = 1;
   if (rs < 0 || cs < 0)
     throw layout_error(where + "negative strides " + detail::strides_text(rs, cs) + " (a flipped tensor) cannot be viewed; "
                        "make it contiguous first");
+  if (!detail::dlpack_extent_fits<T>(rows, cols, rs, cs))
+    throw shape_error(where + "a " + std::to_string(rows) + " × " + std::to_string(cols) + " tensor with strides " +
+                      detail::strides_text(rs, cs) + " spans more elements than can be addressed");
   constexpr bool writable = !std::is_const_v<T>;
   constexpr bool cuda = std::is_same_v<Device, device::cuda>;
-  if ((writable || cuda) && rows * cols > 0 && rs != 1 && cs != 1)
+  if ((writable || cuda) && rows > 0 && cols > 0 && rs != 1 && cs != 1)
     throw layout_error(where + "strides " + detail::strides_text(rs, cs) + " of a " +
                        deltaw::detail::shape_str(index_t(rows), index_t(cols)) + " tensor have no unit stride; " + (cuda ? "CUDA views" : "writable views") +
                        " need one contiguous dimension (row- or column-major, possibly padded)");
@@ -176,6 +192,9 @@ vector_view<T, Device> dlpack_vector(const DLTensor& t) {
     throw layout_error("deltaw::io::dlpack_vector: negative stride " + std::to_string(s) + " cannot be viewed");
   if (!std::is_const_v<T> && n > 1 && s == 0)
     throw layout_error("deltaw::io::dlpack_vector: a zero (broadcast) stride would alias writes; view it as const");
+  if (!detail::dlpack_extent_fits<T>(n, 1, s, 1))
+    throw shape_error("deltaw::io::dlpack_vector: " + std::to_string(n) + " elements with stride " + std::to_string(s) +
+                      " span more than can be addressed");
   return vector_view<T, Device>(p, index_t(n), index_t(s));
 }
 

@@ -49,35 +49,15 @@ class pattern {
   }
 
   /// True when the whole of `text` matches (Python's re.fullmatch).
-  bool full_match(std::string_view text) const {
-    std::vector<int> cur, nxt;
-    std::vector<std::size_t> mark(states_.size(), 0);
-    std::size_t gen = 1;
-    add(cur, start_, mark, gen);
-    for (unsigned char c : text) {
-      ++gen;
-      nxt.clear();
-      for (int s : cur)
-        if (states_[std::size_t(s)].k == kind::chars && states_[std::size_t(s)].set.test(c))
-          add(nxt, states_[std::size_t(s)].out[0], mark, gen);
-      cur.swap(nxt);
-      if (cur.empty()) return false;
-    }
-    for (int s : cur)
-      if (s == match_) return true;
-    return false;
-  }
+  bool full_match(std::string_view text) const { return run(text, false); }
 
   /// PEFT's rule for rank_pattern / alpha_pattern keys: the key matches `text` as
   /// `(.*\.)?(key)$`, i.e. the whole of text or a suffix of it that starts after a '.'
-  /// (only the whole text when the key starts with '^').
-  bool matches_module(std::string_view text) const {
-    if (full_match(text)) return true;
-    if (anchored_start_) return false;
-    for (std::size_t i = 0; i < text.size(); ++i)
-      if (text[i] == '.' && full_match(text.substr(i + 1))) return true;
-    return false;
-  }
+  /// (only the whole text when the key starts with '^'). One pass over text: the NFA's
+  /// start state joins the state set after every '.', so the cost is
+  /// O(|text|·|states|) whatever the pattern (restarting a match at each '.' was
+  /// quadratic in the name).
+  bool matches_module(std::string_view text) const { return run(text, !anchored_start_); }
 
   /// Whether `^` / `$` were given (they are implied by full matching).
   bool anchored_start() const { return anchored_start_; }
@@ -334,6 +314,29 @@ class pattern {
       }
     }
     return next;
+  }
+  // Simulates the NFA over text. With restart_after_dot, a new match may also begin after
+  // any '.' reached through a prefix without '\n' (the `(.*\.)?` of PEFT's rule).
+  bool run(std::string_view text, bool restart_after_dot) const {
+    std::vector<int> cur, nxt;
+    std::vector<std::size_t> mark(states_.size(), 0);
+    std::size_t gen = 1;
+    add(cur, start_, mark, gen);
+    bool prefix_open = restart_after_dot;  // `.*` of the prefix has not met a '\n'
+    for (unsigned char c : text) {
+      ++gen;
+      nxt.clear();
+      for (int s : cur)
+        if (states_[std::size_t(s)].k == kind::chars && states_[std::size_t(s)].set.test(c))
+          add(nxt, states_[std::size_t(s)].out[0], mark, gen);
+      if (c == '\n') prefix_open = false;
+      else if (c == '.' && prefix_open) add(nxt, start_, mark, gen);
+      cur.swap(nxt);
+      if (cur.empty() && !prefix_open) return false;
+    }
+    for (int s : cur)
+      if (s == match_) return true;
+    return false;
   }
   void add(std::vector<int>& set, int s, std::vector<std::size_t>& mark, std::size_t gen) const {
     std::vector<int> stack{s};

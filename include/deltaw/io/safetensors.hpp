@@ -334,21 +334,7 @@ class safetensors_file {
            " bytes)");
     data_start_ = 8 + n;
     const std::string_view text(reinterpret_cast<const char*>(bytes_.data() + 8), std::size_t(n));
-    const json root = parse_json_strict(text, "deltaw::io::safetensors (" + source_ + ") header", 8);
-    if (!root.is_object()) fail("the header is not a JSON object");
-
-    for (const auto& [key, val] : root.items()) {
-      if (key == "__metadata__") {
-        if (val.is_null()) continue;
-        if (!val.is_object()) fail("__metadata__ must be an object of strings");
-        for (const auto& [mk, mv] : val.items()) {
-          if (!mv.is_string()) fail("__metadata__ value for \"" + mk + "\" is not a string");
-          metadata_.emplace(mk, mv.get<std::string>());
-        }
-        continue;
-      }
-      tensors_.push_back(parse_entry(key, val));
-    }
+    parse_header(text);
 
     // Entries sorted by offset must tile the data section exactly, in order from 0.
     std::vector<std::size_t> order(tensors_.size());
@@ -379,36 +365,222 @@ class safetensors_file {
       fail("the tensors cover " + std::to_string(expected) + " data bytes but the file has " +
            std::to_string(size - data_start_) + " after the header");
 
-    // Keep tensors in data order; index by name (JSON keys are already unique).
+    // Keep tensors in data order; the index (built while parsing, which rejected
+    // duplicate names) follows them.
+    std::vector<std::size_t> where(order.size());
+    for (std::size_t i = 0; i < order.size(); ++i) where[order[i]] = i;
+    for (auto& [name, i] : index_) i = where[i];
     std::vector<st_tensor_info> sorted;
     sorted.reserve(order.size());
     for (std::size_t i : order) sorted.push_back(std::move(tensors_[i]));
     tensors_ = std::move(sorted);
-    for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
   }
 
-  st_tensor_info parse_entry(const std::string& name, const json& v) const {
-    if (!v.is_object()) fail("entry \"" + name + "\" is not an object");
-    st_tensor_info t;
-    t.name = name;
-    auto dt = v.find("dtype");
-    if (dt == v.end() || !dt->is_string()) fail("entry \"" + name + "\" has no string \"dtype\"");
-    auto d = parse_st_dtype(dt->get_ref<const std::string&>());
-    if (!d) fail("entry \"" + name + "\" has unknown dtype \"" + dt->get<std::string>() + "\"");
-    t.dtype = *d;
-    auto sh = v.find("shape");
-    if (sh == v.end() || !sh->is_array()) fail("entry \"" + name + "\" has no array \"shape\"");
-    for (const auto& x : *sh) {
-      if (!x.is_number_unsigned()) fail("entry \"" + name + "\" has a shape entry that is not a non-negative integer");
-      t.shape.push_back(x.get<std::uint64_t>());
+  // The header is read in one SAX pass straight into tensors_, index_ and metadata_ (no
+  // JSON DOM): linear time, memory a small multiple of the header, and what the format
+  // ignores (extra fields in an entry) skipped without being stored. Checks: an object
+  // at the top; each entry an object with a string "dtype", an array "shape" of
+  // non-negative integers and "data_offsets" [begin, end]; "__metadata__" null or an
+  // object of strings; no duplicate names, metadata keys or entry fields; nesting ≤ 8.
+  class header_sax {
+   public:
+    header_sax(safetensors_file& f, const std::string& what) : f_(f), what_(what) {}
+
+    bool null() { return scalar(kind::null); }
+    bool boolean(bool) { return scalar(kind::other); }
+    bool number_integer(json::number_integer_t) { return scalar(kind::other); }
+    bool number_unsigned(json::number_unsigned_t v) {
+      if (skip_ == 0 && state_ == st::shape) {
+        f_.tensors_.back().shape.push_back(v);
+        return true;
+      }
+      if (skip_ == 0 && state_ == st::offsets) {
+        if (n_offsets_ == 0) f_.tensors_.back().begin = v;
+        else if (n_offsets_ == 1) f_.tensors_.back().end = v;
+        ++n_offsets_;
+        return true;
+      }
+      return scalar(kind::other);
     }
-    auto off = v.find("data_offsets");
-    if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
-        !(*off)[1].is_number_unsigned())
-      fail("entry \"" + name + "\" needs \"data_offsets\": [begin, end] of non-negative integers");
-    t.begin = (*off)[0].get<std::uint64_t>();
-    t.end = (*off)[1].get<std::uint64_t>();
-    return t;
+    bool number_float(json::number_float_t v, const json::string_t& s) {
+      if (!std::isfinite(v)) throw format_error(what_ + ": invalid JSON: number overflow parsing '" + s + "'");
+      return scalar(kind::other);
+    }
+    bool string(json::string_t& v) {
+      if (skip_ == 0 && state_ == st::entry && field_ == fld::dtype) {
+        auto d = parse_st_dtype(v);
+        if (!d) f_.fail("entry \"" + f_.tensors_.back().name + "\" has unknown dtype \"" + v + "\"");
+        f_.tensors_.back().dtype = *d;
+        have_dtype_ = true;
+        return true;
+      }
+      if (skip_ == 0 && state_ == st::metadata) {
+        if (!f_.metadata_.emplace(std::move(key_), std::move(v)).second)
+          f_.fail("duplicate JSON key \"" + last_key_ + "\" in __metadata__");
+        return true;
+      }
+      return scalar(kind::other);
+    }
+    bool binary(json::binary_t&) { throw format_error(what_ + ": invalid JSON: binary value"); }
+
+    bool start_object(std::size_t) {
+      enter();
+      if (skip_ > 0) return ++skip_, true;
+      switch (state_) {
+        case st::begin: state_ = st::root; return true;
+        case st::root:
+          if (key_ == "__metadata__") {
+            state_ = st::metadata;
+          } else {
+            state_ = st::entry;
+            have_dtype_ = have_shape_ = have_offsets_ = false;
+            seen_dtype_ = seen_shape_ = seen_offsets_ = false;
+          }
+          return true;
+        case st::entry:
+          if (field_ != fld::other) return scalar(kind::other);
+          skip_ = 1;  // an extra field: ignored
+          return true;
+        case st::end: return true;
+        case st::metadata: f_.fail("__metadata__ value for \"" + last_key_ + "\" is not a string");
+        case st::shape: f_.fail("entry \"" + f_.tensors_.back().name + "\" has a shape entry that is not a non-negative integer");
+        case st::offsets: bad_offsets();
+      }
+      return true;
+    }
+    bool end_object() {
+      --depth_;
+      if (skip_ > 0) {
+        --skip_;
+        return true;
+      }
+      if (state_ == st::entry) {
+        const auto& name = f_.tensors_.back().name;
+        if (!have_dtype_) f_.fail("entry \"" + name + "\" has no string \"dtype\"");
+        if (!have_shape_) f_.fail("entry \"" + name + "\" has no array \"shape\"");
+        if (!have_offsets_) bad_offsets();
+      }
+      state_ = state_ == st::root ? st::end : st::root;
+      return true;
+    }
+    bool start_array(std::size_t) {
+      enter();
+      if (skip_ > 0) return ++skip_, true;
+      if (state_ == st::entry && field_ == fld::shape) {
+        state_ = st::shape;
+        have_shape_ = true;
+        return true;
+      }
+      if (state_ == st::entry && field_ == fld::offsets) {
+        state_ = st::offsets;
+        have_offsets_ = true;
+        n_offsets_ = 0;
+        return true;
+      }
+      // An extra field's array is skipped; so is a top-level array, so that its depth
+      // is still checked before it is refused as "not a JSON object".
+      if ((state_ == st::entry && field_ == fld::other) || state_ == st::begin) return skip_ = 1, true;
+      return scalar(kind::other);
+    }
+    bool end_array() {
+      --depth_;
+      if (skip_ > 0) {
+        --skip_;
+        return true;
+      }
+      if (state_ == st::offsets && n_offsets_ != 2) bad_offsets();
+      state_ = st::entry;
+      return true;
+    }
+    bool key(json::string_t& k) {
+      if (skip_ > 0) return true;  // duplicate keys inside ignored values are not looked for
+      if (state_ == st::root) {
+        if (k == "__metadata__") {
+          if (seen_metadata_) f_.fail("duplicate JSON key \"__metadata__\"");
+          seen_metadata_ = true;
+          key_ = std::move(k);
+          return true;
+        }
+        if (!f_.index_.emplace(k, f_.tensors_.size()).second) f_.fail("duplicate JSON key \"" + k + "\"");
+        st_tensor_info t;
+        t.name = k;
+        f_.tensors_.push_back(std::move(t));
+        key_ = std::move(k);
+        return true;
+      }
+      if (state_ == st::metadata) {
+        last_key_ = k;
+        key_ = std::move(k);
+        return true;
+      }
+      // In an entry.
+      field_ = k == "dtype" ? fld::dtype : k == "shape" ? fld::shape : k == "data_offsets" ? fld::offsets : fld::other;
+      bool* seen = field_ == fld::dtype ? &seen_dtype_ : field_ == fld::shape ? &seen_shape_ : field_ == fld::offsets ? &seen_offsets_ : nullptr;
+      if (seen && *seen) f_.fail("entry \"" + f_.tensors_.back().name + "\": duplicate JSON key \"" + k + "\"");
+      if (seen) *seen = true;
+      return true;
+    }
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) {
+      throw format_error(what_ + ": invalid JSON: " + e.what());
+    }
+    bool finished() const { return state_ == st::end; }
+
+   private:
+    enum class st { begin, root, entry, metadata, shape, offsets, end };
+    enum class fld { dtype, shape, offsets, other };
+    enum class kind { null, other };
+    void enter() {
+      if (++depth_ > 8) throw format_error(what_ + ": JSON nested deeper than 8 levels");
+    }
+    [[noreturn]] void bad_offsets() const {
+      f_.fail("entry \"" + f_.tensors_.back().name + "\" needs \"data_offsets\": [begin, end] of non-negative integers");
+    }
+    // A scalar (or, from start_array, an array) where the state expects something else.
+    bool scalar(kind k) {
+      if (skip_ > 0) return true;
+      switch (state_) {
+        case st::begin: f_.fail("the header is not a JSON object");
+        case st::root:
+          if (key_ == "__metadata__") {
+            if (k == kind::null) return true;
+            f_.fail("__metadata__ must be an object of strings");
+          }
+          f_.fail("entry \"" + key_ + "\" is not an object");
+        case st::entry:
+          if (field_ == fld::dtype) f_.fail("entry \"" + f_.tensors_.back().name + "\" has no string \"dtype\"");
+          if (field_ == fld::shape) f_.fail("entry \"" + f_.tensors_.back().name + "\" has no array \"shape\"");
+          if (field_ == fld::offsets) bad_offsets();
+          return true;  // an extra field's value: ignored
+        case st::metadata: f_.fail("__metadata__ value for \"" + last_key_ + "\" is not a string");
+        case st::shape: f_.fail("entry \"" + f_.tensors_.back().name + "\" has a shape entry that is not a non-negative integer");
+        case st::offsets: bad_offsets();
+        case st::end: return true;
+      }
+      return true;
+    }
+
+    safetensors_file& f_;
+    const std::string& what_;
+    st state_ = st::begin;
+    fld field_ = fld::other;
+    int depth_ = 0, skip_ = 0, n_offsets_ = 0;
+    bool have_dtype_ = false, have_shape_ = false, have_offsets_ = false;
+    bool seen_dtype_ = false, seen_shape_ = false, seen_offsets_ = false;
+    bool seen_metadata_ = false;
+    std::string key_, last_key_;
+  };
+
+  void parse_header(std::string_view text) {
+    const std::string what = "deltaw::io::safetensors (" + source_ + ") header";
+    if (!detail::valid_utf8(text)) throw format_error(what + ": the JSON text is not valid UTF-8");
+    if (text.find('\0') != std::string_view::npos) throw format_error(what + ": invalid JSON: a NUL byte in the text");
+    header_sax h(*this, what);
+    try {
+      json::sax_parse(text.begin(), text.end(), &h, json::input_format_t::json, /*strict=*/true, /*ignore_comments=*/false);
+    } catch (const json::exception& e) {
+      throw format_error(what + ": invalid JSON: " + e.what());
+    }
+    if (!h.finished()) fail("the header is not a JSON object");
   }
 
   std::span<const std::byte> bytes_;
@@ -469,28 +641,52 @@ class safetensors_writer {
   /// The file's bytes. Header padded with spaces to a multiple of 8 so the data section
   /// starts 8-byte aligned (as the reference writer does).
   std::vector<std::byte> serialize() const {
-    json h = json::object();
+    // Written out directly (linear in the entries; an ordered_json header would be
+    // quadratic): the same bytes as nlohmann's compact dump, metadata first, then the
+    // tensors in the order they were added.
+    std::string text = "{";
+    bool first = true;
+    auto quoted = [](const std::string& str) {
+      try {
+        return json(str).dump();
+      } catch (const json::exception& ex) {
+        throw argument_error(std::string("deltaw::io::safetensors_writer: a name or metadata string is not valid UTF-8: ") +
+                             ex.what());
+      }
+    };
     if (!metadata_.empty()) {
-      json m = json::object();
-      for (const auto& [k, v] : metadata_) m[k] = v;
-      h["__metadata__"] = std::move(m);
+      text += "\"__metadata__\":{";
+      bool mfirst = true;
+      for (const auto& [k, v] : metadata_) {
+        if (!mfirst) text += ',';
+        mfirst = false;
+        text += quoted(k);
+        text += ':';
+        text += quoted(v);
+      }
+      text += '}';
+      first = false;
     }
     std::uint64_t off = 0;
     for (const auto& e : entries_) {
-      json t = json::object();
-      t["dtype"] = st_dtype_name(e.dtype);
-      t["shape"] = e.shape;
-      t["data_offsets"] = {off, off + e.bytes.size()};
-      h[e.name] = std::move(t);
+      if (!first) text += ',';
+      first = false;
+      text += quoted(e.name);
+      text += ":{\"dtype\":\"";
+      text += st_dtype_name(e.dtype);
+      text += "\",\"shape\":[";
+      for (std::size_t i = 0; i < e.shape.size(); ++i) {
+        if (i) text += ',';
+        text += std::to_string(e.shape[i]);
+      }
+      text += "],\"data_offsets\":[";
+      text += std::to_string(off);
+      text += ',';
+      text += std::to_string(off + e.bytes.size());
+      text += "]}";
       off += e.bytes.size();
     }
-    std::string text;
-    try {
-      text = h.dump();
-    } catch (const json::exception& ex) {
-      throw argument_error(std::string("deltaw::io::safetensors_writer: a name or metadata string is not valid UTF-8: ") +
-                           ex.what());
-    }
+    text += '}';
     text.append((8 - text.size() % 8) % 8, ' ');
     std::vector<std::byte> out(8 + text.size() + off);
     const std::uint64_t n = text.size();

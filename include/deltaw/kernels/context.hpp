@@ -118,6 +118,7 @@ void copy(const cpu_context&, const matrix_view<const T>& X, const matrix_view<C
   if (X.rows() != Y.rows() || X.cols() != Y.cols())
     throw shape_error("deltaw::kernels::copy: " + deltaw::detail::shape_str(X.rows(), X.cols()) + " into " +
                       deltaw::detail::shape_str(Y.rows(), Y.cols()));
+  if (X.rows() == 0 || X.cols() == 0) return;  // an empty view's data may be null: no pointer arithmetic
   if (X.col_stride() == 1 && Y.col_stride() == 1) {
     for (index_t i = 0; i < X.rows(); ++i) {
       const T* x = X.data() + i * X.row_stride();

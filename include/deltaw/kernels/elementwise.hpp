@@ -36,6 +36,7 @@ void for_each_index(index_t rows, index_t cols, bool row_major, F&& f) {
 /// Y(i, j) = f(i, j, Y(i, j)) for every element: the general element-wise map.
 template <class C, class F>
 void transform(const cpu_context&, const matrix_view<C>& Y, F&& f) {
+  if (Y.rows() == 0 || Y.cols() == 0) return;  // an empty view's data may be null
   if (Y.col_stride() == 1) {
     for (index_t i = 0; i < Y.rows(); ++i) {
       C* y = Y.data() + i * Y.row_stride();
@@ -50,6 +51,7 @@ void transform(const cpu_context&, const matrix_view<C>& Y, F&& f) {
 template <class T, class C, class F>
 void transform(const cpu_context&, const matrix_view<const T>& X, const matrix_view<C>& Y, F&& f) {
   detail::check_same(X.rows(), X.cols(), Y.rows(), Y.cols(), "deltaw::kernels::transform");
+  if (Y.rows() == 0 || Y.cols() == 0) return;
   if (X.col_stride() == 1 && Y.col_stride() == 1) {
     for (index_t i = 0; i < Y.rows(); ++i) {
       const T* x = X.data() + i * X.row_stride();
@@ -166,6 +168,7 @@ void scatter_add_rows(const cpu_context& ctx, std::type_identity_t<C> alpha, con
 template <class C>
 void fill_random(const cpu_context&, const basis_entries& e, std::uint64_t first, std::uint64_t ld,
                  const matrix_view<C>& Y) {
+  if (Y.rows() == 0 || Y.cols() == 0) return;
   if (Y.col_stride() == 1) {
     for (index_t i = 0; i < Y.rows(); ++i)
       fill_entries<C>(e, first + std::uint64_t(i) * ld, std::uint64_t(Y.cols()), Y.data() + i * Y.row_stride());
@@ -217,6 +220,10 @@ void dot_rows(const cpu_context&, const matrix_view<const T>& X, const matrix_vi
   if (out.size() != X.rows())
     throw shape_error("deltaw::kernels::dot_rows: " + std::to_string(out.size()) + " outputs for " +
                       deltaw::detail::shape_str(X.rows(), X.cols()));
+  if (X.cols() == 0) {  // empty rows (their data may be null): every inner product is 0
+    for (index_t i = 0; i < X.rows(); ++i) out[i] = accumulate ? out[i] : A(0);
+    return;
+  }
   for (index_t i = 0; i < X.rows(); ++i) {
     A s(0);
     if constexpr (std::is_same_v<A, T> && (std::is_same_v<T, float> || std::is_same_v<T, double>)) {

@@ -23,6 +23,12 @@ enum class op : unsigned char { none, trans };
 
 namespace detail {
 
+/// The data of the i-th matrix of a strided batch; an empty view's data (possibly null) as is.
+template <class T>
+T* batch_item(const matrix_view<T>& v, index_t i, index_t stride) {
+  return v.rows() == 0 || v.cols() == 0 ? v.data() : v.data() + i * stride;
+}
+
 template <class C>
 using cm_mut_map =
     Eigen::Map<Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>, Eigen::Unaligned, Eigen::OuterStride<>>;
@@ -127,9 +133,9 @@ void gemm_strided_batched(const cpu_context& ctx, std::type_identity_t<C> alpha,
                           index_t stride_a, op oa, matrix_view<const C> B, index_t stride_b, op ob,
                           std::type_identity_t<C> beta, matrix_view<C> Cv, index_t stride_c, index_t count) {
   for (index_t i = 0; i < count; ++i) {
-    const matrix_view<const C> Ai(A.data() + i * stride_a, A.rows(), A.cols(), A.row_stride(), A.col_stride());
-    const matrix_view<const C> Bi(B.data() + i * stride_b, B.rows(), B.cols(), B.row_stride(), B.col_stride());
-    const matrix_view<C> Ci(Cv.data() + i * stride_c, Cv.rows(), Cv.cols(), Cv.row_stride(), Cv.col_stride());
+    const matrix_view<const C> Ai(detail::batch_item(A, i, stride_a), A.rows(), A.cols(), A.row_stride(), A.col_stride());
+    const matrix_view<const C> Bi(detail::batch_item(B, i, stride_b), B.rows(), B.cols(), B.row_stride(), B.col_stride());
+    const matrix_view<C> Ci(detail::batch_item(Cv, i, stride_c), Cv.rows(), Cv.cols(), Cv.row_stride(), Cv.col_stride());
     gemm<C>(ctx, alpha, Ai, oa, Bi, ob, beta, Ci);
   }
 }
@@ -171,8 +177,8 @@ void gemm_strided_reduce(const cpu_context& ctx, std::type_identity_t<C> alpha, 
     return;
   }
   for (index_t i = 0; i < count; ++i) {
-    const matrix_view<const C> Ai(A.data() + i * stride_a, A.rows(), A.cols(), A.row_stride(), A.col_stride());
-    const matrix_view<const C> Bi(B.data() + i * stride_b, B.rows(), B.cols(), B.row_stride(), B.col_stride());
+    const matrix_view<const C> Ai(detail::batch_item(A, i, stride_a), A.rows(), A.cols(), A.row_stride(), A.col_stride());
+    const matrix_view<const C> Bi(detail::batch_item(B, i, stride_b), B.rows(), B.cols(), B.row_stride(), B.col_stride());
     gemm<C>(ctx, alpha, Ai, oa, Bi, ob, i == 0 ? beta : C(1), Cv);
   }
 }
