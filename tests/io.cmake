@@ -50,11 +50,19 @@ target_link_libraries(test_io PRIVATE nlohmann_json::nlohmann_json)
 target_compile_definitions(test_io PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
                                            DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
 
-# Structured PEFT types (LoKr, MiSS / Bone bat, VeRA, RandLoRA): their own
-# executables, to keep each translation unit small. This one and the round-trip writer
+# Hostile files, concurrent writers and overflow (issue 14): its own executable, since it
+# forks writer processes and replaces operator new / delete to measure what a reader
+# allocates.
+deltaw_add_test(io_hardening io/test_hardening.cpp)
+target_link_libraries(test_io_hardening PRIVATE nlohmann_json::nlohmann_json)
+target_compile_definitions(test_io_hardening PRIVATE DELTAW_IO_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures"
+                                                   DELTAW_IO_FUZZ_CORPUS="${PROJECT_SOURCE_DIR}/fuzz/corpus")
+
+# Structured PEFT types (LoKr, MiSS / Bone bat, VeRA, RandLoRA) and the unified reader
+# (read_peft): their own executable, to keep each translation unit small. This one and the round-trip writer
 # use the compiled mode (deltaw::precompiled: the directory readers and writers come from
 # the library), test_io the header-only one, so both are exercised.
-deltaw_add_test(io_peft_structured io/test_peft_structured.cpp)
+deltaw_add_test(io_peft_structured io/test_peft_structured.cpp io/test_peft_adapter.cpp)
 target_link_libraries(test_io_peft_structured PRIVATE nlohmann_json::nlohmann_json)
 if(TARGET deltaw::precompiled)
   target_link_libraries(test_io_peft_structured PRIVATE deltaw::precompiled)
@@ -82,3 +90,26 @@ foreach(part formats peft)
   set_tests_properties(io_roundtrip_${part} PROPERTIES SKIP_RETURN_CODE 77)
 endforeach()
 
+
+# GGUF LoRA against llama.cpp itself (tests/io/check_llama_cpp.py): a tiny Llama converted by
+# llama.cpp's convert_hf_to_gguf.py, a PEFT LoRA written by deltaw and by llama.cpp's
+# convert_lora_to_gguf.py, logits from llama.cpp (through llama-cpp-python's bindings) against
+# the merged PyTorch model. DELTAW_LLAMA_CPP_PYTHON: an unpacked llama-cpp-python sdist (its
+# llama_cpp/ package and vendor/llama.cpp/ sources); DELTAW_LLAMA_CPP_LIB: the directory
+# holding the libllama built from those sources (docs/formats.md says how). The same names
+# work as environment variables at test time. Skipped (exit 77) without them, torch,
+# transformers or PEFT.
+set(DELTAW_LLAMA_CPP_PYTHON "" CACHE PATH "unpacked llama-cpp-python sdist for the io_llama_cpp check")
+set(DELTAW_LLAMA_CPP_LIB "" CACHE PATH "directory with libllama built from DELTAW_LLAMA_CPP_PYTHON's vendor/llama.cpp")
+add_executable(io_llama_cpp_writer io/llama_cpp_writer.cpp)
+target_link_libraries(io_llama_cpp_writer PRIVATE deltaw::deltaw nlohmann_json::nlohmann_json)
+target_compile_options(io_llama_cpp_writer PRIVATE -Wall -Wextra)
+if(Python3_Interpreter_FOUND)
+  add_test(NAME io_llama_cpp
+           COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/io/check_llama_cpp.py
+                   --writer $<TARGET_FILE:io_llama_cpp_writer> --dir ${CMAKE_CURRENT_BINARY_DIR}/io_llama_cpp
+                   --llama-cpp-python "${DELTAW_LLAMA_CPP_PYTHON}" --llama-lib "${DELTAW_LLAMA_CPP_LIB}")
+else()
+  add_test(NAME io_llama_cpp COMMAND sh -c "echo 'SKIPPED: python3 not found'; exit 77")
+endif()
+set_tests_properties(io_llama_cpp PROPERTIES SKIP_RETURN_CODE 77)

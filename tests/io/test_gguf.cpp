@@ -1,6 +1,8 @@
 // GGUF LoRA: adapters written by the gguf Python package (F32, F16, Q8_0) read back with
 // the right dimension order and llama.cpp's scale, reproducing PEFT's outputs; deltaw's
-// writer round trip; every malformed container throws format_error.
+// writer round trip; llama.cpp's rotary row order of attn_q / attn_k (checked against a
+// dense reference and against attention scores under both rotary conventions); every
+// malformed container throws format_error.
 #include <cstring>
 
 #include "io_test_util.hpp"
@@ -13,6 +15,14 @@ using dwt::MatF;
 namespace {
 const std::pair<const char*, const char*> names[] = {
     {"blocks.0.q", "blk.0.attn_q.weight"}, {"blocks.0.v", "blk.0.attn_v.weight"}, {"head", "output.weight"}};
+// The fixtures were written by gguf.GGUFWriter straight from PEFT's tensors (no rotary
+// reordering, and no heads: the toy q is [24, 16]), so they are read with the rows as stored.
+io::gguf_lora_options as_stored(const std::string& arch = "") {
+  io::gguf_lora_options o;
+  o.architecture = arch;
+  o.permute_qk = false;
+  return o;
+}
 }
 
 TEST_CASE("gguf: F32 adapter written by gguf.GGUFWriter reproduces PEFT's layer outputs") {
@@ -21,7 +31,9 @@ TEST_CASE("gguf: F32 adapter written by gguf.GGUFWriter reproduces PEFT's layer 
   CHECK(f.version() == 3);
   CHECK(f.alignment() == 32);
   CHECK(*f.get_string("general.architecture") == "llama");
-  const auto a = io::read_gguf_lora(f, "llama");
+  dwt::check_throws_with<dw::argument_error>([&] { (void)io::read_gguf_lora(f, "llama"); },
+                                             {"\"blk.0.attn_q.weight\"", "head_count", "permute_qk = false"});
+  const auto a = io::read_gguf_lora(f, as_stored("llama"));
   CHECK(a.alpha == 8.0f);
   REQUIRE(a.tensors.size() == 3);
   const auto expected = io::safetensors_file::open(dwio::fixtures() / "gguf" / "expected.safetensors");
@@ -51,7 +63,7 @@ TEST_CASE("gguf: F32 adapter written by gguf.GGUFWriter reproduces PEFT's layer 
 
 TEST_CASE("gguf: F16 and Q8_0 tensors convert to the values the gguf package stored") {
   const auto expected = io::safetensors_file::open(dwio::fixtures() / "gguf" / "expected.safetensors");
-  const auto a16 = io::read_gguf_lora(dwio::fixtures() / "gguf" / "lora_f16.gguf");
+  const auto a16 = io::read_gguf_lora(dwio::fixtures() / "gguf" / "lora_f16.gguf", as_stored());
   for (const auto& [hf, gg] : names) {
     const auto* p = a16.find(gg);
     REQUIRE(p != nullptr);
@@ -60,7 +72,7 @@ TEST_CASE("gguf: F16 and Q8_0 tensors convert to the values the gguf package sto
   }
   const auto f8 = io::gguf_file::open(dwio::fixtures() / "gguf" / "lora_q8_0.gguf");
   CHECK(f8.at("blk.1.attn_q.weight.lora_a").type == 8);
-  const auto a8 = io::read_gguf_lora(f8);
+  const auto a8 = io::read_gguf_lora(f8, as_stored());
   CHECK(a8.alpha == 16.0f);
   const auto* p = a8.find("blk.1.attn_q.weight");
   REQUIRE(p != nullptr);
@@ -76,12 +88,17 @@ TEST_CASE("gguf: F16 and Q8_0 tensors convert to the values the gguf package sto
 
 TEST_CASE("gguf: deltaw's writer round trip folds per-tensor scales into B exactly") {
   dwio::temp_dir tmp;
-  const MatF B1 = dwt::random<MatF>(6, 3, 1), A1 = dwt::random<MatF>(3, 5, 2);
+  const MatF B1 = dwt::random<MatF>(8, 3, 1), A1 = dwt::random<MatF>(3, 5, 2);
   const MatF B2 = dwt::random<MatF>(4, 2, 3), A2 = dwt::random<MatF>(2, 6, 4);
   std::vector<std::pair<std::string, dw::low_rank<float>>> ups = {
       {"blk.0.attn_q.weight", dw::lora(B1, A1, dw::alpha(12))}, {"blk.0.attn_k.weight", dw::lora(B2, A2, dw::scale(0.3))}};
-  io::write_gguf_lora(tmp.path / "a.gguf", "llama", ups, "test adapter");
-  const auto a = io::read_gguf_lora(tmp.path / "a.gguf", "llama");
+  io::gguf_lora_options o;
+  o.head_count = {2};  // q: 2 heads of 4, k: 1 head of 4
+  o.head_count_kv = {1};
+  o.name = "test adapter";
+  io::write_gguf_lora(tmp.path / "a.gguf", "llama", ups, o);
+  o.architecture = "llama";
+  const auto a = io::read_gguf_lora(tmp.path / "a.gguf", o);
   CHECK(a.alpha == 12.0f);
   CHECK(*io::gguf_file::open(tmp.path / "a.gguf").get_string("general.name") == "test adapter");
   for (const auto& [name, u] : ups) {
@@ -103,7 +120,9 @@ TEST_CASE("gguf: deltaw's writer round trip folds per-tensor scales into B exact
   w.add_tensor("t", dw::view(A1).transpose());
   const auto g = io::gguf_file::parse(w.serialize());
   CHECK(g.alignment() == 64);
-  CHECK(std::get<std::vector<io::gguf_value>>(g.find_kv("arr")->value).size() == 2);
+  CHECK(g.find_kv("arr")->array_size() == 2);  // read back packed (gguf_packed_array)
+  CHECK(std::get<std::int64_t>(g.find_kv("arr")->element(0).value) == -1);
+  CHECK(std::get<std::int64_t>(g.find_kv("arr")->element(1).value) == 2);
   CHECK_FALSE(g.find_kv("arr")->as_number().has_value());
   CHECK(std::get<bool>(g.find_kv("flag")->value));
   CHECK(*g.find_kv("big")->as_number() == double(1ull << 40));
@@ -249,6 +268,185 @@ TEST_CASE("gguf: LoRA-level checks (type, architecture, pairs, shapes)") {
   }
 }
 
+namespace {
+// Reference for llama.cpp's converter (LlamaModel.permute): the rows of a [heads·D, c] matrix
+// viewed as [heads, 2, D/2, c], axes 1 and 2 swapped, viewed back; built here in double as a
+// permutation matrix P, so that the GGUF matrix is P·M.
+MatD rope_permutation(Eigen::Index heads, Eigen::Index rows) {
+  const Eigen::Index D = rows / heads, half = D / 2;
+  MatD P = MatD::Zero(rows, rows);
+  // Flat row index of [h, s, i] in the [heads, 2, D/2] view, and of [h, i, s] after the swap.
+  for (Eigen::Index h = 0; h < heads; ++h)
+    for (Eigen::Index s = 0; s < 2; ++s)
+      for (Eigen::Index i = 0; i < half; ++i) P((h * half + i) * 2 + s, (h * 2 + s) * half + i) = 1.0;
+  return P;
+}
+// Rotary embedding of one head's vector at position p: Hugging Face's rotate-half pairs
+// (i, i + D/2), llama.cpp's normal mode pairs (2i, 2i + 1); same frequencies θᵢ = 10000^(−2i/D).
+Eigen::VectorXd rope(const Eigen::VectorXd& x, double p, bool interleaved) {
+  const Eigen::Index D = x.size(), half = D / 2;
+  Eigen::VectorXd y(D);
+  for (Eigen::Index i = 0; i < half; ++i) {
+    const double t = p * std::pow(10000.0, -2.0 * double(i) / double(D)), c = std::cos(t), sn = std::sin(t);
+    const Eigen::Index a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    y(a) = x(a) * c - x(b) * sn;
+    y(b) = x(b) * c + x(a) * sn;
+  }
+  return y;
+}
+}  // namespace
+
+TEST_CASE("gguf: attn_q / attn_k rows follow llama.cpp's rotary order (dense reference, attention scores)") {
+  dwio::temp_dir tmp;
+  const Eigen::Index heads = 4, kv_heads = 2, D = 6, in = 10;
+  const MatF Bq = dwt::random<MatF>(heads * D, 3, 11), Aq = dwt::random<MatF>(3, in, 12);
+  const MatF Bk = dwt::random<MatF>(kv_heads * D, 2, 13), Ak = dwt::random<MatF>(2, in, 14);
+  const MatF Bv = dwt::random<MatF>(kv_heads * D, 2, 15), Av = dwt::random<MatF>(2, in, 16);
+  const auto q = dw::lora(Bq, Aq, dw::alpha(6)), k = dw::lora(Bk, Ak, dw::scale(0.7)), v = dw::lora(Bv, Av, dw::alpha(2));
+  io::gguf_lora_options o;
+  o.head_count = {heads};
+  o.head_count_kv = {kv_heads};
+  // The documented call shape: a braced list of {name, update}; mixed element types.
+  const auto kd = dw::lora(dwt::MatD(Bk.cast<double>()), dwt::MatD(Ak.cast<double>()), dw::scale(0.7));
+  io::write_gguf_lora(tmp.path / "a.gguf", "llama",
+                      {{"blk.1.attn_q.weight", q}, {"blk.1.attn_k.weight", kd}, {"blk.1.attn_v.weight", v}}, o);
+
+  // As stored: ΔW_gguf = P·ΔW_hf for q (4 heads) and k (2 KV heads), v unchanged.
+  const auto raw = io::read_gguf_lora(tmp.path / "a.gguf", as_stored("llama"));
+  const MatD Wq = dw::materialize(q).cast<double>(), Wk = dw::materialize(k).cast<double>();
+  const MatD Gq = dw::materialize(raw.update("blk.1.attn_q.weight")).cast<double>();
+  const MatD Gk = dw::materialize(raw.update("blk.1.attn_k.weight")).cast<double>();
+  CHECK(dwt::rel_err(Gq, rope_permutation(heads, heads * D) * Wq) < 1e-6);
+  CHECK(dwt::rel_err(Gk, rope_permutation(kv_heads, kv_heads * D) * Wk) < 1e-6);
+  CHECK(dwt::rel_err(Gq, Wq) > 0.1);  // the reordering is not the identity here
+  CHECK(dwt::rel_err(dw::materialize(raw.update("blk.1.attn_v.weight")), dw::materialize(v)) < 1e-6);
+  // A is untouched (only B's rows move).
+  CHECK(dwt::rel_err(Eigen::Map<const MatF>(raw.find("blk.1.attn_q.weight")->A.view.data(), 3, in), Aq) == 0.0);
+
+  // What the order means: attention scores with Hugging Face's rotary on the PEFT rows equal
+  // those with llama.cpp's interleaved rotary on the stored rows (GQA: q head h uses k head h/2).
+  const Eigen::VectorXd x1 = dwt::random<MatD>(in, 1, 17), x2 = dwt::random<MatD>(in, 1, 18);
+  const Eigen::VectorXd qh = Wq * x1, kh = Wk * x2, qg = Gq * x1, kg = Gk * x2;
+  double worst = 0, scale = 0;
+  for (Eigen::Index h = 0; h < heads; ++h) {
+    const Eigen::Index g = h / (heads / kv_heads);
+    const double s_hf = rope(qh.segment(h * D, D), 5, false).dot(rope(kh.segment(g * D, D), 2, false));
+    const double s_gg = rope(qg.segment(h * D, D), 5, true).dot(rope(kg.segment(g * D, D), 2, true));
+    worst = std::max(worst, std::abs(s_hf - s_gg));
+    scale = std::max(scale, std::abs(s_hf));
+  }
+  CHECK(scale > 0.1);
+  CHECK(worst / scale < 1e-5);
+
+  // Read with the head counts: PEFT's rows again.
+  auto ro = o;
+  ro.architecture = "llama";
+  const auto a = io::read_gguf_lora(tmp.path / "a.gguf", ro);
+  CHECK(dwt::rel_err(dw::materialize(a.update("blk.1.attn_q.weight")), dw::materialize(q)) < 1e-6);
+  CHECK(dwt::rel_err(dw::materialize(a.update("blk.1.attn_k.weight")), dw::materialize(k)) < 1e-6);
+
+  // Per-layer head counts (as in a GGUF with per-layer arrays): layer 1's entry is used.
+  io::gguf_lora_options per_layer;
+  per_layer.head_count = {1, heads, 7};
+  per_layer.head_count_kv = {1, kv_heads, 7};
+  const auto b = io::read_gguf_lora(io::gguf_file::open(tmp.path / "a.gguf"), per_layer);
+  CHECK(dwt::rel_err(dw::materialize(b.update("blk.1.attn_k.weight")), dw::materialize(k)) < 1e-6);
+
+  // An architecture llama.cpp does not reorder: rows as given, and no heads needed.
+  io::write_gguf_lora(tmp.path / "qwen.gguf", "qwen2", {{"blk.0.attn_q.weight", q}});
+  const auto w = io::read_gguf_lora(tmp.path / "qwen.gguf", "qwen2");
+  CHECK(dwt::rel_err(dw::materialize(w.update("blk.0.attn_q.weight")), dw::materialize(q)) == 0.0);
+  CHECK(io::gguf_lora_permutes_qk("llama"));
+  CHECK(io::gguf_lora_permutes_qk("granite"));
+  CHECK_FALSE(io::gguf_lora_permutes_qk("qwen2"));
+  CHECK_FALSE(io::gguf_lora_permutes_qk("llama4"));
+  // permute_qk = true forces it.
+  auto forced = o;
+  forced.permute_qk = true;
+  io::write_gguf_lora(tmp.path / "forced.gguf", "qwen2", {{"blk.0.attn_q.weight", q}}, forced);
+  const auto fr = io::read_gguf_lora(tmp.path / "forced.gguf", as_stored());
+  CHECK(dwt::rel_err(dw::materialize(fr.update("blk.0.attn_q.weight")).cast<double>(),
+                     rope_permutation(heads, heads * D) * Wq) < 1e-6);
+}
+
+TEST_CASE("gguf: head counts from a base model's GGUF, and every refusal") {
+  dwio::temp_dir tmp;
+  {
+    io::gguf_writer m;
+    m.add_kv("general.architecture", io::gguf_value::string("llama"));
+    m.add_kv("general.type", io::gguf_value::string("model"));
+    m.add_kv("llama.attention.head_count", io::gguf_value::u32(4));
+    m.add_kv("llama.attention.head_count_kv", io::gguf_value::u32(2));
+    const auto o = io::gguf_lora_options::from_model(io::gguf_file::parse(m.serialize()));
+    CHECK(o.architecture == "llama");
+    CHECK(o.head_count == std::vector<std::int64_t>{4});
+    CHECK(o.head_count_kv == std::vector<std::int64_t>{2});
+  }
+  {
+    io::gguf_writer m;  // per-layer arrays (e.g. deci), no head_count_kv
+    m.add_kv("general.architecture", io::gguf_value::string("deci"));
+    m.add_kv("deci.attention.head_count",
+             io::gguf_value{io::gguf_type::ARRAY, io::gguf_type::INT32,
+                            std::vector<io::gguf_value>{io::gguf_value::i32(8), io::gguf_value::i32(0), io::gguf_value::i32(4)}});
+    const auto o = io::gguf_lora_options::from_model(io::gguf_file::parse(m.serialize()));
+    CHECK(o.head_count == std::vector<std::int64_t>{8, 0, 4});
+    CHECK(o.head_count_kv.empty());
+  }
+  {
+    io::gguf_writer m;
+    m.add_kv("general.architecture", io::gguf_value::string("llama"));
+    m.add_kv("llama.attention.head_count", io::gguf_value::i32(-2));
+    dwt::check_throws_with<dw::format_error>(
+        [&] { (void)io::gguf_lora_options::from_model(io::gguf_file::parse(m.serialize())); },
+        {"llama.attention.head_count", "non-negative integer"});
+  }
+  const MatF B = dwt::random<MatF>(8, 2, 1), A = dwt::random<MatF>(2, 5, 2);
+  const auto u = dw::lora(B, A, dw::alpha(4));
+  const auto out = tmp.path / "x.gguf";
+  dwt::check_throws_with<dw::argument_error>(
+      [&] { io::write_gguf_lora(out, "llama", std::vector<io::gguf_lora_update>{}); }, {"no updates"});
+  dwt::check_throws_with<dw::argument_error>(
+      [&] { io::write_gguf_lora(out, "llama", std::vector<std::pair<std::string, dw::low_rank<float>>>{}); },
+      {"no updates"});
+  dwt::check_throws_with<dw::argument_error>([&] { io::write_gguf_lora(out, "llama", {{"blk.0.attn_q.weight", u}}); },
+                                             {"\"blk.0.attn_q.weight\"", "head_count", "from_model"});
+  CHECK_FALSE(std::filesystem::exists(out));
+  // v needs no heads.
+  io::write_gguf_lora(out, "llama", {{"blk.0.attn_v.weight", u}});
+  io::gguf_lora_options o;
+  o.head_count = {3};
+  dwt::check_throws_with<dw::argument_error>([&] { io::write_gguf_lora(out, "llama", {{"blk.0.attn_k.weight", u}}, o); },
+                                             {"8 rows do not split into 3 heads"});
+  o.head_count = {8};  // heads of 1 row: odd
+  dwt::check_throws_with<dw::argument_error>([&] { io::write_gguf_lora(out, "llama", {{"blk.0.attn_q.weight", u}}, o); },
+                                             {"heads of an even size"});
+  o.head_count = {2, 2};
+  dwt::check_throws_with<dw::argument_error>([&] { io::write_gguf_lora(out, "llama", {{"blk.5.attn_q.weight", u}}, o); },
+                                             {"layer 5", "2 per-layer values"});
+  o.head_count = {2, 0};
+  dwt::check_throws_with<dw::argument_error>([&] { io::write_gguf_lora(out, "llama", {{"blk.1.attn_q.weight", u}}, o); },
+                                             {"head_count is 0"});
+  o.head_count = {2};
+  o.architecture = "qwen2";
+  dwt::check_throws_with<dw::argument_error>([&] { io::write_gguf_lora(out, "llama", {{"blk.0.attn_q.weight", u}}, o); },
+                                             {"for \"llama\" but the options are for \"qwen2\""});
+  dwt::check_throws_with<dw::argument_error>([&] { io::write_gguf_lora(out, "", {{"blk.0.attn_q.weight", u}}); },
+                                             {"architecture is empty"});
+  // Reading: an attn_k needs heads too (the stored file has 2 KV heads of 4 rows).
+  o.architecture.clear();
+  o.head_count_kv = {2};
+  io::write_gguf_lora(out, "llama", {{"blk.0.attn_k.weight", u}}, o);
+  dwt::check_throws_with<dw::argument_error>([&] { (void)io::read_gguf_lora(out, "llama"); },
+                                             {"read_gguf_lora", "\"blk.0.attn_k.weight\"", "head_count"});
+  io::gguf_lora_options r;
+  r.head_count = {3};  // head_count_kv empty: k uses head_count
+  dwt::check_throws_with<dw::argument_error>([&] { (void)io::read_gguf_lora(out, r); },
+                                             {"\"blk.0.attn_k.weight.lora_b\"", "8 rows do not split into 3 heads"});
+  r.architecture = "mistral3";
+  dwt::check_throws_with<dw::format_error>([&] { (void)io::read_gguf_lora(out, r); },
+                                           {"for \"llama\" but the model is \"mistral3\""});
+}
+
 TEST_CASE("gguf: Llama module names map to llama.cpp tensor names") {
   CHECK(*io::llama_gguf_tensor_name("model.layers.3.self_attn.q_proj") == "blk.3.attn_q.weight");
   CHECK(*io::llama_gguf_tensor_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight");
@@ -265,7 +463,7 @@ TEST_CASE("gguf: every seed of the fuzz corpus parses or throws deltaw::error") 
     try {
       const auto f = io::gguf_file::parse(b);
       for (const auto& t : f.tensors()) (void)f.values<double>(t.name);
-      (void)io::read_gguf_lora(f);
+      (void)io::read_gguf_lora(f, as_stored());
       ++ok;
     } catch (const dw::error&) {
     }

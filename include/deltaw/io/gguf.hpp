@@ -75,11 +75,52 @@ inline constexpr std::size_t gguf_max_dims = 4;         // GGML_MAX_DIMS
 inline constexpr int gguf_max_array_depth = 4;          // nested arrays
 }  // namespace detail
 
-/// A typed KV value. Integers are widened (kept as the file's type in `type`).
+/// Bytes per element of a fixed-size GGUF value type (0 for STRING and ARRAY).
+inline constexpr std::size_t gguf_scalar_size(gguf_type t) {
+  switch (t) {
+    case gguf_type::UINT8: case gguf_type::INT8: case gguf_type::BOOL: return 1;
+    case gguf_type::UINT16: case gguf_type::INT16: return 2;
+    case gguf_type::UINT32: case gguf_type::INT32: case gguf_type::FLOAT32: return 4;
+    case gguf_type::UINT64: case gguf_type::INT64: case gguf_type::FLOAT64: return 8;
+    default: return 0;
+  }
+}
+
+struct gguf_value;
+
+/// An array of fixed-size scalars kept as the file stores it (little-endian bytes): the
+/// reader's form for every numeric / bool array, so that a KV array costs its own bytes
+/// in memory (one gguf_value per element took 48 bytes: 48× the file for a u8 array).
+struct gguf_packed_array {
+  gguf_type type = gguf_type::UINT8;  ///< the element type (never STRING or ARRAY)
+  std::vector<std::byte> bytes;
+  std::size_t size() const { return gguf_scalar_size(type) ? bytes.size() / gguf_scalar_size(type) : 0; }
+  /// Element i as a gguf_value (i < size()).
+  gguf_value at(std::size_t i) const;
+};
+
+/// A typed KV value. Integers are widened (kept as the file's type in `type`). Arrays are
+/// a std::vector<gguf_value> (strings, nested arrays, and arrays built by hand) or a
+/// gguf_packed_array (numeric arrays read from a file); array_size() / element(i) read
+/// either.
 struct gguf_value {
   gguf_type type = gguf_type::UINT8;
   gguf_type array_type = gguf_type::UINT8;  ///< element type when type == ARRAY
-  std::variant<std::uint64_t, std::int64_t, double, bool, std::string, std::vector<gguf_value>> value;
+  std::variant<std::uint64_t, std::int64_t, double, bool, std::string, std::vector<gguf_value>, gguf_packed_array> value;
+
+  /// The number of elements of an array (0 for a non-array).
+  std::size_t array_size() const {
+    if (auto* v = std::get_if<std::vector<gguf_value>>(&value)) return v->size();
+    if (auto* p = std::get_if<gguf_packed_array>(&value)) return p->size();
+    return 0;
+  }
+  /// Element i of an array (i < array_size()).
+  gguf_value element(std::size_t i) const {
+    if (auto* p = std::get_if<gguf_packed_array>(&value)) return p->at(i);
+    const auto* v = std::get_if<std::vector<gguf_value>>(&value);
+    if (v == nullptr || i >= v->size()) throw argument_error("deltaw::io::gguf_value::element: not an array, or index out of range");
+    return (*v)[i];
+  }
 
   static gguf_value string(std::string s) { return {gguf_type::STRING, gguf_type::UINT8, std::move(s)}; }
   static gguf_value f32(float f) { return {gguf_type::FLOAT32, gguf_type::UINT8, double(f)}; }
@@ -97,6 +138,30 @@ struct gguf_value {
     return std::nullopt;
   }
 };
+
+inline gguf_value gguf_packed_array::at(std::size_t i) const {
+  const std::size_t w = gguf_scalar_size(type);
+  if (w == 0 || i >= size()) throw argument_error("deltaw::io::gguf_packed_array::at: index out of range");
+  const std::byte* p = bytes.data() + i * w;
+  using detail::load_unaligned;
+  gguf_value v;
+  v.type = type;
+  switch (type) {
+    case gguf_type::UINT8: v.value = std::uint64_t(load_unaligned<std::uint8_t>(p)); break;
+    case gguf_type::INT8: v.value = std::int64_t(load_unaligned<std::int8_t>(p)); break;
+    case gguf_type::UINT16: v.value = std::uint64_t(load_unaligned<std::uint16_t>(p)); break;
+    case gguf_type::INT16: v.value = std::int64_t(load_unaligned<std::int16_t>(p)); break;
+    case gguf_type::UINT32: v.value = std::uint64_t(load_unaligned<std::uint32_t>(p)); break;
+    case gguf_type::INT32: v.value = std::int64_t(load_unaligned<std::int32_t>(p)); break;
+    case gguf_type::FLOAT32: v.value = double(load_unaligned<float>(p)); break;
+    case gguf_type::BOOL: v.value = load_unaligned<std::uint8_t>(p) != 0; break;
+    case gguf_type::UINT64: v.value = load_unaligned<std::uint64_t>(p); break;
+    case gguf_type::INT64: v.value = load_unaligned<std::int64_t>(p); break;
+    case gguf_type::FLOAT64: v.value = load_unaligned<double>(p); break;
+    default: break;
+  }
+  return v;
+}
 
 struct gguf_tensor_info {
   std::string name;
@@ -276,10 +341,20 @@ class gguf_file {
         if (et > 12) fail("key \"" + key + "\": unknown array element type " + std::to_string(et));
         v.array_type = gguf_type(et);
         const auto n = get<std::uint64_t>("an array length");
-        // Each element takes at least one byte (8 for strings and arrays): bound n before allocating.
-        const std::uint64_t min_elem = (et == 8 || et == 9) ? 8 : (et == 0 || et == 1 || et == 7) ? 1 : (et == 2 || et == 3) ? 2 : (et == 10 || et == 11 || et == 12) ? 8 : 4;
+        // Each element takes at least one byte (8 for strings, 12 for arrays): bound n before allocating.
+        const std::size_t width = gguf_scalar_size(gguf_type(et));
+        const std::uint64_t min_elem = et == 8 ? 8 : et == 9 ? 12 : width;
         if (n > remaining() / min_elem)
           fail("key \"" + key + "\": array of " + std::to_string(n) + " elements does not fit in the file");
+        if (width != 0) {  // numbers and bools: the bytes as they are
+          gguf_packed_array a;
+          a.type = gguf_type(et);
+          const auto* b = bytes_.data() + pos_;
+          a.bytes.assign(b, b + std::size_t(n) * width);
+          pos_ += std::size_t(n) * width;
+          v.value = std::move(a);
+          break;
+        }
         std::vector<gguf_value> elems;
         elems.reserve(std::size_t(n));
         for (std::uint64_t i = 0; i < n; ++i) elems.push_back(get_value(et, key, depth + 1));
@@ -332,13 +407,19 @@ class gguf_file {
       const auto nd = get<std::uint32_t>("a dimension count");
       if (nd > detail::gguf_max_dims)
         fail("tensor \"" + t.name + "\" has " + std::to_string(nd) + " dimensions; at most 4 are allowed");
-      std::uint64_t count = 1;
+      // As llama.cpp: every dimension below 2^63 and the element count representable in
+      // an int64, here with zero dimensions left out of the product (a zero-byte tensor
+      // [0, 2^62, 2^62] would otherwise pass and overflow the products taken later).
+      std::uint64_t count = 1, nonzero = 1;
+      constexpr auto i64_max = std::uint64_t(std::numeric_limits<std::int64_t>::max());
       for (std::uint32_t d = 0; d < nd; ++d) {
         t.ne.push_back(get<std::uint64_t>("a dimension"));
-        auto c = detail::checked_mul(count, t.ne.back());
-        if (!c || *c > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
-          fail("tensor \"" + t.name + "\" element count overflows");
-        count = *c;
+        const auto n = t.ne.back();
+        if (n > i64_max) fail("tensor \"" + t.name + "\" has dimension " + std::to_string(n) + ", not below 2^63");
+        auto c = detail::checked_mul(nonzero, n == 0 ? 1 : n);
+        if (!c || *c > i64_max) fail("tensor \"" + t.name + "\" element count overflows");
+        nonzero = *c;
+        count *= n;
       }
       t.type = get<std::uint32_t>("a tensor type");
       const auto* tr = detail::ggml_traits(t.type);
@@ -484,6 +565,12 @@ class gguf_writer {
         break;
       }
       case gguf_type::ARRAY: {
+        if (const auto* packed = std::get_if<gguf_packed_array>(&v.value)) {  // as read from a file
+          num(std::uint32_t(packed->type));
+          num(std::uint64_t(packed->size()));
+          put(packed->bytes.data(), packed->size() * gguf_scalar_size(packed->type));
+          break;
+        }
         const auto& a = std::get<std::vector<gguf_value>>(v.value);
         num(std::uint32_t(v.array_type));
         num(std::uint64_t(a.size()));
@@ -507,6 +594,11 @@ class gguf_writer {
 };
 
 /// A llama.cpp LoRA adapter: one (A, B) pair per base tensor, one alpha for all.
+///
+/// B's rows are in the Hugging Face / PEFT order of the module: for the architectures whose
+/// attn_q / attn_k rows llama.cpp's converter reorders (gguf_lora_permutes_qk), read_gguf_lora
+/// undoes that reordering, unless read with gguf_lora_options::permute_qk = false, which keeps
+/// the rows as stored (the order of the GGUF base tensor).
 struct gguf_lora_adapter {
   struct pair {
     std::string base;      ///< base tensor name, e.g. "blk.0.attn_q.weight"
@@ -533,9 +625,145 @@ struct gguf_lora_adapter {
   }
 };
 
-/// Reads a llama.cpp LoRA adapter. With `architecture` non-empty, the file's
-/// general.architecture must equal it (llama.cpp refuses mismatches).
-inline gguf_lora_adapter read_gguf_lora(const gguf_file& f, const std::string& architecture = "",
+/// Whether llama.cpp's Hugging Face → GGUF converter reorders the rows of attn_q and attn_k
+/// for `architecture` (a GGUF general.architecture), and so its LoRA converter the rows of
+/// their lora_b. Per head of D rows, Hugging Face's rotate-half order (row s·D/2 + i, s ∈ {0, 1})
+/// becomes interleaved pairs (row 2i + s); attn_k uses the key/value head count. The list is
+/// the converter's model classes that apply that permutation to q_proj / k_proj (llama.cpp as
+/// vendored by llama-cpp-python 0.3.36); Llama 4, Apertus, Mistral-format checkpoints and the
+/// Qwen, Gemma, Phi … families keep Hugging Face's order.
+inline bool gguf_lora_permutes_qk(std::string_view architecture) {
+  static constexpr std::string_view archs[] = {
+      "llama",  "arcee",       "llama-embed", "smollm3",   "nanbeige",       "granite", "granite_swa", "granitemoe",
+      "granitehybrid", "nemotron_h", "nemotron_h_moe", "arctic", "baichuan", "bailingmoe", "chameleon", "deci",
+      "deepseek", "internlm2", "llada",       "minicpm",   "olmo",           "xverse"};
+  return std::find(std::begin(archs), std::end(archs), architecture) != std::end(archs);
+}
+
+/// Options of read_gguf_lora and write_gguf_lora (an aggregate: `{.head_count = {32},
+/// .head_count_kv = {8}}`).
+struct gguf_lora_options {
+  /// The base model's architecture. Non-empty: the adapter's general.architecture must equal it
+  /// (read), or the architecture written must (write); llama.cpp refuses a mismatch.
+  std::string architecture{};
+  /// Attention heads of the base model (llama.cpp's <arch>.attention.head_count): one value
+  /// for every layer, or one per layer. Needed for attn_q / attn_k of the architectures
+  /// gguf_lora_permutes_qk names.
+  std::vector<std::int64_t> head_count{};
+  /// Key/value heads (<arch>.attention.head_count_kv), the same way; empty: head_count.
+  std::vector<std::int64_t> head_count_kv{};
+  /// Reorder the rows of attn_q / attn_k's B between PEFT's order (in memory) and llama.cpp's
+  /// (in the file): nullopt decides by gguf_lora_permutes_qk(architecture); false keeps the
+  /// rows as they are; true reorders whatever the architecture.
+  std::optional<bool> permute_qk{};
+  /// general.name to write (optional).
+  std::string name{};
+
+  /// The architecture and head counts of a base model's GGUF (general.architecture,
+  /// <arch>.attention.head_count and head_count_kv, numbers or per-layer arrays).
+  static gguf_lora_options from_model(const gguf_file& base) {
+    const std::string where = "deltaw::io::gguf_lora_options::from_model: ";
+    gguf_lora_options o;
+    auto arch = base.get_string("general.architecture");
+    if (!arch) throw format_error(where + "general.architecture is missing");
+    o.architecture = *arch;
+    auto counts = [&](const std::string& key) {
+      std::vector<std::int64_t> out;
+      const auto* v = base.find_kv(key);
+      if (!v) return out;
+      auto one = [&](const gguf_value& e) {
+        const auto d = e.as_number();
+        if (!d || !(*d >= 0) || *d > 1e9 || *d != std::floor(*d))
+          throw format_error(where + "\"" + key + "\" must be a non-negative integer or an array of them");
+        out.push_back(std::int64_t(*d));
+      };
+      if (v->type == gguf_type::ARRAY) {
+        for (std::size_t i = 0, n = v->array_size(); i < n; ++i) one(v->element(i));
+      } else {
+        one(*v);
+      }
+      return out;
+    };
+    o.head_count = counts(o.architecture + ".attention.head_count");
+    o.head_count_kv = counts(o.architecture + ".attention.head_count_kv");
+    return o;
+  }
+};
+
+namespace detail {
+/// "blk.<layer>.attn_q.weight" / "blk.<layer>.attn_k.weight": the layer and whether it is k.
+struct gguf_qk_tensor {
+  std::size_t layer;
+  bool is_k;
+};
+inline std::optional<gguf_qk_tensor> gguf_qk_of(std::string_view base) {
+  constexpr std::string_view pre = "blk.";
+  if (!base.starts_with(pre)) return std::nullopt;
+  base.remove_prefix(pre.size());
+  const auto dot = base.find('.');
+  if (dot == 0 || dot == std::string_view::npos || dot > 9) return std::nullopt;
+  const auto digits = base.substr(0, dot);
+  if (digits.find_first_not_of("0123456789") != std::string_view::npos) return std::nullopt;
+  const auto rest = base.substr(dot);
+  if (rest != ".attn_q.weight" && rest != ".attn_k.weight") return std::nullopt;
+  std::size_t layer = 0;
+  for (char c : digits) layer = layer * 10 + std::size_t(c - '0');
+  return gguf_qk_tensor{layer, rest == ".attn_k.weight"};
+}
+
+/// The head count that reorders `base`'s rows, or 0 when they stay as they are.
+/// argument_error when it is needed and the options lack it.
+inline index_t gguf_qk_heads(const gguf_lora_options& o, const std::string& architecture, const std::string& base,
+                             const std::string& where) {
+  const bool permute = o.permute_qk ? *o.permute_qk : gguf_lora_permutes_qk(architecture);
+  if (!permute) return 0;
+  const auto qk = gguf_qk_of(base);
+  if (!qk) return 0;
+  const bool use_kv = qk->is_k && !o.head_count_kv.empty();
+  const auto& counts = use_kv ? o.head_count_kv : o.head_count;
+  const char* key = use_kv ? "head_count_kv" : "head_count";
+  if (counts.empty())
+    throw argument_error(where + "\"" + base + "\": llama.cpp stores the rows of attn_q / attn_k of \"" + architecture +
+                         "\" reordered for its rotary embedding, which needs the attention head counts: set "
+                         "gguf_lora_options::head_count (and head_count_kv), e.g. with gguf_lora_options::from_model(base "
+                         "model GGUF), or permute_qk = false to keep the rows as they are");
+  if (counts.size() != 1 && qk->layer >= counts.size())
+    throw argument_error(where + "\"" + base + "\": layer " + std::to_string(qk->layer) + " but " + key + " has " +
+                         std::to_string(counts.size()) + " per-layer values");
+  const auto n = counts.size() == 1 ? counts[0] : counts[qk->layer];
+  if (n <= 0)
+    throw argument_error(where + "\"" + base + "\": " + key + " is " + std::to_string(n) + " for this layer");
+  return index_t(n);
+}
+
+/// Rows of `src` reordered for `heads` heads: to_gguf maps Hugging Face's row h·D + s·D/2 + i
+/// to h·D + 2i + s (llama.cpp's converter), !to_gguf back.
+inline dense<float> gguf_permute_qk_rows(const matrix_view<const float>& src, index_t heads, bool to_gguf,
+                                         const std::string& what) {
+  const index_t rows = src.rows();
+  if (heads <= 0 || rows % heads != 0 || (rows / heads) % 2 != 0)
+    throw argument_error(what + ": " + std::to_string(rows) + " rows do not split into " + std::to_string(heads) +
+                         " heads of an even size (the rotary reordering needs that)");
+  const index_t D = rows / heads, half = D / 2;
+  dense<float> out(rows, src.cols());
+  for (index_t h = 0; h < heads; ++h)
+    for (index_t i = 0; i < half; ++i)
+      for (index_t s = 0; s < 2; ++s) {
+        const index_t hf = h * D + s * half + i, gg = h * D + 2 * i + s;
+        const index_t from = to_gguf ? hf : gg, to = to_gguf ? gg : hf;
+        for (index_t j = 0; j < src.cols(); ++j) out(to, j) = src(from, j);
+      }
+  return out;
+}
+
+inline void gguf_check_architecture(const gguf_lora_options& o, const std::string& architecture, const std::string& where) {
+  if (!o.architecture.empty() && o.architecture != architecture)
+    throw format_error(where + "the adapter is for \"" + architecture + "\" but the model is \"" + o.architecture + "\"");
+}
+}  // namespace detail
+
+/// Reads a llama.cpp LoRA adapter; B in PEFT's row order (see gguf_lora_adapter).
+inline gguf_lora_adapter read_gguf_lora(const gguf_file& f, const gguf_lora_options& options,
                                         const std::string& source = "<gguf>") {
   const auto where = "deltaw::io::read_gguf_lora (" + source + "): ";
   auto gtype = f.get_string("general.type");
@@ -549,10 +777,11 @@ inline gguf_lora_adapter read_gguf_lora(const gguf_file& f, const std::string& a
   auto arch = f.get_string("general.architecture");
   if (!arch) throw format_error(where + "general.architecture is missing");
   a.architecture = *arch;
-  if (!architecture.empty() && architecture != a.architecture)
-    throw format_error(where + "the adapter is for \"" + a.architecture + "\" but the model is \"" + architecture + "\"");
+  detail::gguf_check_architecture(options, a.architecture, where);
   if (auto al = f.get_number("adapter.lora.alpha")) {
     if (!std::isfinite(*al)) throw non_finite_error(where + "adapter.lora.alpha is not finite");
+    if (!std::isfinite(float(*al)))
+      throw format_error(where + "adapter.lora.alpha = " + std::to_string(*al) + " does not fit a float (llama.cpp reads it as f32)");
     a.alpha = float(*al);
   }
   std::map<std::string, std::pair<const gguf_tensor_info*, const gguf_tensor_info*>> pairs;
@@ -569,9 +798,25 @@ inline gguf_lora_adapter read_gguf_lora(const gguf_file& f, const std::string& a
     if (sa.size() != 2 || sb.size() != 2 || sa[0] != sb[1] || sa[0] == 0)
       throw format_error(where + "\"" + base + "\": lora_a " + detail::shape_string(sa) + " must be [r, in] and lora_b " +
                          detail::shape_string(sb) + " [out, r] with r ≥ 1");
-    a.tensors.push_back({base, f.matrix<float>(ab.first->name), f.matrix<float>(ab.second->name)});
+    auto B = f.matrix<float>(ab.second->name);
+    if (const index_t heads = detail::gguf_qk_heads(options, a.architecture, base, where)) {
+      auto hf = std::make_shared<dense<float>>(
+          detail::gguf_permute_qk_rows(B.view, heads, false, where + "\"" + base + ".lora_b\""));
+      B = held_matrix<float>{matrix_view<const float>(hf->data(), hf->rows(), hf->cols()), hf};
+    }
+    a.tensors.push_back({base, f.matrix<float>(ab.first->name), std::move(B)});
   }
   return a;
+}
+/// With `architecture` non-empty, the file's general.architecture must equal it.
+inline gguf_lora_adapter read_gguf_lora(const gguf_file& f, const std::string& architecture = "",
+                                        const std::string& source = "<gguf>") {
+  gguf_lora_options o;
+  o.architecture = architecture;
+  return read_gguf_lora(f, o, source);
+}
+inline gguf_lora_adapter read_gguf_lora(const std::filesystem::path& path, const gguf_lora_options& options) {
+  return read_gguf_lora(gguf_file::open(path), options, path.string());
 }
 #if DELTAW_DEFINE_PRECOMPILED
 DELTAW_PRECOMPILED_INLINE gguf_lora_adapter read_gguf_lora(const std::filesystem::path& path, const std::string& architecture = "") {
@@ -581,19 +826,57 @@ DELTAW_PRECOMPILED_INLINE gguf_lora_adapter read_gguf_lora(const std::filesystem
 gguf_lora_adapter read_gguf_lora(const std::filesystem::path& path, const std::string& architecture = "");
 #endif
 
-/// Writes LoRA updates as a llama.cpp adapter. GGUF has one alpha for all tensors and
-/// llama.cpp scales by alpha/r; alpha is taken as s·r of the first update, and where
-/// another update's s differs from alpha/r its B is stored pre-multiplied by s·r/alpha, so
-/// every ΔW is reproduced exactly.
-template <class T>
-void write_gguf_lora(const std::filesystem::path& path, const std::string& architecture,
-                     const std::vector<std::pair<std::string, low_rank<T>>>& updates, const std::string& name = "") {
+/// One update for write_gguf_lora: the GGUF base tensor name and a CPU low_rank of any
+/// element type (float is shared, other types are converted to float).
+struct gguf_lora_update {
+  std::string base;
+  low_rank<float> update;
+
+  template <class T, class D>
+  gguf_lora_update(std::string base_name, const low_rank<T, D>& u) : base(std::move(base_name)), update(to_float(u)) {}
+
+ private:
+  template <class T, class D>
+  static low_rank<float> to_float(const low_rank<T, D>& u) {
+    static_assert(std::is_same_v<D, device::cpu>, "deltaw::io::write_gguf_lora: copy device data to the host first");
+    if constexpr (std::is_same_v<T, float>) {
+      return u;
+    } else {
+      auto held = [](const matrix_view<const T>& m) {
+        auto d = std::make_shared<dense<float>>(m.rows(), m.cols());
+        for (index_t i = 0; i < m.rows(); ++i)
+          for (index_t j = 0; j < m.cols(); ++j) (*d)(i, j) = convert<float>(m(i, j));
+        return held_matrix<float>{matrix_view<const float>(d->data(), d->rows(), d->cols()), d};
+      };
+      return low_rank<float>(held(u.B()), held(u.A()), u.scale());
+    }
+  }
+};
+
+/// Writes LoRA updates as a llama.cpp adapter, e.g.
+///   write_gguf_lora("out.gguf", "llama", {{"blk.0.attn_q.weight", q}, {"blk.0.attn_v.weight", v}},
+///                   gguf_lora_options::from_model(gguf_file::open("base.gguf")));
+/// Each B is taken in PEFT's row order; for the architectures of gguf_lora_permutes_qk the
+/// rows of attn_q / attn_k are reordered as llama.cpp's converter reorders the base model's,
+/// which needs the head counts (argument_error without them). GGUF has one alpha for all
+/// tensors and llama.cpp scales by alpha/r; alpha is taken as s·r of the first update, and
+/// where another update's s differs from alpha/r its B is stored pre-multiplied by
+/// s·r/alpha, so every ΔW is reproduced exactly. An empty list is an argument_error.
+inline void write_gguf_lora(const std::filesystem::path& path, const std::string& architecture,
+                            const std::vector<gguf_lora_update>& updates, const gguf_lora_options& options = {}) {
+  const std::string where = "deltaw::io::write_gguf_lora (" + path.string() + "): ";
+  if (updates.empty()) throw argument_error(where + "no updates to write (llama.cpp needs at least one LoRA pair)");
+  if (architecture.empty()) throw argument_error(where + "the architecture is empty (llama.cpp matches it to the model's)");
+  if (!options.architecture.empty() && options.architecture != architecture)
+    throw argument_error(where + "writing for \"" + architecture + "\" but the options are for \"" +
+                         options.architecture + "\"");
   gguf_writer w;
   w.add_kv("general.architecture", gguf_value::string(architecture));
   w.add_kv("general.type", gguf_value::string("adapter"));
-  if (!name.empty()) w.add_kv("general.name", gguf_value::string(name));
+  if (!options.name.empty()) w.add_kv("general.name", gguf_value::string(options.name));
   w.add_kv("adapter.type", gguf_value::string("lora"));
-  const float alpha = updates.empty() ? 1.0f : float(updates.front().second.scale() * double(updates.front().second.rank()));
+  const auto& first = updates.front().update;
+  const float alpha = float(first.scale() * double(first.rank()));
   w.add_kv("adapter.lora.alpha", gguf_value::f32(alpha));
   for (const auto& [base, u] : updates) {
     const double implied = alpha != 0 ? double(alpha) / double(u.rank()) : 1.0;
@@ -602,13 +885,26 @@ void write_gguf_lora(const std::filesystem::path& path, const std::string& archi
     const auto& B = u.B();
     dense<float> a(A.rows(), A.cols()), b(B.rows(), B.cols());
     for (index_t i = 0; i < A.rows(); ++i)
-      for (index_t j = 0; j < A.cols(); ++j) a(i, j) = convert<float>(A(i, j));
+      for (index_t j = 0; j < A.cols(); ++j) a(i, j) = A(i, j);
     for (index_t i = 0; i < B.rows(); ++i)
-      for (index_t j = 0; j < B.cols(); ++j) b(i, j) = float(double(convert<float>(B(i, j))) * fold);
+      for (index_t j = 0; j < B.cols(); ++j) b(i, j) = float(double(B(i, j)) * fold);
+    if (const index_t heads = detail::gguf_qk_heads(options, architecture, base, where))
+      b = detail::gguf_permute_qk_rows(matrix_view<const float>(b.data(), b.rows(), b.cols()), heads, true,
+                                       where + "\"" + base + "\"");
     w.add_tensor(base + ".lora_a", matrix_view<const float>(a.data(), a.rows(), a.cols()));
     w.add_tensor(base + ".lora_b", matrix_view<const float>(b.data(), b.rows(), b.cols()));
   }
   w.write(path);
+}
+/// The same from (name, low_rank<T>) pairs.
+template <class T, class D>
+void write_gguf_lora(const std::filesystem::path& path, const std::string& architecture,
+                     const std::vector<std::pair<std::string, low_rank<T, D>>>& updates,
+                     const gguf_lora_options& options = {}) {
+  std::vector<gguf_lora_update> u;
+  u.reserve(updates.size());
+  for (const auto& [base, lr] : updates) u.emplace_back(base, lr);
+  write_gguf_lora(path, architecture, u, options);
 }
 
 /// GGUF base tensor name for a Hugging Face Llama-family module (the names llama.cpp's
