@@ -20,10 +20,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       } catch (const deltaw::unsupported_error&) {
       }
     }
-    const auto a = io::read_gguf_lora(f);
+    // Rows as stored (a llama adapter's q/k would otherwise need head counts and stop
+    // the read early), then with head counts taken from the input's own metadata.
+    io::gguf_lora_options keep;
+    keep.permute_qk = false;
+    const auto a = io::read_gguf_lora(f, keep);
     for (const auto& p : a.tensors)
       if (p.A.view.size() + p.B.view.size() <= (1u << 14) && p.B.view.rows() * p.A.view.cols() <= (1 << 16))
         (void)deltaw::materialize(a.update(p.base));
+    (void)io::read_gguf_lora(f, io::gguf_lora_options::from_model(f));
   } catch (const deltaw::error&) {
   }
   return 0;
