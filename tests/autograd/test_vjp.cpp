@@ -112,3 +112,18 @@ TEST_CASE("VJP of the core low-rank form s·B·R·A (LoRA-XS / LaMDA): gradients
   }
   std::printf("gradcheck core_lora: worst relative error %.2e\n", worst);
 }
+
+TEST_CASE("linear and lora_linear take a view of a non-const W (the README's autograd::linear(x, view(W)))") {
+  MatD W = dwt::random<MatD>(5, 4, 1);  // deliberately not const
+  const MatD X = dwt::random<MatD>(3, 4, 2), R = dwt::random<MatD>(3, 5, 3), B = dwt::random<MatD>(5, 2, 4),
+             A = dwt::random<MatD>(2, 4, 5);
+  P px("x", X), pB("B", B), pA("A", A);
+  ag::tape<double> t;
+  const auto y = ag::linear(t.param(px), deltaw::view(W));
+  CHECK(dwt::rel_err(MatD(y.value()), MatD(X * W.transpose())) < 1e-14);
+  t.backward(ag::weighted_sum(y, R));
+  CHECK(dwt::rel_err(px.grad(), MatD(R * W)) < 1e-14);
+  ag::tape<double> t2;
+  const auto y2 = ag::lora_linear(t2.frozen(X), deltaw::view(W), t2.param(pB), t2.param(pA), 0.5);
+  CHECK(dwt::rel_err(MatD(y2.value()), MatD(X * (W + 0.5 * B * A).transpose())) < 1e-14);
+}

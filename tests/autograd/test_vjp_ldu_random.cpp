@@ -300,3 +300,31 @@ TEST_CASE("rebind and backward reject mis-shaped factors and gradient slots with
   dwt::check_throws_with<dw::shape_error>([&] { (void)VR::rebind(rl, {dw::view(lam_bad), dw::view(gam)}); },
                                           {"lambda is [2, 3]", "[r, N] = [2, 2]"});
 }
+
+TEST_CASE("docs/methods.md's snippet: vjp<decltype(proto)>::rebind with a const proto, over a non-const W") {
+  const Eigen::Index out = 6, in = 5, r = 3, tokens = 4;
+  const auto basis = dw::vera_shared_basis(9, r, out, in);
+  const auto proto =
+      dw::vera(basis, out, in, Eigen::VectorXd(Eigen::VectorXd::Zero(r)), Eigen::VectorXd(Eigen::VectorXd::Zero(out)));
+  static_assert(std::is_const_v<decltype(proto)>);
+  MatD W = dwt::random<MatD>(out, in, 1);  // not const: view(W) is a view of non-const elements
+  const MatD X = dwt::random<MatD>(tokens, in, 2), R = dwt::random<MatD>(tokens, out, 3);
+  P ld("lambda_d", dwt::random<MatD>(1, r, 4)), lb("lambda_b", dwt::random<MatD>(1, out, 5));
+  ag::tape<double> t;
+  const auto y = ag::adapted_linear<double, 2>(t.frozen(X), dw::view(W), {t.param(ld), t.param(lb)},
+                                               [&](const auto& v) { return dw::cpu::vjp<decltype(proto)>::rebind(proto, v); });
+  const auto u = dw::cpu::vjp<decltype(proto)>::rebind(
+      proto, {dw::matrix_view<const double>(dw::view(ld.value())), dw::matrix_view<const double>(dw::view(lb.value()))});
+  const MatD D = dw::materialize(u);
+  CHECK(D.norm() > 0);
+  CHECK(dwt::rel_err(MatD(y.value()), MatD(X * (W + D).transpose())) < 1e-13);
+  t.backward(ag::weighted_sum(y, R));
+  // dλ_b[o] = Σ_t R[t, o]·(X·(ΔW/λ_b)ᵀ)[t, o]: ΔW is linear in λ_b, so with λ_b = 1 the
+  // product gives the per-row factor.
+  const MatD ones = MatD::Ones(1, out);
+  const auto u1 = dw::cpu::vjp<decltype(proto)>::rebind(
+      proto, {dw::matrix_view<const double>(dw::view(ld.value())), dw::matrix_view<const double>(dw::view(ones))});
+  const MatD Y1 = X * dw::materialize(u1).transpose();
+  const MatD want = (R.array() * Y1.array()).colwise().sum();
+  CHECK(dwt::rel_err(lb.grad(), want) < 1e-12);
+}

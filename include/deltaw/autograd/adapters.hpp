@@ -13,6 +13,7 @@
 
 #include <array>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "../backend/cpu/core_low_rank.hpp"
@@ -24,6 +25,11 @@
 
 DELTAW_NAMESPACE_BEGIN
 namespace autograd {
+
+/// The frozen weight parameter of the functions below: a view of const or non-const
+/// elements (matrix_view<T> converts), T deduced from x alone.
+template <class T>
+using frozen_weight = std::type_identity_t<matrix_view<const T>>;
 
 namespace detail {
 template <class T>
@@ -54,7 +60,7 @@ matrix_view<const T> view_of(const var<T>& v) {
 
 /// x·Wᵀ with W [out, in] a frozen view: dx = dY·W, W gets no gradient.
 template <class T>
-var<T> linear(const var<T>& x, matrix_view<const T> W) {
+var<T> linear(const var<T>& x, frozen_weight<T> W) {
   auto& t = detail::tape_of(x, "linear");
   detail::check_linear(x, W, "linear");
   dense<T> y(x.rows(), W.rows());
@@ -69,7 +75,7 @@ var<T> linear(const var<T>& x, matrix_view<const T> W) {
 /// (vars of this tape, in the order of cpu::vjp<U>'s factors). Works for any update type
 /// with a cpu::vjp specialisation.
 template <class T, std::size_t N, class Make>
-var<T> adapted_linear(const var<T>& x, matrix_view<const T> W, const std::array<var<T>, N>& factors, Make make,
+var<T> adapted_linear(const var<T>& x, frozen_weight<T> W, const std::array<var<T>, N>& factors, Make make,
                       const char* name = "adapted_linear") {
   auto& t = detail::tape_of(x, name);
   detail::check_linear(x, W, name);
@@ -103,7 +109,7 @@ var<T> adapted_linear(const var<T>& x, matrix_view<const T> W, const std::array<
 
 /// LoRA: x·(W + s·B·A)ᵀ, B [out, r], A [r, in] (rsLoRA: s = α/√r).
 template <class T>
-var<T> lora_linear(const var<T>& x, matrix_view<const T> W, const var<T>& B, const var<T>& A, double s) {
+var<T> lora_linear(const var<T>& x, frozen_weight<T> W, const var<T>& B, const var<T>& A, double s) {
   return adapted_linear<T, 2>(
       x, W, {B, A}, [s](const auto& v) { return deltaw::lora(v[0], v[1], deltaw::scale(s)); }, "lora_linear");
 }
@@ -113,7 +119,7 @@ var<T> lora_linear(const var<T>& x, matrix_view<const T> W, const var<T>& B, con
 /// `norms`, when given, are used as n instead of being recomputed (a cache, or the fixed
 /// point of a gradient check).
 template <class T>
-var<T> dora_linear(const var<T>& x, matrix_view<const T> W, const var<T>& B, const var<T>& A, const var<T>& m,
+var<T> dora_linear(const var<T>& x, frozen_weight<T> W, const var<T>& B, const var<T>& A, const var<T>& m,
                    double s, std::shared_ptr<const std::vector<double>> norms = nullptr) {
   auto& t = detail::tape_of(x, "dora_linear");
   detail::check_linear(x, W, "dora_linear");

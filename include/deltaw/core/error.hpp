@@ -58,6 +58,14 @@ class argument_error : public error {
   using error::error;
 };
 
+/// A writable operand of an operation overlaps another of its operands (apply's Y and X,
+/// merge's W and B, two gradient buffers, …). deltaw refuses such calls instead of
+/// returning a result that depends on the order of its internal reads and writes.
+class aliasing_error : public argument_error {
+ public:
+  using argument_error::argument_error;
+};
+
 namespace detail {
 inline std::string shape_str(index_t rows, index_t cols) {
   // Appended piece by piece: `"[" + std::to_string(...)` trips GCC 12's false -Wrestrict.

@@ -60,6 +60,12 @@ class bone_bat_update {
   index_t block() const { return b_.view.cols(); }
   const matrix_view<const TW, Device>& W() const { return W_.view; }
   const matrix_view<const T, Device>& b() const { return b_.view; }
+  /// Calls f(name, view) for every view ΔW reads except the weight W() (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("b", b_.view);
+  }
   /// b_i, the r × r matrix of output-block row i.
   matrix_view<const T, Device> block_matrix(index_t i) const { return b_.view.middle_rows(i * block(), block()); }
 
@@ -112,6 +118,12 @@ class miss_update {
   /// How many times D repeats along the output (1 unless mini).
   index_t repeats() const { return block_cols() == 0 ? 0 : out_ / block_cols(); }
   const matrix_view<const T, Device>& D() const { return D_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("D", D_.view);
+  }
 
   /// D's size: r·out (r·mini_r for mini).
   index_t parameter_count() const { return block() * block_cols(); }

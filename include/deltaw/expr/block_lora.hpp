@@ -47,6 +47,13 @@ class block_low_rank {
   const matrix_view<const T, Device>& B() const { return B_.view; }
   /// The shared down-projection A₀ [r_b, in].
   const matrix_view<const T, Device>& A0() const { return A0_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("B", B_.view);
+    f("A0", A0_.view);
+  }
 
   /// n·r_b·out + r_b·in.
   index_t parameter_count() const { return B_.view.size() + A0_.view.size(); }

@@ -58,6 +58,14 @@ class core_low_rank {
   const matrix_view<const T, Device>& B() const { return B_.view; }
   const matrix_view<const T, Device>& R() const { return R_.view; }
   const matrix_view<const T, Device>& A() const { return A_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("B", B_.view);
+    f("R", R_.view);
+    f("A", A_.view);
+  }
 
   /// The sizes of the trainable factors (LoRA-XS, LoRA-SB: r²; LaMDA: r² + out·r).
   index_t parameter_count() const {

@@ -42,6 +42,13 @@ class dora_update {
   const low_rank<T, Device>& lora() const { return lora_; }
   const matrix_view<const TW, Device>& W() const { return W_.view; }
   const vector_view<const T, Device>& magnitude() const { return m_.view; }
+  /// Calls f(name, view) for every view ΔW reads except the weight W() (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    lora_.for_each_operand(f);
+    f("m", m_.view);
+  }
   /// Cached ‖w_o + s·b_o·A‖ per output row o.
   const std::vector<double>& norms() const { return *norms_; }
   /// g_o = m_o / n_o (a zero norm gives g_o = 0 for m_o = 0, else +inf: a loud failure).

@@ -116,7 +116,15 @@ class kron_update {
   static constexpr bool is_update = true;
 
   kron_update(F1 w1, F2 w2, double s)
-      : w1_(std::move(w1)), w2_(std::move(w2)), scale_(detail::checked_scale(s, "deltaw::kron")) {}
+      : w1_(std::move(w1)), w2_(std::move(w2)), scale_(detail::checked_scale(s, "deltaw::kron")) {
+    // out = a·b and in = c·d (and the factors' parameter counts) must be representable:
+    // factors with a zero dimension hold no bytes, so any other dimension can be huge.
+    index_t out, in, p1, p2, p;
+    if (__builtin_mul_overflow(w1_.rows(), w2_.rows(), &out) || __builtin_mul_overflow(w1_.cols(), w2_.cols(), &in) ||
+        !parameter_count_fits(w1_, p1) || !parameter_count_fits(w2_, p2) || __builtin_add_overflow(p1, p2, &p))
+      throw shape_error("deltaw::kron: the Kronecker product of " + detail::shape_str(w1_.rows(), w1_.cols()) + " and " +
+                        detail::shape_str(w2_.rows(), w2_.cols()) + " has dimensions too large to index");
+  }
 
   /// out = a·b.
   index_t rows() const { return w1_.rows() * w2_.rows(); }
@@ -125,6 +133,23 @@ class kron_update {
   double scale() const { return scale_; }
   const F1& w1() const { return w1_; }
   const F2& w2() const { return w2_; }
+  /// Calls f(name, view) for every view ΔW reads (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    if constexpr (F1::is_low_rank) {
+      f("w1_a", w1_.left());
+      f("w1_b", w1_.right());
+    } else {
+      f("w1", w1_.matrix());
+    }
+    if constexpr (F2::is_low_rank) {
+      f("w2_a", w2_.left());
+      f("w2_b", w2_.right());
+    } else {
+      f("w2", w2_.matrix());
+    }
+  }
 
   /// The sum of the factors' sizes (a·c + b·d, or r·(a + c) for a low-rank w1, …).
   index_t parameter_count() const { return w1_.parameter_count() + w2_.parameter_count(); }
@@ -146,6 +171,16 @@ class kron_update {
   kron_update with_scale(double s) const { return kron_update(w1_, w2_, s); }
 
  private:
+  template <class F>
+  static bool parameter_count_fits(const F& f, index_t& n) {
+    if constexpr (F::is_low_rank) {
+      index_t sum;
+      return !__builtin_add_overflow(f.rows(), f.cols(), &sum) && !__builtin_mul_overflow(f.rank(), sum, &n) &&
+             !__builtin_mul_overflow(n, index_t(2), &sum);
+    } else {
+      return !__builtin_mul_overflow(f.rows(), f.cols(), &n);
+    }
+  }
   F1 w1_;
   F2 w2_;
   double scale_;

@@ -77,6 +77,16 @@ class ldu {
   const vector_view<const T, Device>& z() const { return z_.view; }
   /// Its initial value z₀ = D[:r] [r].
   const vector_view<const T, Device>& z0() const { return z0_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("perm", perm_.view);
+    f("L", L_.view);
+    f("z", z_.view);
+    f("z0", z0_.view);
+    f("U", U_.view);
+  }
   double sigma() const { return sigma_; }
   double sigma0() const { return sigma0_; }
   const ldu_options& options() const { return opt_; }

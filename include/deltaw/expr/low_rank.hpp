@@ -30,6 +30,13 @@ class low_rank {
   double scale() const { return scale_; }
   const matrix_view<const T, Device>& B() const { return B_.view; }
   const matrix_view<const T, Device>& A() const { return A_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("B", B_.view);
+    f("A", A_.view);
+  }
 
   /// r·(out + in) trainable values.
   index_t parameter_count() const { return rank() * (rows() + cols()); }

@@ -84,6 +84,13 @@ class nola_update {
   const nola_options& options() const { return opt_; }
   const vector_view<const T, Device>& a_coefficients() const { return a_.view; }
   const vector_view<const T, Device>& b_coefficients() const { return b_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the bases are drawn, not read) (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("a_coef", a_.view);
+    f("b_coef", b_.view);
+  }
 
   /// The frozen A₀ [r, in].
   basis_entries a0() const {
@@ -213,6 +220,13 @@ class vera_update {
   const vera_basis& basis() const { return basis_; }
   const vector_view<const T, Device>& lambda_d() const { return d_.view; }
   const vector_view<const T, Device>& lambda_b() const { return b_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the bases are drawn, not read) (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("lambda_d", d_.view);
+    f("lambda_b", b_.view);
+  }
 
   /// r + out.
   index_t parameter_count() const { return rank() + rows(); }
@@ -338,6 +352,13 @@ class randlora_update {
   const randlora_basis& basis() const { return basis_; }
   const matrix_view<const T, Device>& lambda() const { return lambda_.view; }
   const matrix_view<const T, Device>& gamma() const { return gamma_.view; }
+  /// Calls f(name, view) for every view ΔW reads (the bases are drawn, not read) (the aliasing checks of the
+  /// operations that write).
+  template <class F>
+  void for_each_operand(F&& f) const {
+    f("lambda", lambda_.view);
+    f("gamma", gamma_.view);
+  }
 
   /// N·r + N·min_dim.
   index_t parameter_count() const { return num_bases() * rank() + num_bases() * min_dim(); }

@@ -94,6 +94,35 @@ void check_same_shape(index_t rows, index_t cols, const U& u, const char* op) {
 }
 }  // namespace detail
 
+namespace detail {
+/// Calls f(name, view) for every view an update reads: its operands (for_each_operand)
+/// and, with with_base, the base weight of the types whose ΔW reads one (DoRA, Bone bat:
+/// their W()).
+template <class U, class F>
+void for_each_input(const U& u, F&& f, bool with_base) {
+  static_assert(requires { u.for_each_operand(f); },
+                "deltaw: an update type lists the views it reads with for_each_operand(f) (see expr/low_rank.hpp)");
+  if constexpr (requires { u.W(); }) {
+    if (with_base) f("W", u.W());
+  }
+  u.for_each_operand(f);
+}
+/// Throws aliasing_error, naming both, when `out` (the output `out_name` of `op`)
+/// overlaps any view the update reads (its base weight too with with_base).
+template <class U>
+void check_update_no_overlap(const char* op, const char* out_name, const memory_lattice& out, const U& u,
+                             bool with_base) {
+  for_each_input(u, [&](const char* name, const auto& v) {
+    if (lattices_overlap(out, lattice_of(v))) throw_overlap(op, out_name, "", "the update's ", name);
+  }, with_base);
+}
+template <class O, class U>
+  requires(is_matrix_view_v<O>)
+void check_update_no_overlap(const char* op, const char* out_name, const O& out, const U& u, bool with_base) {
+  check_update_no_overlap(op, out_name, lattice_of(out), u, with_base);
+}
+}  // namespace detail
+
 /// W + Δ: W a view [out, in] (use deltaw::view(W) for an Eigen matrix), Δ of the same shape.
 template <class T, class D, update U>
   requires std::same_as<typename U::device_type, D>

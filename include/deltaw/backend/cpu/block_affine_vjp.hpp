@@ -68,6 +68,7 @@ struct vjp<bone_bat_update<T, TW, D>> {
     namespace bad = block_affine_detail;
     constexpr const char* op = "deltaw::cpu::vjp<bone_bat>::backward";
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_grad_shape(grads[0], u.b(), op, "b");
     block_affine_vjp_detail::check_io(u, X, dY, dX, op);
     const mview<C, D> gb = grads[0];
@@ -138,6 +139,7 @@ struct vjp<miss_update<T, D>> {
     using enum kernels::op;
     constexpr const char* op = "deltaw::cpu::vjp<miss>::backward";
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_grad_shape(grads[0], u.D(), op, "D");
     block_affine_vjp_detail::check_io(u, X, dY, dX, op);
     const index_t Tn = X.rows(), r = u.block(), m = u.block_cols();

@@ -29,6 +29,7 @@ struct vjp<block_low_rank<T, D>> {
     using enum kernels::op;
     constexpr const char* op = "deltaw::cpu::vjp<block_lora>::backward";
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_grad_shape(grads[0], u.B(), op, "B");
     detail::check_grad_shape(grads[1], u.A0(), op, "A0");
     if (X.cols() != u.cols() || dY.cols() != u.rows() || dY.rows() != X.rows())

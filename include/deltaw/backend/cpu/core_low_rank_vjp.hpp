@@ -27,6 +27,7 @@ struct vjp<core_low_rank<T, D>> {
     constexpr const char* op = "deltaw::cpu::vjp<core_lora>::backward";
     using enum kernels::op;
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_grad_shape(grads[0], u.B(), op, "B");
     detail::check_grad_shape(grads[1], u.R(), op, "R");
     detail::check_grad_shape(grads[2], u.A(), op, "A");

@@ -27,6 +27,12 @@ struct vjp<dora_update<T, TW, device::cpu>> {
   /// gain, which backward_with_base needs for dm. Y and P: [tokens, out].
   template <class C, class Ctx>
   static void forward(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y, const mview<C>& P) {
+    constexpr const char* op = "deltaw::cpu::vjp<dora>::forward";
+    deltaw::detail::check_no_overlap(op, "the output Y", Y, "the input X", X);
+    deltaw::detail::check_no_overlap(op, "the pre-gain output P", P, "the input X", X);
+    deltaw::detail::check_no_overlap(op, "the output Y", Y, "the pre-gain output P", P);
+    deltaw::detail::check_update_no_overlap(op, "the output Y", Y, u, true);
+    deltaw::detail::check_update_no_overlap(op, "the pre-gain output P", P, u, true);
     apply_expr<C>(ctx, u.W() + u.lora(), X, P);
     copy(ctx, cview<C>(P), Y);
     scale_cols(ctx, Y, E::as_view(E::template gains<C>(u)));
@@ -40,6 +46,13 @@ struct vjp<dora_update<T, TW, device::cpu>> {
                                  std::span<const mview<C>> grads, const mview<C>& dX, bool dX_fresh = false) {
     constexpr const char* op = "deltaw::cpu::vjp<dora>::backward";
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
+    for (int i = 0; i <= factor_count; ++i) {
+      const auto& g = i < factor_count ? grads[std::size_t(i)] : dX;
+      if (present(g) && views_overlap(g, P))
+        deltaw::detail::throw_overlap(op, i < factor_count ? "the gradient of " : "the input gradient dX",
+                                      i < factor_count ? factor_name(i) : "", "the pre-gain output P", "");
+    }
     if (present(grads[2]) && grads[2].size() != u.rows())
       throw shape_error(std::string(op) + ": the gradient of m has " + std::to_string(grads[2].size()) +
                         " entries; m has " + std::to_string(u.rows()));
@@ -72,6 +85,8 @@ struct vjp<dora_update<T, TW, device::cpu>> {
   template <class C, class Ctx>
   static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
                        std::span<const mview<C>> grads, const mview<C>& dX) {
+    detail::check_grad_slots(grads, factor_count, "deltaw::cpu::vjp<dora>::backward");
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, "deltaw::cpu::vjp<dora>::backward");
     auto Y = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
     auto P = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
     forward<C>(ctx, u, X, Y.view(), P.view());

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../../kernels/kernels.hpp"
 
@@ -41,6 +42,14 @@ struct evaluator {
                 "deltaw::cpu::evaluator: this update type has no evaluator; include its header from "
                 "deltaw/backend/cpu/ (deltaw/deltaw.hpp includes them all)");
 };
+
+/// evaluator<const U> (and references) is the evaluator of the plain type.
+template <class U>
+struct evaluator<const U> : evaluator<U> {};
+template <class U>
+struct evaluator<U&> : evaluator<std::remove_const_t<U>> {};
+template <class U>
+struct evaluator<U&&> : evaluator<std::remove_const_t<U>> {};
 
 namespace detail {
 /// A view of a dense row-major matrix (mutable for a mutable matrix).

@@ -212,6 +212,7 @@ struct vjp<kron_update<F1, F2>> {
                        std::optional<kron_vjp_detail::plan> route = std::nullopt) {
     constexpr const char* op = "deltaw::cpu::vjp<kron>::backward";
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     if (X.cols() != u.cols() || dY.cols() != u.rows() || dY.rows() != X.rows())
       throw shape_error(std::string(op) + ": X is " + deltaw::detail::shape_str(X.rows(), X.cols()) + " and dY " +
                         deltaw::detail::shape_str(dY.rows(), dY.cols()) + " for ΔW " +

@@ -59,6 +59,7 @@ struct vjp<ldu<T, device::cpu>> {
     constexpr const char* op = "deltaw::cpu::vjp<ldu>::backward";
     using enum kernels::op;
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     const index_t r = u.rank();
     const mview<C>& gz = grads[0];
     const mview<C> gs = u.options().train_sigma ? grads[1] : mview<C>();

@@ -22,6 +22,7 @@ struct vjp<low_rank<T, D>> {
                        std::span<const mview<C, D>> grads, const mview<C, D>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<lora>::backward";
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_grad_shape(grads[0], u.B(), op, "B");
     detail::check_grad_shape(grads[1], u.A(), op, "A");
     using enum kernels::op;

@@ -231,6 +231,19 @@ auto cpu_output_view(YL&& Y, const char* op) {
   (void)op;
   return v;
 }
+/// Throws aliasing_error when the output `out` of `op` overlaps any view the expression
+/// reads: the weight, every update's factors and base weight. O(number of operands).
+template <class O, class E>
+void check_expression_no_overlap(const char* op, const char* out_name, const O& out, const E& e) {
+  if constexpr (is_matrix_view_v<E>) {
+    check_no_overlap(op, out_name, out, "the weight W", e);
+  } else if constexpr (update<E>) {
+    check_update_no_overlap(op, out_name, out, e, true);
+  } else {
+    check_no_overlap(op, out_name, out, "the weight W", e.base());
+    std::apply([&](const auto&... u) { (check_update_no_overlap(op, out_name, out, u, true), ...); }, e.deltas());
+  }
+}
 inline void check_rows(index_t got, index_t want, const char* op, const char* what, index_t r, index_t c) {
   if (got != want)
     throw shape_error(std::string(op) + ": " + what + " is " + shape_str(r, c) + "; expected " +
@@ -253,6 +266,8 @@ void apply(const E& e, const XL& X, YL&& Y) {
     if (Yv.rows() != Xv.rows() || Yv.cols() != e.rows())
       throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Yv.rows(), Yv.cols()) +
                         " but X·Wᵀ is " + detail::shape_str(Xv.rows(), e.rows()));
+    detail::check_no_overlap(op, "the output Y", Yv, "the input X", Xv);
+    detail::check_expression_no_overlap(op, "the output Y", Yv, e);
     cpu::with_views<C>(Xv, Yv, [&](const auto& ctx, const cpu::cview<C>& Xm, const cpu::mview<C>& Ym) {
       cpu::apply_expr<C>(ctx, e, Xm, Ym);
     });
@@ -285,6 +300,8 @@ void apply_transposed(const E& e, const GL& G, OL&& O) {
     if (Ov.rows() != Gv.rows() || Ov.cols() != e.cols())
       throw shape_error(std::string(op) + ": the output is " + detail::shape_str(Ov.rows(), Ov.cols()) +
                         " but G·W is " + detail::shape_str(Gv.rows(), e.cols()));
+    detail::check_no_overlap(op, "the output O", Ov, "the input G", Gv);
+    detail::check_expression_no_overlap(op, "the output O", Ov, e);
     cpu::with_views<C>(Gv, Ov, [&](const auto& ctx, const cpu::cview<C>& Gm, const cpu::mview<C>& Om) {
       cpu::apply_transposed_expr<C>(ctx, e, Gm, Om);
     });
@@ -355,6 +372,7 @@ template <class WL, update U>
 void merge(WL&& W, const U& u) {
   auto Wv = detail::mutable_weight_view(std::forward<WL>(W), "deltaw::merge");
   detail::check_merge(u, Wv, "deltaw::merge");
+  detail::check_update_no_overlap("deltaw::merge", "the weight W", Wv, u, false);
   using C = compute_t<typename decltype(Wv)::value_type, typename U::value_type>;
   const kernels::cpu_context ctx;
   cpu::for_mutable_row_panels<C>(ctx, Wv, [&](index_t r0, const cpu::mview<C>& P) {
@@ -368,6 +386,7 @@ template <class WL, update U>
 void unmerge(WL&& W, const U& u) {
   auto Wv = detail::mutable_weight_view(std::forward<WL>(W), "deltaw::unmerge");
   detail::check_merge(u, Wv, "deltaw::unmerge");
+  detail::check_update_no_overlap("deltaw::unmerge", "the weight W", Wv, u, false);
   using C = compute_t<typename decltype(Wv)::value_type, typename U::value_type>;
   const kernels::cpu_context ctx;
   cpu::for_mutable_row_panels<C>(ctx, Wv, [&](index_t r0, const cpu::mview<C>& P) {
@@ -376,28 +395,41 @@ void unmerge(WL&& W, const U& u) {
 }
 
 /// merge(), but first computes the merged weight panel by panel and throws
-/// non_finite_error, leaving W untouched, if any entry would be NaN or ±Inf (PEFT's
-/// safe_merge). Costs a second pass; scratch is one panel, never out × in.
+/// non_finite_error, leaving W bit-identical, if any entry would be NaN or ±Inf once
+/// rounded to W's storage type (PEFT's safe_merge). The second pass recomputes the same
+/// panels and stores exactly what was checked. Scratch is one panel, never out × in.
 template <class WL, update U>
   requires std::same_as<device_of<U>, device::cpu>
 void merge_checked(WL&& W, const U& u) {
   auto Wv = detail::mutable_weight_view(std::forward<WL>(W), "deltaw::merge_checked");
   detail::check_merge(u, Wv, "deltaw::merge_checked");
-  using C = compute_t<typename decltype(Wv)::value_type, typename U::value_type>;
+  detail::check_update_no_overlap("deltaw::merge_checked", "the weight W", Wv, u, false);
+  using TW = typename decltype(Wv)::value_type;
+  using C = compute_t<TW, typename U::value_type>;
   const kernels::cpu_context ctx;
   auto scratch = kernels::make_scratch<C>(ctx, std::min(cpu::panel_rows, Wv.rows()), Wv.cols());
   for (index_t r0 = 0; r0 < Wv.rows(); r0 += cpu::panel_rows) {
     const index_t n = std::min(cpu::panel_rows, Wv.rows() - r0);
     const auto P = scratch.view().middle_rows(0, n);
-    kernels::copy(ctx, matrix_view<const typename decltype(Wv)::value_type>(Wv.middle_rows(r0, n)), P);
+    kernels::copy(ctx, matrix_view<const TW>(Wv.middle_rows(r0, n)), P);
     cpu::evaluator<U>::template merge_rows<C>(ctx, u, r0, P);
+    // Checked as W will hold it: rounded to W's storage type, where a finite sum in C
+    // can overflow (fp16 past 65504, bf16 and float past 3.4e38).
     for (index_t i = 0; i < n; ++i)
       for (index_t j = 0; j < P.cols(); ++j)
-        if (!std::isfinite(double(P(i, j))))
+        if (!std::isfinite(convert<double>(convert<TW>(P(i, j)))))
           throw non_finite_error("deltaw::merge_checked: merging would make W(" + std::to_string(r0 + i) + ", " +
-                                 std::to_string(j) + ") non-finite; W is left unchanged");
+                                 std::to_string(j) + ") non-finite once stored as " + dtype_name<TW>() +
+                                 " (the merged value is " + std::to_string(double(P(i, j))) +
+                                 "); W is left unchanged");
   }
-  merge(Wv, u);
+  for (index_t r0 = 0; r0 < Wv.rows(); r0 += cpu::panel_rows) {
+    const index_t n = std::min(cpu::panel_rows, Wv.rows() - r0);
+    const auto P = scratch.view().middle_rows(0, n);
+    kernels::copy(ctx, matrix_view<const TW>(Wv.middle_rows(r0, n)), P);
+    cpu::evaluator<U>::template merge_rows<C>(ctx, u, r0, P);
+    kernels::copy(ctx, cpu::cview<C>(P), Wv.middle_rows(r0, n));
+  }
 }
 
 /// ‖ΔW‖_F without forming ΔW (closed form where the type has one, else panel by panel).

@@ -119,6 +119,7 @@ struct vjp<nola_update<T, device::cpu>> {
     constexpr const char* op = "deltaw::cpu::vjp<nola>::backward";
     using enum kernels::op;
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_vector_grad<C>(grads[0], u.num_a_bases(), op, "a_coef");
     detail::check_vector_grad<C>(grads[1], u.num_b_bases(), op, "b_coef");
     const bool ga = present(grads[0]), gb = present(grads[1]), gx = present(dX);
@@ -174,6 +175,7 @@ struct vjp<vera_update<T, device::cpu>> {
     constexpr const char* op = "deltaw::cpu::vjp<vera>::backward";
     using enum kernels::op;
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_vector_grad<C>(grads[0], u.rank(), op, "lambda_d");
     detail::check_vector_grad<C>(grads[1], u.rows(), op, "lambda_b");
     const bool gd = present(grads[0]), gb = present(grads[1]), gx = present(dX);
@@ -259,6 +261,7 @@ struct vjp<randlora_update<T, device::cpu>> {
                        std::span<const mview<C>> grads, const mview<C>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<randlora>::backward";
     detail::check_grad_slots(grads, factor_count, op);
+    detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     detail::check_grad_shape(grads[0], u.lambda(), op, "lambda");
     detail::check_grad_shape(grads[1], u.gamma(), op, "gamma");
     if (!present(grads[0]) && !present(grads[1]) && !present(dX)) return;

@@ -21,8 +21,10 @@
 
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "../../expr/update.hpp"
 #include "evaluator.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -34,6 +36,14 @@ struct vjp {
                 "deltaw::cpu::vjp: this update type has no VJP yet; the ones available are listed in "
                 "deltaw/backend/cpu/*_vjp.hpp");
 };
+
+/// vjp<decltype(u)> for a const u (or a reference) is vjp of the plain type.
+template <class U>
+struct vjp<const U> : vjp<U> {};
+template <class U>
+struct vjp<U&> : vjp<std::remove_const_t<U>> {};
+template <class U>
+struct vjp<U&&> : vjp<std::remove_const_t<U>> {};
 
 /// True when a gradient slot is present (a default-constructed view is absent).
 template <class C, class D>
@@ -47,6 +57,36 @@ void check_grad_slots(std::span<G> grads, int want, const char* op) {
   if (int(grads.size()) != want)
     throw argument_error(std::string(op) + ": expected " + std::to_string(want) + " gradient slots (one per factor), got " +
                          std::to_string(grads.size()));
+}
+/// The aliasing checks of a backward call: each present gradient slot and dX against X,
+/// dY, every view the update reads (its base weight too) and each other; throws
+/// aliasing_error naming both. O(slots × operands), before anything is written.
+template <class U, class C, class D>
+void check_backward_no_overlap(const U& u, const matrix_view<const C, D>& X, const matrix_view<const C, D>& dY,
+                               std::span<const matrix_view<C, D>> grads, const matrix_view<C, D>& dX,
+                               const char* (*factor_name)(int), const char* op) {
+  const int n = int(grads.size());
+  for (int i = 0; i <= n; ++i) {
+    const auto& g = i < n ? grads[std::size_t(i)] : dX;
+    if (!present(g)) continue;
+    const deltaw::detail::memory_lattice lg = deltaw::detail::lattice_of(g);
+    const char* a = i < n ? "the gradient of " : "the input gradient dX";
+    const char* b = i < n ? factor_name(i) : "";
+    if (deltaw::detail::lattices_overlap(lg, deltaw::detail::lattice_of(X)))
+      deltaw::detail::throw_overlap(op, a, b, "the input X", "");
+    if (deltaw::detail::lattices_overlap(lg, deltaw::detail::lattice_of(dY)))
+      deltaw::detail::throw_overlap(op, a, b, "the upstream gradient dY", "");
+    deltaw::detail::for_each_input(u, [&](const char* f, const auto& v) {
+      if (deltaw::detail::lattices_overlap(lg, deltaw::detail::lattice_of(v)))
+        deltaw::detail::throw_overlap(op, a, b, "the update's ", f);
+    }, true);
+    for (int j = i + 1; j <= n; ++j) {
+      const auto& h = j < n ? grads[std::size_t(j)] : dX;
+      if (present(h) && deltaw::detail::lattices_overlap(lg, deltaw::detail::lattice_of(h)))
+        deltaw::detail::throw_overlap(op, a, b, j < n ? "the gradient of " : "the input gradient dX",
+                                      j < n ? factor_name(j) : "");
+    }
+  }
 }
 template <class C, class D, class F>
 void check_grad_shape(const matrix_view<C, D>& g, const F& factor, const char* op, const char* name) {
@@ -71,8 +111,20 @@ void backward(const U& u, const XM& X, const GM& dY, std::span<dense<C>* const> 
   const kernels::operand<C> Xo(ctx, matrix_view<const std::remove_const_t<typename decltype(xv)::element_type>>(xv));
   const kernels::operand<C> Go(ctx, matrix_view<const std::remove_const_t<typename decltype(gv)::element_type>>(gv));
   std::vector<mview<C>> slots;
-  slots.reserve(grads.size());
+  slots.reserve(grads.size() + 1);
   for (auto* g : grads) slots.push_back(detail::grad_view(g));
+  slots.push_back(detail::grad_view(dX));
+  // X and dY as given (the type's backward sees converted copies when they are not C).
+  constexpr const char* op = "deltaw::cpu::backward";
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    if (!present(slots[i])) continue;
+    const bool is_dx = i + 1 == slots.size();
+    const char* a = is_dx ? "the input gradient dX" : "the gradient of ";
+    const char* b = is_dx ? "" : vjp<U>::factor_name(int(i));
+    if (views_overlap(slots[i], xv)) deltaw::detail::throw_overlap(op, a, b, "the input X", "");
+    if (views_overlap(slots[i], gv)) deltaw::detail::throw_overlap(op, a, b, "the upstream gradient dY", "");
+  }
+  slots.pop_back();
   vjp<U>::template backward<C>(ctx, u, Xo.view(), Go.view(), std::span<const mview<C>>(slots), detail::grad_view(dX),
                                std::forward<Extra>(extra)...);
 }
