@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // CUDA LoRA against the CPU backend and a dense double reference: apply (W + ΔW, ΔW
 // alone, W alone), merge and unmerge, for float, double, bf16/fp16 storage and mixed
 // storage, over odd shapes, r = 1, tokens = 0 and empty dimensions, in row- and

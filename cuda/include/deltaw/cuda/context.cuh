@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include <deltaw/core/view.hpp>
+
 #include "error.cuh"
 
 DELTAW_NAMESPACE_BEGIN
@@ -58,6 +60,8 @@ class device_guard {
 /// thread-safe; use one per host thread (default_context() does).
 class context {
  public:
+  using device_type = device::cuda;
+
   /// A context on the current device with its own stream.
   context() : context(current_device()) {}
 

@@ -8,6 +8,8 @@
 #include "view.cuh"
 #include "buffer.cuh"
 #include "gemm.cuh"
+#include "elementwise.cuh"
+#include "primitives.cuh"
 #include "evaluator.cuh"
 #include "low_rank.cuh"
 #include "ops.cuh"

@@ -26,6 +26,7 @@
 
 #include "context.cuh"
 #include "error.cuh"
+#include "for_each.cuh"
 
 DELTAW_NAMESPACE_BEGIN
 namespace cuda {
@@ -110,28 +111,26 @@ int output_ld(const device_view<T>& C, const char* op) {
   return to_int(ld, "a leading dimension", op);
 }
 
-/// dst(i, j) = convert(src(i, j)); consecutive threads walk dst's unit-stride dimension.
+/// dst(i, j) = convert(src(i, j)) for the k-th element of dst; consecutive k walk dst's
+/// unit-stride dimension (coalesced writes on the GPU).
 template <class D, class S>
-__global__ void convert_kernel(device_view<D> dst, device_view<const S> src, bool dst_col_major) {
-  const index_t rows = dst.rows(), cols = dst.cols();
-  const index_t n = rows * cols;
-  const index_t step = index_t(gridDim.x) * blockDim.x;
-  for (index_t k = index_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += step) {
+struct convert_element {
+  device_view<D> dst;
+  device_view<const S> src;
+  bool dst_col_major;
+  DELTAW_HOST_DEVICE void operator()(index_t k) const {
+    const index_t rows = dst.rows(), cols = dst.cols();
     const index_t i = dst_col_major ? k % rows : k / cols;
     const index_t j = dst_col_major ? k / rows : k % cols;
     dst(i, j) = convert<D>(src(i, j));
   }
-}
+};
 
 /// Element-converting copy between two device views of the same shape, on ctx's stream.
 template <class D, class S>
 void convert_copy(context& ctx, const device_view<D>& dst, const device_view<const S>& src) {
-  const index_t n = dst.rows() * dst.cols();
-  if (n == 0) return;
-  constexpr int threads = 256;
-  const index_t blocks = std::min<index_t>((n + threads - 1) / threads, 8192);
-  convert_kernel<D, S><<<unsigned(blocks), threads, 0, ctx.stream()>>>(dst, src, dst.is_col_major());
-  DELTAW_CUDA_CHECK_LAUNCH("deltaw::cuda::detail::convert_kernel");
+  for_each_index(ctx, dst.rows() * dst.cols(), convert_element<D, S>{dst, src, dst.is_col_major()},
+                 "deltaw::cuda::detail::convert_copy");
 }
 
 /// v as element type C: v itself when it already is, else a column-major copy in the
