@@ -105,24 +105,29 @@ inline byte_buffer read_file(const std::filesystem::path& path,
     return format_error(std::string(op) + ": '" + path.string() + "' has " + (n == ~std::uint64_t(0) ? "more than " + std::to_string(max_bytes) : std::to_string(n)) +
                         " bytes, more than the limit of " + std::to_string(max_bytes));
   };
+  // The buffer: `cap` bytes, `size` of them read. One byte beyond the expected length lets
+  // the first read see the end of the file; a file that grows while being read is read up
+  // to max_bytes + 1 bytes, then refused.
+  std::size_t cap = 0, size = 0;
+  std::unique_ptr<std::byte[]> data;
+  const auto make_room = [&] {  // before a read: a full buffer doubles (up to max_bytes + 1)
+    if (size < cap) return;
+    if (cap > max_bytes) throw too_long(~std::uint64_t(0));
+    const std::size_t next = cap > max_bytes / 2 ? max_bytes + 1 : 2 * cap;
+    auto bigger = std::make_unique_for_overwrite<std::byte[]>(next);
+    if (size > 0) std::memcpy(bigger.get(), data.get(), size);
+    data = std::move(bigger);
+    cap = next;
+  };
 #if DELTAW_IO_HAS_MMAP
   struct stat st {};
   detail::fd_closer fd{detail::open_regular(path, op, st)};
   const auto length = std::uint64_t(st.st_size);
   if (length > max_bytes) throw too_long(length);
-  // One byte beyond the length lets the first read see the end of the file; a file that
-  // grows while being read is read up to max_bytes + 1 bytes, then refused.
-  std::size_t cap = std::size_t(length) + 1, size = 0;
-  auto data = std::make_unique_for_overwrite<std::byte[]>(cap);
+  cap = std::size_t(length) + 1;
+  data = std::make_unique_for_overwrite<std::byte[]>(cap);
   for (;;) {
-    if (size == cap) {
-      if (cap > max_bytes) throw too_long(~std::uint64_t(0));
-      const std::size_t next = cap > max_bytes / 2 ? max_bytes + 1 : 2 * cap;
-      auto bigger = std::make_unique_for_overwrite<std::byte[]>(next);
-      std::memcpy(bigger.get(), data.get(), size);
-      data = std::move(bigger);
-      cap = next;
-    }
+    make_room();
     const ::ssize_t got = ::read(fd.fd, data.get() + size, cap - size);
     if (got < 0) {
       if (errno == EINTR) continue;
@@ -141,17 +146,10 @@ inline byte_buffer read_file(const std::filesystem::path& path,
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> guard(f, &std::fclose);
   const auto length = std::filesystem::file_size(path, ec);
   if (!ec && length > max_bytes) throw too_long(length);
-  std::size_t cap = ec ? std::size_t(1) << 16 : std::size_t(length) + 1, size = 0;
-  auto data = std::make_unique_for_overwrite<std::byte[]>(cap);
+  cap = ec ? std::size_t(1) << 16 : std::size_t(length) + 1;
+  data = std::make_unique_for_overwrite<std::byte[]>(cap);
   for (;;) {
-    if (size == cap) {
-      if (cap > max_bytes) throw too_long(~std::uint64_t(0));
-      const std::size_t next = cap > max_bytes / 2 ? max_bytes + 1 : 2 * cap;
-      auto bigger = std::make_unique_for_overwrite<std::byte[]>(next);
-      std::memcpy(bigger.get(), data.get(), size);
-      data = std::move(bigger);
-      cap = next;
-    }
+    make_room();
     const std::size_t got = std::fread(data.get() + size, 1, cap - size, f);
     size += got;
     if (got == 0) break;
