@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: MIT
+// Evaluator of IA³ (expr/ia3.hpp): W' = diag(l)·W (output) or W·diag(l) (input). In a lazy
+// sum over its own W it replaces the base product (the apply_with_base hook of ops.hpp):
+// one product with W, and a scaling of the output (output IA³) or of a copy of the input
+// (input IA³) — W' is never formed. Alone, ΔW = diag(l − 1)·W or W·diag(l − 1) is applied
+// the same way into a tokens × out scratch. Merge scales rows or columns of W in place;
+// unmerge divides by l (exact inverse up to rounding; an entry l = 0 makes it impossible and
+// is refused).
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "../../expr/ia3.hpp"
+#include "ops.hpp"
+
+DELTAW_NAMESPACE_BEGIN
+namespace cpu {
+
+namespace ia3_detail {
+/// l − shift in type C (a [1, n] scratch; .view as a vector via vec()).
+template <class C, class Ctx, class U>
+auto vector_in(const Ctx& ctx, const U& u, double shift) {
+  using D = typename U::device_type;
+  const auto& l = u.l();
+  auto s = kernels::make_scratch<C>(ctx, 1, l.size());
+  if (l.size() > 0) {
+    copy(ctx, matrix_view<const typename U::value_type, D>(l.data(), 1, l.size(), l.size() * l.stride(), l.stride()), s.view());
+    if (shift != 0.0) transform(ctx, s.view(), [shift](index_t, index_t, C y) { return y - C(shift); });
+  }
+  return s;
+}
+template <class S>
+auto vec(const S& s) {
+  return vector_view<const typename std::remove_const_t<typename decltype(s.cview())::element_type>,
+                     typename decltype(s.cview())::device_type>(s.data(), s.cols());
+}
+}  // namespace ia3_detail
+
+template <class T, class TW>
+struct evaluator<ia3_update<T, TW, device::cpu>> {
+  using D = device::cpu;
+  using U = ia3_update<T, TW, D>;
+
+  /// Y = X·W'ᵀ: replaces the base product in a lazy sum over u's own W.
+  template <class C, class Ctx>
+  static void apply_with_base(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
+    const auto l = ia3_detail::vector_in<C>(ctx, u, 0.0);
+    if (u.side() == ia3_side::output) {
+      base_apply<C>(ctx, u.W(), X, Y);
+      scale_cols(ctx, Y, ia3_detail::vec(l));
+    } else {
+      auto Xs = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
+      copy(ctx, X, Xs.view());
+      scale_cols(ctx, Xs.view(), ia3_detail::vec(l));
+      base_apply<C>(ctx, u.W(), Xs.cview(), Y);
+    }
+  }
+  /// O = G·W'.
+  template <class C, class Ctx>
+  static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
+    const auto l = ia3_detail::vector_in<C>(ctx, u, 0.0);
+    if (u.side() == ia3_side::output) {
+      auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
+      copy(ctx, G, Gs.view());
+      scale_cols(ctx, Gs.view(), ia3_detail::vec(l));
+      base_apply_transposed<C>(ctx, u.W(), Gs.cview(), O);
+    } else {
+      base_apply_transposed<C>(ctx, u.W(), G, O);
+      scale_cols(ctx, O, ia3_detail::vec(l));
+    }
+  }
+
+  /// Y += X·ΔWᵀ (IA³ alone, or over another weight than its own).
+  template <class C, class Ctx>
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
+    const auto l1 = ia3_detail::vector_in<C>(ctx, u, 1.0);
+    auto P = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
+    if (u.side() == ia3_side::output) {
+      base_apply<C>(ctx, u.W(), X, P.view());
+      scale_cols(ctx, P.view(), ia3_detail::vec(l1));
+    } else {
+      auto Xs = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
+      copy(ctx, X, Xs.view());
+      scale_cols(ctx, Xs.view(), ia3_detail::vec(l1));
+      base_apply<C>(ctx, u.W(), Xs.cview(), P.view());
+    }
+    axpy<C>(ctx, C(1), P.cview(), Y);
+  }
+  /// O += G·ΔW.
+  template <class C, class Ctx>
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
+    const auto l1 = ia3_detail::vector_in<C>(ctx, u, 1.0);
+    if (u.side() == ia3_side::output) {
+      auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
+      copy(ctx, G, Gs.view());
+      scale_cols(ctx, Gs.view(), ia3_detail::vec(l1));
+      base_apply_transposed<C>(ctx, u.W(), Gs.cview(), O, C(1));
+    } else {
+      auto P = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
+      base_apply_transposed<C>(ctx, u.W(), G, P.view());
+      scale_cols(ctx, P.view(), ia3_detail::vec(l1));
+      axpy<C>(ctx, C(1), P.cview(), O);
+    }
+  }
+
+  /// P += ΔW[r0 : r0 + P.rows()].
+  template <class C, class Ctx>
+  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
+    auto rows = kernels::make_scratch<C>(ctx, panel.rows(), u.cols());
+    copy(ctx, u.W().middle_rows(r0, panel.rows()), rows.view());
+    const auto l1 = ia3_detail::vector_in<C>(ctx, u, 1.0);
+    if (u.side() == ia3_side::output) scale_rows(ctx, rows.view(), ia3_detail::vec(l1), r0);
+    else scale_cols(ctx, rows.view(), ia3_detail::vec(l1));
+    axpy<C>(ctx, C(1), rows.cview(), panel);
+  }
+  /// Rows of W ← rows of W' (W must be u's own weight: checked by merge).
+  template <class C, class Ctx>
+  static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
+    const auto l = ia3_detail::vector_in<C>(ctx, u, 0.0);
+    if (u.side() == ia3_side::output) scale_rows(ctx, panel, ia3_detail::vec(l), r0);
+    else scale_cols(ctx, panel, ia3_detail::vec(l));
+  }
+  /// Rows of W' ← rows of W' / l; argument_error (before anything is written) when an
+  /// entry of l that the rows need is 0.
+  template <class C, class Ctx>
+  static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
+    const auto ls = ia3_detail::vector_in<C>(ctx, u, 0.0);
+    const auto l = ia3_detail::vec(ls);
+    const bool out = u.side() == ia3_side::output;
+    const index_t lo = out ? r0 : 0, n = out ? panel.rows() : panel.cols();
+    for (index_t i = lo; i < lo + n; ++i)
+      if (l[i] == C(0))
+        throw argument_error("deltaw::unmerge (IA³): l[" + std::to_string(i) +
+                             "] = 0, so the merged weight lost that " + (out ? "row" : "column") +
+                             " and cannot be unmerged");
+    if (out) transform(ctx, panel, [&](index_t i, index_t, C y) { return y / l[r0 + i]; });
+    else transform(ctx, panel, [&](index_t, index_t j, C y) { return y / l[j]; });
+  }
+
+  /// ‖ΔW‖²_F = Σ_oj (l − 1)²·W², in double, one pass over W.
+  template <class C>
+  static double frobenius_norm(const U& u) {
+    const kernels::cpu_context ctx;
+    const auto& l = u.l();
+    double sq = 0.0;
+    const bool out = u.side() == ia3_side::output;
+    for_row_panels<double>(ctx, u.W(), [&](index_t r0, const cview<double, D>& P) {
+      for (index_t i = 0; i < P.rows(); ++i)
+        for (index_t j = 0; j < P.cols(); ++j) {
+          const double g = convert<double>(l[out ? r0 + i : j]) - 1.0;
+          sq += g * g * P(i, j) * P(i, j);
+        }
+    });
+    return std::sqrt(sq);
+  }
+};
+
+}  // namespace cpu
+DELTAW_NAMESPACE_END
