@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// libFuzzer target: structured PEFT adapters (LoKr, MiSS / Bone bat, VeRA, RandLoRA) read
+// libFuzzer target: structured PEFT adapters (LoKr, MiSS / Bone bat, VeRA, RandLoRA, LoHa,
+// IA3, OFT) read
 // from memory, the way read_peft_structured_adapter reads a directory.
 //
 // Input: u32 little-endian n, then n bytes of adapter_config.json, then the bytes of
@@ -11,8 +12,11 @@
 // report. A read adapter is also written back (to_files) and read again.
 // deltaw::error is the expected way to refuse an input; anything else is a finding.
 #include <deltaw/backend/cpu/block_affine.hpp>
+#include <deltaw/backend/cpu/ia3.hpp>
 #include <deltaw/backend/cpu/kron.hpp>
+#include <deltaw/backend/cpu/loha.hpp>
 #include <deltaw/backend/cpu/low_rank.hpp>
+#include <deltaw/backend/cpu/oft.hpp>
 #include <deltaw/backend/cpu/ops.hpp>
 #include <deltaw/core/eigen.hpp>
 #include <deltaw/io/peft_structured.hpp>
@@ -87,6 +91,14 @@ void exercise_module(const io::peft_structured_adapter& a, const io::peft_struct
     const dw::index_t mn = m->gamma.view.cols(), hi = m->B.view.rows();
     shapes.emplace_back(hi, mn);
     shapes.emplace_back(mn, hi);
+  } else if (const auto* m = std::get_if<io::peft_loha_module>(&mv)) {
+    shapes.emplace_back(m->out_features(), m->in_features());
+  } else if (const auto* m = std::get_if<io::peft_ia3_module>(&mv)) {
+    shapes.emplace_back(m->l.view.size(), m->l.view.size());
+    shapes.emplace_back(3, m->l.view.size());
+  } else if (const auto* m = std::get_if<io::peft_oft_module>(&mv)) {
+    shapes.emplace_back(3, m->Q.view.rows() * std::max<dw::index_t>(m->block(), 0));
+    shapes.emplace_back(3, 2 * std::max<dw::index_t>(m->block(), 0));
   }
   for (const auto& [out, in] : shapes) {
     if (out < 0 || in < 0 || out > max_weights || in > max_weights || out * in > max_weights) continue;

@@ -5,7 +5,7 @@ safetensors: a few valid files and the known attacks (huge length prefix, huge h
 overlapping / out-of-range offsets, shape/size mismatch, duplicate keys, ...).
 peft_config: adapter_config.json variants. gguf: valid LoRA adapters and broken ones.
 peft_structured: u32 little-endian n, n bytes of adapter_config.json, then
-adapter_model.safetensors: the committed LoKr / MiSS / VeRA / RandLoRA fixtures
+adapter_model.safetensors: the committed LoKr / MiSS / VeRA / RandLoRA / LoHa / IA3 / OFT fixtures
 (tests/fixtures/peft_*/adapter) packed so, and edits of them that must be refused (config r
 against tensor shapes, missing / extra / duplicate-role tensors, huge r, zero-size bases,
 bf16 and unaligned tensors).
@@ -146,7 +146,8 @@ def gguf_seeds():
 
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
 STRUCTURED = ["peft_lokr", "peft_lokr_both", "peft_lokr_dense", "peft_miss", "peft_miss_mini", "peft_miss_bat",
-              "peft_vera", "peft_randlora", "peft_randlora_sparse"]
+              "peft_vera", "peft_randlora", "peft_randlora_sparse", "peft_loha", "peft_ia3", "peft_oft",
+              "peft_oft_cayley", "peft_oft_share"]
 
 
 def st_read(blob):
@@ -250,6 +251,20 @@ def peft_structured_seeds():
         {"base_model.randlora_A": ["F32", [4, 24], f32(96)]}))
     s["randlora_bf16"] = edit("peft_randlora_sparse", change=lambda t: t.update(
         {k: ["BF16", v[1], to_bf16(v[2])] for k, v in t.items()}))
+    # LoHa / IA3 / OFT (issue 16)
+    s["loha_r_mismatch"] = edit("peft_loha", {"r": 4, "rank_pattern": {}})
+    s["loha_missing_w2_b"] = edit("peft_loha", drop=["q.hada_w2_b"])
+    s["loha_tucker"] = edit("peft_loha", change=lambda t: t.update({q + "hada_t1": ["F32", [3, 3, 1, 1], f32(9)]}))
+    s["loha_conv_factor"] = edit("peft_loha", change=lambda t: t.update({q + "hada_w1_b": ["F32", [3, 16, 1, 1], f32(48)]}))
+    s["ia3_wrong_side"] = edit("peft_ia3", {"feedforward_modules": []})
+    s["ia3_matrix"] = edit("peft_ia3", change=lambda t: t.update({q + "ia3_l": ["F32", [2, 12], f32(24)]}))
+    s["ia3_regex_ff"] = edit("peft_ia3", {"feedforward_modules": ".*v"})
+    s["oft_not_triangular"] = edit("peft_oft", change=lambda t: t.update({q + "oft_R.weight": ["F32", [4, 5], f32(20)]}))
+    s["oft_both_r_and_size"] = edit("peft_oft", {"r": 4})
+    s["oft_zero_blocks"] = edit("peft_oft", change=lambda t: t.update({q + "oft_R.weight": ["F32", [0, 6], b""]}))
+    s["oft_huge_block"] = edit("peft_oft", change=lambda t: t.update(
+        {q + "oft_R.weight": ["F32", [0, 2**40 * (2**40 - 1) // 2], b""]}))
+    s["oft_share_rows"] = edit("peft_oft_share", change=lambda t: t.update({q + "oft_R.weight": ["F32", [2, 6], f32(12)]}))
     s["unknown_key"] = edit("peft_miss", change=lambda t: t.update({"base_model.model.x.lora_A.weight": ["F32", [1], f32(1)]}))
     s["length_past_end"] = struct.pack("<I", 2**32 - 1) + json.dumps(fx["peft_miss"][0]).encode()
     s["config_only"] = pack(fx["peft_vera"][0], b"")

@@ -7,13 +7,15 @@
                                    (save_pretrained), the model's input and PEFT's output
   peft_{lokr,miss,vera,randlora}_* the same for the structured types (LoKr, MiSS default /
                                    mini / bat, VeRA and RandLoRA with save_projection)
+  peft_{loha,ia3,oft}*             the same for LoHa, IA³ and OFT (issue 16)
   gguf/lora_<type>.gguf            llama.cpp LoRA adapters written by gguf.GGUFWriter
   VERSIONS.json                    the package versions that wrote all of the above
 
 Requires numpy, safetensors, gguf, torch and peft (transformers for the Conv1D /
 fan_in_fan_out variant). Deterministic: fixed seeds.
-Usage: python3 tools/make_fixtures.py [--out tests/fixtures] [--only structured]
-(--only structured rewrites only the structured-type fixtures, leaving the others as they are)."""
+Usage: python3 tools/make_fixtures.py [--out tests/fixtures] [--only structured|issue16]
+(--only structured rewrites only the structured-type fixtures, --only issue16 only LoHa / IA³ /
+OFT, leaving the others as they are)."""
 import argparse
 import json
 import os
@@ -223,16 +225,42 @@ def structured_fixtures(out):
         peft_fixture(out, name, Tiny(), cfg, 500 + 10 * i, randomize=randomize_structured)
 
 
+def issue16_fixtures(out):
+    """LoHa, IA³ (output and feed-forward input scaling) and OFT (Cayley–Neumann with
+    oft_block_size, Cayley with r and COFT, block_share with 3 Neumann terms) on the Tiny model,
+    every parameter random (PEFT initialises LoHa's w2_b and OFT's Q to zero, IA³'s l to one)."""
+    from peft import LoHaConfig, IA3Config, OFTConfig
+    tm = ["q", "v", "head"]
+    variants = [
+        ("peft_loha", LoHaConfig(r=3, alpha=5, target_modules=tm, rank_pattern={"head": 2}, alpha_pattern={"v": 4},
+                                 init_weights=False)),
+        ("peft_ia3", IA3Config(target_modules=tm, feedforward_modules=["v"])),
+        # in = 16, 24, 20: 4, 6 and 5 blocks of 4.
+        ("peft_oft", OFTConfig(r=0, oft_block_size=4, target_modules=tm, init_weights=False)),
+        # r = 2 blocks per layer: b = 8, 12, 10; exact Cayley; COFT.
+        ("peft_oft_cayley", OFTConfig(r=2, oft_block_size=0, target_modules=tm, use_cayley_neumann=False, coft=True,
+                                      eps=0.5, init_weights=False)),
+        ("peft_oft_share", OFTConfig(r=0, oft_block_size=4, target_modules=tm, block_share=True,
+                                     num_cayley_neumann_terms=3, init_weights=False)),
+    ]
+    for i, (name, cfg) in enumerate(variants):
+        torch.manual_seed(40 + i)
+        peft_fixture(out, name, Tiny(), cfg, 900 + 10 * i, randomize=randomize_structured)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    ap.add_argument("--only", choices=["structured"], default=None)
+    ap.add_argument("--only", choices=["structured", "issue16"], default=None)
     a = ap.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     import safetensors.numpy  # noqa: F401
     if a.only == "structured":
         structured_fixtures(out)
+        return
+    if a.only == "issue16":
+        issue16_fixtures(out)
         return
     torch.manual_seed(0)
     dtype_fixtures(out)
@@ -263,6 +291,7 @@ def main():
         print("transformers missing: peft_fan_in_fan_out not written")
 
     structured_fixtures(out)
+    issue16_fixtures(out)
 
     versions = {"numpy": np.__version__, "safetensors": safetensors.__version__, "torch": torch.__version__,
                 "peft": peft.__version__, "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"),

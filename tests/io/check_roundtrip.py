@@ -171,12 +171,14 @@ def part_peft(d):
               "forward rel err %.2e" % (variant, cfg.r, dict(cfg.rank_pattern), dict(cfg.alpha_pattern), err))
         check_deeper(variant, ref)
     # Structured types written by deltaw (peft_structured.hpp): LoKr, MiSS, Bone bat (MiSS
-    # init_weights "bat"), VeRA and RandLoRA with deltaw's bases stored (save_projection).
+    # init_weights "bat"), VeRA and RandLoRA with deltaw's bases stored (save_projection),
+    # LoHa, IA3 (input scaling for feedforward_modules), OFT (Cayley–Neumann; exact Cayley
+    # with block_share).
     base = Tiny()
     base.load_state_dict(base_sd)
     with torch.no_grad():
         y0 = base(io["x"])
-    for variant in ("lokr", "miss", "miss_bat", "vera", "randlora"):
+    for variant in ("lokr", "miss", "miss_bat", "vera", "randlora", "loha", "ia3", "oft", "oft_share"):
         model = Tiny()
         model.load_state_dict(base_sd)
         pm = PeftModel.from_pretrained(model, os.path.join(d, "adapter_" + variant))

@@ -160,6 +160,37 @@ void write_peft(const std::string& dir) {
     a.add_randlora(l.name, u);
     return MatF(dw::apply(dw::view(l.W) + u, h));
   });
+  // Issue 16: LoHa (rank 3, α per layer), IA³ (v scales its input: a feed-forward
+  // module; q and head their output and bias), OFT (Cayley–Neumann, b = 4 everywhere) and
+  // OFT with exact Cayley and one shared block.
+  forward("loha", [&](io::peft_structured_adapter& a, int k, const layer& l, const MatF& h) {
+    const dw::index_t r = 3, out = l.W.rows(), in = l.W.cols();
+    const auto u = dw::loha(randm(g, out, r, 0.3f), randm(g, r, in, 0.3f), randm(g, out, r, 0.3f), randm(g, r, in, 0.3f),
+                            dw::alpha(k == 1 ? 5.0 : 2.0));
+    a.add_loha(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  std::vector<Eigen::VectorXf> ls;
+  ls.reserve(3);
+  forward("ia3", [&](io::peft_structured_adapter& a, int k, const layer& l, const MatF& h) {
+    const bool input = k == 1;
+    ls.push_back((Eigen::VectorXf::Ones(input ? l.W.cols() : l.W.rows()) + randm(g, input ? l.W.cols() : l.W.rows(), 1, 0.3f)).eval());
+    const auto u = dw::ia3(dw::view(l.W), dw::vview(ls.back()), input ? dw::ia3_side::input : dw::ia3_side::output);
+    a.add_ia3(l.name, u);
+    MatF y = dw::apply(dw::view(l.W) + u, h);
+    if (!input) y.rowwise() += (l.b.cwiseProduct(ls.back()) - l.b).transpose();  // PEFT scales the bias
+    return y;
+  });
+  forward("oft", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const auto u = dw::oft(dw::view(l.W), randm(g, l.W.cols() / 4, 6, 0.2f));
+    a.add_oft(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  forward("oft_share", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const auto u = dw::oft(dw::view(l.W), randm(g, 1, 6, 0.3f), dw::oft_options{false, 5});
+    a.add_oft(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
   out.write(dir + "/io.safetensors");
 }
 

@@ -3,7 +3,7 @@
 // finds the adapter (PEFT's save_pretrained writes the adapter "default" into dir and any
 // other into dir/<name>/), detects its type from adapter_config.json's peft_type (LORA with
 // rsLoRA / DoRA / fan_in_fan_out, LOKR, MISS incl. "mini" and Bone "bat", BONE, VERA,
-// RANDLORA) and returns its modules behind one interface:
+// RANDLORA, LOHA, IA3, OFT) and returns its modules behind one interface:
 //
 //   auto a = io::read_peft("out", "my_adapter");
 //   for (const auto& m : a.modules()) {            // io::any_peft_module, sorted by name
@@ -12,7 +12,8 @@
 //     auto u = m.update(W);                         // io::peft_update<TW>: ΔW over this layer's W [out, in]
 //     auto Y = u.apply(X);                          // X·(W + ΔW)ᵀ
 //     u.merge(W); /* … */ u.unmerge(W);             // in place (keep u: DoRA unmerges with its cached norms)
-//     u.visit([&](const auto& concrete) { … });     // low_rank, dora_update, kron_update, miss_update, bone_bat_update
+//     u.visit([&](const auto& concrete) { … });     // low_rank, dora_update, kron_update, miss_update,
+//                                                   // bone_bat_update, hadamard_update, ia3_update, oft_update
 //   }
 //   a.match({{"model.layers.0.self_attn.q_proj.weight", {4096, 4096}}, …});
 //   a.targets("model.layers.5.self_attn.q_proj");   // PEFT's target_modules rule
@@ -55,7 +56,8 @@ class peft_update {
   using kron_ld = kron_update<kron_low_rank_factor<float>, kron_dense_factor<float>>;
   using kron_ll = kron_update<kron_low_rank_factor<float>, kron_low_rank_factor<float>>;
   using variant_type = std::variant<low_rank<float>, dora_update<float, TW>, kron_dd, kron_dl, kron_ld, kron_ll,
-                                    miss_update<float>, bone_bat_update<float, TW>>;
+                                    miss_update<float>, bone_bat_update<float, TW>, hadamard_update<float>,
+                                    ia3_update<float, TW>, oft_update<float, TW>>;
   /// The arithmetic type of materialize() (and of apply() for an input of type TW).
   using compute_type = compute_t<float, TW>;
 
@@ -126,8 +128,8 @@ class peft_update {
 /// One module of any PEFT type deltaw reads.
 class any_peft_module {
  public:
-  using variant_type =
-      std::variant<peft_lora_module, peft_lokr_module, peft_miss_module, peft_vera_module, peft_randlora_module>;
+  using variant_type = std::variant<peft_lora_module, peft_lokr_module, peft_miss_module, peft_vera_module,
+                                    peft_randlora_module, peft_loha_module, peft_ia3_module, peft_oft_module>;
 
   explicit any_peft_module(variant_type m) : m_(std::move(m)) {}
 
@@ -135,7 +137,8 @@ class any_peft_module {
   const std::string& name() const {
     return std::visit([](const auto& m) -> const std::string& { return m.name; }, m_);
   }
-  /// "LoRA", "DoRA", "LoKr", "MiSS", "MiSS mini", "Bone bat", "VeRA" or "RandLoRA".
+  /// "LoRA", "DoRA", "LoKr", "MiSS", "MiSS mini", "Bone bat", "VeRA", "RandLoRA", "LoHa",
+  /// "IA3" or "OFT".
   const char* method() const {
     return std::visit(
         [](const auto& m) -> const char* {
@@ -145,17 +148,26 @@ class any_peft_module {
           else if constexpr (std::is_same_v<M, peft_miss_module>)
             return m.kind == miss_kind::bat ? "Bone bat" : m.kind == miss_kind::mini ? "MiSS mini" : "MiSS";
           else if constexpr (std::is_same_v<M, peft_vera_module>) return "VeRA";
+          else if constexpr (std::is_same_v<M, peft_loha_module>) return "LoHa";
+          else if constexpr (std::is_same_v<M, peft_ia3_module>) return "IA3";
+          else if constexpr (std::is_same_v<M, peft_oft_module>) return "OFT";
           else return "RandLoRA";
         },
         m_);
   }
-  /// out (W's rows) when the file records it: LoRA, LoKr, MiSS default and bat, VeRA.
+  /// out (W's rows) when the file records it: LoRA, LoKr, MiSS default and bat, VeRA, LoHa,
+  /// output IA³.
   std::optional<index_t> out_features() const {
     return std::visit(
         [](const auto& m) -> std::optional<index_t> {
           using M = std::remove_cvref_t<decltype(m)>;
-          if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module>)
+          if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module> ||
+                        std::is_same_v<M, peft_loha_module>)
             return m.out_features();
+          else if constexpr (std::is_same_v<M, peft_ia3_module>) {
+            if (m.side == ia3_side::output) return m.l.view.size();
+            return std::nullopt;
+          }
           else if constexpr (std::is_same_v<M, peft_miss_module>) {
             if (m.kind == miss_kind::mini) return std::nullopt;
             return m.kind == miss_kind::bat ? m.block.view.rows() : m.block.view.cols();
@@ -166,23 +178,33 @@ class any_peft_module {
         },
         m_);
   }
-  /// in (W's columns) when the file records it: LoRA, LoKr.
+  /// in (W's columns) when the file records it: LoRA, LoKr, LoHa, input IA³, OFT without
+  /// block_share.
   std::optional<index_t> in_features() const {
     return std::visit(
         [](const auto& m) -> std::optional<index_t> {
           using M = std::remove_cvref_t<decltype(m)>;
-          if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module>)
+          if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module> ||
+                        std::is_same_v<M, peft_loha_module>)
             return m.in_features();
+          else if constexpr (std::is_same_v<M, peft_ia3_module>) {
+            if (m.side == ia3_side::input) return m.l.view.size();
+            return std::nullopt;
+          } else if constexpr (std::is_same_v<M, peft_oft_module>) {
+            if (m.Q.view.rows() == 1) return std::nullopt;  // shared, or one block: any multiple of b
+            return m.Q.view.rows() * m.block();
+          }
           else
             return std::nullopt;
         },
         m_);
   }
-  /// Whether ΔW depends on W's values (DoRA, Bone bat), not only on its shape.
+  /// Whether ΔW depends on W's values (DoRA, Bone bat, IA³, OFT), not only on its shape.
   bool reads_weight() const {
     const auto* l = std::get_if<peft_lora_module>(&m_);
     const auto* b = std::get_if<peft_miss_module>(&m_);
-    return (l && l->magnitude) || (b && b->kind == miss_kind::bat);
+    return (l && l->magnitude) || (b && b->kind == miss_kind::bat) || std::holds_alternative<peft_ia3_module>(m_) ||
+           std::holds_alternative<peft_oft_module>(m_);
   }
   /// LoRA with fan_in_fan_out: the checkpoint stores W as [in, out] (GPT-2's Conv1D);
   /// update() and match() still take [out, in] (pass the stored weight's transpose view).
@@ -230,6 +252,10 @@ class any_peft_module {
             if (m.kind == miss_kind::bat)
               return R(m.name, Wv, bone_bat_update<float, TW>(held_matrix<TW>{Wv, nullptr}, m.block));
             return R(m.name, Wv, m.update(Wv.rows(), Wv.cols()));
+          } else if constexpr (std::is_same_v<M, peft_loha_module>) {
+            return R(m.name, Wv, m.update());
+          } else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module>) {
+            return R(m.name, Wv, m.update(Wv));
           } else {
             return R(m.name, Wv, m.update(Wv.rows(), Wv.cols()));
           }
@@ -278,7 +304,8 @@ class any_peft_adapter {
       std::visit([&](const auto& x) { modules_.emplace_back(x); }, m);
   }
 
-  /// adapter_config.json's peft_type: "LORA", "LOKR", "MISS", "BONE", "VERA", "RANDLORA".
+  /// adapter_config.json's peft_type: "LORA", "LOKR", "MISS", "BONE", "VERA", "RANDLORA",
+  /// "LOHA", "IA3", "OFT".
   const std::string& peft_type() const {
     return std::visit([](const auto& a) -> const std::string& { return a.config.peft_type; }, src_);
   }
@@ -353,13 +380,14 @@ inline any_peft_adapter parse_peft(std::string_view config_text, const safetenso
     return any_peft_adapter(
         peft_adapter::from_safetensors(parse_peft_config(config_text, config_source), tensors, tensors_source),
         std::move(adapter_name));
-  if (type == "LOKR" || type == "MISS" || type == "BONE" || type == "VERA" || type == "RANDLORA")
+  if (type == "LOKR" || type == "MISS" || type == "BONE" || type == "VERA" || type == "RANDLORA" || type == "LOHA" ||
+      type == "IA3" || type == "OFT")
     return any_peft_adapter(peft_structured_adapter::from_safetensors(
                                 parse_peft_structured_config(config_text, config_source), tensors, tensors_source),
                             std::move(adapter_name));
   throw unsupported_error("deltaw::io::peft (" + config_source + "): peft_type \"" + type +
-                          "\" is not supported; deltaw reads LORA (with use_rslora / use_dora), LOKR, MISS, BONE, VERA "
-                          "and RANDLORA");
+                          "\" is not supported; deltaw reads LORA (with use_rslora / use_dora), LOKR, MISS, BONE, VERA, "
+                          "RANDLORA, LOHA, IA3 and OFT");
 }
 
 /// The names of the adapters saved under `dir`: "default" when dir holds

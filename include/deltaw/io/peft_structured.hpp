@@ -17,6 +17,16 @@
 //             base_model.randlora_A [r, 1, min_dim_max], base_model.randlora_B
 //             [max_dim_max, N_max, r], and PEFT 0.21 also repeats them per module
 //             (<module>.randlora_A / _B).
+//   LOHA      hada_w1_a [out, r], hada_w1_b [r, in], hada_w2_a [out, r], hada_w2_b [r, in].
+//             ΔW = α/r · (w1_a·w1_b) ⊙ (w2_a·w2_b), r and α per module from rank_pattern /
+//             alpha_pattern (as LoKr's).
+//   IA3       ia3_l [out, 1] (output scaling) or [1, in] (input scaling: the module is in
+//             feedforward_modules). W' = diag(l)·W or W·diag(l); output IA³ also scales the
+//             layer's bias (peft_ia3_module::scale_bias).
+//   OFT       oft_R.weight [r, b(b−1)/2] (one skew block per b input features) or [1, …]
+//             (block_share); b is read from the tensor (PEFT may adjust oft_block_size per
+//             layer). use_cayley_neumann / num_cayley_neumann_terms choose R; coft = true
+//             projects the stored Q with eps on reading, as PEFT's forward does.
 //
 // Documented choices:
 //  - VeRA and RandLoRA bases. PEFT draws them with torch's generator from
@@ -32,9 +42,10 @@
 //    materialised (they are small: r·in_max + out_max·r, resp. r·min_dim + max_dim·N·r)
 //    and stored with save_projection = true, so PEFT loads exactly deltaw's ΔW.
 //  - Bone "bat" needs the base weight: peft_miss_module::bat(W) / visit(W, f).
-//  - Refused (unsupported_error): convolution LoKr (3-/4-D factors, lokr_t2), biases,
-//    modules_to_save, fan_in_fan_out for VeRA / RandLoRA, VeRA / RandLoRA without stored
-//    bases. Dropout fields are ignored, as PEFT ignores them in eval.
+//  - Refused (unsupported_error): convolution LoKr (3-/4-D factors, lokr_t2), convolution
+//    LoHa (the Tucker cores hada_t1 / hada_t2, 4-D factors), biases, modules_to_save,
+//    fan_in_fan_out for VeRA / RandLoRA / IA3 / OFT, VeRA / RandLoRA without stored bases.
+//    Dropout fields are ignored, as PEFT ignores them in eval.
 #pragma once
 
 #include <cstring>
@@ -45,8 +56,11 @@
 #include <variant>
 
 #include "../core/precompiled.hpp"
+#include "../backend/cpu/oft.hpp"
 #include "../expr/block_affine.hpp"
+#include "../expr/ia3.hpp"
 #include "../expr/kron.hpp"
+#include "../expr/loha.hpp"
 #include "../expr/random_basis.hpp"
 #include "peft.hpp"
 
@@ -60,11 +74,11 @@ enum class miss_kind : std::uint8_t { miss, mini, bat };
 /// adapter_config.json of a structured adapter: the fields that change the math. Fields
 /// deltaw does not interpret are kept in `raw` and written back unchanged.
 struct peft_structured_config {
-  std::string peft_type;  ///< LOKR, MISS, BONE, VERA, RANDLORA
-  index_t r = 8;
-  double alpha = 8;  ///< LoKr `alpha`, RandLoRA `randlora_alpha`; unused by MiSS and VeRA
-  std::vector<std::pair<std::string, index_t>> rank_pattern;  ///< LoKr only, file order
-  std::vector<std::pair<std::string, double>> alpha_pattern;  ///< LoKr only, file order
+  std::string peft_type;  ///< LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT
+  index_t r = 8;          ///< OFT: blocks per layer, 0 when oft_block_size is given
+  double alpha = 8;  ///< LoKr / LoHa `alpha`, RandLoRA `randlora_alpha`; unused by the others
+  std::vector<std::pair<std::string, index_t>> rank_pattern;  ///< LoKr, LoHa; file order
+  std::vector<std::pair<std::string, double>> alpha_pattern;  ///< LoKr, LoHa; file order
   bool decompose_both = false;                                ///< LoKr
   index_t decompose_factor = -1;                              ///< LoKr
   miss_kind miss = miss_kind::miss;                           ///< MiSS
@@ -72,6 +86,12 @@ struct peft_structured_config {
   bool save_projection = true;                                ///< VeRA, RandLoRA
   std::int64_t projection_prng_key = 0;                       ///< VeRA, RandLoRA (informational)
   bool sparse = false, very_sparse = false;                   ///< RandLoRA (informational)
+  std::vector<std::string> feedforward_modules;               ///< IA3 (a list)
+  std::optional<std::string> feedforward_modules_regex;       ///< IA3 (a string: full match)
+  index_t oft_block_size = 0;                                 ///< OFT (0 when r is given)
+  bool coft = false, block_share = false;                     ///< OFT
+  double eps = 6e-5;                                          ///< OFT (COFT's radius)
+  oft_options oft;                                            ///< OFT: Cayley–Neumann, terms
   std::vector<std::string> target_modules;
   std::optional<std::string> target_modules_regex;
   std::string target_modules_unsupported;  ///< as peft_lora_config's
@@ -155,21 +175,64 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
   if (pt == o.end() || !pt->is_string()) detail::peft_fail(source, "no string \"peft_type\"");
   c.peft_type = pt->get<std::string>();
   const std::string& t = c.peft_type;
-  if (t != "LOKR" && t != "MISS" && t != "BONE" && t != "VERA" && t != "RANDLORA")
+  if (t != "LOKR" && t != "MISS" && t != "BONE" && t != "VERA" && t != "RANDLORA" && t != "LOHA" && t != "IA3" &&
+      t != "OFT")
     throw unsupported_error("deltaw::io::peft (" + source + "): peft_type \"" + t +
-                            "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA; LORA is "
-                            "read by read_peft_adapter)");
+                            "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT; "
+                            "LORA is read by read_peft_adapter)");
   // PEFT's defaults where a field is absent.
-  c.r = t == "VERA" ? 256 : t == "RANDLORA" ? 32 : t == "LOKR" ? 8 : 64;
+  c.r = t == "VERA" ? 256 : t == "RANDLORA" ? 32 : t == "LOKR" || t == "LOHA" ? 8 : t == "OFT" || t == "IA3" ? 0 : 64;
   c.alpha = t == "RANDLORA" ? 640 : 8;
-  if (auto it = o.find("r"); it != o.end()) c.r = detail::peft_rank(*it, "r", source);
+  if (t == "OFT") {
+    // r or oft_block_size, the other 0 (PEFT's OFTConfig); the blocks are read from the tensors.
+    auto count = [&](const char* k) -> index_t {
+      auto it = o.find(k);
+      if (it == o.end() || it->is_null()) return 0;
+      if (!it->is_number_unsigned() || it->get<std::uint64_t>() > (std::uint64_t(1) << 31))
+        detail::peft_fail(source, std::string("\"") + k + "\" must be a non-negative integer");
+      return index_t(it->get<std::uint64_t>());
+    };
+    c.r = count("r");
+    c.oft_block_size = count("oft_block_size");
+    if ((c.r == 0) == (c.oft_block_size == 0))
+      detail::peft_fail(source, "exactly one of \"r\" and \"oft_block_size\" must be non-zero (got r = " +
+                                    std::to_string(c.r) + ", oft_block_size = " + std::to_string(c.oft_block_size) + ")");
+    c.coft = detail::peft_bool(o, "coft", source);
+    c.block_share = detail::peft_bool(o, "block_share", source);
+    if (auto it = o.find("eps"); it != o.end() && !it->is_null()) c.eps = detail::peft_number(*it, "eps", source);
+    auto cn = o.find("use_cayley_neumann");
+    c.oft.cayley_neumann = cn == o.end() || cn->is_null() ? true : detail::peft_bool(o, "use_cayley_neumann", source);
+    if (auto it = o.find("num_cayley_neumann_terms"); it != o.end() && !it->is_null()) {
+      if (!it->is_number_integer() || it->get<std::int64_t>() > 64 || it->get<std::int64_t>() < -64)
+        detail::peft_fail(source, "\"num_cayley_neumann_terms\" must be a small integer");
+      c.oft.neumann_terms = int(it->get<std::int64_t>());
+    }
+    if (detail::peft_bool(o, "fan_in_fan_out", source)) detail::peft_unsupported(source, "fan_in_fan_out for OFT");
+  } else if (t != "IA3") {
+    if (auto it = o.find("r"); it != o.end()) c.r = detail::peft_rank(*it, "r", source);
+  }
+  if (t == "IA3") {
+    if (auto it = o.find("feedforward_modules"); it != o.end() && !it->is_null()) {
+      if (it->is_string()) {
+        c.feedforward_modules_regex = it->get<std::string>();
+      } else if (it->is_array()) {
+        for (const auto& v : *it) {
+          if (!v.is_string()) detail::peft_fail(source, "\"feedforward_modules\" must list strings");
+          c.feedforward_modules.push_back(v.get<std::string>());
+        }
+      } else {
+        detail::peft_fail(source, "\"feedforward_modules\" must be a list or a string");
+      }
+    }
+    if (detail::peft_bool(o, "fan_in_fan_out", source)) detail::peft_unsupported(source, "fan_in_fan_out for IA3 (Conv1D)");
+  }
   const char* alpha_key = t == "RANDLORA" ? "randlora_alpha" : "alpha";
-  if (t == "LOKR" || t == "RANDLORA")
+  if (t == "LOKR" || t == "RANDLORA" || t == "LOHA")
     if (auto it = o.find(alpha_key); it != o.end()) c.alpha = detail::peft_number(*it, alpha_key, source);
   if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
     c.base_model_name_or_path = it->get<std::string>();
   detail::read_target_modules(o, c.target_modules_regex, c.target_modules, c.target_modules_unsupported, source);
-  if (t == "LOKR") {
+  if (t == "LOKR" || t == "LOHA") {
     for (const char* k : {"rank_pattern", "alpha_pattern"}) {
       auto it = o.find(k);
       if (it == o.end() || it->is_null()) continue;
@@ -180,12 +243,15 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
         else c.alpha_pattern.emplace_back(key, detail::peft_number(v, std::string(k) + "." + key, source));
       }
     }
-    c.decompose_both = detail::peft_bool(o, "decompose_both", source);
-    if (auto it = o.find("decompose_factor"); it != o.end() && !it->is_null()) {
+    if (t == "LOKR") c.decompose_both = detail::peft_bool(o, "decompose_both", source);
+    if (auto it = o.find("decompose_factor"); t == "LOKR" && it != o.end() && !it->is_null()) {
       if (!it->is_number_integer()) detail::peft_fail(source, "\"decompose_factor\" must be an integer");
       c.decompose_factor = it->get<index_t>();
     }
-    if (detail::peft_bool(o, "use_effective_conv2d", source)) detail::peft_unsupported(source, "use_effective_conv2d (convolution LoKr)");
+    // LoHa's use_effective_conv2d only changes convolutions, whose Tucker cores the tensor
+    // reader refuses; LoKr's changes its factor shapes.
+    if (t == "LOKR" && detail::peft_bool(o, "use_effective_conv2d", source))
+      detail::peft_unsupported(source, "use_effective_conv2d (convolution LoKr)");
   } else {
     // The other types have no patterns; a non-empty one would be silently ignored by PEFT too,
     // but it signals a config deltaw would misread.
@@ -235,28 +301,48 @@ inline json peft_structured_config_json(const peft_structured_config& c) {
   json o = c.raw.is_object() ? c.raw : json::object();
   const std::string& t = c.peft_type;
   o["peft_type"] = t;
-  o["r"] = c.r;
+  if (t != "IA3") o["r"] = c.r;
   if (c.target_modules_regex) o["target_modules"] = *c.target_modules_regex;
   else o["target_modules"] = c.target_modules;
   o["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? json(nullptr) : json(c.base_model_name_or_path);
-  if (t == "LOKR") {
+  if (t == "LOKR" || t == "LOHA") {
     o["alpha"] = c.alpha;
     json rp = json::object(), ap = json::object();
     for (const auto& [k, v] : c.rank_pattern) rp[k] = v;
     for (const auto& [k, v] : c.alpha_pattern) ap[k] = v;
     o["rank_pattern"] = rp;
     o["alpha_pattern"] = ap;
-    o["decompose_both"] = c.decompose_both;
-    o["decompose_factor"] = c.decompose_factor;
+    if (t == "LOKR") {
+      o["decompose_both"] = c.decompose_both;
+      o["decompose_factor"] = c.decompose_factor;
+    }
     for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
              {"rank_dropout", 0.0}, {"module_dropout", 0.0}, {"use_effective_conv2d", false}, {"init_weights", true}})
+      if (!o.contains(k)) o[k] = v;
+  } else if (t == "IA3") {
+    if (c.feedforward_modules_regex) o["feedforward_modules"] = *c.feedforward_modules_regex;
+    else o["feedforward_modules"] = c.feedforward_modules;
+    o["fan_in_fan_out"] = false;
+    if (!o.contains("init_ia3_weights")) o["init_ia3_weights"] = true;
+  } else if (t == "OFT") {
+    o["oft_block_size"] = c.oft_block_size;
+    o["coft"] = c.coft;
+    o["eps"] = c.eps;
+    o["block_share"] = c.block_share;
+    o["use_cayley_neumann"] = c.oft.cayley_neumann;
+    o["num_cayley_neumann_terms"] = c.oft.neumann_terms;
+    o["fan_in_fan_out"] = false;
+    // The Cayley–Neumann series changed in PEFT 0.18; deltaw computes the current one, and
+    // PEFT warns about adapters that do not say which they were trained with.
+    for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
+             {"module_dropout", 0.0}, {"init_weights", true}, {"bias", "none"}, {"peft_version", "0.21.2"}})
       if (!o.contains(k)) o[k] = v;
   } else if (t == "MISS" || t == "BONE") {
     o["init_weights"] = c.miss == miss_kind::bat ? json("bat") : c.miss == miss_kind::mini ? json("mini") : json(true);
     o["mini_r"] = c.mini_r;
     if (!o.contains("bias")) o["bias"] = "none";
     if (t == "MISS" && !o.contains("miss_dropout")) o["miss_dropout"] = 0.0;
-  } else {
+  } else if (t == "VERA" || t == "RANDLORA") {
     if (t == "RANDLORA") {
       o["randlora_alpha"] = c.alpha;
       o["sparse"] = c.sparse;
@@ -436,11 +522,80 @@ struct peft_randlora_module {
   }
 };
 
+/// One LoHa module: ΔW = s·(w1_a·w1_b) ⊙ (w2_a·w2_b), s = α/r.
+struct peft_loha_module {
+  std::string name;
+  held_matrix<float> w1_a, w1_b, w2_a, w2_b;  ///< [out, r], [r, in], [out, r], [r, in]
+  index_t rank = 0;
+  double alpha = 0, scale = 0;
+
+  index_t out_features() const { return w1_a.view.rows(); }
+  index_t in_features() const { return w1_b.view.cols(); }
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == out_features() && in == in_features()) return {};
+    return "the LoHa factors give ΔW " + deltaw::detail::shape_str(out_features(), in_features());
+  }
+  hadamard_update<float> update() const { return hadamard_update<float>(w1_a, w1_b, w2_a, w2_b, scale); }
+};
+
+/// One IA³ module: the vector l and the side it scales (output: ia3_l [out, 1]; input, for
+/// PEFT's feedforward_modules: [1, in]).
+struct peft_ia3_module {
+  std::string name;
+  held_vector<float> l;
+  ia3_side side = ia3_side::output;
+
+  std::string layer_mismatch(index_t out, index_t in) const {
+    const index_t want = side == ia3_side::output ? out : in;
+    if (l.view.size() == want) return {};
+    return std::string("ia3_l has ") + std::to_string(l.view.size()) + " entries and scales the " +
+           (side == ia3_side::output ? "output (out)" : "input (in, a feed-forward module)");
+  }
+  /// IA³ over the layer's weight W [out, in].
+  template <class WL>
+  auto update(const WL& W) const {
+    auto hw = hold(W);
+    using TW = std::remove_const_t<typename decltype(hw.view)::element_type>;
+    return ia3_update<float, TW>(std::move(hw), l, side);
+  }
+  /// PEFT's output IA³ scales the layer's bias too: b ← l ⊙ b (b [out]; unchanged for
+  /// input scaling).
+  template <class V>
+  void scale_bias(V& b) const {
+    if (side != ia3_side::output) return;
+    if (index_t(b.size()) != l.view.size())
+      throw shape_error("deltaw::io::peft_ia3_module::scale_bias: \"" + name + "\" has " +
+                        std::to_string(l.view.size()) + " output scales but the bias has " + std::to_string(b.size()));
+    for (index_t i = 0; i < l.view.size(); ++i) b[i] = decltype(+b[i])(b[i] * l.view[i]);
+  }
+};
+
+/// One OFT module: Q [nq, b(b − 1)/2] (COFT-projected when the config says coft), the
+/// rotation options; the update needs the layer's weight.
+struct peft_oft_module {
+  std::string name;
+  held_matrix<float> Q;
+  oft_options options;
+
+  index_t block() const { return deltaw::detail::oft_block_from_elements(Q.view.cols()); }
+  std::string layer_mismatch(index_t, index_t in) const {
+    const index_t b = block(), nq = Q.view.rows();
+    if (b >= 1 && (nq * b == in || (nq == 1 && in % b == 0))) return {};
+    return "oft_R.weight " + deltaw::detail::shape_str(nq, Q.view.cols()) + " has blocks of " + std::to_string(b) +
+           " input features (" + std::to_string(nq) + " blocks, or one shared)";
+  }
+  template <class WL>
+  auto update(const WL& W) const {
+    return deltaw::detail::make_oft(hold(W), Q, options);
+  }
+};
+
 /// A structured PEFT adapter: its config, its modules (of the config's one type, sorted by
 /// name) and, for VeRA / RandLoRA, the shared bases.
 class peft_structured_adapter {
  public:
-  using module = std::variant<peft_lokr_module, peft_miss_module, peft_vera_module, peft_randlora_module>;
+  using module = std::variant<peft_lokr_module, peft_miss_module, peft_vera_module, peft_randlora_module,
+                              peft_loha_module, peft_ia3_module, peft_oft_module>;
   peft_structured_config config;
   /// VeRA: vera_A [r, in_max], vera_B [out_max, r]. RandLoRA: randlora_A as [r, min_dim],
   /// randlora_B as [max_dim, N·r]. Empty otherwise.
@@ -507,6 +662,8 @@ class peft_structured_adapter {
           using M = std::remove_cvref_t<decltype(m)>;
           if constexpr (std::is_same_v<M, peft_miss_module>) m.visit(W, f);
           else if constexpr (std::is_same_v<M, peft_lokr_module>) m.visit(f);
+          else if constexpr (std::is_same_v<M, peft_loha_module>) f(m.update());
+          else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module>) f(m.update(W));
           else f(m.update(W.rows(), W.cols()));
         },
         at(n));
@@ -641,6 +798,52 @@ class peft_structured_adapter {
     insert(std::move(m));
   }
 
+  /// LoHa module from hadamard_update. PEFT's LoHa has one rank r for both products and
+  /// s = α/r: α = s·r is written (rank_pattern / alpha_pattern where modules differ).
+  template <class T, class D>
+  void add_loha(std::string name, const hadamard_update<T, D>& u) {
+    begin("LOHA", name);
+    if (u.rank1() != u.rank2())
+      throw rank_error("deltaw::io::peft_structured_adapter::add_loha: \"" + name + "\" has ranks " +
+                       std::to_string(u.rank1()) + " and " + std::to_string(u.rank2()) + "; PEFT's LoHa has one rank r");
+    peft_loha_module m;
+    m.name = std::move(name);
+    m.w1_a = detail::copy_to_float(u.B1());
+    m.w1_b = detail::copy_to_float(u.A1());
+    m.w2_a = detail::copy_to_float(u.B2());
+    m.w2_b = detail::copy_to_float(u.A2());
+    m.rank = u.rank1();
+    m.scale = u.scale();
+    m.alpha = u.scale() * double(m.rank);
+    insert(std::move(m));
+  }
+  /// IA³ module: its vector and side (an input-scaling module is listed in
+  /// feedforward_modules). W stays the model's.
+  template <class T, class TW, class D>
+  void add_ia3(std::string name, const ia3_update<T, TW, D>& u) {
+    begin("IA3", name);
+    insert(peft_ia3_module{std::move(name), detail::copy_to_float(u.l()), u.side()});
+  }
+  /// OFT module: its Q (oft_R.weight). Every module must share the rotation options and
+  /// block_share (PEFT's config holds one of each); W stays the model's.
+  template <class T, class TW, class D>
+  void add_oft(std::string name, const oft_update<T, TW, D>& u) {
+    begin("OFT", name);
+    const auto& o = u.options();
+    if (size() == 0) {
+      config.oft = o;
+      config.block_share = u.shared();
+      config.coft = false;  // Q is stored as it acts (already projected if it ever was)
+    } else if (config.oft.cayley_neumann != o.cayley_neumann ||
+               (o.cayley_neumann && config.oft.neumann_terms != o.neumann_terms)) {
+      throw argument_error("deltaw::io::peft_structured_adapter::add_oft: \"" + name +
+                           "\" uses other rotation options (use_cayley_neumann, num_cayley_neumann_terms) than the "
+                           "modules already added (PEFT's OFT config has one of each)");
+    }
+    config.block_share = config.block_share || u.shared();
+    insert(peft_oft_module{std::move(name), detail::copy_to_float(u.Q()), o});
+  }
+
   // ── files ────────────────────────────────────────────────────────────────────────────
 
   /// Builds from a parsed config and adapter_model.safetensors.
@@ -692,6 +895,9 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
   else if (type == "MISS") suffixes = {"miss_block"};
   else if (type == "BONE") suffixes = {"bone_block"};
   else if (type == "VERA") suffixes = {"vera_lambda_b", "vera_lambda_d"};
+  else if (type == "LOHA") suffixes = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"};
+  else if (type == "IA3") suffixes = {"ia3_l"};
+  else if (type == "OFT") suffixes = {"oft_R.weight"};
   else suffixes = {"randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"};
 
   std::map<std::string, std::map<std::string, const st_tensor_info*>> parts;
@@ -709,6 +915,8 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
     k.remove_prefix(model_prefix.size());
     if (type == "LOKR" && k.ends_with(".lokr_t2"))
       detail::peft_unsupported(source, "LoKr's effective-conv2d factor (\"" + t.name + "\")");
+    if (type == "LOHA" && (k.ends_with(".hada_t1") || k.ends_with(".hada_t2")))
+      detail::peft_unsupported(source, "LoHa's Tucker core of a convolution (\"" + t.name + "\"); deltaw's LoHa is for Linear layers");
     bool found = false;
     for (auto s : suffixes) {
       if (k.size() > s.size() + 1 && k.ends_with(s) && k[k.size() - s.size() - 1] == '.') {
@@ -726,6 +934,7 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
   auto mat2 = [&](const st_tensor_info* t, const std::string& where) {
     if (t->shape.size() != 2) {
       if (t->shape.size() > 2 && type == "LOKR") detail::peft_unsupported(source, "convolution LoKr (" + where + " is " + detail::shape_string(t->shape) + ")");
+      if (t->shape.size() > 2 && type == "LOHA") detail::peft_unsupported(source, "convolution LoHa (" + where + " is " + detail::shape_string(t->shape) + ")");
       throw format_error("deltaw::io::peft (" + source + "): " + where + " is " + detail::shape_string(t->shape) + "; expected a matrix");
     }
     return f.matrix<float>(t->name);
@@ -843,6 +1052,73 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
                              " but the block is " + detail::shape_string(t->shape) + " [r, mini_r]");
       }
       a.insert(std::move(m));
+    } else if (type == "LOHA") {
+      peft_loha_module m;
+      m.name = mod;
+      m.rank = a.config.rank_for(mod);
+      m.alpha = a.config.alpha_for(mod);
+      m.scale = m.alpha / double(m.rank);
+      const st_tensor_info* t[4];
+      const char* keys[4] = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"};
+      for (int i = 0; i < 4; ++i)
+        if (!(t[i] = get(keys[i]))) throw format_error(where + " lacks " + keys[i]);
+      m.w1_a = mat2(t[0], keys[0]);
+      m.w1_b = mat2(t[1], keys[1]);
+      m.w2_a = mat2(t[2], keys[2]);
+      m.w2_b = mat2(t[3], keys[3]);
+      const auto& A = m.w1_a.view;
+      const auto& B = m.w1_b.view;
+      const auto& C = m.w2_a.view;
+      const auto& E = m.w2_b.view;
+      if (A.cols() != m.rank || B.rows() != m.rank || C.cols() != m.rank || E.rows() != m.rank || A.rows() != C.rows() ||
+          B.cols() != E.cols())
+        throw format_error(where + ": hada_w1_a " + detail::shape_string(t[0]->shape) + ", hada_w1_b " +
+                           detail::shape_string(t[1]->shape) + ", hada_w2_a " + detail::shape_string(t[2]->shape) +
+                           ", hada_w2_b " + detail::shape_string(t[3]->shape) + " are not [out, r], [r, in], [out, r], [r, in] with r = " +
+                           std::to_string(m.rank) + " (the config's rank for this module)");
+      a.insert(std::move(m));
+    } else if (type == "IA3") {
+      const auto* t = get("ia3_l");
+      if (t->shape.size() != 2 || (t->shape[0] != 1 && t->shape[1] != 1))
+        throw format_error(where + ": ia3_l is " + detail::shape_string(t->shape) + "; expected [out, 1] or [1, in]");
+      peft_ia3_module m;
+      m.name = mod;
+      // The side PEFT chose from feedforward_modules (list: a suffix of the name, as PEFT's
+      // endswith; string: a full regex match).
+      std::optional<bool> ff;
+      if (a.config.feedforward_modules_regex) {
+        if (t->shape[0] == 1 && t->shape[1] == 1)
+          ff = detail::targets_module({}, a.config.feedforward_modules_regex, "", mod);
+      } else {
+        ff = std::any_of(a.config.feedforward_modules.begin(), a.config.feedforward_modules.end(),
+                         [&](const std::string& f) { return std::string_view(mod).ends_with(f); });
+      }
+      const bool input = t->shape[0] == 1 && (t->shape[1] != 1 || ff.value_or(false));
+      if (ff && *ff != input)
+        throw format_error(where + ": ia3_l is " + detail::shape_string(t->shape) + " but feedforward_modules says the module scales its " +
+                           (*ff ? "input ([1, in])" : "output ([out, 1])"));
+      m.side = input ? ia3_side::input : ia3_side::output;
+      const auto mm = f.matrix<float>(t->name);  // [n, 1] or [1, n], packed
+      m.l = held_vector<float>{vector_view<const float>(mm.view.data(), mm.view.size()), mm.owner};
+      a.insert(std::move(m));
+    } else if (type == "OFT") {
+      const auto* t = get("oft_R.weight");
+      peft_oft_module m;
+      m.name = mod;
+      m.Q = mat2(t, "oft_R.weight");
+      if (m.block() < 1 || m.Q.view.rows() < 1)
+        throw format_error(where + ": oft_R.weight " + detail::shape_string(t->shape) +
+                           " is not [blocks, b(b − 1)/2] for a block size b");
+      if (a.config.block_share != (m.Q.view.rows() == 1) && a.config.block_share)
+        throw format_error(where + ": block_share is set but oft_R.weight is " + detail::shape_string(t->shape));
+      // PEFT adjusts oft_block_size for a layer whose in_features it does not divide: the
+      // tensor's size, not the config, gives b.
+      m.options = a.config.oft;
+      if (a.config.coft) {  // PEFT projects the parameter before every forward
+        auto P = std::make_shared<dense<float>>(oft_coft_project(m.Q.view, a.config.eps));
+        m.Q = held_matrix<float>{view(std::as_const(*P)), P};
+      }
+      a.insert(std::move(m));
     } else if (type == "VERA") {
       const auto *tb = get("vera_lambda_b"), *td = get("vera_lambda_d");
       if (!tb || !td) throw format_error(where + " lacks " + std::string(tb ? "vera_lambda_d" : "vera_lambda_b"));
@@ -895,18 +1171,59 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
   peft_structured_config c = config;
   safetensors_writer w;
   const std::string P = "base_model.model.";
-  if (c.peft_type == "LOKR") {
+  // rank and alpha of a LoKr / LoHa module (the patterns are written for the others).
+  auto rank_alpha = [](const module& m) {
+    if (const auto* k = std::get_if<peft_lokr_module>(&m)) return std::pair<index_t, double>(k->rank, k->alpha);
+    const auto& h = std::get<peft_loha_module>(m);
+    return std::pair<index_t, double>(h.rank, h.alpha);
+  };
+  if (c.peft_type == "LOKR" || c.peft_type == "LOHA") {
     c.rank_pattern.clear();
     c.alpha_pattern.clear();
     if (!modules_.empty()) {
       std::map<index_t, int> counts;
-      for (const auto& m : modules_) ++counts[std::get<peft_lokr_module>(m).rank];
+      for (const auto& m : modules_) ++counts[rank_alpha(m).first];
       c.r = std::max_element(counts.begin(), counts.end(), [](auto& x, auto& y) { return x.second < y.second; })->first;
       for (const auto& m : modules_)
-        if (std::get<peft_lokr_module>(m).rank == c.r) {
-          c.alpha = std::get<peft_lokr_module>(m).alpha;
+        if (rank_alpha(m).first == c.r) {
+          c.alpha = rank_alpha(m).second;
           break;
         }
+    }
+  }
+  if (c.peft_type == "IA3") {
+    c.feedforward_modules.clear();
+    c.feedforward_modules_regex.reset();
+    for (const auto& mv : modules_)
+      if (std::get<peft_ia3_module>(mv).side == ia3_side::input) c.feedforward_modules.push_back(name_of(mv));
+    // PEFT marks a module feed-forward when its name ends with a listed name.
+    for (const auto& mv : modules_)
+      if (std::get<peft_ia3_module>(mv).side == ia3_side::output)
+        for (const auto& f : c.feedforward_modules)
+          if (std::string_view(name_of(mv)).ends_with(f))
+            throw argument_error("deltaw::io::peft_structured_adapter: the output-scaling IA³ module \"" + name_of(mv) +
+                                 "\" ends with the input-scaling module's name \"" + f +
+                                 "\", so PEFT's feedforward_modules rule would scale its input");
+  }
+  if (c.peft_type == "OFT" && !modules_.empty()) {
+    std::set<index_t> blocks, rows;
+    for (const auto& mv : modules_) {
+      const auto& m = std::get<peft_oft_module>(mv);
+      blocks.insert(m.block());
+      rows.insert(m.Q.view.rows());
+    }
+    if (c.block_share && (rows.size() != 1 || *rows.begin() != 1))
+      throw argument_error("deltaw::io::peft_structured_adapter: an OFT adapter mixing shared (block_share) and "
+                           "per-block modules cannot be written (PEFT's block_share is one flag)");
+    if (blocks.size() == 1) {
+      c.oft_block_size = *blocks.begin();
+      c.r = 0;
+    } else if (rows.size() == 1 && !c.block_share) {
+      c.r = *rows.begin();
+      c.oft_block_size = 0;
+    } else {
+      throw argument_error("deltaw::io::peft_structured_adapter: the OFT modules have neither one block size nor one "
+                           "block count, which PEFT's config (oft_block_size or r) cannot express");
     }
   }
   detail::set_full_target_modules(c, modules_);
@@ -940,6 +1257,22 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
     } else if (const auto* m = std::get_if<peft_randlora_module>(&mv)) {
       w.add(P + n + ".randlora_lambda", m->lambda.view);
       w.add(P + n + ".randlora_gamma", m->gamma.view);
+    } else if (const auto* m = std::get_if<peft_loha_module>(&mv)) {
+      if (m->rank != c.r) c.rank_pattern.emplace_back(detail::regex_escape(n), m->rank);
+      if (m->alpha != c.alpha) c.alpha_pattern.emplace_back(detail::regex_escape(n), m->alpha);
+      w.add(P + n + ".hada_w1_a", m->w1_a.view);
+      w.add(P + n + ".hada_w1_b", m->w1_b.view);
+      w.add(P + n + ".hada_w2_a", m->w2_a.view);
+      w.add(P + n + ".hada_w2_b", m->w2_b.view);
+    } else if (const auto* m = std::get_if<peft_ia3_module>(&mv)) {
+      const auto k = std::uint64_t(m->l.view.size());
+      const bool in = m->side == ia3_side::input;
+      std::vector<float> v(static_cast<std::size_t>(k));
+      for (index_t i = 0; i < m->l.view.size(); ++i) v[std::size_t(i)] = m->l.view[i];
+      detail::add_f32_tensor(w, P + n + ".ia3_l", in ? std::vector<std::uint64_t>{1, k} : std::vector<std::uint64_t>{k, 1},
+                             matrix_view<const float>(v.data(), 1, index_t(k)));
+    } else if (const auto* m = std::get_if<peft_oft_module>(&mv)) {
+      w.add(P + n + ".oft_R.weight", m->Q.view);
     }
   }
   if (c.peft_type == "VERA") {
