@@ -11,5 +11,6 @@ namespace dwt {
 /// False in sanitizer builds, where malloc is not ours to replace.
 bool allocation_counting_available();
 /// Largest single allocation, in bytes, made while f runs (0 when counting is unavailable).
+/// f runs with one Eigen thread (Eigen's parallel GEMM packs a whole operand; see the .cpp).
 std::size_t largest_allocation(const std::function<void()>& f);
 }  // namespace dwt
