@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // libFuzzer target: structured PEFT adapters (LoKr, MiSS / Bone bat, VeRA, RandLoRA, LoHa,
-// IA3, OFT) read
+// IA3, OFT, HRA) read
 // from memory, the way read_peft_structured_adapter reads a directory.
 //
 // Input: u32 little-endian n, then n bytes of adapter_config.json, then the bytes of
@@ -12,6 +12,7 @@
 // report. A read adapter is also written back (to_files) and read again.
 // deltaw::error is the expected way to refuse an input; anything else is a finding.
 #include <deltaw/backend/cpu/block_affine.hpp>
+#include <deltaw/backend/cpu/hra.hpp>
 #include <deltaw/backend/cpu/ia3.hpp>
 #include <deltaw/backend/cpu/kron.hpp>
 #include <deltaw/backend/cpu/loha.hpp>
@@ -56,8 +57,9 @@ template <class U>
 void exercise(const U& u, const dw::dense<float>& W) {
   const dw::index_t out = u.rows(), in = u.cols();
   if (out != W.rows() || in != W.cols()) {
-    // LoKr's shape comes from its factors alone; the others must take the layer's.
-    if constexpr (!requires { u.w1(); }) finding("update shape differs from the layer it was built for");
+    // LoKr's and LoHa's shapes come from their factors alone; the others must take the layer's.
+    if constexpr (!requires { u.w1(); } && !requires { u.B1(); })
+      finding("update shape differs from the layer it was built for");
   }
   if (out < 0 || in < 0 || out > max_weights || in > max_weights || out * in > max_weights) return;
   const auto X = filled(3, in, 0.25f);
@@ -99,6 +101,8 @@ void exercise_module(const io::peft_structured_adapter& a, const io::peft_struct
   } else if (const auto* m = std::get_if<io::peft_oft_module>(&mv)) {
     shapes.emplace_back(3, m->Q.view.rows() * std::max<dw::index_t>(m->block(), 0));
     shapes.emplace_back(3, 2 * std::max<dw::index_t>(m->block(), 0));
+  } else if (const auto* m = std::get_if<io::peft_hra_module>(&mv)) {
+    shapes.emplace_back(3, m->U.view.rows());
   }
   for (const auto& [out, in] : shapes) {
     if (out < 0 || in < 0 || out > max_weights || in > max_weights || out * in > max_weights) continue;

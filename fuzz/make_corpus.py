@@ -5,7 +5,7 @@ safetensors: a few valid files and the known attacks (huge length prefix, huge h
 overlapping / out-of-range offsets, shape/size mismatch, duplicate keys, ...).
 peft_config: adapter_config.json variants. gguf: valid LoRA adapters and broken ones.
 peft_structured: u32 little-endian n, n bytes of adapter_config.json, then
-adapter_model.safetensors: the committed LoKr / MiSS / VeRA / RandLoRA / LoHa / IA3 / OFT fixtures
+adapter_model.safetensors: the committed LoKr / MiSS / VeRA / RandLoRA / LoHa / IA3 / OFT / HRA fixtures
 (tests/fixtures/peft_*/adapter) packed so, and edits of them that must be refused (config r
 against tensor shapes, missing / extra / duplicate-role tensors, huge r, zero-size bases,
 bf16 and unaligned tensors).
@@ -147,7 +147,7 @@ def gguf_seeds():
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
 STRUCTURED = ["peft_lokr", "peft_lokr_both", "peft_lokr_dense", "peft_miss", "peft_miss_mini", "peft_miss_bat",
               "peft_vera", "peft_randlora", "peft_randlora_sparse", "peft_loha", "peft_ia3", "peft_oft",
-              "peft_oft_cayley", "peft_oft_share"]
+              "peft_oft_cayley", "peft_oft_share", "peft_hra", "peft_hra_gs"]
 
 
 def st_read(blob):
@@ -265,6 +265,15 @@ def peft_structured_seeds():
     s["oft_huge_block"] = edit("peft_oft", change=lambda t: t.update(
         {q + "oft_R.weight": ["F32", [0, 2**40 * (2**40 - 1) // 2], b""]}))
     s["oft_share_rows"] = edit("peft_oft_share", change=lambda t: t.update({q + "oft_R.weight": ["F32", [2, 6], f32(12)]}))
+    # HRA (issue 16)
+    s["hra_r_mismatch"] = edit("peft_hra", {"r": 4})
+    s["hra_zero_column"] = edit("peft_hra", change=lambda t: t.update({q + "hra_u": ["F32", [16, 3], b"\0" * 192]}))
+    s["hra_gs_dependent"] = edit("peft_hra_gs", change=lambda t: t.update(
+        {q + "hra_u": ["F32", [16, 4], struct.pack("<64f", *([1.0] * 64))]}))
+    s["hra_vector"] = edit("peft_hra", change=lambda t: t.update({q + "hra_u": ["F32", [48], f32(48)]}))
+    s["hra_empty"] = edit("peft_hra", {"r": 0}, change=lambda t: t.update({q + "hra_u": ["F32", [0, 0], b""]}))
+    s["hra_wide"] = edit("peft_hra", {"r": 300}, change=lambda t: t.update(
+        {k: ["F32", [1, 300], f32(300, 1.0)] for k in list(t)}))
     s["unknown_key"] = edit("peft_miss", change=lambda t: t.update({"base_model.model.x.lora_A.weight": ["F32", [1], f32(1)]}))
     s["length_past_end"] = struct.pack("<I", 2**32 - 1) + json.dumps(fx["peft_miss"][0]).encode()
     s["config_only"] = pack(fx["peft_vera"][0], b"")

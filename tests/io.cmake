@@ -62,7 +62,7 @@ target_compile_definitions(test_io_hardening PRIVATE DELTAW_IO_FIXTURES="${CMAKE
 # (read_peft): their own executable, to keep each translation unit small. This one and the round-trip writer
 # use the compiled mode (deltaw::precompiled: the directory readers and writers come from
 # the library), test_io the header-only one, so both are exercised.
-deltaw_add_test(io_peft_structured io/test_peft_structured.cpp io/test_peft_adapter.cpp io/test_peft_loha_ia3_oft.cpp)
+deltaw_add_test(io_peft_structured io/test_peft_structured.cpp io/test_peft_adapter.cpp io/test_peft_loha_ia3_oft.cpp io/test_peft_hra.cpp)
 target_link_libraries(test_io_peft_structured PRIVATE nlohmann_json::nlohmann_json)
 if(TARGET deltaw::precompiled)
   target_link_libraries(test_io_peft_structured PRIVATE deltaw::precompiled)

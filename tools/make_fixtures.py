@@ -8,14 +8,15 @@
   peft_{lokr,miss,vera,randlora}_* the same for the structured types (LoKr, MiSS default /
                                    mini / bat, VeRA and RandLoRA with save_projection)
   peft_{loha,ia3,oft}*             the same for LoHa, IA³ and OFT (issue 16)
+  peft_hra*                        the same for HRA (plain and apply_GS; issue 16)
   gguf/lora_<type>.gguf            llama.cpp LoRA adapters written by gguf.GGUFWriter
   VERSIONS.json                    the package versions that wrote all of the above
 
 Requires numpy, safetensors, gguf, torch and peft (transformers for the Conv1D /
 fan_in_fan_out variant). Deterministic: fixed seeds.
-Usage: python3 tools/make_fixtures.py [--out tests/fixtures] [--only structured|issue16]
+Usage: python3 tools/make_fixtures.py [--out tests/fixtures] [--only structured|issue16|hra]
 (--only structured rewrites only the structured-type fixtures, --only issue16 only LoHa / IA³ /
-OFT, leaving the others as they are)."""
+OFT, --only hra only HRA, leaving the others as they are)."""
 import argparse
 import json
 import os
@@ -248,10 +249,25 @@ def issue16_fixtures(out):
         peft_fixture(out, name, Tiny(), cfg, 900 + 10 * i, randomize=randomize_structured)
 
 
+def hra_fixtures(out):
+    """HRA on the Tiny model: the plain product of r = 3 reflections and the Gram–Schmidt
+    variant with r = 4; every hra_u column random (PEFT's symmetric initialisation repeats
+    each column twice, which makes consecutive reflections cancel)."""
+    from peft import HRAConfig
+    tm = ["q", "v", "head"]
+    variants = [
+        ("peft_hra", HRAConfig(r=3, target_modules=tm, init_weights=False)),
+        ("peft_hra_gs", HRAConfig(r=4, apply_GS=True, target_modules=tm)),
+    ]
+    for i, (name, cfg) in enumerate(variants):
+        torch.manual_seed(60 + i)
+        peft_fixture(out, name, Tiny(), cfg, 1100 + 10 * i, randomize=randomize_structured)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    ap.add_argument("--only", choices=["structured", "issue16"], default=None)
+    ap.add_argument("--only", choices=["structured", "issue16", "hra"], default=None)
     a = ap.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
@@ -261,6 +277,9 @@ def main():
         return
     if a.only == "issue16":
         issue16_fixtures(out)
+        return
+    if a.only == "hra":
+        hra_fixtures(out)
         return
     torch.manual_seed(0)
     dtype_fixtures(out)
@@ -292,6 +311,7 @@ def main():
 
     structured_fixtures(out)
     issue16_fixtures(out)
+    hra_fixtures(out)
 
     versions = {"numpy": np.__version__, "safetensors": safetensors.__version__, "torch": torch.__version__,
                 "peft": peft.__version__, "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"),

@@ -173,12 +173,13 @@ def part_peft(d):
     # Structured types written by deltaw (peft_structured.hpp): LoKr, MiSS, Bone bat (MiSS
     # init_weights "bat"), VeRA and RandLoRA with deltaw's bases stored (save_projection),
     # LoHa, IA3 (input scaling for feedforward_modules), OFT (Cayley–Neumann; exact Cayley
-    # with block_share).
+    # with block_share), HRA (plain and apply_GS).
     base = Tiny()
     base.load_state_dict(base_sd)
     with torch.no_grad():
         y0 = base(io["x"])
-    for variant in ("lokr", "miss", "miss_bat", "vera", "randlora", "loha", "ia3", "oft", "oft_share"):
+    for variant in ("lokr", "miss", "miss_bat", "vera", "randlora", "loha", "ia3", "oft", "oft_share", "hra",
+                    "hra_gs"):
         model = Tiny()
         model.load_state_dict(base_sd)
         pm = PeftModel.from_pretrained(model, os.path.join(d, "adapter_" + variant))

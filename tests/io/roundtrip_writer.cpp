@@ -191,6 +191,17 @@ void write_peft(const std::string& dir) {
     a.add_oft(l.name, u);
     return MatF(dw::apply(dw::view(l.W) + u, h));
   });
+  // HRA: r = 3 reflections (plain) and r = 2 with Gram–Schmidt (apply_GS).
+  forward("hra", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const auto u = dw::hra(dw::view(l.W), randm(g, l.W.cols(), 3, 0.3f));
+    a.add_hra(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  forward("hra_gs", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const auto u = dw::hra(dw::view(l.W), randm(g, l.W.cols(), 2, 0.3f), dw::hra_options{true});
+    a.add_hra(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
   out.write(dir + "/io.safetensors");
 }
 

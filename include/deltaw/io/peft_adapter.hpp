@@ -3,7 +3,7 @@
 // finds the adapter (PEFT's save_pretrained writes the adapter "default" into dir and any
 // other into dir/<name>/), detects its type from adapter_config.json's peft_type (LORA with
 // rsLoRA / DoRA / fan_in_fan_out, LOKR, MISS incl. "mini" and Bone "bat", BONE, VERA,
-// RANDLORA, LOHA, IA3, OFT) and returns its modules behind one interface:
+// RANDLORA, LOHA, IA3, OFT, HRA) and returns its modules behind one interface:
 //
 //   auto a = io::read_peft("out", "my_adapter");
 //   for (const auto& m : a.modules()) {            // io::any_peft_module, sorted by name
@@ -13,7 +13,8 @@
 //     auto Y = u.apply(X);                          // X·(W + ΔW)ᵀ
 //     u.merge(W); /* … */ u.unmerge(W);             // in place (keep u: DoRA unmerges with its cached norms)
 //     u.visit([&](const auto& concrete) { … });     // low_rank, dora_update, kron_update, miss_update,
-//                                                   // bone_bat_update, hadamard_update, ia3_update, oft_update
+//                                                   // bone_bat_update, hadamard_update, ia3_update, oft_update,
+//                                                   // hra_update
 //   }
 //   a.match({{"model.layers.0.self_attn.q_proj.weight", {4096, 4096}}, …});
 //   a.targets("model.layers.5.self_attn.q_proj");   // PEFT's target_modules rule
@@ -57,7 +58,7 @@ class peft_update {
   using kron_ll = kron_update<kron_low_rank_factor<float>, kron_low_rank_factor<float>>;
   using variant_type = std::variant<low_rank<float>, dora_update<float, TW>, kron_dd, kron_dl, kron_ld, kron_ll,
                                     miss_update<float>, bone_bat_update<float, TW>, hadamard_update<float>,
-                                    ia3_update<float, TW>, oft_update<float, TW>>;
+                                    ia3_update<float, TW>, oft_update<float, TW>, hra_update<float, TW>>;
   /// The arithmetic type of materialize() (and of apply() for an input of type TW).
   using compute_type = compute_t<float, TW>;
 
@@ -129,7 +130,8 @@ class peft_update {
 class any_peft_module {
  public:
   using variant_type = std::variant<peft_lora_module, peft_lokr_module, peft_miss_module, peft_vera_module,
-                                    peft_randlora_module, peft_loha_module, peft_ia3_module, peft_oft_module>;
+                                    peft_randlora_module, peft_loha_module, peft_ia3_module, peft_oft_module,
+                                    peft_hra_module>;
 
   explicit any_peft_module(variant_type m) : m_(std::move(m)) {}
 
@@ -138,7 +140,7 @@ class any_peft_module {
     return std::visit([](const auto& m) -> const std::string& { return m.name; }, m_);
   }
   /// "LoRA", "DoRA", "LoKr", "MiSS", "MiSS mini", "Bone bat", "VeRA", "RandLoRA", "LoHa",
-  /// "IA3" or "OFT".
+  /// "IA3", "OFT" or "HRA".
   const char* method() const {
     return std::visit(
         [](const auto& m) -> const char* {
@@ -151,6 +153,7 @@ class any_peft_module {
           else if constexpr (std::is_same_v<M, peft_loha_module>) return "LoHa";
           else if constexpr (std::is_same_v<M, peft_ia3_module>) return "IA3";
           else if constexpr (std::is_same_v<M, peft_oft_module>) return "OFT";
+          else if constexpr (std::is_same_v<M, peft_hra_module>) return "HRA";
           else return "RandLoRA";
         },
         m_);
@@ -179,7 +182,7 @@ class any_peft_module {
         m_);
   }
   /// in (W's columns) when the file records it: LoRA, LoKr, LoHa, input IA³, OFT without
-  /// block_share.
+  /// block_share, HRA.
   std::optional<index_t> in_features() const {
     return std::visit(
         [](const auto& m) -> std::optional<index_t> {
@@ -193,18 +196,20 @@ class any_peft_module {
           } else if constexpr (std::is_same_v<M, peft_oft_module>) {
             if (m.Q.view.rows() == 1) return std::nullopt;  // shared, or one block: any multiple of b
             return m.Q.view.rows() * m.block();
+          } else if constexpr (std::is_same_v<M, peft_hra_module>) {
+            return m.U.view.rows();
           }
           else
             return std::nullopt;
         },
         m_);
   }
-  /// Whether ΔW depends on W's values (DoRA, Bone bat, IA³, OFT), not only on its shape.
+  /// Whether ΔW depends on W's values (DoRA, Bone bat, IA³, OFT, HRA), not only on its shape.
   bool reads_weight() const {
     const auto* l = std::get_if<peft_lora_module>(&m_);
     const auto* b = std::get_if<peft_miss_module>(&m_);
     return (l && l->magnitude) || (b && b->kind == miss_kind::bat) || std::holds_alternative<peft_ia3_module>(m_) ||
-           std::holds_alternative<peft_oft_module>(m_);
+           std::holds_alternative<peft_oft_module>(m_) || std::holds_alternative<peft_hra_module>(m_);
   }
   /// LoRA with fan_in_fan_out: the checkpoint stores W as [in, out] (GPT-2's Conv1D);
   /// update() and match() still take [out, in] (pass the stored weight's transpose view).
@@ -254,7 +259,8 @@ class any_peft_module {
             return R(m.name, Wv, m.update(Wv.rows(), Wv.cols()));
           } else if constexpr (std::is_same_v<M, peft_loha_module>) {
             return R(m.name, Wv, m.update());
-          } else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module>) {
+          } else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module> ||
+                               std::is_same_v<M, peft_hra_module>) {
             return R(m.name, Wv, m.update(Wv));
           } else {
             return R(m.name, Wv, m.update(Wv.rows(), Wv.cols()));
@@ -305,7 +311,7 @@ class any_peft_adapter {
   }
 
   /// adapter_config.json's peft_type: "LORA", "LOKR", "MISS", "BONE", "VERA", "RANDLORA",
-  /// "LOHA", "IA3", "OFT".
+  /// "LOHA", "IA3", "OFT", "HRA".
   const std::string& peft_type() const {
     return std::visit([](const auto& a) -> const std::string& { return a.config.peft_type; }, src_);
   }
@@ -381,13 +387,13 @@ inline any_peft_adapter parse_peft(std::string_view config_text, const safetenso
         peft_adapter::from_safetensors(parse_peft_config(config_text, config_source), tensors, tensors_source),
         std::move(adapter_name));
   if (type == "LOKR" || type == "MISS" || type == "BONE" || type == "VERA" || type == "RANDLORA" || type == "LOHA" ||
-      type == "IA3" || type == "OFT")
+      type == "IA3" || type == "OFT" || type == "HRA")
     return any_peft_adapter(peft_structured_adapter::from_safetensors(
                                 parse_peft_structured_config(config_text, config_source), tensors, tensors_source),
                             std::move(adapter_name));
   throw unsupported_error("deltaw::io::peft (" + config_source + "): peft_type \"" + type +
                           "\" is not supported; deltaw reads LORA (with use_rslora / use_dora), LOKR, MISS, BONE, VERA, "
-                          "RANDLORA, LOHA, IA3 and OFT");
+                          "RANDLORA, LOHA, IA3, OFT and HRA");
 }
 
 /// The names of the adapters saved under `dir`: "default" when dir holds

@@ -27,6 +27,8 @@
 //             (block_share); b is read from the tensor (PEFT may adjust oft_block_size per
 //             layer). use_cayley_neumann / num_cayley_neumann_terms choose R; coft = true
 //             projects the stored Q with eps on reading, as PEFT's forward does.
+//   HRA       hra_u [in, r] (one Householder vector per column); apply_GS chooses the
+//             Gram–Schmidt variant. r is one for the whole adapter (HRA has no rank_pattern).
 //
 // Documented choices:
 //  - VeRA and RandLoRA bases. PEFT draws them with torch's generator from
@@ -56,6 +58,7 @@
 #include <variant>
 
 #include "../core/precompiled.hpp"
+#include "../backend/cpu/hra.hpp"
 #include "../backend/cpu/oft.hpp"
 #include "../expr/block_affine.hpp"
 #include "../expr/ia3.hpp"
@@ -74,7 +77,7 @@ enum class miss_kind : std::uint8_t { miss, mini, bat };
 /// adapter_config.json of a structured adapter: the fields that change the math. Fields
 /// deltaw does not interpret are kept in `raw` and written back unchanged.
 struct peft_structured_config {
-  std::string peft_type;  ///< LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT
+  std::string peft_type;  ///< LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT, HRA
   index_t r = 8;          ///< OFT: blocks per layer, 0 when oft_block_size is given
   double alpha = 8;  ///< LoKr / LoHa `alpha`, RandLoRA `randlora_alpha`; unused by the others
   std::vector<std::pair<std::string, index_t>> rank_pattern;  ///< LoKr, LoHa; file order
@@ -92,6 +95,7 @@ struct peft_structured_config {
   bool coft = false, block_share = false;                     ///< OFT
   double eps = 6e-5;                                          ///< OFT (COFT's radius)
   oft_options oft;                                            ///< OFT: Cayley–Neumann, terms
+  hra_options hra;                                            ///< HRA: apply_GS
   std::vector<std::string> target_modules;
   std::optional<std::string> target_modules_regex;
   std::string target_modules_unsupported;  ///< as peft_lora_config's
@@ -176,12 +180,12 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
   c.peft_type = pt->get<std::string>();
   const std::string& t = c.peft_type;
   if (t != "LOKR" && t != "MISS" && t != "BONE" && t != "VERA" && t != "RANDLORA" && t != "LOHA" && t != "IA3" &&
-      t != "OFT")
+      t != "OFT" && t != "HRA")
     throw unsupported_error("deltaw::io::peft (" + source + "): peft_type \"" + t +
-                            "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT; "
+                            "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT, HRA; "
                             "LORA is read by read_peft_adapter)");
   // PEFT's defaults where a field is absent.
-  c.r = t == "VERA" ? 256 : t == "RANDLORA" ? 32 : t == "LOKR" || t == "LOHA" ? 8 : t == "OFT" || t == "IA3" ? 0 : 64;
+  c.r = t == "VERA" ? 256 : t == "RANDLORA" ? 32 : t == "LOKR" || t == "LOHA" || t == "HRA" ? 8 : t == "OFT" || t == "IA3" ? 0 : 64;
   c.alpha = t == "RANDLORA" ? 640 : 8;
   if (t == "OFT") {
     // r or oft_block_size, the other 0 (PEFT's OFTConfig); the blocks are read from the tensors.
@@ -211,6 +215,7 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
   } else if (t != "IA3") {
     if (auto it = o.find("r"); it != o.end()) c.r = detail::peft_rank(*it, "r", source);
   }
+  if (t == "HRA") c.hra.gram_schmidt = detail::peft_bool(o, "apply_GS", source);
   if (t == "IA3") {
     if (auto it = o.find("feedforward_modules"); it != o.end() && !it->is_null()) {
       if (it->is_string()) {
@@ -336,6 +341,10 @@ inline json peft_structured_config_json(const peft_structured_config& c) {
     // PEFT warns about adapters that do not say which they were trained with.
     for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
              {"module_dropout", 0.0}, {"init_weights", true}, {"bias", "none"}, {"peft_version", "0.21.2"}})
+      if (!o.contains(k)) o[k] = v;
+  } else if (t == "HRA") {
+    o["apply_GS"] = c.hra.gram_schmidt;
+    for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{{"init_weights", true}, {"bias", "none"}})
       if (!o.contains(k)) o[k] = v;
   } else if (t == "MISS" || t == "BONE") {
     o["init_weights"] = c.miss == miss_kind::bat ? json("bat") : c.miss == miss_kind::mini ? json("mini") : json(true);
@@ -590,12 +599,31 @@ struct peft_oft_module {
   }
 };
 
+/// One HRA module: U [in, r] (hra_u) and the variant (apply_GS); the update needs the
+/// layer's weight.
+struct peft_hra_module {
+  std::string name;
+  held_matrix<float> U;
+  hra_options options;
+
+  std::string layer_mismatch(index_t, index_t in) const {
+    if (U.view.rows() == in) return {};
+    return "hra_u " + deltaw::detail::shape_str(U.view.rows(), U.view.cols()) + " is [in, r]";
+  }
+  /// HRA over the layer's weight W [out, in]; argument_error for a zero column of U (or,
+  /// with Gram–Schmidt, a dependent one), where PEFT would divide by zero.
+  template <class WL>
+  auto update(const WL& W) const {
+    return deltaw::detail::make_hra(hold(W), U, options);
+  }
+};
+
 /// A structured PEFT adapter: its config, its modules (of the config's one type, sorted by
 /// name) and, for VeRA / RandLoRA, the shared bases.
 class peft_structured_adapter {
  public:
   using module = std::variant<peft_lokr_module, peft_miss_module, peft_vera_module, peft_randlora_module,
-                              peft_loha_module, peft_ia3_module, peft_oft_module>;
+                              peft_loha_module, peft_ia3_module, peft_oft_module, peft_hra_module>;
   peft_structured_config config;
   /// VeRA: vera_A [r, in_max], vera_B [out_max, r]. RandLoRA: randlora_A as [r, min_dim],
   /// randlora_B as [max_dim, N·r]. Empty otherwise.
@@ -663,7 +691,9 @@ class peft_structured_adapter {
           if constexpr (std::is_same_v<M, peft_miss_module>) m.visit(W, f);
           else if constexpr (std::is_same_v<M, peft_lokr_module>) m.visit(f);
           else if constexpr (std::is_same_v<M, peft_loha_module>) f(m.update());
-          else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module>) f(m.update(W));
+          else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module> ||
+                             std::is_same_v<M, peft_hra_module>)
+            f(m.update(W));
           else f(m.update(W.rows(), W.cols()));
         },
         at(n));
@@ -843,6 +873,21 @@ class peft_structured_adapter {
     config.block_share = config.block_share || u.shared();
     insert(peft_oft_module{std::move(name), detail::copy_to_float(u.Q()), o});
   }
+  /// HRA module: its U (hra_u). Every module must share r and the variant (PEFT's HRA
+  /// config has one r, no rank_pattern, and one apply_GS); W stays the model's.
+  template <class T, class TW, class D>
+  void add_hra(std::string name, const hra_update<T, TW, D>& u) {
+    begin("HRA", name);
+    if (size() == 0) {
+      config.r = u.rank();
+      config.hra = u.options();
+    } else if (config.r != u.rank() || config.hra.gram_schmidt != u.options().gram_schmidt) {
+      throw argument_error("deltaw::io::peft_structured_adapter::add_hra: \"" + name + "\" has r = " +
+                           std::to_string(u.rank()) + (u.options().gram_schmidt ? " with" : " without") +
+                           " Gram–Schmidt, unlike the modules already added (PEFT's HRA config has one r and one apply_GS)");
+    }
+    insert(peft_hra_module{std::move(name), detail::copy_to_float(u.U()), u.options()});
+  }
 
   // ── files ────────────────────────────────────────────────────────────────────────────
 
@@ -898,6 +943,7 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
   else if (type == "LOHA") suffixes = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"};
   else if (type == "IA3") suffixes = {"ia3_l"};
   else if (type == "OFT") suffixes = {"oft_R.weight"};
+  else if (type == "HRA") suffixes = {"hra_u"};
   else suffixes = {"randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"};
 
   std::map<std::string, std::map<std::string, const st_tensor_info*>> parts;
@@ -1119,6 +1165,16 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
         m.Q = held_matrix<float>{view(std::as_const(*P)), P};
       }
       a.insert(std::move(m));
+    } else if (type == "HRA") {
+      const auto* t = get("hra_u");
+      peft_hra_module m;
+      m.name = mod;
+      m.U = mat2(t, "hra_u");
+      if (m.U.view.cols() != a.config.r || m.U.view.rows() < 1)
+        throw format_error(where + ": hra_u " + detail::shape_string(t->shape) + " is not [in, r] with the config's r = " +
+                           std::to_string(a.config.r));
+      m.options = a.config.hra;
+      a.insert(std::move(m));
     } else if (type == "VERA") {
       const auto *tb = get("vera_lambda_b"), *td = get("vera_lambda_d");
       if (!tb || !td) throw format_error(where + " lacks " + std::string(tb ? "vera_lambda_d" : "vera_lambda_b"));
@@ -1273,6 +1329,8 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
                              matrix_view<const float>(v.data(), 1, index_t(k)));
     } else if (const auto* m = std::get_if<peft_oft_module>(&mv)) {
       w.add(P + n + ".oft_R.weight", m->Q.view);
+    } else if (const auto* m = std::get_if<peft_hra_module>(&mv)) {
+      w.add(P + n + ".hra_u", m->U.view);
     }
   }
   if (c.peft_type == "VERA") {
@@ -1293,7 +1351,8 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
   return {std::move(c), std::move(w)};
 }
 
-/// Reads a structured PEFT adapter directory (LOKR, MISS, BONE, VERA, RANDLORA).
+/// Reads a structured PEFT adapter directory (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3,
+/// OFT, HRA).
 #if DELTAW_DEFINE_PRECOMPILED
 DELTAW_PRECOMPILED_INLINE peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir) {
   const detail::adapter_dir d(dir, "deltaw::io::read_peft_structured_adapter");

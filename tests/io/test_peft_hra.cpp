@@ -1,0 +1,163 @@
+// SPDX-License-Identifier: MIT
+// HRA adapters (issue 16): directories saved by PEFT 0.21.2 itself (tests/fixtures/peft_hra
+// and peft_hra_gs, tools/make_fixtures.py --only hra) reproduce PEFT's per-layer and
+// whole-model outputs within 1e-5 relative through read_peft (any_peft_module) and
+// read_peft_structured_adapter; deltaw-written directories read back to the same ΔW; merge /
+// unmerge through any_peft_module; inconsistent inputs are specific errors.
+#include <deltaw/io/peft_adapter.hpp>
+
+#include <fstream>
+
+#include "io_test_util.hpp"
+
+namespace dw = deltaw;
+namespace io = deltaw::io;
+using dwt::MatD;
+using dwt::MatF;
+
+namespace {
+
+const char* const hra_modules[] = {"blocks.0.q", "blocks.0.v", "head"};
+
+struct hra_fixture {
+  io::safetensors_file weights, io;
+  io::any_peft_adapter adapter;
+  explicit hra_fixture(const std::string& name)
+      : weights(io::safetensors_file::open(dwio::fixtures() / name / "model.safetensors")),
+        io(io::safetensors_file::open(dwio::fixtures() / name / "io.safetensors")),
+        adapter(io::read_peft(dwio::fixtures() / name / "adapter")) {}
+
+  MatD linear(const std::string& module, const MatD& X, bool dense_path = false) const {
+    const auto W = weights.matrix<float>(module + ".weight");
+    const auto& m = adapter.at(module);
+    const std::vector<double> b = weights.values<double>(module + ".bias");
+    MatD Y;
+    if (dense_path) {
+      const MatD Wd = Eigen::Map<const MatF>(W.view.data(), W.view.rows(), W.view.cols()).cast<double>();
+      Y = X * (Wd + m.update(W.view).materialize().cast<double>()).transpose();
+    } else {
+      Y = m.apply(W.view, MatF(X.cast<float>())).cast<double>();
+    }
+    for (Eigen::Index i = 0; i < Y.rows(); ++i)
+      for (Eigen::Index j = 0; j < Y.cols(); ++j) Y(i, j) += b[std::size_t(j)];
+    return Y;
+  }
+};
+
+void check_hra_fixture(const std::string& name, bool gs, Eigen::Index r) {
+  CAPTURE(name);
+  const hra_fixture m(name);
+  CHECK(m.adapter.peft_type() == "HRA");
+  REQUIRE(m.adapter.size() == 3);
+  for (const char* mod : hra_modules) {
+    CAPTURE(mod);
+    const auto& am = m.adapter.at(mod);
+    CHECK(std::string(am.method()) == "HRA");
+    CHECK(am.reads_weight());
+    const auto* h = am.get_if<io::peft_hra_module>();
+    REQUIRE(h);
+    CHECK(h->options.gram_schmidt == gs);
+    CHECK(h->U.view.cols() == r);
+    CHECK(am.in_features() == h->U.view.rows());
+    const MatD X = dwio::load_matd(m.io, std::string("x.") + mod);
+    const MatD Y = dwio::load_matd(m.io, std::string("y.") + mod);
+    CHECK(dwt::rel_err(m.linear(mod, X), Y) < 1e-5);
+    CHECK(dwt::rel_err(m.linear(mod, X, true), Y) < 1e-5);
+  }
+  const MatD h1 = m.linear("blocks.0.q", dwio::load_matd(m.io, "x")).cwiseMax(0.0);
+  const MatD h2 = m.linear("blocks.0.v", h1).cwiseMax(0.0);
+  CHECK(dwt::rel_err(m.linear("head", h2), dwio::load_matd(m.io, "y")) < 1e-5);
+  // merge / unmerge through the unified interface.
+  for (const char* mod : hra_modules) {
+    const auto Wf = m.weights.matrix<float>(std::string(mod) + ".weight");
+    MatF W = Eigen::Map<const MatF>(Wf.view.data(), Wf.view.rows(), Wf.view.cols());
+    const MatF W0 = W;
+    const MatD Wp = W0.cast<double>() + m.adapter.at(mod).update(Wf.view).materialize().cast<double>();
+    const auto u = m.adapter.at(mod).update(W);
+    u.merge(W);
+    CHECK(dwt::rel_err(W, Wp) < 1e-5);
+    u.unmerge(W);
+    CHECK(dwt::rel_err(W, W0) < 1e-5);
+  }
+  // The same modules through read_peft_structured_adapter.
+  const auto s = io::read_peft_structured_adapter(dwio::fixtures() / name / "adapter");
+  CHECK(s.config.r == r);
+  CHECK(s.config.hra.gram_schmidt == gs);
+  const auto W = m.weights.matrix<float>("head.weight");
+  s.visit("head", W.view, [&](const auto& u) {
+    const MatD X = dwio::load_matd(m.io, "x.head");
+    const MatD Y = dwio::load_matd(m.io, "y.head");
+    const std::vector<double> b = m.weights.values<double>("head.bias");
+    MatD Z = dw::apply(dw::view(W.view) + u, MatF(X.cast<float>())).template cast<double>();
+    for (Eigen::Index i = 0; i < Z.rows(); ++i)
+      for (Eigen::Index j = 0; j < Z.cols(); ++j) Z(i, j) += b[std::size_t(j)];
+    CHECK(dwt::rel_err(Z, Y) < 1e-5);
+  });
+}
+
+}  // namespace
+
+TEST_CASE("peft HRA (plain product of reflections, Gram–Schmidt) reproduces PEFT 0.21.2") {
+  check_hra_fixture("peft_hra", false, 3);
+  check_hra_fixture("peft_hra_gs", true, 4);
+}
+
+TEST_CASE("peft HRA: deltaw writes, deltaw reads the same ΔW") {
+  const MatF Wq = dwt::random<MatF>(24, 16, 1), Wv = dwt::random<MatF>(20, 24, 2);
+  for (bool gs : {false, true}) {
+    CAPTURE(gs);
+    io::peft_structured_adapter a;
+    const auto uq = dw::hra(Wq, dwt::random<MatF>(16, 3, 3), dw::hra_options{gs});
+    const auto uv = dw::hra(Wv, dwt::random<MatF>(24, 3, 4), dw::hra_options{gs});
+    a.add_hra("blocks.0.q", uq);
+    a.add_hra("blocks.0.v", uv);
+    dwio::temp_dir t;
+    io::write_peft_structured_adapter(t.path, a);
+    const auto b = io::read_peft(t.path);
+    CHECK(b.peft_type() == "HRA");
+    CHECK(b.structured()->config.r == 3);
+    CHECK(b.structured()->config.hra.gram_schmidt == gs);
+    CHECK(dwt::rel_err(b.at("blocks.0.q").update(Wq).materialize(), dw::materialize(uq)) < 1e-6);
+    CHECK(dwt::rel_err(b.at("blocks.0.v").update(Wv).materialize(), dw::materialize(uv)) < 1e-6);
+  }
+  io::peft_structured_adapter c;
+  c.add_hra("q", dw::hra(Wq, dwt::random<MatF>(16, 3, 5)));
+  dwt::check_throws_with<dw::argument_error>([&] { c.add_hra("v", dw::hra(Wv, dwt::random<MatF>(24, 2, 6))); },
+                                             {"\"v\" has r = 2", "one r and one apply_GS"});
+  dwt::check_throws_with<dw::argument_error>(
+      [&] { c.add_hra("v", dw::hra(Wv, dwt::random<MatF>(24, 3, 6), dw::hra_options{true})); }, {"with Gram–Schmidt"});
+}
+
+TEST_CASE("peft HRA: inconsistent inputs are specific errors") {
+  dwio::temp_dir tmp;
+  auto write = [&](const std::string& config, io::safetensors_writer& w) {
+    std::filesystem::create_directories(tmp.path);
+    std::ofstream(tmp.path / "adapter_config.json") << config;
+    w.write(tmp.path / "adapter_model.safetensors");
+  };
+  MatF U = dwt::random<MatF>(6, 2, 1);
+  {
+    io::safetensors_writer w;
+    w.add("base_model.model.q.hra_u", dw::view(U));
+    write(R"({"peft_type": "HRA", "r": 3, "target_modules": ["q"]})", w);
+    dwt::check_throws_with<dw::format_error>([&] { (void)io::read_peft(tmp.path); }, {"module \"q\"", "hra_u [6, 2]", "r = 3"});
+    write(R"({"peft_type": "HRA", "r": 2, "apply_GS": "yes", "target_modules": ["q"]})", w);
+    CHECK_THROWS_AS((void)io::read_peft(tmp.path), dw::format_error);
+    write(R"({"peft_type": "HRA", "r": 2, "rank_pattern": {"q": 4}, "target_modules": ["q"]})", w);
+    dwt::check_throws_with<dw::unsupported_error>([&] { (void)io::read_peft(tmp.path); }, {"rank_pattern"});
+    write(R"({"peft_type": "HRA", "r": 2, "target_modules": ["q"]})", w);
+    const auto a = io::read_peft(tmp.path);
+    const MatF W = dwt::random<MatF>(3, 5, 1);
+    dwt::check_throws_with<dw::shape_error>([&] { (void)a.at("q").update(W); }, {"hra_u [6, 2] is [in, r]"});
+    CHECK(a.match({{"q.weight", {3, 6}}}).size() == 1);
+  }
+  {
+    U.col(1).setZero();  // PEFT would divide by zero
+    io::safetensors_writer w;
+    w.add("base_model.model.q.hra_u", dw::view(U));
+    write(R"({"peft_type": "HRA", "r": 2, "target_modules": ["q"]})", w);
+    const auto a = io::read_peft(tmp.path);
+    const MatF W = dwt::random<MatF>(3, 6, 1);
+    dwt::check_throws_with<dw::argument_error>([&] { (void)a.at("q").update(W); }, {"column 1 of U (hra_u)"});
+  }
+}
