@@ -286,7 +286,7 @@ TEST_CASE("kernels on empty views with null data: rows without columns and colum
   // A view of [3, 0] or [0, 3] may have a null data pointer (a reader's empty tensor): no
   // primitive may offset it (UBSan caught copy and transform doing so through the fuzzers).
   const k::cpu_context ctx;
-  for (const auto [r, c] : {std::pair<dw::index_t, dw::index_t>{3, 0}, {0, 3}}) {
+  for (const auto& [r, c] : {std::pair<dw::index_t, dw::index_t>{3, 0}, {0, 3}}) {
     const dw::matrix_view<float> Y(static_cast<float*>(nullptr), r, c, c, 1);
     const dw::matrix_view<const float> X(static_cast<const float*>(nullptr), r, c, c, 1);
     k::copy(ctx, X, Y);

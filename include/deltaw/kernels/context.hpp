@@ -52,10 +52,16 @@ class scratch<C, device::cpu> {
   dense<C> m_;
 };
 
-/// A rows × cols scratch matrix on ctx's device (contents unspecified).
+/// A rows × cols scratch matrix on ctx's device (contents unspecified). Another backend's
+/// scratch (e.g. deltaw/cuda/scratch.cuh) is built from its context, whose memory it takes.
 template <class C, class Ctx>
-scratch<C, typename Ctx::device_type> make_scratch(const Ctx&, index_t rows, index_t cols) {
-  return scratch<C, typename Ctx::device_type>(rows, cols);
+scratch<C, typename Ctx::device_type> make_scratch(const Ctx& ctx, index_t rows, index_t cols) {
+  if constexpr (std::is_same_v<typename Ctx::device_type, device::cpu>) {
+    (void)ctx;
+    return scratch<C, device::cpu>(rows, cols);
+  } else {
+    return scratch<C, typename Ctx::device_type>(ctx, rows, cols);
+  }
 }
 
 namespace detail {

@@ -107,7 +107,9 @@ class context {
   // the public call. Because every use is ordered on stream(), scratch is reused by the
   // next operation without waiting. Growth adds a chunk (earlier pointers stay valid);
   // begin_operation() folds the chunks into one when no operation is in flight on the
-  // host side, synchronising the stream once per growth.
+  // host side, synchronising the stream once per growth. Taking scratch is allowed
+  // through a const context (the primitives and evaluators hold it as `const Ctx&`, like
+  // the stateless CPU context): the arena is the context's working memory, not its value.
 
   /// Marks the start of a public operation.
   void begin_operation() {
@@ -126,7 +128,7 @@ class context {
   /// Scratch for n elements of T, aligned to 256 bytes; valid until the end of the
   /// current operation (or until release() of an earlier mark).
   template <class T>
-  T* allocate(std::size_t n) {
+  T* allocate(std::size_t n) const {
     return static_cast<T*>(allocate_bytes(n * sizeof(T)));
   }
 
@@ -136,7 +138,7 @@ class context {
     std::size_t offset;
   };
   mark position() const noexcept { return {current_, offset_}; }
-  void release(mark m) noexcept {
+  void release(mark m) const noexcept {
     current_ = m.chunk;
     offset_ = m.offset;
   }
@@ -147,6 +149,13 @@ class context {
     for (auto& c : chunks_) t += c.bytes;
     return t;
   }
+
+  /// The most scratch in use at once (bytes, alignment included) and the largest single
+  /// request since construction or reset_scratch_statistics(): what tests read to show
+  /// that no operation asks for a dense out × in matrix.
+  std::size_t scratch_high_water_bytes() const noexcept { return high_water_; }
+  std::size_t largest_scratch_request_bytes() const noexcept { return largest_request_; }
+  void reset_scratch_statistics() noexcept { high_water_ = largest_request_ = 0; }
 
  private:
   struct chunk {
@@ -195,16 +204,31 @@ class context {
     if (prev >= 0 && prev != device_) cudaSetDevice(prev);
   }
 
-  void add_chunk(std::size_t bytes) {
+  void add_chunk(std::size_t bytes) const {
     device_guard g(device_);
     void* p = nullptr;
     DELTAW_CUDA_CHECK(cudaMalloc(&p, bytes));
     chunks_.push_back({p, bytes});
   }
 
-  void* allocate_bytes(std::size_t bytes) {
+  /// Bytes in use: the chunks before the current one (wholly, as the arena skips their
+  /// tails) and the current one's offset.
+  std::size_t in_use_bytes() const noexcept {
+    std::size_t t = offset_;
+    for (std::size_t i = 0; i < current_ && i < chunks_.size(); ++i) t += chunks_[i].bytes;
+    return t;
+  }
+
+  void* allocate_bytes(std::size_t bytes) const {
     constexpr std::size_t align = 256;
     bytes = std::max<std::size_t>(align, (bytes + align - 1) / align * align);
+    largest_request_ = std::max(largest_request_, bytes);
+    void* p = take_bytes(bytes);
+    high_water_ = std::max(high_water_, in_use_bytes());
+    return p;
+  }
+
+  void* take_bytes(std::size_t bytes) const {
     while (current_ < chunks_.size()) {
       if (chunks_[current_].bytes - offset_ >= bytes) {
         void* p = static_cast<char*>(chunks_[current_].ptr) + offset_;
@@ -227,9 +251,11 @@ class context {
   bool owns_stream_ = true;
   cublasHandle_t cublas_ = nullptr;
   cusolverDnHandle_t cusolver_ = nullptr;
-  std::vector<chunk> chunks_;
-  std::size_t current_ = 0;
-  std::size_t offset_ = 0;
+  mutable std::vector<chunk> chunks_;
+  mutable std::size_t current_ = 0;
+  mutable std::size_t offset_ = 0;
+  mutable std::size_t high_water_ = 0;
+  mutable std::size_t largest_request_ = 0;
 };
 
 /// The calling thread's context for the current device, created on first use and

@@ -87,7 +87,7 @@ inline element_index order_of(index_t rows, index_t cols, bool col_major) { retu
 
 /// Y(i, j) = f(i, j, Y(i, j)) for every element, on ctx's stream.
 template <class C, class F>
-void transform(context& ctx, const matrix_view<C, device::cuda>& Y, const F& f) {
+void transform(const context& ctx, const matrix_view<C, device::cuda>& Y, const F& f) {
   static_assert(!std::is_const_v<C>, "deltaw::cuda::transform: the output view must be writable");
   if (Y.rows() == 0 || Y.cols() == 0) return;
   detail::for_each_index(ctx, Y.rows() * Y.cols(),
@@ -97,7 +97,7 @@ void transform(context& ctx, const matrix_view<C, device::cuda>& Y, const F& f) 
 
 /// Y(i, j) = f(X(i, j), Y(i, j)) for two views of the same shape, on ctx's stream.
 template <class T, class C, class F>
-void transform(context& ctx, const matrix_view<const T, device::cuda>& X, const matrix_view<C, device::cuda>& Y,
+void transform(const context& ctx, const matrix_view<const T, device::cuda>& X, const matrix_view<C, device::cuda>& Y,
                const F& f) {
   static_assert(!std::is_const_v<C>, "deltaw::cuda::transform: the output view must be writable");
   detail::check_same_shape(X.rows(), X.cols(), Y.rows(), Y.cols(), "deltaw::cuda::transform");
@@ -110,13 +110,13 @@ void transform(context& ctx, const matrix_view<const T, device::cuda>& X, const 
 
 /// Y = v everywhere.
 template <class C>
-void fill(context& ctx, const matrix_view<C, device::cuda>& Y, std::type_identity_t<C> v) {
+void fill(const context& ctx, const matrix_view<C, device::cuda>& Y, std::type_identity_t<C> v) {
   transform(ctx, Y, detail::fill_with<C>{v});
 }
 
 /// Y = α·Y (α = 0 writes zeros, whatever Y held: NaN included).
 template <class C>
-void scale(context& ctx, const matrix_view<C, device::cuda>& Y, std::type_identity_t<C> alpha) {
+void scale(const context& ctx, const matrix_view<C, device::cuda>& Y, std::type_identity_t<C> alpha) {
   if (alpha == C(1)) return;
   if (alpha == C(0)) return fill(ctx, Y, C(0));
   transform(ctx, Y, detail::scale_by<C>{alpha});
@@ -124,14 +124,14 @@ void scale(context& ctx, const matrix_view<C, device::cuda>& Y, std::type_identi
 
 /// Y += α·X.
 template <class C>
-void axpy(context& ctx, std::type_identity_t<C> alpha, const matrix_view<const C, device::cuda>& X,
+void axpy(const context& ctx, std::type_identity_t<C> alpha, const matrix_view<const C, device::cuda>& X,
           const matrix_view<C, device::cuda>& Y) {
   transform(ctx, X, Y, detail::add_scaled<C>{alpha});
 }
 
 /// Y = X element by element, converting the storage type (bf16/fp16/float/double) to C.
 template <class T, class C>
-void copy(context& ctx, const matrix_view<const T, device::cuda>& X, const matrix_view<C, device::cuda>& Y) {
+void copy(const context& ctx, const matrix_view<const T, device::cuda>& X, const matrix_view<C, device::cuda>& Y) {
   detail::check_same_shape(X.rows(), X.cols(), Y.rows(), Y.cols(), "deltaw::cuda::copy");
   transform(ctx, X, Y, detail::convert_to<T, C>{});
 }

@@ -34,7 +34,7 @@ inline auto execution_policy([[maybe_unused]] const context& ctx) {
 /// f(k) for k = 0 … n − 1, in no particular order, on ctx's stream. A failed launch
 /// throws cuda_error naming `what`.
 template <class F>
-void for_each_index(context& ctx, index_t n, const F& f, const char* what) {
+void for_each_index(const context& ctx, index_t n, const F& f, const char* what) {
   if (n <= 0) return;
   try {
     thrust::for_each_n(execution_policy(ctx), thrust::counting_iterator<index_t>(0), n, f);

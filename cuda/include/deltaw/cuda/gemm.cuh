@@ -128,7 +128,7 @@ struct convert_element {
 
 /// Element-converting copy between two device views of the same shape, on ctx's stream.
 template <class D, class S>
-void convert_copy(context& ctx, const device_view<D>& dst, const device_view<const S>& src) {
+void convert_copy(const context& ctx, const device_view<D>& dst, const device_view<const S>& src) {
   for_each_index(ctx, dst.rows() * dst.cols(), convert_element<D, S>{dst, src, dst.is_col_major()},
                  "deltaw::cuda::detail::convert_copy");
 }
@@ -136,7 +136,7 @@ void convert_copy(context& ctx, const device_view<D>& dst, const device_view<con
 /// v as element type C: v itself when it already is, else a column-major copy in the
 /// context's scratch.
 template <class C, class T>
-device_view<const C> as_type(context& ctx, const device_view<const T>& v) {
+device_view<const C> as_type(const context& ctx, const device_view<const T>& v) {
   if constexpr (std::is_same_v<std::remove_cv_t<T>, C>) {
     return v;
   } else {
@@ -149,7 +149,7 @@ device_view<const C> as_type(context& ctx, const device_view<const T>& v) {
 
 /// C = α·P·Q + β·C with C column-major and a native type combination.
 template <class TC, class TP, class TQ>
-void gemm_native(context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
+void gemm_native(const context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
                  const device_view<const TQ>& Q, double alpha, double beta, const char* op) {
   const index_t m = C.rows(), n = C.cols(), k = P.cols();
   if (m == 0 || n == 0) return;
@@ -181,13 +181,13 @@ void gemm_native(context& ctx, const device_view<TC>& C, const device_view<const
 }
 
 template <class TC, class TP, class TQ>
-void gemm_col_major(context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
+void gemm_col_major(const context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
                     const device_view<const TQ>& Q, double alpha, double beta, const char* op);
 
 /// C = α·P·Q + β·C for C float/double, converting P and Q to C's type where needed:
 /// the smaller operand whole, the larger one in panels.
 template <class TC, class TP, class TQ>
-void gemm_converting(context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
+void gemm_converting(const context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
                      const device_view<const TQ>& Q, double alpha, double beta, const char* op) {
   const index_t m = C.rows(), n = C.cols(), k = P.cols();
   const index_t step = std::max<index_t>(1, panel_elements / std::max<index_t>(1, k));
@@ -217,7 +217,7 @@ void gemm_converting(context& ctx, const device_view<TC>& C, const device_view<c
 }
 
 template <class TC, class TP, class TQ>
-void gemm_col_major(context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
+void gemm_col_major(const context& ctx, const device_view<TC>& C, const device_view<const TP>& P,
                     const device_view<const TQ>& Q, double alpha, double beta, const char* op) {
   if constexpr (native_gemm<TC, TP, TQ>) {
     gemm_native<TC, TP, TQ>(ctx, C, P, Q, alpha, beta, op);
@@ -248,7 +248,7 @@ void gemm_col_major(context& ctx, const device_view<TC>& C, const device_view<co
 /// C = α·P·Q + β·C on ctx's stream. P [m, k], Q [k, n], C [m, n]; every view needs a
 /// unit stride in one dimension. C is float or double, or a 16-bit type (in-place merge).
 template <class TC, class TP, class TQ>
-void gemm(context& ctx, const device_view<TC>& C, const device_view<TP>& P, const device_view<TQ>& Q, double alpha,
+void gemm(const context& ctx, const device_view<TC>& C, const device_view<TP>& P, const device_view<TQ>& Q, double alpha,
           double beta, const char* op = "deltaw::cuda::gemm") {
   static_assert(!std::is_const_v<TC>, "deltaw::cuda::gemm: the output view must be writable");
   using P_ = std::remove_cv_t<TP>;

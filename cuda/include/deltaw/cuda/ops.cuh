@@ -120,6 +120,61 @@ void merge(const WV& W, const U& u) {
   merge(cuda::default_context(), W, u);
 }
 
+/// O = G·ΔW on ctx's stream: the input gradient of apply for an update alone. G: [tokens,
+/// out] CUDA view of any storage type; O: [tokens, in] writable float or double CUDA view;
+/// any layouts. Update types whose CUDA evaluator is the shared one (shared_evaluator.cuh).
+template <update U, class GV, class OV>
+  requires std::same_as<device_of<U>, device::cuda>
+void apply_transposed(cuda::context& ctx, const U& u, const GV& G, const OV& O) {
+  constexpr const char* op = "deltaw::apply_transposed";
+  static_assert(cuda::detail::is_cuda_view_v<GV> && cuda::detail::is_cuda_view_v<OV>,
+                "deltaw::apply_transposed: the update lives on CUDA, so G and O must be CUDA views "
+                "(deltaw::cuda::view(ptr, rows, cols))");
+  using TG = std::remove_const_t<typename GV::element_type>;
+  using C = typename OV::element_type;
+  static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>,
+                "deltaw::apply_transposed: the output is a writable float or double view");
+  if (G.cols() != u.rows())
+    throw shape_error(std::string(op) + ": G is " + detail::shape_str(G.rows(), G.cols()) + " but ΔW is " +
+                      detail::shape_str(u.rows(), u.cols()) + "; G·ΔW needs G to have " + std::to_string(u.rows()) +
+                      " columns");
+  if (O.rows() != G.rows() || O.cols() != u.cols())
+    throw shape_error(std::string(op) + ": the output is " + detail::shape_str(O.rows(), O.cols()) + " but G·ΔW is " +
+                      detail::shape_str(G.rows(), u.cols()));
+  if (O.rows() == 0 || O.cols() == 0) return;
+  cuda::device_guard g(ctx.device());
+  ctx.begin_operation();
+  cuda::evaluator<U>::template apply_transposed<C, TG>(ctx, u, matrix_view<const TG, device::cuda>(G), O, 0.0);
+}
+template <update U, class GV, class OV>
+  requires std::same_as<device_of<U>, device::cuda>
+void apply_transposed(const U& u, const GV& G, const OV& O) {
+  apply_transposed(cuda::default_context(), u, G, O);
+}
+
+/// M = ΔW, dense, into the caller's writable float or double CUDA view [out, in] (any
+/// layout), on ctx's stream. Only M is out × in: no scratch of that size is taken.
+template <update U, class MV>
+  requires std::same_as<device_of<U>, device::cuda>
+void materialize(cuda::context& ctx, const U& u, const MV& M) {
+  static_assert(cuda::detail::is_cuda_view_v<MV>,
+                "deltaw::materialize: the update lives on CUDA, so M must be a CUDA view "
+                "(deltaw::cuda::view(ptr, rows, cols))");
+  using C = typename MV::element_type;
+  static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>,
+                "deltaw::materialize: the output is a writable float or double view");
+  ::deltaw::detail::check_same_shape(M.rows(), M.cols(), u, "deltaw::materialize");
+  if (M.rows() == 0 || M.cols() == 0) return;
+  cuda::device_guard g(ctx.device());
+  ctx.begin_operation();
+  cuda::evaluator<U>::template materialize<C>(ctx, u, M);
+}
+template <update U, class MV>
+  requires std::same_as<device_of<U>, device::cuda>
+void materialize(const U& u, const MV& M) {
+  materialize(cuda::default_context(), u, M);
+}
+
 /// The inverse of merge: W ← W − ΔW in place on ctx's stream.
 template <class WV, update U>
   requires std::same_as<device_of<U>, device::cuda>

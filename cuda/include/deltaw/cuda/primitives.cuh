@@ -41,7 +41,7 @@ bool blas_addressable(const device_view<T>& v) {
 
 /// v itself when cuBLAS can read it, else a column-major copy in ctx's scratch.
 template <class C>
-device_view<const C> addressable(context& ctx, const device_view<const C>& v) {
+device_view<const C> addressable(const context& ctx, const device_view<const C>& v) {
   if (blas_addressable(v)) return v;
   C* p = ctx.allocate<C>(std::size_t(v.rows() * v.cols()));
   const device_view<C> out(p, v.rows(), v.cols(), 1, std::max<index_t>(1, v.rows()));
@@ -72,7 +72,7 @@ cublasStatus_t gemm_strided_batched_call(cublasHandle_t h, cublasOperation_t ta,
 /// are copied to scratch first, an output it cannot address is computed in scratch and
 /// combined); C is not read when β = 0, as in BLAS.
 template <class C>
-void gemm(context& ctx, std::type_identity_t<C> alpha, device_view<const C> A, kernels::op oa,
+void gemm(const context& ctx, std::type_identity_t<C> alpha, device_view<const C> A, kernels::op oa,
           device_view<const C> B, kernels::op ob, std::type_identity_t<C> beta, device_view<C> Cv) {
   static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>, "deltaw::cuda::gemm: float or double");
   constexpr const char* op = "deltaw::cuda::gemm";
@@ -99,7 +99,7 @@ void gemm(context& ctx, std::type_identity_t<C> alpha, device_view<const C> A, k
 /// cublas<t>gemmStridedBatched call when cuBLAS can address the three views, else one
 /// gemm per item.
 template <class C>
-void gemm_strided_batched(context& ctx, std::type_identity_t<C> alpha, device_view<const C> A, index_t stride_a,
+void gemm_strided_batched(const context& ctx, std::type_identity_t<C> alpha, device_view<const C> A, index_t stride_a,
                           kernels::op oa, device_view<const C> B, index_t stride_b, kernels::op ob,
                           std::type_identity_t<C> beta, device_view<C> Cv, index_t stride_c, index_t count) {
   static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>,

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../../expr/kron.hpp"
 #include "evaluator.hpp"
@@ -219,9 +220,25 @@ void apply_kron_add(const Ctx& ctx, const U& u, bool trans, const cview<C, D>& I
   }
 }
 
+/// P(i, j) += s·w1[i1, j1]·w2[i2, j2] for row r0 + i = i1·b + i2 and column j = j1·d + j2
+/// of a panel, with w1 [a, c] and w2 [b, d] packed row-major: the whole panel in one
+/// element-wise map (a functor, so that it also runs on a device).
+template <class C>
+struct kron_tile_map {
+  const C* w1;
+  const C* w2;
+  index_t r0, b, c, d;
+  C s;
+  DELTAW_HOST_DEVICE C operator()(index_t i, index_t j, C y) const {
+    const index_t o = r0 + i;
+    return y + (s * w1[(o / b) * c + j / d]) * w2[(o % b) * d + j % d];
+  }
+};
+
 /// P += factor·(rows r0 … r0 + P.rows() of s·(w1 ⊗ w2)): row o = i1·b + i2 seen as [c, d]
 /// gets the rank-1 tile factor·s·w1[i1, :]ᵀ·w2[i2, :], from the two factors made dense at
-/// their own (small) sizes.
+/// their own (small) sizes. On the CPU one map per row (no index division per element);
+/// on another device one map over the panel (one launch), with the same arithmetic.
 template <class C, class Ctx, class U, class D>
 void add_kron_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel, C factor_) {
   if (panel.rows() == 0 || panel.cols() == 0) return;
@@ -229,12 +246,16 @@ void add_kron_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& pa
   const auto w2 = factor<C, typename U::second_factor>(ctx, u.w2()).dense_copy(ctx);
   const index_t b = w2.rows(), c = w1.cols(), d = w2.cols();
   const C s = factor_ * C(u.scale());
-  for (index_t i = 0; i < panel.rows(); ++i) {
-    const index_t o = r0 + i, i1 = o / b, i2 = o % b;
-    const C* w1r = w1.data() + i1 * c;  // packed row-major scratches
-    const C* w2r = w2.data() + i2 * d;
-    const mview<C, D> row(panel.data() + i * panel.row_stride(), c, d, d * panel.col_stride(), panel.col_stride());
-    transform(ctx, row, [s, w1r, w2r](index_t j1, index_t j2, C y) { return y + (s * w1r[j1]) * w2r[j2]; });
+  if constexpr (!std::is_same_v<D, device::cpu>) {
+    transform(ctx, panel, kron_tile_map<C>{w1.data(), w2.data(), r0, b, c, d, s});
+  } else {
+    for (index_t i = 0; i < panel.rows(); ++i) {
+      const index_t o = r0 + i, i1 = o / b, i2 = o % b;
+      const C* w1r = w1.data() + i1 * c;  // packed row-major scratches
+      const C* w2r = w2.data() + i2 * d;
+      const mview<C, D> row(panel.data() + i * panel.row_stride(), c, d, d * panel.col_stride(), panel.col_stride());
+      transform(ctx, row, [s, w1r, w2r](index_t j1, index_t j2, C y) { return y + (s * w1r[j1]) * w2r[j2]; });
+    }
   }
 }
 
