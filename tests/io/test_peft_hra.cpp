@@ -17,39 +17,12 @@ using dwt::MatF;
 
 namespace {
 
-const char* const hra_modules[] = {"blocks.0.q", "blocks.0.v", "head"};
-
-struct hra_fixture {
-  io::safetensors_file weights, io;
-  io::any_peft_adapter adapter;
-  explicit hra_fixture(const std::string& name)
-      : weights(io::safetensors_file::open(dwio::fixtures() / name / "model.safetensors")),
-        io(io::safetensors_file::open(dwio::fixtures() / name / "io.safetensors")),
-        adapter(io::read_peft(dwio::fixtures() / name / "adapter")) {}
-
-  MatD linear(const std::string& module, const MatD& X, bool dense_path = false) const {
-    const auto W = weights.matrix<float>(module + ".weight");
-    const auto& m = adapter.at(module);
-    const std::vector<double> b = weights.values<double>(module + ".bias");
-    MatD Y;
-    if (dense_path) {
-      const MatD Wd = Eigen::Map<const MatF>(W.view.data(), W.view.rows(), W.view.cols()).cast<double>();
-      Y = X * (Wd + m.update(W.view).materialize().cast<double>()).transpose();
-    } else {
-      Y = m.apply(W.view, MatF(X.cast<float>())).cast<double>();
-    }
-    for (Eigen::Index i = 0; i < Y.rows(); ++i)
-      for (Eigen::Index j = 0; j < Y.cols(); ++j) Y(i, j) += b[std::size_t(j)];
-    return Y;
-  }
-};
-
 void check_hra_fixture(const std::string& name, bool gs, Eigen::Index r) {
   CAPTURE(name);
-  const hra_fixture m(name);
+  const dwio::peft_model_fixture m(name);
   CHECK(m.adapter.peft_type() == "HRA");
   REQUIRE(m.adapter.size() == 3);
-  for (const char* mod : hra_modules) {
+  for (const char* mod : dwio::peft_model_fixture::modules) {
     CAPTURE(mod);
     const auto& am = m.adapter.at(mod);
     CHECK(std::string(am.method()) == "HRA");
@@ -59,26 +32,8 @@ void check_hra_fixture(const std::string& name, bool gs, Eigen::Index r) {
     CHECK(h->options.gram_schmidt == gs);
     CHECK(h->U.view.cols() == r);
     CHECK(am.in_features() == h->U.view.rows());
-    const MatD X = dwio::load_matd(m.io, std::string("x.") + mod);
-    const MatD Y = dwio::load_matd(m.io, std::string("y.") + mod);
-    CHECK(dwt::rel_err(m.linear(mod, X), Y) < 1e-5);
-    CHECK(dwt::rel_err(m.linear(mod, X, true), Y) < 1e-5);
   }
-  const MatD h1 = m.linear("blocks.0.q", dwio::load_matd(m.io, "x")).cwiseMax(0.0);
-  const MatD h2 = m.linear("blocks.0.v", h1).cwiseMax(0.0);
-  CHECK(dwt::rel_err(m.linear("head", h2), dwio::load_matd(m.io, "y")) < 1e-5);
-  // merge / unmerge through the unified interface.
-  for (const char* mod : hra_modules) {
-    const auto Wf = m.weights.matrix<float>(std::string(mod) + ".weight");
-    MatF W = Eigen::Map<const MatF>(Wf.view.data(), Wf.view.rows(), Wf.view.cols());
-    const MatF W0 = W;
-    const MatD Wp = W0.cast<double>() + m.adapter.at(mod).update(Wf.view).materialize().cast<double>();
-    const auto u = m.adapter.at(mod).update(W);
-    u.merge(W);
-    CHECK(dwt::rel_err(W, Wp) < 1e-5);
-    u.unmerge(W);
-    CHECK(dwt::rel_err(W, W0) < 1e-5);
-  }
+  m.check_outputs_and_merge();
   // The same modules through read_peft_structured_adapter.
   const auto s = io::read_peft_structured_adapter(dwio::fixtures() / name / "adapter");
   CHECK(s.config.r == r);

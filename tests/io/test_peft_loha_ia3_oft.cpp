@@ -18,70 +18,20 @@ using dwt::MatF;
 
 namespace {
 
-const char* const modules[] = {"blocks.0.q", "blocks.0.v", "head"};
-
-struct fixture16 {
-  io::safetensors_file weights, io;
-  io::any_peft_adapter adapter;
-  explicit fixture16(const std::string& name)
-      : weights(io::safetensors_file::open(dwio::fixtures() / name / "model.safetensors")),
-        io(io::safetensors_file::open(dwio::fixtures() / name / "io.safetensors")),
-        adapter(io::read_peft(dwio::fixtures() / name / "adapter")) {}
-
-  /// X·W'ᵀ + b' as deltaw computes it (IA³ output scaling scales the bias too).
-  MatD linear(const std::string& module, const MatD& X, bool dense_path = false) const {
-    const auto W = weights.matrix<float>(module + ".weight");
-    const auto& m = adapter.at(module);
-    std::vector<double> b = weights.values<double>(module + ".bias");
-    if (const auto* ia = m.get_if<io::peft_ia3_module>()) ia->scale_bias(b);
-    MatD Y;
-    if (dense_path) {
-      const MatD Wd = Eigen::Map<const MatF>(W.view.data(), W.view.rows(), W.view.cols()).cast<double>();
-      Y = X * (Wd + m.update(W.view).materialize().cast<double>()).transpose();
-    } else {
-      Y = m.apply(W.view, MatF(X.cast<float>())).cast<double>();
-    }
-    for (Eigen::Index i = 0; i < Y.rows(); ++i)
-      for (Eigen::Index j = 0; j < Y.cols(); ++j) Y(i, j) += b[std::size_t(j)];
-    return Y;
-  }
-};
-
 void check_fixture(const std::string& name, const std::string& type, const char* method) {
   CAPTURE(name);
-  const fixture16 m(name);
+  const dwio::peft_model_fixture m(name);
   CHECK(m.adapter.peft_type() == type);
   REQUIRE(m.adapter.size() == 3);
-  for (const char* mod : modules) {
-    CAPTURE(mod);
-    CHECK(std::string(m.adapter.at(mod).method()) == method);
-    const MatD X = dwio::load_matd(m.io, std::string("x.") + mod);
-    const MatD Y = dwio::load_matd(m.io, std::string("y.") + mod);
-    CHECK(dwt::rel_err(m.linear(mod, X), Y) < 1e-5);
-    CHECK(dwt::rel_err(m.linear(mod, X, true), Y) < 1e-5);
-  }
-  const MatD h1 = m.linear("blocks.0.q", dwio::load_matd(m.io, "x")).cwiseMax(0.0);
-  const MatD h2 = m.linear("blocks.0.v", h1).cwiseMax(0.0);
-  CHECK(dwt::rel_err(m.linear("head", h2), dwio::load_matd(m.io, "y")) < 1e-5);
-  // merge / unmerge through the unified interface.
-  for (const char* mod : modules) {
-    const auto Wf = m.weights.matrix<float>(std::string(mod) + ".weight");
-    MatF W = Eigen::Map<const MatF>(Wf.view.data(), Wf.view.rows(), Wf.view.cols());
-    const MatF W0 = W;
-    const MatD Wp = W0.cast<double>() + m.adapter.at(mod).update(Wf.view).materialize().cast<double>();
-    const auto u = m.adapter.at(mod).update(W);
-    u.merge(W);
-    CHECK(dwt::rel_err(W, Wp) < 1e-5);
-    u.unmerge(W);
-    CHECK(dwt::rel_err(W, W0) < 1e-5);
-  }
+  for (const char* mod : dwio::peft_model_fixture::modules) CHECK(std::string(m.adapter.at(mod).method()) == method);
+  m.check_outputs_and_merge();
 }
 
 }  // namespace
 
 TEST_CASE("peft LoHa (rank / alpha patterns) reproduces PEFT 0.21.2") {
   check_fixture("peft_loha", "LOHA", "LoHa");
-  const fixture16 m("peft_loha");
+  const dwio::peft_model_fixture m("peft_loha");
   const auto& h = *m.adapter.at("head").get_if<io::peft_loha_module>();
   CHECK(h.rank == 2);
   CHECK(h.scale == doctest::Approx(5.0 / 2));
@@ -92,7 +42,7 @@ TEST_CASE("peft LoHa (rank / alpha patterns) reproduces PEFT 0.21.2") {
 
 TEST_CASE("peft IA3 (output scaling with the bias, feed-forward input scaling) reproduces PEFT 0.21.2") {
   check_fixture("peft_ia3", "IA3", "IA3");
-  const fixture16 m("peft_ia3");
+  const dwio::peft_model_fixture m("peft_ia3");
   CHECK(m.adapter.at("blocks.0.v").get_if<io::peft_ia3_module>()->side == dw::ia3_side::input);
   CHECK(m.adapter.at("blocks.0.q").get_if<io::peft_ia3_module>()->side == dw::ia3_side::output);
   CHECK(m.adapter.at("blocks.0.v").in_features() == 24);
@@ -103,10 +53,10 @@ TEST_CASE("peft OFT (Cayley–Neumann, exact Cayley with COFT, block_share) repr
   check_fixture("peft_oft", "OFT", "OFT");
   check_fixture("peft_oft_cayley", "OFT", "OFT");
   check_fixture("peft_oft_share", "OFT", "OFT");
-  const fixture16 c("peft_oft_cayley");
+  const dwio::peft_model_fixture c("peft_oft_cayley");
   CHECK(c.adapter.at("blocks.0.v").get_if<io::peft_oft_module>()->block() == 12);
   CHECK_FALSE(c.adapter.at("blocks.0.v").get_if<io::peft_oft_module>()->options.cayley_neumann);
-  const fixture16 s("peft_oft_share");
+  const dwio::peft_model_fixture s("peft_oft_share");
   CHECK(s.adapter.at("head").get_if<io::peft_oft_module>()->options.neumann_terms == 3);
   const auto W = s.weights.matrix<float>("head.weight");
   const auto u = s.adapter.at("head").update(W.view);
