@@ -9,7 +9,8 @@ Each block is preceded by a marker comment, invisible when the Markdown is rende
   <!-- compile: NAME -->    a fragment: its #include lines go to the top, then
                             tests/docs/harness/NAME.hpp (the variables the fragment uses,
                             declared with the types the prose gives them), and the rest of
-                            the block becomes the body of a function;
+                            the block becomes the body of a function (the fragments of one
+                            harness share a translation unit, each in its own function);
   <!-- compile: cuda NAME --> the same, compiled by nvcc as CUDA; skipped (and said so)
                             when no CUDA compiler was configured.
 
@@ -40,20 +41,22 @@ def blocks(path):
         i += 1
 
 
-def source(md, first, body, harness, harness_dir):
-    md = os.path.abspath(md)
-    if harness == "file":
-        return f'#line {first} "{md}"\n' + "\n".join(body) + "\n"
-    includes = [(n, l) for n, l in enumerate(body) if l.lstrip().startswith("#include")]
+def fragment_tu(fragments, harness, harness_dir):
+    """One translation unit for every fragment that uses `harness`: their #include lines at
+    the top, the harness, then each fragment as the body of its own function. #line
+    directives point every line at its Markdown file and line."""
     out = []
-    for n, l in includes:
-        out += [f'#line {first + n} "{md}"', l]
+    for md, first, body in fragments:
+        for n, l in enumerate(body):
+            if l.lstrip().startswith("#include"):
+                out += [f'#line {first + n} "{os.path.abspath(md)}"', l]
     out.append(f'#include "{os.path.join(harness_dir, harness + ".hpp")}"')
-    out.append("[[maybe_unused]] static void deltaw_doc_snippet() {")
-    for n, l in enumerate(body):
-        if not l.lstrip().startswith("#include"):
-            out += [f'#line {first + n} "{md}"', l]
-    out.append("}")
+    for k, (md, first, body) in enumerate(fragments):
+        out.append(f"[[maybe_unused]] static void deltaw_doc_snippet_{k}() {{")
+        for n, l in enumerate(body):
+            if not l.lstrip().startswith("#include"):
+                out += [f'#line {first + n} "{os.path.abspath(md)}"', l]
+        out.append("}")
     return "\n".join(out) + "\n"
 
 
@@ -79,6 +82,8 @@ def main():
     os.makedirs(a.work_dir, exist_ok=True)
     mds = [os.path.join(a.source_dir, "README.md")] + sorted(glob.glob(os.path.join(a.source_dir, "docs", "*.md")))
     jobs, problems, skipped = [], [], []
+    groups = {}  # (harness, cuda) -> [(md, first line, body, where)]
+    blocks_seen = 0
     for md in mds:
         rel = os.path.relpath(md, a.source_dir)
         for first, body, mark in blocks(md):
@@ -93,15 +98,22 @@ def main():
             if cuda and not cfg.get("cuda_compiler"):
                 skipped.append(f"{where} (CUDA; no CUDA compiler configured)")
                 continue
-            stem = re.sub(r"[^A-Za-z0-9]", "_", rel) + f"_{first - 1}"
-            src = os.path.join(a.work_dir, stem + (".cu" if cuda else ".cpp"))
-            with open(src, "w", encoding="utf-8") as f:
-                f.write(source(md, first, body, harness, harness_dir))
-            if cuda:
-                cmd = [cfg["cuda_compiler"]] + cfg["cuda_flags"] + ["-c", src, "-o", os.devnull]
+            blocks_seen += 1
+            if harness == "file":  # a whole translation unit: compiled alone
+                stem = re.sub(r"[^A-Za-z0-9]", "_", rel) + f"_{first - 1}"
+                src = os.path.join(a.work_dir, stem + (".cu" if cuda else ".cpp"))
+                with open(src, "w", encoding="utf-8") as f:
+                    f.write(f'#line {first} "{os.path.abspath(md)}"\n' + "\n".join(body) + "\n")
+                jobs.append((where, src, cuda))
             else:
-                cmd = [cfg["cxx"]] + cfg["cxx_flags"] + ["-fsyntax-only", src]
-            jobs.append((where, cmd))
+                groups.setdefault((harness, cuda), []).append((md, first, body, where))
+    for (harness, cuda), frags in sorted(groups.items()):
+        src = os.path.join(a.work_dir, f"harness_{harness}" + (".cu" if cuda else ".cpp"))
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(fragment_tu([(md, first, body) for md, first, body, _ in frags], harness, harness_dir))
+        jobs.append((", ".join(w for *_, w in frags), src, cuda))
+    jobs = [(where, ([cfg["cuda_compiler"]] + cfg["cuda_flags"] + ["-c", src, "-o", os.devnull]) if cuda
+             else ([cfg["cxx"]] + cfg["cxx_flags"] + ["-fsyntax-only", src])) for where, src, cuda in jobs]
 
     def run(job):
         where, cmd = job
@@ -114,8 +126,9 @@ def main():
                 problems.append(f"{where}: does not compile\n{out}")
     for s in skipped:
         print(f"skipped: {s}")
-    print(f"docs_snippets: {len(jobs) - sum(1 for p in problems if 'does not compile' in p)} of {len(jobs)} blocks "
-          f"compiled, {len(skipped)} skipped, {len(problems)} problems")
+    failed = sum(1 for p in problems if "does not compile" in p)
+    print(f"docs_snippets: {blocks_seen} blocks in {len(jobs)} translation units ({len(jobs) - failed} compiled), "
+          f"{len(skipped)} skipped, {len(problems)} problems")
     for p in problems:
         print(p)
     return 1 if problems else 0
