@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.cuh"
 #include "test_util.hpp"
 
 namespace dw = deltaw;
@@ -23,40 +24,7 @@ using dwt::MatD;
 
 namespace {
 
-/// A matrix held on the host (for the CPU backend) and on the device, in one layout.
-template <class T>
-struct kron_twin {
-  index_t rows, cols;
-  bool col_major;
-  std::vector<T> host;
-  dw::cuda::buffer<T> dev;
-
-  kron_twin(const MatD& m, bool cm = false)
-      : rows(m.rows()), cols(m.cols()), col_major(cm), host(std::size_t(m.size())) {
-    for (index_t i = 0; i < rows; ++i)
-      for (index_t j = 0; j < cols; ++j) host[std::size_t(i * rs() + j * cs())] = dw::convert<T>(m(i, j));
-    dev = dw::cuda::buffer<T>(host);
-  }
-  index_t rs() const { return col_major ? 1 : cols; }
-  index_t cs() const { return col_major ? rows : 1; }
-  auto cpu() { return dw::view(host.data(), rows, cols, rs(), cs()); }
-  auto gpu() { return dw::cuda::view(dev.data(), rows, cols, rs(), cs()); }
-  MatD host_d() const { return to_d(host); }
-  MatD dev_d() const { return to_d(dev.to_vector()); }
-
- private:
-  MatD to_d(const std::vector<T>& v) const {
-    MatD m(rows, cols);
-    for (index_t i = 0; i < rows; ++i)
-      for (index_t j = 0; j < cols; ++j) m(i, j) = dw::convert<double>(v[std::size_t(i * rs() + j * cs())]);
-    return m;
-  }
-};
-
-template <class C>
-kron_twin<C> nan_twin(index_t rows, index_t cols, bool cm) {
-  return kron_twin<C>(MatD::Constant(rows, cols, std::numeric_limits<double>::quiet_NaN()), cm);
-}
+using dwcuda::twin;
 
 /// s·(w1 ⊗ w2) in double.
 MatD dense_kron(const MatD& w1, const MatD& w2, double s) {
@@ -92,9 +60,9 @@ std::string kind_name(int k) {
 /// w1, w2 the dense double values actually stored.
 template <class T, class F>
 void with_kron(const kshape& k, int kind, double s, std::uint64_t seed, bool cm, F&& f) {
-  kron_twin<T> w1(dwt::random(k.a, k.c, seed + 1), cm), w2(dwt::random(k.b, k.d, seed + 2), !cm);
-  kron_twin<T> l1(dwt::random(k.a, k.r, seed + 3), cm), r1(dwt::random(k.r, k.c, seed + 4), !cm);
-  kron_twin<T> l2(dwt::random(k.b, k.r, seed + 5), !cm), r2(dwt::random(k.r, k.d, seed + 6), cm);
+  twin<T> w1(dwt::random(k.a, k.c, seed + 1), cm), w2(dwt::random(k.b, k.d, seed + 2), !cm);
+  twin<T> l1(dwt::random(k.a, k.r, seed + 3), cm), r1(dwt::random(k.r, k.c, seed + 4), !cm);
+  twin<T> l2(dwt::random(k.b, k.r, seed + 5), !cm), r2(dwt::random(k.r, k.d, seed + 6), cm);
   const MatD W1 = (kind & 1) ? MatD(l1.host_d() * r1.host_d()) : w1.host_d();
   const MatD W2 = (kind & 2) ? MatD(l2.host_d() * r2.host_d()) : w2.host_d();
   const auto sc = dw::scale(s);
@@ -137,33 +105,33 @@ TEST_CASE_TEMPLATE("cuda: Kronecker apply, apply_transposed, merge, materialize 
         with_kron<T>(k, kind, s, seed, cm, [&](const auto& ug, const auto& uc, const MatD& W1, const MatD& W2) {
           static_assert(std::is_same_v<dw::device_of<std::remove_cvref_t<decltype(ug)>>, dw::device::cuda>);
           const MatD D = dense_kron(W1, W2, s);
-          kron_twin<T> X(dwt::random(k.tokens, in, seed + 7), cm), G(dwt::random(k.tokens, out, seed + 8), !cm);
-          kron_twin<T> W(dwt::random(out, in, seed + 9), cm);
+          twin<T> X(dwt::random(k.tokens, in, seed + 7), cm), G(dwt::random(k.tokens, out, seed + 8), !cm);
+          twin<T> W(dwt::random(out, in, seed + 9), cm);
           const MatD W0 = W.host_d();
 
           // ΔW alone: Y = X·ΔWᵀ (the output is NaN first: apply must not read it).
-          auto Yg = nan_twin<T>(k.tokens, out, cm), Yc = nan_twin<T>(k.tokens, out, cm);
+          auto Yg = dwcuda::nan_output<T>(k.tokens, out, cm), Yc = dwcuda::nan_output<T>(k.tokens, out, cm);
           dw::apply(ctx, ug, X.gpu(), Yg.gpu());
           dw::apply(uc, X.cpu(), Yc.cpu());
           CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= cpu_tol<T>());
           CHECK(dwt::rel_err(Yg.dev_d(), MatD(X.host_d() * D.transpose())) <= ref_tol<T>());
 
           // W + ΔW, output in the other layout (the scratch-and-add path for strided rows).
-          auto Sg = nan_twin<T>(k.tokens, out, !cm), Sc = nan_twin<T>(k.tokens, out, !cm);
+          auto Sg = dwcuda::nan_output<T>(k.tokens, out, !cm), Sc = dwcuda::nan_output<T>(k.tokens, out, !cm);
           dw::apply(ctx, W.gpu() + ug, X.gpu(), Sg.gpu());
           dw::apply(W.cpu() + uc, X.cpu(), Sc.cpu());
           CHECK(dwt::rel_err(Sg.dev_d(), Sc.host_d()) <= cpu_tol<T>());
           CHECK(dwt::rel_err(Sg.dev_d(), MatD(X.host_d() * (W0 + D).transpose())) <= ref_tol<T>());
 
           // O = G·ΔW.
-          auto Og = nan_twin<T>(k.tokens, in, cm), Oc = nan_twin<T>(k.tokens, in, cm);
+          auto Og = dwcuda::nan_output<T>(k.tokens, in, cm), Oc = dwcuda::nan_output<T>(k.tokens, in, cm);
           dw::apply_transposed(ctx, ug, G.gpu(), Og.gpu());
           dw::apply_transposed(uc, G.cpu(), Oc.cpu());
           CHECK(dwt::rel_err(Og.dev_d(), Oc.host_d()) <= cpu_tol<T>());
           CHECK(dwt::rel_err(Og.dev_d(), MatD(G.host_d() * D)) <= ref_tol<T>());
 
           // materialize into a caller's view (NaN first).
-          auto Mg = nan_twin<T>(out, in, !cm);
+          auto Mg = dwcuda::nan_output<T>(out, in, !cm);
           dw::materialize(ctx, ug, Mg.gpu());
           CHECK(dwt::rel_err(Mg.dev_d(), dw::materialize(uc)) <= cpu_tol<T>());
           CHECK(dwt::rel_err(Mg.dev_d(), D) <= ref_tol<T>());
@@ -197,11 +165,11 @@ TEST_CASE_TEMPLATE("cuda: Kronecker operations take no out × in scratch", T, fl
       const std::uint64_t seed = 9000 + std::uint64_t(kind);
       with_kron<T>(k, kind, 0.5, seed, cm, [&](const auto& ug, const auto&, const MatD& W1, const MatD& W2) {
         dw::cuda::context ctx;
-        kron_twin<T> X(dwt::random(k.tokens, in, 1), cm), G(dwt::random(k.tokens, out, 2), cm),
+        twin<T> X(dwt::random(k.tokens, in, 1), cm), G(dwt::random(k.tokens, out, 2), cm),
             W(dwt::random(out, in, 3), cm);
-        auto Y = nan_twin<T>(k.tokens, out, !cm);
-        auto O = nan_twin<T>(k.tokens, in, !cm);
-        auto M = nan_twin<T>(out, in, cm);
+        auto Y = dwcuda::nan_output<T>(k.tokens, out, !cm);
+        auto O = dwcuda::nan_output<T>(k.tokens, in, !cm);
+        auto M = dwcuda::nan_output<T>(out, in, cm);
         ctx.reset_scratch_statistics();
         dw::apply(ctx, ug, X.gpu(), Y.gpu());
         dw::apply(ctx, W.gpu() + ug, X.gpu(), Y.gpu());
@@ -230,9 +198,9 @@ TEST_CASE("cuda: Kronecker over bf16 storage, fp32 compute, matches the CPU back
     with_kron<dw::bf16>(k, kind, 2.0, 500 + std::uint64_t(kind), false,
                         [&](const auto& ug, const auto& uc, const MatD& W1, const MatD& W2) {
       const MatD D = dense_kron(W1, W2, 2.0);
-      kron_twin<dw::bf16> X(dwt::random(k.tokens, in, 11)), W(dwt::random(out, in, 12));
+      twin<dw::bf16> X(dwt::random(k.tokens, in, 11)), W(dwt::random(out, in, 12));
       const MatD W0 = W.host_d();
-      auto Yg = nan_twin<float>(k.tokens, out, false), Yc = nan_twin<float>(k.tokens, out, false);
+      auto Yg = dwcuda::nan_output<float>(k.tokens, out, false), Yc = dwcuda::nan_output<float>(k.tokens, out, false);
       dw::apply(ctx, ug, X.gpu(), Yg.gpu());
       dw::apply(uc, X.cpu(), Yc.cpu());
       CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= 1e-6);

@@ -8,7 +8,8 @@
 // Arithmetic: Sgemm in fp32, Dgemm in fp64 (the BLAS's own kernels); GemmEx converts
 // 16-bit operands to fp32 exactly, multiplies in fp32 and, for a 16-bit output, rounds
 // α·op(A)·op(B) + β·C to nearest even once. Scalars are read through host pointers
-// (CUBLAS_POINTER_MODE_HOST, cuBLAS's default; device pointer mode is not implemented).
+// (CUBLAS_POINTER_MODE_HOST, cuBLAS's default and the only mode deltaw uses: the shim has no
+// cublasSetPointerMode, so code that asks for device scalars fails to compile here).
 // Matrix operands must lie inside live cudaMalloc allocations, else the call fails with
 // CUBLAS_STATUS_EXECUTION_FAILED and says which operand on stderr.
 #pragma once

@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: MIT
+// Helpers of the CUDA tests: a matrix held on the host (for the CPU backend) and on the
+// device in one layout, and NaN-filled outputs. Included by each test_cuda_*.cu.
+#pragma once
+
+#include <deltaw/cuda/cuda.hpp>
+#include <deltaw/deltaw.hpp>
+
+#include <limits>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace dwcuda {
+using deltaw::index_t;
+using dwt::MatD;
+namespace dw = deltaw;
+
+/// A matrix held twice: on the host (for the CPU backend) and on the device, with the
+/// same layout, row-major or column-major.
+template <class T>
+struct twin {
+  index_t rows, cols;
+  bool col_major;
+  std::vector<T> host;
+  dw::cuda::buffer<T> dev;
+
+  twin(const MatD& m, bool cm = false) : rows(m.rows()), cols(m.cols()), col_major(cm), host(std::size_t(m.size())) {
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < cols; ++j) host[std::size_t(i * rs() + j * cs())] = dw::convert<T>(m(i, j));
+    dev = dw::cuda::buffer<T>(host);
+  }
+  index_t rs() const { return col_major ? 1 : cols; }
+  index_t cs() const { return col_major ? rows : 1; }
+  auto cpu() { return dw::view(host.data(), rows, cols, rs(), cs()); }
+  auto gpu() { return dw::cuda::view(dev.data(), rows, cols, rs(), cs()); }
+  /// The host values (what the CPU backend wrote, or the rounded input) in double.
+  MatD host_d() const { return to_d(host); }
+  /// The device values in double.
+  MatD dev_d() const { return to_d(dev.to_vector()); }
+
+ private:
+  MatD to_d(const std::vector<T>& v) const {
+    MatD m(rows, cols);
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < cols; ++j) m(i, j) = dw::convert<double>(v[std::size_t(i * rs() + j * cs())]);
+    return m;
+  }
+};
+
+/// An output filled with NaN, so that a product that reads C when β = 0 shows up.
+template <class C>
+twin<C> nan_output(index_t rows, index_t cols, bool cm) {
+  return twin<C>(MatD::Constant(rows, cols, std::numeric_limits<double>::quiet_NaN()), cm);
+}
+
+}  // namespace dwcuda
