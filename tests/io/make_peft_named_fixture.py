@@ -16,6 +16,7 @@ Requires torch, safetensors and peft (0.21.2 wrote the committed files). Determi
 Usage: python3 tests/io/make_peft_named_fixture.py [--out tests/fixtures]"""
 import argparse
 import os
+import sys
 import shutil
 
 import safetensors.torch
@@ -24,23 +25,9 @@ import peft
 from peft import LoraConfig, get_peft_model
 
 
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = torch.nn.Linear(16, 24)
-        self.v = torch.nn.Linear(24, 20)
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([Block()])
-        self.head = torch.nn.Linear(20, 8)
-
-    def forward(self, x):
-        h = torch.relu(self.blocks[0].q(x))
-        h = torch.relu(self.blocks[0].v(h))
-        return self.head(h)
+# The same tiny model as the other PEFT fixtures (tools/make_fixtures.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
+from make_fixtures import Tiny  # noqa: E402
 
 
 def main():
