@@ -4,13 +4,16 @@
 //
 //   base_gemm                 Y = X·Wᵀ alone (the reference for every ratio)
 //   randlora_apply            deltaw: X·Wᵀ + s·(X·Vᵀ)·Uᵀ with U, V drawn in tiles, never whole
-//   randlora_peft_strategy    what PEFT's forward does, bases from the seed: form U [4096, N·r]
-//                             and V [N·r, 4096] whole (64 MiB each), then two GEMMs
-//   randlora_peft_stored_u    PEFT with its randlora_B buffer resident: U formed once outside
-//                             the timed loop (64 MiB kept), V formed per call, two GEMMs
+//   randlora_peft_strategy    what PEFT 0.21.2's forward runs: its randlora_A and randlora_B
+//                             buffers are resident (drawn once at load, 64 MiB for B); each
+//                             call forms V = λ∘A∘γ [N·r, 4096] element-wise from the resident A
+//                             (UniqueBaseGrad), U is B flattened (no copy), then two GEMMs
+//   randlora_regenerate_bases a seed-only strategy that materialises: U [4096, N·r] and
+//                             V [N·r, 4096] drawn from the seed whole on every call, two GEMMs
 //   vera_apply                deltaw, PEFT's default r = 256, A/B drawn in tiles
-//   vera_peft_strategy        A [r, in] and B [out, r] drawn whole per call, then the products
-//   vera_peft_stored          A and B resident (PEFT's vera_A/vera_B buffers)
+//   vera_peft_strategy        what PEFT's forward runs: A [r, in] and B [out, r] resident
+//                             (its vera_A / vera_B buffers), λ_d and λ_b applied to the products
+//   vera_regenerate_bases     A and B drawn whole from the seed per call, then the products
 //   nola_apply                deltaw, r = 8, k = l = 512 bases: A, B summed from 1024 bases
 //   nola_stored_factors       A and B formed once outside the loop: the LoRA cost that
 //                             caching them would buy (NOLA is not in PEFT)
@@ -103,12 +106,17 @@ mat randlora_U(const operands& d) {
   for (index_t i = 0; i < b.max_dim; ++i) dw::fill_entries<float>(b.B(), b.b_index(i, 0, 0), nr, U.row(i).data());
   return U;
 }
-/// V [N·r, min_dim]: row k·N + b is λ[k, b]·A[k]∘γ[b] (PEFT's UniqueBaseGrad, flattened).
-mat randlora_V(const operands& d, float s) {
+/// randlora_A [r, min_dim] (PEFT's buffer, sliced).
+mat randlora_A(const operands& d) {
+  const auto& bs = d.rl_basis;
+  mat A(bs.r, bs.min_dim);
+  for (index_t k = 0; k < bs.r; ++k) dw::fill_entries<float>(bs.A(), bs.a_index(k, 0), bs.min_dim, A.row(k).data());
+  return A;
+}
+/// V [N·r, min_dim] from A: row k·N + b is λ[k, b]·A[k]∘γ[b] (PEFT's UniqueBaseGrad, flattened).
+mat randlora_V(const operands& d, const mat& A, float s) {
   const auto& bs = d.rl_basis;
   const index_t N = bs.num_bases, n = bs.min_dim;
-  mat A(bs.r, n);
-  for (index_t k = 0; k < bs.r; ++k) dw::fill_entries<float>(bs.A(), bs.a_index(k, 0), n, A.row(k).data());
   mat V(N * bs.r, n);
   for (index_t k = 0; k < bs.r; ++k)
     for (index_t b = 0; b < N; ++b)
@@ -157,19 +165,19 @@ void randlora_apply(benchmark::State& state) {
 void randlora_peft_strategy(benchmark::State& state) {
   auto& d = data();
   const float s = float(randlora_alpha / randlora_r);
+  const mat U = randlora_U(d), A = randlora_A(d);
   timed(state, [&] {
-    const mat U = randlora_U(d);
-    const mat V = randlora_V(d, s);
+    const mat V = randlora_V(d, A, s);
     randlora_peft_forward(d, U, V);
   }, base_flop + double(d.randlora().flop_count(tokens)));
 }
 
-void randlora_peft_stored_u(benchmark::State& state) {
+void randlora_regenerate_bases(benchmark::State& state) {
   auto& d = data();
   const float s = float(randlora_alpha / randlora_r);
-  const mat U = randlora_U(d);
   timed(state, [&] {
-    const mat V = randlora_V(d, s);
+    const mat U = randlora_U(d);
+    const mat V = randlora_V(d, randlora_A(d), s);
     randlora_peft_forward(d, U, V);
   }, base_flop + double(d.randlora().flop_count(tokens)));
 }
@@ -182,16 +190,16 @@ void vera_apply(benchmark::State& state) {
 
 void vera_peft_strategy(benchmark::State& state) {
   auto& d = data();
+  const auto [A, B] = vera_factors(d);
+  timed(state, [&] { vera_peft_forward(d, A, B); }, base_flop + double(d.vera().flop_count(tokens)));
+}
+
+void vera_regenerate_bases(benchmark::State& state) {
+  auto& d = data();
   timed(state, [&] {
     const auto [A, B] = vera_factors(d);
     vera_peft_forward(d, A, B);
   }, base_flop + double(d.vera().flop_count(tokens)));
-}
-
-void vera_peft_stored(benchmark::State& state) {
-  auto& d = data();
-  const auto [A, B] = vera_factors(d);
-  timed(state, [&] { vera_peft_forward(d, A, B); }, base_flop + double(d.vera().flop_count(tokens)));
 }
 
 void nola_apply(benchmark::State& state) {
@@ -240,7 +248,7 @@ bool check_all() {
   };
   dw::apply(dw::view(std::as_const(d.W)) + d.randlora(), d.X, Y);
   const float s = float(randlora_alpha / randlora_r);
-  randlora_peft_forward(d, randlora_U(d), randlora_V(d, s));
+  randlora_peft_forward(d, randlora_U(d), randlora_V(d, randlora_A(d), s));
   report("randlora_apply_vs_peft_rel_err", rel(Y, d.Y));
   dw::apply(dw::view(std::as_const(d.W)) + d.vera(), d.X, Y);
   const auto [A, B] = vera_factors(d);
@@ -257,10 +265,10 @@ void register_all() {
   add("base_gemm/" + io + "/" + t, base_gemm);
   add("randlora_apply/" + io + "/32/" + t, randlora_apply);
   add("randlora_peft_strategy/" + io + "/32/" + t, randlora_peft_strategy);
-  add("randlora_peft_stored_u/" + io + "/32/" + t, randlora_peft_stored_u);
+  add("randlora_regenerate_bases/" + io + "/32/" + t, randlora_regenerate_bases);
   add("vera_apply/" + io + "/256/" + t, vera_apply);
   add("vera_peft_strategy/" + io + "/256/" + t, vera_peft_strategy);
-  add("vera_peft_stored/" + io + "/256/" + t, vera_peft_stored);
+  add("vera_regenerate_bases/" + io + "/256/" + t, vera_regenerate_bases);
   add("nola_apply/" + io + "/8/" + t, nola_apply);
   add("nola_stored_factors/" + io + "/8/" + t, nola_stored_factors);
   benchmark::RegisterBenchmark("philox_fill/16777216", philox_fill)->Unit(benchmark::kMillisecond)->UseRealTime();
