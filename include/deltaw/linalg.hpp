@@ -8,3 +8,4 @@
 #include "linalg/incremental_pca.hpp"
 #include "linalg/sylvester.hpp"
 #include "linalg/kmeans.hpp"
+#include "linalg/to_lora.hpp"
