@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // libFuzzer target: structured PEFT adapters (LoKr, MiSS / Bone bat, VeRA, RandLoRA, LoHa,
-// IA3, OFT, HRA) read
+// IA3, OFT, HRA, SHiRA, RoAd, HiRA, DeLoRA) read
 // from memory, the way read_peft_structured_adapter reads a directory.
 //
 // Input: u32 little-endian n, then n bytes of adapter_config.json, then the bytes of
@@ -11,13 +11,19 @@
 // update constructors let through but the evaluators do not expect shows up as an ASan
 // report. A read adapter is also written back (to_files) and read again.
 // deltaw::error is the expected way to refuse an input; anything else is a finding.
+#include <deltaw/backend/cpu/adalora.hpp>
 #include <deltaw/backend/cpu/block_affine.hpp>
+#include <deltaw/backend/cpu/boft.hpp>
 #include <deltaw/backend/cpu/hra.hpp>
 #include <deltaw/backend/cpu/ia3.hpp>
 #include <deltaw/backend/cpu/kron.hpp>
 #include <deltaw/backend/cpu/loha.hpp>
 #include <deltaw/backend/cpu/low_rank.hpp>
 #include <deltaw/backend/cpu/oft.hpp>
+#include <deltaw/backend/cpu/delora.hpp>
+#include <deltaw/backend/cpu/hira.hpp>
+#include <deltaw/backend/cpu/road.hpp>
+#include <deltaw/backend/cpu/shira.hpp>
 #include <deltaw/backend/cpu/ops.hpp>
 #include <deltaw/core/eigen.hpp>
 #include <deltaw/io/peft_structured.hpp>
@@ -57,8 +63,8 @@ template <class U>
 void exercise(const U& u, const dw::dense<float>& W) {
   const dw::index_t out = u.rows(), in = u.cols();
   if (out != W.rows() || in != W.cols()) {
-    // LoKr's and LoHa's shapes come from their factors alone; the others must take the layer's.
-    if constexpr (!requires { u.w1(); } && !requires { u.B1(); })
+    // LoKr's, LoHa's, AdaLoRA's and DeLoRA's shapes come from their factors alone; the others must take the layer's.
+    if constexpr (!requires { u.w1(); } && !requires { u.B1(); } && !requires { u.E(); } && !requires { u.w_norm(); })
       finding("update shape differs from the layer it was built for");
   }
   if (out < 0 || in < 0 || out > max_weights || in > max_weights || out * in > max_weights) return;
@@ -103,6 +109,23 @@ void exercise_module(const io::peft_structured_adapter& a, const io::peft_struct
     shapes.emplace_back(3, 2 * std::max<dw::index_t>(m->block(), 0));
   } else if (const auto* m = std::get_if<io::peft_hra_module>(&mv)) {
     shapes.emplace_back(3, m->U.view.rows());
+  } else if (const auto* m = std::get_if<io::peft_boft_module>(&mv)) {
+    shapes.emplace_back(m->out_features(), m->in_features());
+  } else if (const auto* m = std::get_if<io::peft_adalora_module>(&mv)) {
+    shapes.emplace_back(m->out_features(), m->in_features());
+  } else if (const auto* m = std::get_if<io::peft_shira_module>(&mv)) {
+    dw::index_t mr = 0, mc = 0;
+    for (std::size_t k = 0; k < m->rows.size(); ++k) {
+      mr = std::max(mr, m->rows[k] + 1);
+      mc = std::max(mc, m->cols[k] + 1);
+    }
+    shapes.emplace_back(mr, mc);
+  } else if (const auto* m = std::get_if<io::peft_road_module>(&mv)) {
+    shapes.emplace_back(m->out_features(), 3);
+  } else if (const auto* m = std::get_if<io::peft_hira_module>(&mv)) {
+    shapes.emplace_back(m->out_features(), m->in_features());
+  } else if (const auto* m = std::get_if<io::peft_delora_module>(&mv)) {
+    shapes.emplace_back(m->out_features(), m->in_features());
   }
   for (const auto& [out, in] : shapes) {
     if (out < 0 || in < 0 || out > max_weights || in > max_weights || out * in > max_weights) continue;

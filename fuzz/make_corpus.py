@@ -4,7 +4,7 @@
 safetensors: a few valid files and the known attacks (huge length prefix, huge header,
 overlapping / out-of-range offsets, shape/size mismatch, duplicate keys, ...).
 peft_config: adapter_config.json variants. gguf: valid LoRA adapters and broken ones.
-peft_structured: u32 little-endian n, n bytes of adapter_config.json, then
+peft_structured (and peft_fourier: FourierFT / C3A): u32 little-endian n, n bytes of adapter_config.json, then
 adapter_model.safetensors: the committed LoKr / MiSS / VeRA / RandLoRA / LoHa / IA3 / OFT / HRA fixtures
 (tests/fixtures/peft_*/adapter) packed so, and edits of them that must be refused (config r
 against tensor shapes, missing / extra / duplicate-role tensors, huge r, zero-size bases,
@@ -147,7 +147,9 @@ def gguf_seeds():
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
 STRUCTURED = ["peft_lokr", "peft_lokr_both", "peft_lokr_dense", "peft_miss", "peft_miss_mini", "peft_miss_bat",
               "peft_vera", "peft_randlora", "peft_randlora_sparse", "peft_loha", "peft_ia3", "peft_oft",
-              "peft_oft_cayley", "peft_oft_share", "peft_hra", "peft_hra_gs"]
+              "peft_oft_cayley", "peft_oft_share", "peft_hra", "peft_hra_gs", "peft_boft", "peft_boft_butterfly",
+              "peft_adalora", "peft_adalora_plain", "peft_shira", "peft_road", "peft_road_1", "peft_road_4",
+              "peft_hira", "peft_delora"]
 
 
 def st_read(blob):
@@ -274,16 +276,91 @@ def peft_structured_seeds():
     s["hra_empty"] = edit("peft_hra", {"r": 0}, change=lambda t: t.update({q + "hra_u": ["F32", [0, 0], b""]}))
     s["hra_wide"] = edit("peft_hra", {"r": 300}, change=lambda t: t.update(
         {k: ["F32", [1, 300], f32(300, 1.0)] for k in list(t)}))
+    # BOFT and AdaLoRA (issue 16)
+    s["boft_3d"] = edit("peft_boft", change=lambda t: t.update({q + "boft_R": ["F32", [4, 4, 4], f32(64)]}))
+    s["boft_not_square"] = edit("peft_boft", change=lambda t: t.update({q + "boft_R": ["F32", [1, 4, 4, 2], f32(32)]}))
+    s["boft_factors_mismatch"] = edit("peft_boft_butterfly", {"boft_n_butterfly_factor": 2})
+    s["boft_odd_butterfly"] = edit("peft_boft_butterfly", {"boft_block_size": 0, "boft_block_num": 3},
+                                   change=lambda t: t.update({q + "boft_R": ["F32", [3, 3, 2, 2], f32(36)]}))
+    s["boft_huge"] = edit("peft_boft", change=lambda t: t.update({q + "boft_R": ["F32", [1, 2**40, 2**40, 2**40], b""]}))
+    s["boft_many_factors"] = edit("peft_boft_butterfly", {"boft_n_butterfly_factor": 70},
+                                  change=lambda t: t.update({q + "boft_R": ["F32", [70, 8, 2, 2], f32(70 * 32)]}))
+    s["boft_missing_s"] = edit("peft_boft", drop=["q.boft_s"])
+    s["boft_s_row"] = edit("peft_boft", change=lambda t: t.update({q + "boft_s": ["F32", [1, 24], f32(24)]}))
+    s["adalora_mask_count"] = edit("peft_adalora", {"rank_pattern": {"blocks.0.q.lora_E": [True, True, True, True]}})
+    s["adalora_mask_length"] = edit("peft_adalora", {"rank_pattern": {"blocks.0.q.lora_E": [True]}})
+    s["adalora_mask_not_bool"] = edit("peft_adalora", {"rank_pattern": {"blocks.0.q.lora_E": 3}})
+    s["adalora_E_wide"] = edit("peft_adalora", change=lambda t: t.update({q + "lora_E": ["F32", [1, 3], f32(3)]}))
+    s["adalora_missing_B"] = edit("peft_adalora_plain", drop=["q.lora_B"])
+    s["adalora_zero_r"] = edit("peft_adalora_plain", {"init_r": 0})
+    # SHiRA, RoAd, HiRA, DeLoRA (issue 16, peftb)
+    s["shira_repeated_index"] = edit("peft_shira", change=lambda t: t.update(
+        {q + "shira_indices": ["I32", [2, 2], struct.pack("<4i", 0, 0, 1, 1)], q + "shira_weight": ["F32", [2], f32(2)]}))
+    s["shira_negative_index"] = edit("peft_shira", change=lambda t: t.update(
+        {q + "shira_indices": ["I32", [2, 1], struct.pack("<2i", -1, 0)], q + "shira_weight": ["F32", [1], f32(1)]}))
+    s["shira_huge_index"] = edit("peft_shira", change=lambda t: t.update(
+        {q + "shira_indices": ["I32", [2, 1], struct.pack("<2i", 2**31 - 1, 2**31 - 1)], q + "shira_weight": ["F32", [1], f32(1)]}))
+    s["shira_count_mismatch"] = edit("peft_shira", change=lambda t: t.update({q + "shira_weight": ["F32", [3], f32(3)]}))
+    s["shira_float_indices"] = edit("peft_shira", change=lambda t: t.update(
+        {q + "shira_indices": ["F32", [2, 2], struct.pack("<4f", 0.5, 1, 2, 3)], q + "shira_weight": ["F32", [2], f32(2)]}))
+    s["road_variant_mismatch"] = edit("peft_road", {"variant": "road_4"})
+    s["road_odd_group"] = edit("peft_road", {"group_size": 3})
+    s["road_group_too_big"] = edit("peft_road", {"group_size": 48})
+    s["road_missing_alpha"] = edit("peft_road_1", drop=["q.road_alpha"])
+    s["hira_r_mismatch"] = edit("peft_hira", {"r": 4})
+    s["hira_missing_B"] = edit("peft_hira", drop=["q.hira_B"])
+    s["delora_w_norm_short"] = edit("peft_delora", change=lambda t: t.update({q + "delora_w_norm": ["F32", [3], f32(3)]}))
+    s["delora_lambda_wide"] = edit("peft_delora", change=lambda t: t.update({q + "delora_lambda": ["F32", [2], f32(2)]}))
+    s["delora_rank_pattern"] = edit("peft_delora", {"rank_pattern": {}})
     s["unknown_key"] = edit("peft_miss", change=lambda t: t.update({"base_model.model.x.lora_A.weight": ["F32", [1], f32(1)]}))
     s["length_past_end"] = struct.pack("<I", 2**32 - 1) + json.dumps(fx["peft_miss"][0]).encode()
     s["config_only"] = pack(fx["peft_vera"][0], b"")
     return s
 
 
+def peft_fourier_seeds():
+    """FourierFT, C3A and WaveFT directories (tests/fixtures/peft_fourierft*, peft_c3a, peft_waveft*), packed as for
+    peft_structured, and edits that must be refused or read without a crash."""
+    s, fx = {}, {}
+    for name in ["peft_fourierft", "peft_fourierft_seed", "peft_c3a", "peft_waveft", "peft_waveft_direct", "peft_waveft_odd"]:
+        d = os.path.join(FIXTURES, name, "adapter")
+        with open(os.path.join(d, "adapter_config.json"), "rb") as f:
+            cfg = f.read()
+        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
+            blob = f.read()
+        s[name] = pack(cfg, blob)
+        fx[name] = (json.loads(cfg), st_read(blob))
+
+    def edit(name, cfg_changes=None, change=None):
+        cfg, t = fx[name]
+        cfg = dict(cfg, **(cfg_changes or {}))
+        t = {k: list(v) for k, v in t.items()}
+        if change:
+            change(t)
+        return pack(cfg, st_write(t))
+
+    q = "base_model.model.blocks.0.q."
+    s["fourierft_2d"] = edit("peft_fourierft", change=lambda t: t.update({q + "fourierft_spectrum": ["F32", [2, 3], f32(6)]}))
+    s["fourierft_empty"] = edit("peft_fourierft", change=lambda t: t.update({q + "fourierft_spectrum": ["F32", [0], b""]}))
+    s["fourierft_long"] = edit("peft_fourierft", change=lambda t: t.update({q + "fourierft_spectrum": ["F32", [500], f32(500)]}))
+    s["fourierft_seed_negative"] = edit("peft_fourierft", {"random_loc_seed": -1})
+    s["fourierft_fan_in_fan_out"] = edit("peft_fourierft", {"fan_in_fan_out": True})
+    s["c3a_2d"] = edit("peft_c3a", change=lambda t: t.update({q + "c3a_kernel": ["F32", [6, 4], f32(24)]}))
+    s["c3a_zero_block"] = edit("peft_c3a", change=lambda t: t.update({q + "c3a_kernel": ["F32", [6, 4, 0], b""]}))
+    s["c3a_huge"] = edit("peft_c3a", change=lambda t: t.update({q + "c3a_kernel": ["F32", [2**40, 2**30, 0], b""]}))
+    s["c3a_bf16"] = edit("peft_c3a", change=lambda t: t.update({k: ["BF16", v[1], to_bf16(v[2])] for k, v in t.items()}))
+    s["waveft_db4"] = edit("peft_waveft", {"wavelet_family": "db4"})
+    s["waveft_idwt_string"] = edit("peft_waveft", {"use_idwt": "yes"})
+    s["waveft_long"] = edit("peft_waveft", change=lambda t: t.update({q + "waveft_spectrum": ["F32", [400], f32(400)]}))
+    s["c3a_wrong_key"] = edit("peft_c3a", change=lambda t: t.update({q + "fourierft_spectrum": ["F32", [3], f32(3)]}))
+    return s
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "corpus")
     for target, seeds in (("safetensors", safetensors_seeds()), ("peft_config", peft_seeds()),
-                          ("gguf", gguf_seeds()), ("peft_structured", peft_structured_seeds())):
+                          ("gguf", gguf_seeds()), ("peft_structured", peft_structured_seeds()),
+                          ("peft_fourier", peft_fourier_seeds())):
         d = os.path.join(out, target)
         os.makedirs(d, exist_ok=True)
         for name, blob in seeds.items():

@@ -6,6 +6,7 @@
 # one. Crashes are left as crash-* in the build dir, each target's output in
 # <build dir>/fuzz_<target>.log. Exits 1 if any target found something.
 # FUZZ_RUNS=N stops each target after N executions (or the time limit, whichever first).
+# peft_fourier (FourierFT / C3A files) is built where FFTW is installed; name it to run it.
 set -eu
 secs=${1:-600}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +19,7 @@ targets=${*:-safetensors peft_config gguf peft_structured}
 cmake --build "$build" -j1 --target $(for t in $targets; do printf "fuzz_%s " "$t"; done)
 for t in $targets; do
   # peft_structured inputs hold a config and a safetensors file (the fixtures: up to 14 KB)
-  maxlen=4096; [ "$t" = peft_structured ] && maxlen=16384
+  maxlen=4096; { [ "$t" = peft_structured ] || [ "$t" = peft_fourier ]; } && maxlen=16384
   mkdir -p "$build/corpus_$t"
   log="$build/fuzz_$t.log"
   rc=0

@@ -3,7 +3,9 @@
 # from Eigen3::Eigen), definitions and options. deltaw.hpp no longer brings in training,
 # init, linalg and spectral, so a header that leaned on it for a name fails here. The io/
 # headers also get nlohmann-json's include directory and io/dlpack.hpp dlpack's; without
-# them those headers are skipped, and configure and the test output say so. Headers with a
+# them those headers are skipped, and configure and the test output say so; likewise the
+# Fourier headers (deltaw/fourier.hpp, io/peft_fourier.hpp, their backend/cpu/ headers) need
+# FFTW3's fftw3.h (DELTAW_HAS_FFTW). Headers with a
 # compiled mode (DELTAW_PRECOMPILED) are checked in both modes. JOBS compilers run at a
 # time. GCC and Clang only.
 if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
@@ -42,6 +44,8 @@ set(OPTIONS [==[$<TARGET_PROPERTY:deltaw,INTERFACE_COMPILE_OPTIONS>]==])
 set(JSON_FOUND [==[${nlohmann_json_FOUND}]==])
 set(JSON_INCLUDES [==[${_hdr_json_inc}]==])
 set(DLPACK_INCLUDE [==[${DELTAW_DLPACK_INCLUDE_DIR}]==])
+set(FFTW_FOUND [==[${DELTAW_HAS_FFTW}]==])
+set(FFTW_INCLUDE [==[${DELTAW_FFTW_INCLUDE_DIR}]==])
 set(IMPLICIT_INCLUDES [==[${CMAKE_CXX_IMPLICIT_INCLUDE_DIRECTORIES}]==])
 ")
 cmake_host_system_information(RESULT _hdr_jobs QUERY NUMBER_OF_LOGICAL_CORES)

@@ -9,12 +9,19 @@
                                    mini / bat, VeRA and RandLoRA with save_projection)
   peft_{loha,ia3,oft}*             the same for LoHa, IA³ and OFT (issue 16)
   peft_hra*                        the same for HRA (plain and apply_GS; issue 16)
+  peft_boft*, peft_adalora*        the same for BOFT (m = 1 as PEFT runs on a CPU; 2 and 3
+                                   butterfly factors through a stand-in for PEFT's CUDA
+                                   extension) and AdaLoRA (trained with PEFT's allocator);
+                                   tools/fixtures_boft_adalora.py, --only boft_adalora
+  peft_{fourierft,c3a,waveft}*     the same for FourierFT, C3A and WaveFT (issue 16; WaveFT also on
+                                   odd layer widths), FourierFT / WaveFT with indices.safetensors:
+                                   the positions PEFT drew per module
   gguf/lora_<type>.gguf            llama.cpp LoRA adapters written by gguf.GGUFWriter
   VERSIONS.json                    the package versions that wrote all of the above
 
 Requires numpy, safetensors, gguf, torch and peft (transformers for the Conv1D /
 fan_in_fan_out variant). Deterministic: fixed seeds.
-Usage: python3 tools/make_fixtures.py [--out tests/fixtures] [--only structured|issue16|hra]
+Usage: python3 tools/make_fixtures.py [--out tests/fixtures] [--only structured|issue16|hra|peftb|fourier|boft_adalora]
 (--only structured rewrites only the structured-type fixtures, --only issue16 only LoHa / IA³ /
 OFT, --only hra only HRA, leaving the others as they are)."""
 import argparse
@@ -264,10 +271,76 @@ def hra_fixtures(out):
         peft_fixture(out, name, Tiny(), cfg, 1100 + 10 * i, randomize=randomize_structured)
 
 
+def fourier_fixtures(out):
+    """FourierFT (n = 37, and 11 for v through n_frequency_pattern; seeds 777 and 5) and C3A
+    (block_size 4, and 2 for v through block_size_pattern; gaussian init) on the Tiny model, every
+    spectrum / kernel value random (PEFT initialises FourierFT's spectrum to zero). FourierFT's
+    frequencies are not in PEFT's checkpoint (drawn from random_loc_seed at load time): they are
+    stored beside it in indices.safetensors (<module>: int64 [2, n], rows then columns)."""
+    from peft import FourierFTConfig, C3AConfig, WaveFTConfig
+    tm = ["q", "v", "head"]
+    variants = [
+        ("peft_fourierft", FourierFTConfig(n_frequency=37, scaling=150.0, target_modules=tm,
+                                           n_frequency_pattern={"v": 11})),
+        ("peft_fourierft_seed", FourierFTConfig(n_frequency=23, scaling=20.0, random_loc_seed=5, target_modules=tm)),
+        ("peft_c3a", C3AConfig(block_size=4, target_modules=tm, block_size_pattern={"v": 2}, init_weights="gaussian")),
+        ("peft_waveft", WaveFTConfig(n_frequency=40, scaling=25.0, target_modules=tm, n_frequency_pattern={"v": 13})),
+        ("peft_waveft_direct", WaveFTConfig(n_frequency=30, scaling=10.0, use_idwt=False, random_loc_seed=3,
+                                            target_modules=tm)),
+    ]
+    for i, (name, cfg) in enumerate(variants):
+        torch.manual_seed(70 + i)
+        pm = peft_fixture(out, name, Tiny(), cfg, 1200 + 10 * i, randomize=randomize_structured)
+        if name.startswith("peft_fourierft") or name.startswith("peft_waveft"):
+            idx = {}
+            for mname, mod in pm.base_model.model.named_modules():
+                if isinstance(mod, peft.tuners.tuners_utils.BaseTunerLayer):
+                    ix = mod.indices if hasattr(mod, "indices") else mod.waveft_indices
+                    idx[mname] = ix["default"].to(torch.int64).contiguous()
+            safetensors.torch.save_file(idx, os.path.join(out, name, "indices.safetensors"))
+
+    class TinyOdd(Tiny):
+        """Tiny with odd layer widths (q: 16 -> 23, v: 23 -> 9, head: 9 -> 8): WaveFT's padding and crop."""
+
+        def __init__(self):
+            super().__init__()
+            self.blocks[0].q = torch.nn.Linear(16, 23)
+            self.blocks[0].v = torch.nn.Linear(23, 9)
+            self.head = torch.nn.Linear(9, 8)
+
+    torch.manual_seed(79)
+    pm = peft_fixture(out, "peft_waveft_odd", TinyOdd(), WaveFTConfig(n_frequency=31, scaling=25.0, target_modules=tm),
+                      1290, randomize=randomize_structured)
+    safetensors.torch.save_file({m: l.waveft_indices["default"].to(torch.int64).contiguous()
+                                 for m, l in pm.base_model.model.named_modules()
+                                 if isinstance(l, peft.tuners.tuners_utils.BaseTunerLayer)},
+                                os.path.join(out, "peft_waveft_odd", "indices.safetensors"))
+
+
+def peftb_fixtures(out):
+    """SHiRA (random mask, r = 2), RoAd (road_1 / road_2 / road_4, group_size 4), HiRA (r = 3) and
+    DeLoRA (r = 3, rank/lambda patterns) on the Tiny model, every trainable parameter random
+    (PEFT initialises SHiRA's values, HiRA's B and DeLoRA's B to zero and RoAd to the identity)."""
+    from peft import ShiraConfig, RoadConfig, HiraConfig, DeloraConfig
+    tm = ["q", "v", "head"]
+    variants = [
+        ("peft_shira", ShiraConfig(r=2, target_modules=tm, random_seed=3)),
+        ("peft_road", RoadConfig(variant="road_2", group_size=4, target_modules=tm)),
+        ("peft_road_1", RoadConfig(variant="road_1", group_size=4, target_modules=tm)),
+        ("peft_road_4", RoadConfig(variant="road_4", group_size=4, target_modules=tm)),
+        ("peft_hira", HiraConfig(r=3, target_modules=tm)),
+        ("peft_delora", DeloraConfig(r=3, delora_lambda=4, target_modules=tm, rank_pattern={"head": 2},
+                                     lambda_pattern={"v": 7})),
+    ]
+    for i, (name, cfg) in enumerate(variants):
+        torch.manual_seed(80 + i)
+        peft_fixture(out, name, Tiny(), cfg, 1300 + 10 * i, randomize=randomize_structured)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
-    ap.add_argument("--only", choices=["structured", "issue16", "hra"], default=None)
+    ap.add_argument("--only", choices=["structured", "issue16", "hra", "peftb", "fourier", "boft_adalora"], default=None)
     a = ap.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
@@ -278,8 +351,18 @@ def main():
     if a.only == "issue16":
         issue16_fixtures(out)
         return
+    if a.only == "boft_adalora":
+        from fixtures_boft_adalora import boft_adalora_fixtures  # BOFT and AdaLoRA (issue 16)
+        boft_adalora_fixtures(out, peft_fixture, Tiny)
+        return
     if a.only == "hra":
         hra_fixtures(out)
+        return
+    if a.only == "peftb":
+        peftb_fixtures(out)
+        return
+    if a.only == "fourier":
+        fourier_fixtures(out)
         return
     torch.manual_seed(0)
     dtype_fixtures(out)
@@ -312,6 +395,10 @@ def main():
     structured_fixtures(out)
     issue16_fixtures(out)
     hra_fixtures(out)
+    from fixtures_boft_adalora import boft_adalora_fixtures
+    boft_adalora_fixtures(out, peft_fixture, Tiny)
+    peftb_fixtures(out)
+    fourier_fixtures(out)
 
     versions = {"numpy": np.__version__, "safetensors": safetensors.__version__, "torch": torch.__version__,
                 "peft": peft.__version__, "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf"),

@@ -36,11 +36,21 @@ METHODS = {
     "loha": lambda: peft.LoHaConfig(r=8, alpha=8, target_modules=T),
     "ia3": lambda: peft.IA3Config(target_modules=T, feedforward_modules=[]),
     "oft": lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=T),
+    # PEFT on a CPU builds BOFT with one butterfly factor whatever boft_n_butterfly_factor says.
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=T),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=8, total_step=1000, target_modules=T),
     "hra": lambda: peft.HRAConfig(r=8, target_modules=T),
     "lokr": lambda: peft.LoKrConfig(r=8, alpha=8, decompose_factor=64, target_modules=T),
     "vera": lambda: peft.VeraConfig(r=256, target_modules=T),
     "randlora": lambda: peft.RandLoraConfig(r=32, target_modules=T),
     "miss": lambda: peft.MissConfig(r=64, target_modules=T),
+    "shira": lambda: peft.ShiraConfig(r=32, target_modules=T),
+    "road": lambda: peft.RoadConfig(variant="road_1", group_size=64, target_modules=T),
+    "hira": lambda: peft.HiraConfig(r=32, target_modules=T),
+    "delora": lambda: peft.DeloraConfig(r=8, target_modules=T),
+    "fourierft": lambda: peft.FourierFTConfig(n_frequency=1000, scaling=150.0, target_modules=T),
+    "c3a": lambda: peft.C3AConfig(block_size=256, target_modules=T),
+    "waveft": lambda: peft.WaveFTConfig(n_frequency=2592, scaling=25.0, target_modules=T),
 }
 
 

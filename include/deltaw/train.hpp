@@ -18,6 +18,7 @@
 #include "train/lisa.hpp"
 #include "train/lamda.hpp"
 #include "train/increlora.hpp"
+#include "train/adalora.hpp"
 #include "train/diffora.hpp"
 #include "train/o3.hpp"
 #include "train/cbq_rounding.hpp"

@@ -3,7 +3,7 @@
 # include/deltaw (again with DELTAW_PRECOMPILED for those that have a compiled mode); fails
 # listing the headers that do not compile, with their diagnostics.
 # CONFIG (written by tests/headers.cmake) sets CXX, FLAGS, INCLUDES, DEFINITIONS, OPTIONS,
-# JSON_FOUND, JSON_INCLUDES, DLPACK_INCLUDE and IMPLICIT_INCLUDES (the compiler's own
+# JSON_FOUND, JSON_INCLUDES, DLPACK_INCLUDE, FFTW_FOUND, FFTW_INCLUDE and IMPLICIT_INCLUDES (the compiler's own
 # directories, left out of -I as CMake does).
 cmake_minimum_required(VERSION 3.25)
 include(${CONFIG})
@@ -37,6 +37,14 @@ set(skipped "")
 set(cmds "")
 foreach(h IN LISTS headers)
   set(extra "")
+  # The Fourier types include <fftw3.h> (deltaw::fft): checked only where FFTW was found.
+  if(h MATCHES "^deltaw/(fourier\\.hpp|io/peft_fourier\\.hpp|backend/cpu/(fftw|fourierft|fourierft_vjp|c3a|c3a_vjp)\\.hpp)$")
+    if(NOT FFTW_FOUND)
+      list(APPEND skipped "${h} (FFTW3 not found: DELTAW_FFTW)")
+      continue()
+    endif()
+    include_flags(extra ${FFTW_INCLUDE})
+  endif()
   if(h STREQUAL "deltaw/io/dlpack.hpp")
     # DLPack views need dlpack/dlpack.h, not nlohmann-json.
     if(NOT DLPACK_INCLUDE)
@@ -44,12 +52,13 @@ foreach(h IN LISTS headers)
       continue()
     endif()
     include_flags(extra ${DLPACK_INCLUDE})
-  elseif(h STREQUAL "deltaw/io.hpp" OR h MATCHES "^deltaw/io/")
+  elseif(h STREQUAL "deltaw/io.hpp" OR h MATCHES "^deltaw/io/" OR h STREQUAL "deltaw/serve.hpp" OR h STREQUAL "deltaw/serve/pool.hpp")
     if(NOT JSON_FOUND)
       list(APPEND skipped "${h} (nlohmann-json not found)")
       continue()
     endif()
-    include_flags(extra ${JSON_INCLUDES} ${DLPACK_INCLUDE})  # io.hpp takes dlpack.h when it is there
+    include_flags(json_extra ${JSON_INCLUDES} ${DLPACK_INCLUDE})  # io.hpp takes dlpack.h when it is there
+    list(APPEND extra ${json_extra})
   endif()
   string(REPLACE "/" "__" stem "${h}")
   set(src ${WORK_DIR}/src/${stem}.cpp)

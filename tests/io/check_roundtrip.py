@@ -173,13 +173,25 @@ def part_peft(d):
     # Structured types written by deltaw (peft_structured.hpp): LoKr, MiSS, Bone bat (MiSS
     # init_weights "bat"), VeRA and RandLoRA with deltaw's bases stored (save_projection),
     # LoHa, IA3 (input scaling for feedforward_modules), OFT (Cayley–Neumann; exact Cayley
-    # with block_share), HRA (plain and apply_GS).
+    # with block_share), HRA (plain and apply_GS), SHiRA, RoAd, HiRA, DeLoRA.
     base = Tiny()
     base.load_state_dict(base_sd)
     with torch.no_grad():
         y0 = base(io["x"])
+    import peft.tuners.boft.layer as boft_layer
+
+    class FbdStub:
+        """What PEFT's fbd_cuda extension computes: [N, D, b, b] blocks into [N, D·b, D·b]."""
+
+        @staticmethod
+        def forward(x):
+            return [torch.stack([torch.block_diag(*blocks.unbind(0)) for blocks in x.unbind(0)])]
+
     for variant in ("lokr", "miss", "miss_bat", "vera", "randlora", "loha", "ia3", "oft", "oft_share", "hra",
-                    "hra_gs"):
+                    "hra_gs", "boft", "boft_butterfly", "adalora", "shira", "road", "hira", "delora"):
+        # BOFT with m > 1 loads only where PEFT has its CUDA extension (else it builds m = 1);
+        # False: "no extension" without PEFT's attempt to compile it.
+        boft_layer._FBD_CUDA = FbdStub() if variant == "boft_butterfly" else False
         model = Tiny()
         model.load_state_dict(base_sd)
         pm = PeftModel.from_pretrained(model, os.path.join(d, "adapter_" + variant))

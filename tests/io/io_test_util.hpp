@@ -92,7 +92,7 @@ struct peft_model_fixture {
         adapter(deltaw::io::read_peft(fixtures() / name / "adapter")) {}
 
   /// X·W'ᵀ + b' as deltaw computes it, lazily or through the dense ΔW (IA³ output scaling
-  /// scales the bias too).
+  /// scales the bias too, RoAd rotates it).
   dwt::MatD linear(const std::string& module, const dwt::MatD& X, bool dense_path = false) const {
     using dwt::MatD;
     using dwt::MatF;
@@ -100,6 +100,7 @@ struct peft_model_fixture {
     const auto& m = adapter.at(module);
     std::vector<double> b = weights.values<double>(module + ".bias");
     if (const auto* ia = m.get_if<deltaw::io::peft_ia3_module>()) ia->scale_bias(b);
+    if (const auto* rd = m.get_if<deltaw::io::peft_road_module>()) rd->rotate_bias(b);  // PEFT rotates b too
     MatD Y;
     if (dense_path) {
       const MatD Wd = Eigen::Map<const MatF>(W.view.data(), W.view.rows(), W.view.cols()).cast<double>();

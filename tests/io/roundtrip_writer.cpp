@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <random>
 #include <string>
 
@@ -200,6 +201,90 @@ void write_peft(const std::string& dir) {
   forward("hra_gs", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
     const auto u = dw::hra(dw::view(l.W), randm(g, l.W.cols(), 2, 0.3f), dw::hra_options{true});
     a.add_hra(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  // BOFT: m = 1, b = 4 (what PEFT runs on a CPU) and m = 2, b = 2 (PEFT's CUDA path; the check
+  // stands in for PEFT's fbd_cuda extension); AdaLoRA with init_r = 4, q and head pruned
+  // (rank_pattern) and v full.
+  std::vector<Eigen::VectorXf> bs;
+  bs.reserve(6);
+  forward("boft", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    bs.push_back((Eigen::VectorXf::Ones(l.W.rows()) + randm(g, l.W.rows(), 1, 0.2f)).eval());
+    const auto u = dw::boft(dw::view(l.W), randm(g, l.W.cols(), 4, 0.3f), dw::vview(bs.back()));
+    a.add_boft(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  forward("boft_butterfly", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    bs.push_back((Eigen::VectorXf::Ones(l.W.rows()) + randm(g, l.W.rows(), 1, 0.2f)).eval());
+    const auto u = dw::boft(dw::view(l.W), randm(g, 2 * l.W.cols(), 2, 0.4f), dw::vview(bs.back()));
+    a.add_boft(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  std::vector<Eigen::VectorXf> es;
+  es.reserve(3);
+  forward("adalora", [&](io::peft_structured_adapter& a, int k, const layer& l, const MatF& h) {
+    const dw::index_t r = k == 0 ? 2 : k == 1 ? 4 : 3;
+    es.push_back(randm(g, r, 1, 0.5f).col(0));
+    const auto u = dw::adalora(randm(g, l.W.rows(), r, 0.3f), dw::vview(es.back()), randm(g, r, l.W.cols(), 0.3f),
+                               dw::alpha(6), 4);
+    if (k == 0) a.add_adalora(l.name, u, 4, {true, false, false, true});
+    else a.add_adalora(l.name, u, 4);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  // Issue 16 (peftb): SHiRA (r = 2, a random pattern in random order; the update's scale is
+  // folded into the stored values), RoAd (road_1, group_size 4; PEFT rotates the bias too),
+  // HiRA (r = 3) and DeLoRA (r = 3, head r = 2 through rank_pattern; w = W's column norms).
+  std::vector<std::vector<std::int32_t>> shira_idx;
+  std::vector<Eigen::VectorXf> shira_v;
+  shira_idx.reserve(6);
+  shira_v.reserve(3);
+  forward("shira", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const dw::index_t out = l.W.rows(), in = l.W.cols(), nnz = 2 * (out + in);
+    std::vector<dw::index_t> all(std::size_t(out * in));
+    for (std::size_t i = 0; i < all.size(); ++i) all[i] = dw::index_t(i);
+    std::shuffle(all.begin(), all.end(), g);
+    std::vector<std::int32_t> rows, cols;
+    for (dw::index_t k = 0; k < nnz; ++k) {
+      rows.push_back(std::int32_t(all[std::size_t(k)] / in));
+      cols.push_back(std::int32_t(all[std::size_t(k)] % in));
+    }
+    shira_idx.push_back(std::move(rows));
+    shira_idx.push_back(std::move(cols));
+    shira_v.push_back(randm(g, nnz, 1, 0.3f).col(0));
+    const auto u = dw::shira(out, in, std::span<const std::int32_t>(shira_idx[shira_idx.size() - 2]),
+                             std::span<const std::int32_t>(shira_idx.back()), dw::vview(shira_v.back()), dw::scale(1.5));
+    a.add_shira(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  std::vector<Eigen::VectorXf> road_p;
+  road_p.reserve(6);
+  forward("road", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const dw::index_t n = l.W.rows() / 2;
+    road_p.push_back(randm(g, n, 1, 0.5f).col(0));
+    road_p.push_back((Eigen::VectorXf::Ones(n) + randm(g, n, 1, 0.2f)).eval());
+    const auto th = dw::vview(road_p[road_p.size() - 2]), al = dw::vview(road_p.back());
+    const auto u = dw::road(dw::view(l.W), th, al, dw::road_variant::road_1, 4);
+    a.add_road(l.name, u);
+    MatF y = dw::apply(dw::view(l.W) + u, h);
+    const MatF bcol = l.b;  // R·b − b: the update over the bias as a one-column weight
+    const MatF db = dw::materialize(dw::road(bcol, th, al, dw::road_variant::road_1, 4));
+    y.rowwise() += db.col(0).transpose();
+    return y;
+  });
+  forward("hira", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const auto u = dw::hira(dw::view(l.W), randm(g, l.W.rows(), 3, 0.5f), randm(g, 3, l.W.cols(), 0.5f));
+    a.add_hira(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  std::vector<Eigen::VectorXf> del_w;
+  del_w.reserve(3);
+  const Eigen::VectorXf del_l = Eigen::VectorXf::Constant(1, 2.5f);
+  forward("delora", [&](io::peft_structured_adapter& a, int k, const layer& l, const MatF& h) {
+    const dw::index_t r = k == 2 ? 2 : 3;
+    del_w.push_back(dw::delora_weight_norms(l.W).cast<float>());
+    const auto u = dw::delora(randm(g, l.W.rows(), r, 0.5f), randm(g, r, l.W.cols(), 0.5f), dw::vview(del_l),
+                              dw::vview(del_w.back()));
+    a.add_delora(l.name, u);
     return MatF(dw::apply(dw::view(l.W) + u, h));
   });
   out.write(dir + "/io.safetensors");

@@ -14,7 +14,9 @@
 //     u.merge(W); /* … */ u.unmerge(W);             // in place (keep u: DoRA unmerges with its cached norms)
 //     u.visit([&](const auto& concrete) { … });     // low_rank, dora_update, kron_update, miss_update,
 //                                                   // bone_bat_update, hadamard_update, ia3_update, oft_update,
-//                                                   // hra_update
+//                                                   // hra_update, shira_update, road_update,
+//                                                   // boft_update, adalora_update, hira_update,
+//                                                   // delora_update
 //   }
 //   a.match({{"model.layers.0.self_attn.q_proj.weight", {4096, 4096}}, …});
 //   a.targets("model.layers.5.self_attn.q_proj");   // PEFT's target_modules rule
@@ -58,7 +60,9 @@ class peft_update {
   using kron_ll = kron_update<kron_low_rank_factor<float>, kron_low_rank_factor<float>>;
   using variant_type = std::variant<low_rank<float>, dora_update<float, TW>, kron_dd, kron_dl, kron_ld, kron_ll,
                                     miss_update<float>, bone_bat_update<float, TW>, hadamard_update<float>,
-                                    ia3_update<float, TW>, oft_update<float, TW>, hra_update<float, TW>>;
+                                    ia3_update<float, TW>, oft_update<float, TW>, hra_update<float, TW>,
+                                    shira_update<float>, road_update<float, TW>, boft_update<float, TW>,
+                                    adalora_update<float>, hira_update<float, TW>, delora_update<float>>;
   /// The arithmetic type of materialize() (and of apply() for an input of type TW).
   using compute_type = compute_t<float, TW>;
 
@@ -131,7 +135,8 @@ class any_peft_module {
  public:
   using variant_type = std::variant<peft_lora_module, peft_lokr_module, peft_miss_module, peft_vera_module,
                                     peft_randlora_module, peft_loha_module, peft_ia3_module, peft_oft_module,
-                                    peft_hra_module>;
+                                    peft_hra_module, peft_shira_module, peft_road_module, peft_boft_module,
+                                    peft_adalora_module, peft_hira_module, peft_delora_module>;
 
   explicit any_peft_module(variant_type m) : m_(std::move(m)) {}
 
@@ -154,6 +159,12 @@ class any_peft_module {
           else if constexpr (std::is_same_v<M, peft_ia3_module>) return "IA3";
           else if constexpr (std::is_same_v<M, peft_oft_module>) return "OFT";
           else if constexpr (std::is_same_v<M, peft_hra_module>) return "HRA";
+          else if constexpr (std::is_same_v<M, peft_shira_module>) return "SHiRA";
+          else if constexpr (std::is_same_v<M, peft_road_module>) return "RoAd";
+          else if constexpr (std::is_same_v<M, peft_hira_module>) return "HiRA";
+          else if constexpr (std::is_same_v<M, peft_delora_module>) return "DeLoRA";
+          else if constexpr (std::is_same_v<M, peft_boft_module>) return "BOFT";
+          else if constexpr (std::is_same_v<M, peft_adalora_module>) return "AdaLoRA";
           else return "RandLoRA";
         },
         m_);
@@ -165,12 +176,16 @@ class any_peft_module {
         [](const auto& m) -> std::optional<index_t> {
           using M = std::remove_cvref_t<decltype(m)>;
           if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module> ||
-                        std::is_same_v<M, peft_loha_module>)
+                        std::is_same_v<M, peft_loha_module> || std::is_same_v<M, peft_boft_module> ||
+                        std::is_same_v<M, peft_adalora_module> || std::is_same_v<M, peft_hira_module> ||
+                        std::is_same_v<M, peft_delora_module>)
             return m.out_features();
           else if constexpr (std::is_same_v<M, peft_ia3_module>) {
             if (m.side == ia3_side::output) return m.l.view.size();
             return std::nullopt;
           }
+          else if constexpr (std::is_same_v<M, peft_road_module>)
+            return m.out_features();
           else if constexpr (std::is_same_v<M, peft_miss_module>) {
             if (m.kind == miss_kind::mini) return std::nullopt;
             return m.kind == miss_kind::bat ? m.block.view.rows() : m.block.view.cols();
@@ -188,7 +203,9 @@ class any_peft_module {
         [](const auto& m) -> std::optional<index_t> {
           using M = std::remove_cvref_t<decltype(m)>;
           if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module> ||
-                        std::is_same_v<M, peft_loha_module>)
+                        std::is_same_v<M, peft_loha_module> || std::is_same_v<M, peft_boft_module> ||
+                        std::is_same_v<M, peft_adalora_module> || std::is_same_v<M, peft_hira_module> ||
+                        std::is_same_v<M, peft_delora_module>)
             return m.in_features();
           else if constexpr (std::is_same_v<M, peft_ia3_module>) {
             if (m.side == ia3_side::input) return m.l.view.size();
@@ -209,7 +226,9 @@ class any_peft_module {
     const auto* l = std::get_if<peft_lora_module>(&m_);
     const auto* b = std::get_if<peft_miss_module>(&m_);
     return (l && l->magnitude) || (b && b->kind == miss_kind::bat) || std::holds_alternative<peft_ia3_module>(m_) ||
-           std::holds_alternative<peft_oft_module>(m_) || std::holds_alternative<peft_hra_module>(m_);
+           std::holds_alternative<peft_oft_module>(m_) || std::holds_alternative<peft_hra_module>(m_) ||
+           std::holds_alternative<peft_road_module>(m_) || std::holds_alternative<peft_boft_module>(m_) ||
+           std::holds_alternative<peft_hira_module>(m_);
   }
   /// LoRA with fan_in_fan_out: the checkpoint stores W as [in, out] (GPT-2's Conv1D);
   /// update() and match() still take [out, in] (pass the stored weight's transpose view).
@@ -257,10 +276,12 @@ class any_peft_module {
             if (m.kind == miss_kind::bat)
               return R(m.name, Wv, bone_bat_update<float, TW>(held_matrix<TW>{Wv, nullptr}, m.block));
             return R(m.name, Wv, m.update(Wv.rows(), Wv.cols()));
-          } else if constexpr (std::is_same_v<M, peft_loha_module>) {
+          } else if constexpr (std::is_same_v<M, peft_loha_module> || std::is_same_v<M, peft_adalora_module> ||
+                               std::is_same_v<M, peft_delora_module>) {
             return R(m.name, Wv, m.update());
           } else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module> ||
-                               std::is_same_v<M, peft_hra_module>) {
+                               std::is_same_v<M, peft_hra_module> || std::is_same_v<M, peft_road_module> ||
+                               std::is_same_v<M, peft_boft_module> || std::is_same_v<M, peft_hira_module>) {
             return R(m.name, Wv, m.update(Wv));
           } else {
             return R(m.name, Wv, m.update(Wv.rows(), Wv.cols()));
@@ -387,13 +408,18 @@ inline any_peft_adapter parse_peft(std::string_view config_text, const safetenso
         peft_adapter::from_safetensors(parse_peft_config(config_text, config_source), tensors, tensors_source),
         std::move(adapter_name));
   if (type == "LOKR" || type == "MISS" || type == "BONE" || type == "VERA" || type == "RANDLORA" || type == "LOHA" ||
-      type == "IA3" || type == "OFT" || type == "HRA")
+      type == "IA3" || type == "OFT" || type == "HRA" || type == "SHIRA" || type == "ROAD" || type == "BOFT" ||
+      type == "ADALORA" || type == "HIRA" || type == "DELORA")
     return any_peft_adapter(peft_structured_adapter::from_safetensors(
                                 parse_peft_structured_config(config_text, config_source), tensors, tensors_source),
                             std::move(adapter_name));
+  if (type == "FOURIERFT" || type == "C3A" || type == "WAVEFT")  // deltaw/io/peft_fourier.hpp (FFTW)
+    throw unsupported_error("deltaw::io::peft (" + config_source + "): a " + type +
+                            " adapter is read by deltaw::io::read_peft_fourier_adapter (deltaw/io/peft_fourier.hpp, "
+                            "which needs FFTW: link deltaw::fft)");
   throw unsupported_error("deltaw::io::peft (" + config_source + "): peft_type \"" + type +
                           "\" is not supported; deltaw reads LORA (with use_rslora / use_dora), LOKR, MISS, BONE, VERA, "
-                          "RANDLORA, LOHA, IA3, OFT and HRA");
+                          "RANDLORA, LOHA, IA3, OFT, HRA, SHIRA, ROAD, BOFT, ADALORA, HIRA and DELORA");
 }
 
 /// The names of the adapters saved under `dir`: "default" when dir holds

@@ -29,6 +29,25 @@
 //             projects the stored Q with eps on reading, as PEFT's forward does.
 //   HRA       hra_u [in, r] (one Householder vector per column); apply_GS chooses the
 //             Gram–Schmidt variant. r is one for the whole adapter (HRA has no rank_pattern).
+//   SHIRA     shira_weight [nnz] (nnz = r·(out + in)) and shira_indices [2, nnz] int32 (rows,
+//             then columns; PEFT's key has no adapter name). ΔW[rows[k], cols[k]] = v[k]
+//             (PEFT's scaling is 1 and not saved; a deltaw scale is folded into v when written).
+//   ROAD      road_theta, road_alpha [out/2] (road_1), [out] (road_2), [2·out] (road_4); the
+//             config's variant and group_size. W' = R·W; PEFT also rotates the layer's bias
+//             (peft_road_module::rotate_bias). RoadConfig has no r.
+//   HIRA      hira_A [r, in], hira_B [out, r]; ΔW = W ⊙ (hira_B·hira_A), no scale; r per module
+//             from rank_pattern.
+//   DELORA    delora_A [r, in], delora_B [out, r], delora_lambda [1], delora_w_norm [in] (the
+//             base weight's column norms, saved by PEFT); r per module from rank_pattern (the
+//             config's delora_lambda / lambda_pattern only initialise λ and are kept as read).
+//   BOFT      boft_R [m, nb, b, b] (free matrices; the rotation uses their skew part) and
+//             boft_s [out, 1]. m, nb and b are read from the tensor: PEFT without its CUDA
+//             extension builds (and saves) m = 1 whatever boft_n_butterfly_factor says.
+//             boft_block_size / boft_block_num must agree with b / nb when non-zero.
+//   ADALORA   lora_A [r, in], lora_E [r, 1], lora_B [out, r]; ΔW = s·B·diag(E)·A with
+//             s = lora_alpha / (init_r + 1e-5) (r when lora_alpha is 0). rank_pattern maps
+//             "<module>.lora_E" to PEFT's mask over the init_r triplets; the saved tensors
+//             hold only the kept ones (r = the mask's count), and the scale keeps init_r.
 //
 // Documented choices:
 //  - VeRA and RandLoRA bases. PEFT draws them with torch's generator from
@@ -60,11 +79,17 @@
 #include "../core/precompiled.hpp"
 #include "../backend/cpu/hra.hpp"
 #include "../backend/cpu/oft.hpp"
+#include "../backend/cpu/boft.hpp"
+#include "../expr/adalora.hpp"
 #include "../expr/block_affine.hpp"
 #include "../expr/ia3.hpp"
 #include "../expr/kron.hpp"
 #include "../expr/loha.hpp"
 #include "../expr/random_basis.hpp"
+#include "../expr/shira.hpp"
+#include "../expr/road.hpp"
+#include "../expr/hira.hpp"
+#include "../expr/delora.hpp"
 #include "peft.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -96,6 +121,12 @@ struct peft_structured_config {
   double eps = 6e-5;                                          ///< OFT (COFT's radius)
   oft_options oft;                                            ///< OFT: Cayley–Neumann, terms
   hra_options hra;                                            ///< HRA: apply_GS
+  road_variant road = road_variant::road_1;                   ///< ROAD: variant
+  index_t group_size = 64;                                    ///< ROAD
+  index_t boft_block_size = 0, boft_block_num = 0;            ///< BOFT (one of them non-zero)
+  index_t boft_n_butterfly_factor = 1;                        ///< BOFT (as configured; m is read from boft_R)
+  index_t init_r = 12;                                        ///< ADALORA (ranknum of every layer)
+  std::vector<std::pair<std::string, std::vector<bool>>> adalora_rank_pattern;  ///< ADALORA: "<module>.lora_E" → mask
   std::vector<std::string> target_modules;
   std::optional<std::string> target_modules_regex;
   std::string target_modules_unsupported;  ///< as peft_lora_config's
@@ -180,12 +211,14 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
   c.peft_type = pt->get<std::string>();
   const std::string& t = c.peft_type;
   if (t != "LOKR" && t != "MISS" && t != "BONE" && t != "VERA" && t != "RANDLORA" && t != "LOHA" && t != "IA3" &&
-      t != "OFT" && t != "HRA")
+      t != "OFT" && t != "HRA" && t != "SHIRA" && t != "ROAD" && t != "BOFT" && t != "ADALORA" &&
+      t != "HIRA" && t != "DELORA")
     throw unsupported_error("deltaw::io::peft (" + source + "): peft_type \"" + t +
-                            "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT, HRA; "
+                            "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT, HRA, SHIRA, ROAD, "
+                            "BOFT, ADALORA, HIRA, DELORA; "
                             "LORA is read by read_peft_adapter)");
   // PEFT's defaults where a field is absent.
-  c.r = t == "VERA" ? 256 : t == "RANDLORA" ? 32 : t == "LOKR" || t == "LOHA" || t == "HRA" ? 8 : t == "OFT" || t == "IA3" ? 0 : 64;
+  c.r = t == "VERA" ? 256 : t == "RANDLORA" || t == "SHIRA" || t == "HIRA" ? 32 : t == "LOKR" || t == "LOHA" || t == "HRA" ? 8 : t == "OFT" || t == "IA3" ? 0 : 64;
   c.alpha = t == "RANDLORA" ? 640 : 8;
   if (t == "OFT") {
     // r or oft_block_size, the other 0 (PEFT's OFTConfig); the blocks are read from the tensors.
@@ -216,6 +249,60 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
     if (auto it = o.find("r"); it != o.end()) c.r = detail::peft_rank(*it, "r", source);
   }
   if (t == "HRA") c.hra.gram_schmidt = detail::peft_bool(o, "apply_GS", source);
+  if (t == "BOFT") {
+    auto count = [&](const char* k, index_t dflt) -> index_t {
+      auto it = o.find(k);
+      if (it == o.end() || it->is_null()) return dflt;
+      if (!it->is_number_unsigned() || it->get<std::uint64_t>() > (std::uint64_t(1) << 31))
+        detail::peft_fail(source, std::string("\"") + k + "\" must be a non-negative integer");
+      return index_t(it->get<std::uint64_t>());
+    };
+    c.boft_block_size = count("boft_block_size", 4);
+    c.boft_block_num = count("boft_block_num", 0);
+    c.boft_n_butterfly_factor = count("boft_n_butterfly_factor", 1);
+    if ((c.boft_block_size == 0) == (c.boft_block_num == 0))
+      detail::peft_fail(source, "exactly one of \"boft_block_size\" and \"boft_block_num\" must be non-zero (got " +
+                                    std::to_string(c.boft_block_size) + " and " + std::to_string(c.boft_block_num) + ")");
+    if (c.boft_n_butterfly_factor < 1) detail::peft_fail(source, "\"boft_n_butterfly_factor\" must be at least 1");
+    if (detail::peft_bool(o, "fan_in_fan_out", source)) detail::peft_unsupported(source, "fan_in_fan_out for BOFT");
+  }
+  if (t == "ADALORA") {
+    if (auto it = o.find("init_r"); it != o.end() && !it->is_null()) c.init_r = detail::peft_rank(*it, "init_r", source);
+    if (auto it = o.find("lora_alpha"); it != o.end() && !it->is_null()) c.alpha = detail::peft_number(*it, "lora_alpha", source);
+    if (auto it = o.find("rank_pattern"); it != o.end() && !it->is_null()) {
+      if (!it->is_object()) detail::peft_fail(source, "\"rank_pattern\" must be an object");
+      for (const auto& [key, v] : it->items()) {
+        if (!v.is_array()) detail::peft_fail(source, "AdaLoRA's rank_pattern." + key + " must be a list of booleans");
+        std::vector<bool> mask;
+        for (const auto& b : v) {
+          if (!b.is_boolean()) detail::peft_fail(source, "AdaLoRA's rank_pattern." + key + " must be a list of booleans");
+          mask.push_back(b.get<bool>());
+        }
+        if (index_t(mask.size()) != c.init_r)
+          detail::peft_fail(source, "AdaLoRA's rank_pattern." + key + " has " + std::to_string(mask.size()) +
+                                        " entries but init_r = " + std::to_string(c.init_r));
+        c.adalora_rank_pattern.emplace_back(key, std::move(mask));
+      }
+    }
+    if (auto it = o.find("alpha_pattern"); it != o.end() && detail::json_truthy(*it))
+      detail::peft_unsupported(source, "\"alpha_pattern\" for peft_type ADALORA (PEFT's AdaLoRA ignores it)");
+    for (const char* k : {"use_dora", "fan_in_fan_out", "lora_bias"})
+      if (detail::peft_bool(o, k, source)) detail::peft_unsupported(source, std::string("\"") + k + "\" for ADALORA");
+  }
+  if (t == "SHIRA" && detail::peft_bool(o, "fan_in_fan_out", source)) detail::peft_unsupported(source, "fan_in_fan_out for SHIRA");
+  if (t == "ROAD") {
+    if (auto it = o.find("variant"); it != o.end() && !it->is_null()) {
+      const std::string v = it->is_string() ? it->get<std::string>() : std::string();
+      if (v == "road_1") c.road = road_variant::road_1;
+      else if (v == "road_2") c.road = road_variant::road_2;
+      else if (v == "road_4") c.road = road_variant::road_4;
+      else detail::peft_fail(source, "\"variant\" must be \"road_1\", \"road_2\" or \"road_4\"");
+    }
+    if (auto it = o.find("group_size"); it != o.end() && !it->is_null()) {
+      c.group_size = detail::peft_rank(*it, "group_size", source);
+      if (c.group_size % 2 != 0) detail::peft_fail(source, "\"group_size\" must be even");
+    }
+  }
   if (t == "IA3") {
     if (auto it = o.find("feedforward_modules"); it != o.end() && !it->is_null()) {
       if (it->is_string()) {
@@ -237,7 +324,7 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
   if (auto it = o.find("base_model_name_or_path"); it != o.end() && it->is_string())
     c.base_model_name_or_path = it->get<std::string>();
   detail::read_target_modules(o, c.target_modules_regex, c.target_modules, c.target_modules_unsupported, source);
-  if (t == "LOKR" || t == "LOHA") {
+  if (t == "LOKR" || t == "LOHA" || t == "HIRA" || t == "DELORA") {
     for (const char* k : {"rank_pattern", "alpha_pattern"}) {
       auto it = o.find(k);
       if (it == o.end() || it->is_null()) continue;
@@ -257,7 +344,7 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
     // reader refuses; LoKr's changes its factor shapes.
     if (t == "LOKR" && detail::peft_bool(o, "use_effective_conv2d", source))
       detail::peft_unsupported(source, "use_effective_conv2d (convolution LoKr)");
-  } else {
+  } else if (t != "ADALORA") {
     // The other types have no patterns; a non-empty one would be silently ignored by PEFT too,
     // but it signals a config deltaw would misread.
     for (const char* k : {"rank_pattern", "alpha_pattern"})
@@ -306,7 +393,7 @@ inline json peft_structured_config_json(const peft_structured_config& c) {
   json o = c.raw.is_object() ? c.raw : json::object();
   const std::string& t = c.peft_type;
   o["peft_type"] = t;
-  if (t != "IA3") o["r"] = c.r;
+  if (t != "IA3" && t != "ROAD" && t != "BOFT") o["r"] = c.r;
   if (c.target_modules_regex) o["target_modules"] = *c.target_modules_regex;
   else o["target_modules"] = c.target_modules;
   o["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? json(nullptr) : json(c.base_model_name_or_path);
@@ -342,9 +429,51 @@ inline json peft_structured_config_json(const peft_structured_config& c) {
     for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
              {"module_dropout", 0.0}, {"init_weights", true}, {"bias", "none"}, {"peft_version", "0.21.2"}})
       if (!o.contains(k)) o[k] = v;
+  } else if (t == "BOFT") {
+    o["boft_block_size"] = c.boft_block_size;
+    o["boft_block_num"] = c.boft_block_num;
+    o["boft_n_butterfly_factor"] = c.boft_n_butterfly_factor;
+    o["fan_in_fan_out"] = false;
+    for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
+             {"boft_dropout", 0.0}, {"init_weights", true}, {"bias", "none"}})
+      if (!o.contains(k)) o[k] = v;
+  } else if (t == "ADALORA") {
+    o["init_r"] = c.init_r;
+    o["lora_alpha"] = c.alpha;
+    json rp = json::object();
+    for (const auto& [k, v] : c.adalora_rank_pattern) {
+      json m = json::array();
+      for (bool b : v) m.push_back(b);
+      rp[k] = m;
+    }
+    o["rank_pattern"] = c.adalora_rank_pattern.empty() ? json(nullptr) : rp;
+    o["fan_in_fan_out"] = false;
+    // AdaLoraConfig refuses total_step <= 0 and a schedule without a budgeting phase.
+    for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{
+             {"target_r", 8}, {"tinit", 0}, {"tfinal", 0}, {"deltaT", 1}, {"beta1", 0.85}, {"beta2", 0.85},
+             {"orth_reg_weight", 0.5}, {"total_step", 1}, {"lora_dropout", 0.0}, {"bias", "none"},
+             {"init_lora_weights", true}, {"use_dora", false}, {"use_rslora", false}, {"alpha_pattern", json::object()}})
+      if (!o.contains(k)) o[k] = v;
   } else if (t == "HRA") {
     o["apply_GS"] = c.hra.gram_schmidt;
     for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{{"init_weights", true}, {"bias", "none"}})
+      if (!o.contains(k)) o[k] = v;
+  } else if (t == "HIRA" || t == "DELORA") {
+    json rp = json::object();
+    for (const auto& [k, v] : c.rank_pattern) rp[k] = v;
+    o["rank_pattern"] = rp;
+    if (!o.contains("init_weights")) o["init_weights"] = true;
+    if (t == "HIRA" && !o.contains("hira_dropout")) o["hira_dropout"] = 0.0;
+    if (t == "HIRA") o["fan_in_fan_out"] = false;
+    if (t == "DELORA" && !o.contains("module_dropout")) o["module_dropout"] = 0.0;
+    if (t == "DELORA" && !o.contains("bias")) o["bias"] = "none";
+  } else if (t == "ROAD") {
+    o["variant"] = road_variant_name(c.road);
+    o["group_size"] = c.group_size;
+    if (!o.contains("init_weights")) o["init_weights"] = true;
+  } else if (t == "SHIRA") {
+    o["fan_in_fan_out"] = false;
+    for (const auto& [k, v] : std::initializer_list<std::pair<const char*, json>>{{"mask_type", "random"}, {"init_weights", true}})
       if (!o.contains(k)) o[k] = v;
   } else if (t == "MISS" || t == "BONE") {
     o["init_weights"] = c.miss == miss_kind::bat ? json("bat") : c.miss == miss_kind::mini ? json("mini") : json(true);
@@ -599,6 +728,51 @@ struct peft_oft_module {
   }
 };
 
+/// One BOFT module: boft_R viewed as [m·nb·b, b], boft_s [out]; the update needs the
+/// layer's weight. Exact Cayley rotations (PEFT's BOFT).
+struct peft_boft_module {
+  std::string name;
+  held_matrix<float> R;
+  held_vector<float> s;
+  index_t factors = 1, blocks = 0;  ///< m and nb of boft_R [m, nb, b, b]
+  oft_options options = boft_default_options;
+
+  index_t block() const { return R.view.cols(); }
+  index_t in_features() const { return blocks * block(); }
+  index_t out_features() const { return s.view.size(); }
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == out_features() && in == in_features()) return {};
+    return "boft_R [" + std::to_string(factors) + ", " + std::to_string(blocks) + ", " + std::to_string(block()) + ", " +
+           std::to_string(block()) + "] rotates " + std::to_string(in_features()) + " input features and boft_s scales " +
+           std::to_string(out_features()) + " outputs";
+  }
+  template <class WL>
+  auto update(const WL& W) const {
+    return deltaw::detail::make_boft(hold(W), R, s, options);
+  }
+};
+
+/// One AdaLoRA module: lora_A [r, in], lora_E (as a vector of r), lora_B [out, r], PEFT's
+/// scale α / (init_r + 1e-5) and, when rank_pattern lists the module, its mask over the
+/// init_r triplets (r of them kept).
+struct peft_adalora_module {
+  std::string name;
+  held_matrix<float> A, B;
+  held_vector<float> E;
+  index_t ranknum = 0;  ///< init_r
+  double alpha = 0, scale = 0;
+  std::optional<std::vector<bool>> mask;
+
+  index_t rank() const { return A.view.rows(); }
+  index_t out_features() const { return B.view.rows(); }
+  index_t in_features() const { return A.view.cols(); }
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == out_features() && in == in_features()) return {};
+    return "the AdaLoRA factors give ΔW " + deltaw::detail::shape_str(out_features(), in_features());
+  }
+  adalora_update<float> update() const { return adalora_update<float>(B, E, A, scale); }
+};
+
 /// One HRA module: U [in, r] (hra_u) and the variant (apply_GS); the update needs the
 /// layer's weight.
 struct peft_hra_module {
@@ -618,12 +792,122 @@ struct peft_hra_module {
   }
 };
 
+/// One SHiRA module: the values (shira_weight) and the pattern (shira_indices) in PEFT's
+/// order. The file does not record the layer's shape: update(out, in) takes it and builds
+/// the CSR.
+struct peft_shira_module {
+  std::string name;
+  held_vector<float> values;
+  std::vector<index_t> rows, cols;
+
+  std::string layer_mismatch(index_t out, index_t in) const {
+    index_t mr = -1, mc = -1;
+    for (std::size_t k = 0; k < rows.size(); ++k) {
+      mr = std::max(mr, rows[k]);
+      mc = std::max(mc, cols[k]);
+    }
+    if (mr < out && mc < in) return {};
+    return "shira_indices reach row " + std::to_string(mr) + " and column " + std::to_string(mc);
+  }
+  /// SHiRA over a layer [out, in]; argument_error for a repeated index.
+  shira_update<float> update(index_t out, index_t in) const {
+    return shira_update<float>(deltaw::detail::shira_make_pattern(out, in, std::span<const index_t>(rows),
+                                                                  std::span<const index_t>(cols)),
+                               values, 1.0);
+  }
+};
+
+/// One RoAd module: road_theta, road_alpha and the config's variant and group size; the
+/// update needs the layer's weight.
+struct peft_road_module {
+  std::string name;
+  held_vector<float> theta, alpha;
+  road_variant variant = road_variant::road_1;
+  index_t group_size = 64;
+
+  /// The output features the stored vectors imply.
+  index_t out_features() const {
+    const index_t n = theta.view.size();
+    return variant == road_variant::road_1 ? 2 * n : variant == road_variant::road_2 ? n : n / 2;
+  }
+  std::string layer_mismatch(index_t out, index_t) const {
+    if (out == out_features() && out % group_size == 0) return {};
+    return std::string("road_theta [") + std::to_string(theta.view.size()) + "] (" + road_variant_name(variant) +
+           ") needs out = " + std::to_string(out_features()) + ", a multiple of group_size " + std::to_string(group_size);
+  }
+  /// RoAd over the layer's weight W [out, in].
+  template <class WL>
+  auto update(const WL& W) const {
+    using TW = std::remove_const_t<typename decltype(view(W))::element_type>;
+    return road_update<float, TW>(hold(W), theta, alpha, variant, group_size);
+  }
+  /// b ← R·b: PEFT rotates the layer's bias with its output (b has out entries).
+  template <class V>
+  void rotate_bias(V& b) const {
+    const index_t out = out_features(), h = group_size / 2;
+    if (index_t(b.size()) != out)
+      throw shape_error("deltaw::io::peft_road_module::rotate_bias: the bias has " + std::to_string(b.size()) +
+                        " entries, the module " + std::to_string(out));
+    const auto coef = [&](index_t o, bool sine) {
+      const index_t g = group_size, grp = o / g, p = o % g;
+      index_t i = variant == road_variant::road_1 ? grp * h + p % h : variant == road_variant::road_2 ? o : grp * 2 * g + p;
+      if (sine && variant == road_variant::road_4) i += g;
+      const double a = alpha.view[i], t = theta.view[i];
+      return sine ? a * std::sin(t) : a * std::cos(t);
+    };
+    for (index_t o = 0; o < out; ++o) {
+      if (o % group_size >= h) continue;
+      const index_t q = o + h;
+      const double bo = double(b[std::size_t(o)]), bq = double(b[std::size_t(q)]);
+      b[std::size_t(o)] = coef(o, false) * bo - coef(o, true) * bq;
+      b[std::size_t(q)] = coef(q, false) * bq + coef(q, true) * bo;
+    }
+  }
+};
+
+/// One HiRA module: hira_A [r, in], hira_B [out, r]; the update needs the layer's weight.
+struct peft_hira_module {
+  std::string name;
+  held_matrix<float> A, B;
+
+  index_t rank() const { return A.view.rows(); }
+  index_t out_features() const { return B.view.rows(); }
+  index_t in_features() const { return A.view.cols(); }
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == out_features() && in == in_features()) return {};
+    return "hira_B [" + std::to_string(out_features()) + ", r] and hira_A [r, " + std::to_string(in_features()) + "]";
+  }
+  template <class WL>
+  auto update(const WL& W) const {
+    using TW = std::remove_const_t<typename decltype(view(W))::element_type>;
+    return hira_update<float, TW>(hold(W), B, A);
+  }
+};
+
+/// One DeLoRA module: delora_A, delora_B, delora_lambda and the stored weight norms.
+struct peft_delora_module {
+  std::string name;
+  held_matrix<float> A, B;
+  held_vector<float> lambda, w_norm;
+
+  index_t rank() const { return A.view.rows(); }
+  index_t out_features() const { return B.view.rows(); }
+  index_t in_features() const { return A.view.cols(); }
+  std::string layer_mismatch(index_t out, index_t in) const {
+    if (out == out_features() && in == in_features()) return {};
+    return "delora_B [" + std::to_string(out_features()) + ", r] and delora_A [r, " + std::to_string(in_features()) + "]";
+  }
+  delora_update<float> update() const { return delora_update<float>(B, A, lambda, w_norm); }
+};
+
 /// A structured PEFT adapter: its config, its modules (of the config's one type, sorted by
 /// name) and, for VeRA / RandLoRA, the shared bases.
 class peft_structured_adapter {
  public:
   using module = std::variant<peft_lokr_module, peft_miss_module, peft_vera_module, peft_randlora_module,
-                              peft_loha_module, peft_ia3_module, peft_oft_module, peft_hra_module>;
+                              peft_loha_module, peft_ia3_module, peft_oft_module, peft_hra_module,
+                              peft_shira_module, peft_road_module, peft_boft_module, peft_adalora_module,
+                              peft_hira_module, peft_delora_module>;
   peft_structured_config config;
   /// VeRA: vera_A [r, in_max], vera_B [out_max, r]. RandLoRA: randlora_A as [r, min_dim],
   /// randlora_B as [max_dim, N·r]. Empty otherwise.
@@ -690,9 +974,12 @@ class peft_structured_adapter {
           using M = std::remove_cvref_t<decltype(m)>;
           if constexpr (std::is_same_v<M, peft_miss_module>) m.visit(W, f);
           else if constexpr (std::is_same_v<M, peft_lokr_module>) m.visit(f);
-          else if constexpr (std::is_same_v<M, peft_loha_module>) f(m.update());
+          else if constexpr (std::is_same_v<M, peft_loha_module> || std::is_same_v<M, peft_adalora_module> ||
+                             std::is_same_v<M, peft_delora_module>)
+            f(m.update());
           else if constexpr (std::is_same_v<M, peft_ia3_module> || std::is_same_v<M, peft_oft_module> ||
-                             std::is_same_v<M, peft_hra_module>)
+                             std::is_same_v<M, peft_hra_module> || std::is_same_v<M, peft_road_module> ||
+                             std::is_same_v<M, peft_boft_module> || std::is_same_v<M, peft_hira_module>)
             f(m.update(W));
           else f(m.update(W.rows(), W.cols()));
         },
@@ -873,6 +1160,65 @@ class peft_structured_adapter {
     config.block_share = config.block_share || u.shared();
     insert(peft_oft_module{std::move(name), detail::copy_to_float(u.Q()), o});
   }
+  /// BOFT module: its R (boft_R [m, nb, b, b]) and s (boft_s [out, 1]); W stays the
+  /// model's. PEFT's BOFT computes exact Cayley rotations, so a Cayley–Neumann update is
+  /// refused (argument_error); the modules must share m and b or nb (one config), checked
+  /// when written. A file with m > 1 loads in PEFT only where its CUDA extension does.
+  template <class T, class TW, class D>
+  void add_boft(std::string name, const boft_update<T, TW, D>& u) {
+    begin("BOFT", name);
+    if (u.options().cayley_neumann)
+      throw argument_error("deltaw::io::peft_structured_adapter::add_boft: \"" + name +
+                           "\" uses the Cayley–Neumann series; PEFT's BOFT has only the exact Cayley transform");
+    peft_boft_module m;
+    m.name = std::move(name);
+    m.R = detail::copy_to_float(u.R());
+    m.s = detail::copy_to_float(u.s());
+    m.factors = u.factors();
+    m.blocks = u.blocks();
+    insert(std::move(m));
+  }
+  /// AdaLoRA module: B, E, A and the layer's init_r (PEFT's ranknum); the scale s gives
+  /// lora_alpha = s·(init_r + 1e-5), which every module must share (one lora_alpha and one
+  /// init_r per PEFT config). With r < init_r the module enters rank_pattern with `mask`
+  /// (init_r entries, r true; default: the first r kept), as PEFT saves a pruned layer.
+  template <class T, class D>
+  void add_adalora(std::string name, const adalora_update<T, D>& u, index_t init_r, std::vector<bool> mask = {}) {
+    begin("ADALORA", name);
+    constexpr const char* op = "deltaw::io::peft_structured_adapter::add_adalora";
+    if (init_r < 1 || init_r < u.rank())
+      throw rank_error(std::string(op) + ": \"" + name + "\" has r = " + std::to_string(u.rank()) + " but init_r = " +
+                       std::to_string(init_r));
+    if (!mask.empty() && (index_t(mask.size()) != init_r || index_t(std::count(mask.begin(), mask.end(), true)) != u.rank()))
+      throw argument_error(std::string(op) + ": the mask of \"" + name + "\" must have init_r = " + std::to_string(init_r) +
+                           " entries, r = " + std::to_string(u.rank()) + " of them true");
+    double alpha = u.scale() * (double(init_r) + 1e-5);
+    if (std::abs(alpha - std::round(alpha)) <= 1e-9 * std::max(1.0, std::abs(alpha))) alpha = std::round(alpha);
+    if (size() == 0) {
+      config.init_r = init_r;
+      config.alpha = alpha;
+    } else if (config.init_r != init_r || std::abs(config.alpha - alpha) > 1e-9 * std::max(1.0, std::abs(alpha))) {
+      throw argument_error(std::string(op) + ": \"" + name + "\" has init_r = " + std::to_string(init_r) +
+                           " and lora_alpha = " + std::to_string(alpha) + ", unlike the modules already added (init_r = " +
+                           std::to_string(config.init_r) + ", lora_alpha = " + std::to_string(config.alpha) +
+                           "); PEFT's AdaLoRA config has one of each");
+    }
+    peft_adalora_module m;
+    m.name = std::move(name);
+    m.A = detail::copy_to_float(u.A());
+    m.B = detail::copy_to_float(u.B());
+    m.E = detail::copy_to_float(u.E());
+    m.ranknum = init_r;
+    m.alpha = config.alpha;
+    m.scale = u.scale();
+    if (!mask.empty()) m.mask = std::move(mask);
+    else if (u.rank() < init_r) {
+      std::vector<bool> lead(std::size_t(init_r), false);
+      std::fill(lead.begin(), lead.begin() + u.rank(), true);
+      m.mask = std::move(lead);
+    }
+    insert(std::move(m));
+  }
   /// HRA module: its U (hra_u). Every module must share r and the variant (PEFT's HRA
   /// config has one r, no rank_pattern, and one apply_GS); W stays the model's.
   template <class T, class TW, class D>
@@ -887,6 +1233,62 @@ class peft_structured_adapter {
                            " Gram–Schmidt, unlike the modules already added (PEFT's HRA config has one r and one apply_GS)");
     }
     insert(peft_hra_module{std::move(name), detail::copy_to_float(u.U()), u.options()});
+  }
+
+  /// SHiRA module: its values (times its scale: PEFT does not save one) and pattern. PEFT
+  /// sizes shira_weight as r·(out + in) with one r per adapter, so nnz must be that for one
+  /// r shared by every module (argument_error otherwise: PEFT could not load it).
+  template <class T, class D>
+  void add_shira(std::string name, const shira_update<T, D>& u) {
+    begin("SHIRA", name);
+    const index_t sum = u.rows() + u.cols();
+    if (u.nnz() == 0 || u.nnz() % sum != 0 || (size() > 0 && u.nnz() / sum != config.r))
+      throw argument_error("deltaw::io::peft_structured_adapter::add_shira: \"" + name + "\" has " +
+                           std::to_string(u.nnz()) + " entries for " + deltaw::detail::shape_str(u.rows(), u.cols()) +
+                           "; PEFT's SHiRA stores r·(out + in) = r·" + std::to_string(sum) + " with one r per adapter" +
+                           (size() > 0 ? " (r = " + std::to_string(config.r) + " so far)" : std::string()));
+    config.r = u.nnz() / sum;
+    peft_shira_module m;
+    m.name = std::move(name);
+    const auto& p = *u.pattern();
+    m.rows = p.rows;
+    m.cols = p.cols;
+    auto v = std::make_shared<std::vector<float>>(std::size_t(u.nnz()));
+    for (index_t k = 0; k < u.nnz(); ++k) (*v)[std::size_t(k)] = float(u.scale() * convert<double>(u.values()[k]));
+    m.values = held_vector<float>{vector_view<const float>(v->data(), u.nnz()), v};
+    insert(std::move(m));
+  }
+
+  /// HiRA module: B and A (hira_B, hira_A); W stays the model's. Ranks may differ per module
+  /// (written as rank_pattern).
+  template <class T, class TW, class D>
+  void add_hira(std::string name, const hira_update<T, TW, D>& u) {
+    begin("HIRA", name);
+    insert(peft_hira_module{std::move(name), detail::copy_to_float(u.A()), detail::copy_to_float(u.B())});
+  }
+  /// DeLoRA module: B, A, λ and the weight norms (delora_w_norm). Ranks may differ per module.
+  template <class T, class D>
+  void add_delora(std::string name, const delora_update<T, D>& u) {
+    begin("DELORA", name);
+    insert(peft_delora_module{std::move(name), detail::copy_to_float(u.A()), detail::copy_to_float(u.B()),
+                              detail::copy_to_float(u.lambda()), detail::copy_to_float(u.w_norm())});
+  }
+
+  /// RoAd module: θ and α. Every module must share the variant and group_size (PEFT's
+  /// config has one of each); W stays the model's.
+  template <class T, class TW, class D>
+  void add_road(std::string name, const road_update<T, TW, D>& u) {
+    begin("ROAD", name);
+    if (size() == 0) {
+      config.road = u.variant();
+      config.group_size = u.group_size();
+    } else if (config.road != u.variant() || config.group_size != u.group_size()) {
+      throw argument_error("deltaw::io::peft_structured_adapter::add_road: \"" + name + "\" is " +
+                           road_variant_name(u.variant()) + " with group_size " + std::to_string(u.group_size()) +
+                           ", unlike the modules already added (PEFT's RoAd config has one variant and one group_size)");
+    }
+    insert(peft_road_module{std::move(name), detail::copy_to_float(u.theta()), detail::copy_to_float(u.alpha()),
+                            u.variant(), u.group_size()});
   }
 
   // ── files ────────────────────────────────────────────────────────────────────────────
@@ -944,6 +1346,12 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
   else if (type == "IA3") suffixes = {"ia3_l"};
   else if (type == "OFT") suffixes = {"oft_R.weight"};
   else if (type == "HRA") suffixes = {"hra_u"};
+  else if (type == "SHIRA") suffixes = {"shira_weight", "shira_indices"};
+  else if (type == "ROAD") suffixes = {"road_theta", "road_alpha"};
+  else if (type == "HIRA") suffixes = {"hira_A", "hira_B"};
+  else if (type == "DELORA") suffixes = {"delora_A", "delora_B", "delora_lambda", "delora_w_norm"};
+  else if (type == "BOFT") suffixes = {"boft_R", "boft_s"};
+  else if (type == "ADALORA") suffixes = {"lora_A", "lora_B", "lora_E"};
   else suffixes = {"randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"};
 
   std::map<std::string, std::map<std::string, const st_tensor_info*>> parts;
@@ -1175,6 +1583,124 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
                            std::to_string(a.config.r));
       m.options = a.config.hra;
       a.insert(std::move(m));
+    } else if (type == "BOFT") {
+      const auto *tr = get("boft_R"), *ts = get("boft_s");
+      if (!tr || !ts) throw format_error(where + " lacks " + std::string(tr ? "boft_s" : "boft_R"));
+      const auto& sh = tr->shape;
+      constexpr auto dim_max = std::uint64_t(std::numeric_limits<std::int32_t>::max());
+      if (sh.size() != 4 || sh[2] != sh[3] || sh[0] < 1 || sh[1] < 1 || sh[2] < 1 || sh[0] > 62 || sh[1] > dim_max ||
+          sh[2] > dim_max)
+        throw format_error(where + ": boft_R is " + detail::shape_string(sh) + "; expected [m, nb, b, b]");
+      if (ts->shape.size() != 2 || ts->shape[1] != 1)
+        throw format_error(where + ": boft_s is " + detail::shape_string(ts->shape) + "; expected [out, 1]");
+      peft_boft_module m;
+      m.name = mod;
+      m.factors = index_t(sh[0]);
+      m.blocks = index_t(sh[1]);
+      const index_t b = index_t(sh[2]);
+      index_t rows;
+      if (__builtin_mul_overflow(m.factors * m.blocks, b, &rows) || __builtin_mul_overflow(rows, b, &rows))
+        throw format_error(where + ": boft_R " + detail::shape_string(sh) + " is too large to index");
+      if ((a.config.boft_block_size != 0 && b != a.config.boft_block_size) ||
+          (a.config.boft_block_num != 0 && m.blocks != a.config.boft_block_num))
+        throw format_error(where + ": boft_R " + detail::shape_string(sh) + " disagrees with the config's boft_block_size = " +
+                           std::to_string(a.config.boft_block_size) + " / boft_block_num = " +
+                           std::to_string(a.config.boft_block_num));
+      // PEFT saves m = 1 when it ran without its CUDA extension, whatever the config says.
+      if (m.factors != 1 && m.factors != a.config.boft_n_butterfly_factor)
+        throw format_error(where + ": boft_R has " + std::to_string(m.factors) + " butterfly factors but the config's "
+                           "boft_n_butterfly_factor is " + std::to_string(a.config.boft_n_butterfly_factor));
+      if (m.factors > 1 && (b % 2 != 0 || m.blocks % (index_t(1) << (m.factors - 1)) != 0))
+        throw format_error(where + ": boft_R " + detail::shape_string(sh) + ": " + std::to_string(m.factors) +
+                           " butterfly factors need an even b and nb a multiple of 2^(m − 1) (PEFT's conditions)");
+      m.R = detail::st_flat_matrix(f, *tr, rows / b, b, source);
+      const auto sm = f.matrix<float>(ts->name);
+      m.s = held_vector<float>{vector_view<const float>(sm.view.data(), sm.view.size()), sm.owner};
+      a.insert(std::move(m));
+    } else if (type == "ADALORA") {
+      const auto *ta = get("lora_A"), *tb = get("lora_B"), *te = get("lora_E");
+      if (!ta || !tb || !te) throw format_error(where + " needs lora_A, lora_B and lora_E");
+      peft_adalora_module m;
+      m.name = mod;
+      m.A = mat2(ta, "lora_A");
+      m.B = mat2(tb, "lora_B");
+      const auto em = mat2(te, "lora_E");
+      const index_t r = m.A.view.rows();
+      if (m.B.view.cols() != r || em.view.rows() != r || em.view.cols() != 1)
+        throw format_error(where + ": lora_A " + detail::shape_string(ta->shape) + ", lora_E " + detail::shape_string(te->shape) +
+                           " and lora_B " + detail::shape_string(tb->shape) + " are not [r, in], [r, 1], [out, r]");
+      m.E = held_vector<float>{r == 0 ? vector_view<const float>() : vector_view<const float>(em.view.data(), r, em.view.row_stride()),
+                               em.owner};
+      for (const auto& [key, mask] : a.config.adalora_rank_pattern) {
+        const auto at = key.find(".lora_E");
+        if (at != std::string::npos && key.substr(0, at) == mod) m.mask = mask;
+      }
+      const index_t want = m.mask ? index_t(std::count(m.mask->begin(), m.mask->end(), true)) : a.config.init_r;
+      if (r != want)
+        throw format_error(where + ": lora_A has r = " + std::to_string(r) + " but " +
+                           (m.mask ? "rank_pattern keeps " : "init_r is ") + std::to_string(want));
+      m.ranknum = a.config.init_r;
+      m.alpha = a.config.alpha;
+      m.scale = deltaw::detail::adalora_peft_scale(m.alpha, m.ranknum, r);
+      a.insert(std::move(m));
+    } else if (type == "HIRA" || type == "DELORA") {
+      const bool hi = type == "HIRA";
+      const char* ka = hi ? "hira_A" : "delora_A";
+      const char* kb = hi ? "hira_B" : "delora_B";
+      const auto *ta = get(ka), *tb = get(kb);
+      if (!ta || !tb) throw format_error(where + " lacks " + (ta ? kb : ka));
+      auto A = mat2(ta, ka), B = mat2(tb, kb);
+      const index_t r = a.config.rank_for(mod);
+      if (A.view.rows() != r || B.view.cols() != r)
+        throw format_error(where + ": " + ka + " " + detail::shape_string(ta->shape) + " and " + kb + " " +
+                           detail::shape_string(tb->shape) + " are not [r, in] and [out, r] with the config's r = " +
+                           std::to_string(r) + " for this module");
+      if (hi) {
+        a.insert(peft_hira_module{mod, std::move(A), std::move(B)});
+      } else {
+        const auto *tl = get("delora_lambda"), *tw = get("delora_w_norm");
+        if (!tl || !tw) throw format_error(where + " lacks " + std::string(tl ? "delora_w_norm" : "delora_lambda"));
+        peft_delora_module m{mod, std::move(A), std::move(B), f.vector<float>(tl->name), f.vector<float>(tw->name)};
+        if (m.lambda.view.size() != 1 || m.w_norm.view.size() != m.in_features())
+          throw format_error(where + ": delora_lambda " + detail::shape_string(tl->shape) + " and delora_w_norm " +
+                             detail::shape_string(tw->shape) + " are not [1] and [in] = [" + std::to_string(m.in_features()) + "]");
+        a.insert(std::move(m));
+      }
+    } else if (type == "ROAD") {
+      const auto *tt = get("road_theta"), *ta = get("road_alpha");
+      if (!tt || !ta) throw format_error(where + " lacks " + std::string(tt ? "road_alpha" : "road_theta"));
+      peft_road_module m;
+      m.name = mod;
+      m.theta = f.vector<float>(tt->name);
+      m.alpha = f.vector<float>(ta->name);
+      m.variant = a.config.road;
+      m.group_size = a.config.group_size;
+      const index_t n = m.theta.view.size();
+      if (m.alpha.view.size() != n || n < 1 || road_parameter_size(m.variant, m.out_features()) != n)
+        throw format_error(where + ": road_theta " + detail::shape_string(tt->shape) + " and road_alpha " +
+                           detail::shape_string(ta->shape) + " do not fit " + road_variant_name(m.variant) +
+                           " (out/2, out or 2·out entries each)");
+      a.insert(std::move(m));
+    } else if (type == "SHIRA") {
+      const auto *tv = get("shira_weight"), *ti = get("shira_indices");
+      if (!tv || !ti) throw format_error(where + " lacks " + std::string(tv ? "shira_indices" : "shira_weight"));
+      if (tv->shape.size() != 1 || ti->shape.size() != 2 || ti->shape[0] != 2 || ti->shape[1] != tv->shape[0])
+        throw format_error(where + ": shira_weight " + detail::shape_string(tv->shape) + " and shira_indices " +
+                           detail::shape_string(ti->shape) + " are not [nnz] and [2, nnz]");
+      peft_shira_module m;
+      m.name = mod;
+      m.values = f.vector<float>(tv->name);
+      const auto idx = f.values<double>(ti->name);  // int32 (float32 when saved on Windows)
+      const std::size_t n = std::size_t(tv->shape[0]);
+      m.rows.resize(n);
+      m.cols.resize(n);
+      for (std::size_t k = 0; k < 2 * n; ++k) {
+        const double d = idx[k];
+        if (!(d >= 0) || d > 2147483647.0 || d != double(index_t(d)))
+          throw format_error(where + ": shira_indices holds " + std::to_string(d) + ", not an index");
+        (k < n ? m.rows[k] : m.cols[k - n]) = index_t(d);
+      }
+      a.insert(std::move(m));
     } else if (type == "VERA") {
       const auto *tb = get("vera_lambda_b"), *td = get("vera_lambda_d");
       if (!tb || !td) throw format_error(where + " lacks " + std::string(tb ? "vera_lambda_d" : "vera_lambda_b"));
@@ -1247,6 +1773,17 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
         }
     }
   }
+  if ((c.peft_type == "HIRA" || c.peft_type == "DELORA") && !modules_.empty()) {
+    // r: the most common rank; the others go to rank_pattern (written in the loop below).
+    c.rank_pattern.clear();
+    std::map<index_t, int> counts;
+    for (const auto& m : modules_)
+      ++counts[std::visit([](const auto& x) -> index_t {
+        if constexpr (requires { x.rank(); }) return x.rank();
+        else return 0;
+      }, m)];
+    c.r = std::max_element(counts.begin(), counts.end(), [](auto& x, auto& y) { return x.second < y.second; })->first;
+  }
   if (c.peft_type == "IA3") {
     c.feedforward_modules.clear();
     c.feedforward_modules_regex.reset();
@@ -1280,6 +1817,36 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
     } else {
       throw argument_error("deltaw::io::peft_structured_adapter: the OFT modules have neither one block size nor one "
                            "block count, which PEFT's config (oft_block_size or r) cannot express");
+    }
+  }
+  if (c.peft_type == "BOFT" && !modules_.empty()) {
+    std::set<index_t> bs, nbs, ms;
+    for (const auto& mv : modules_) {
+      const auto& m = std::get<peft_boft_module>(mv);
+      bs.insert(m.block());
+      nbs.insert(m.blocks);
+      ms.insert(m.factors);
+    }
+    if (ms.size() != 1)
+      throw argument_error("deltaw::io::peft_structured_adapter: the BOFT modules have different numbers of butterfly "
+                           "factors, which PEFT's config (one boft_n_butterfly_factor) cannot express");
+    c.boft_n_butterfly_factor = *ms.begin();
+    if (bs.size() == 1) {
+      c.boft_block_size = *bs.begin();
+      c.boft_block_num = 0;
+    } else if (nbs.size() == 1) {
+      c.boft_block_num = *nbs.begin();
+      c.boft_block_size = 0;
+    } else {
+      throw argument_error("deltaw::io::peft_structured_adapter: the BOFT modules have neither one block size nor one "
+                           "block count, which PEFT's config (boft_block_size or boft_block_num) cannot express");
+    }
+  }
+  if (c.peft_type == "ADALORA") {
+    c.adalora_rank_pattern.clear();
+    for (const auto& mv : modules_) {
+      const auto& m = std::get<peft_adalora_module>(mv);
+      if (m.mask) c.adalora_rank_pattern.emplace_back(m.name + ".lora_E", *m.mask);
     }
   }
   detail::set_full_target_modules(c, modules_);
@@ -1331,6 +1898,42 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
       w.add(P + n + ".oft_R.weight", m->Q.view);
     } else if (const auto* m = std::get_if<peft_hra_module>(&mv)) {
       w.add(P + n + ".hra_u", m->U.view);
+    } else if (const auto* m = std::get_if<peft_boft_module>(&mv)) {
+      const auto b = std::uint64_t(m->block());
+      detail::add_f32_tensor(w, P + n + ".boft_R", {std::uint64_t(m->factors), std::uint64_t(m->blocks), b, b}, m->R.view);
+      std::vector<float> v(std::size_t(m->s.view.size()));
+      for (index_t i = 0; i < m->s.view.size(); ++i) v[std::size_t(i)] = m->s.view[i];
+      detail::add_f32_tensor(w, P + n + ".boft_s", {std::uint64_t(v.size()), 1},
+                             matrix_view<const float>(v.data(), 1, index_t(v.size())));
+    } else if (const auto* m = std::get_if<peft_adalora_module>(&mv)) {
+      w.add(P + n + ".lora_A", m->A.view);
+      w.add(P + n + ".lora_B", m->B.view);
+      std::vector<float> v(std::size_t(m->E.view.size()));
+      for (index_t i = 0; i < m->E.view.size(); ++i) v[std::size_t(i)] = m->E.view[i];
+      detail::add_f32_tensor(w, P + n + ".lora_E", {std::uint64_t(v.size()), 1},
+                             matrix_view<const float>(v.data(), 1, index_t(v.size())));
+    } else if (const auto* m = std::get_if<peft_hira_module>(&mv)) {
+      if (m->rank() != c.r) c.rank_pattern.emplace_back(detail::regex_escape(n), m->rank());
+      w.add(P + n + ".hira_A", m->A.view);
+      w.add(P + n + ".hira_B", m->B.view);
+    } else if (const auto* m = std::get_if<peft_delora_module>(&mv)) {
+      if (m->rank() != c.r) c.rank_pattern.emplace_back(detail::regex_escape(n), m->rank());
+      w.add(P + n + ".delora_A", m->A.view);
+      w.add(P + n + ".delora_B", m->B.view);
+      w.add(P + n + ".delora_lambda", m->lambda.view);
+      w.add(P + n + ".delora_w_norm", m->w_norm.view);
+    } else if (const auto* m = std::get_if<peft_road_module>(&mv)) {
+      w.add(P + n + ".road_theta", m->theta.view);
+      w.add(P + n + ".road_alpha", m->alpha.view);
+    } else if (const auto* m = std::get_if<peft_shira_module>(&mv)) {
+      w.add(P + n + ".shira_weight", m->values.view);
+      std::vector<std::int32_t> idx(2 * m->rows.size());
+      for (std::size_t k = 0; k < m->rows.size(); ++k) {
+        idx[k] = std::int32_t(m->rows[k]);
+        idx[m->rows.size() + k] = std::int32_t(m->cols[k]);
+      }
+      w.add_raw(P + n + ".shira_indices", st_dtype::I32, {2, std::uint64_t(m->rows.size())},
+                std::as_bytes(std::span<const std::int32_t>(idx)));
     }
   }
   if (c.peft_type == "VERA") {
@@ -1352,7 +1955,7 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
 }
 
 /// Reads a structured PEFT adapter directory (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3,
-/// OFT, HRA).
+/// OFT, HRA, SHIRA, ROAD, HIRA, DELORA).
 #if DELTAW_DEFINE_PRECOMPILED
 DELTAW_PRECOMPILED_INLINE peft_structured_adapter read_peft_structured_adapter(const std::filesystem::path& dir) {
   const detail::adapter_dir d(dir, "deltaw::io::read_peft_structured_adapter");

@@ -6,6 +6,7 @@
 
 #include <span>
 #include <string>
+#include <vector>
 
 #include "../core/random.hpp"
 #include "context.hpp"
@@ -92,6 +93,39 @@ void scale_rows(const cpu_context& ctx, const matrix_view<C>& Y, const vector_vi
   transform(ctx, Y, [&](index_t i, index_t, C y) { return y * g[i0 + i]; });
 }
 
+/// Y(i, :) /= g[i0 + i]: diag(g)⁻¹·Y, divided (not multiplied by 1/g), so that it undoes
+/// scale_rows up to one rounding.
+template <class C>
+void divide_rows(const cpu_context& ctx, const matrix_view<C>& Y, const vector_view<const C>& g, index_t i0 = 0) {
+  if (i0 < 0 || i0 + Y.rows() > g.size())
+    throw shape_error("deltaw::kernels::divide_rows: rows [" + std::to_string(i0) + ", " + std::to_string(i0 + Y.rows()) +
+                      ") of a vector of size " + std::to_string(g.size()));
+  transform(ctx, Y, [&](index_t i, index_t, C y) { return y / g[i0 + i]; });
+}
+
+/// y = α·y as a functor (host and device): kernels::scale where the context may be any.
+template <class C>
+struct scale_by {
+  C alpha;
+  DELTAW_HOST_DEVICE C operator()(index_t, index_t, C y) const { return alpha * y; }
+};
+
+/// The vector v converted to C in host memory (a copy; on a device, a synchronising
+/// download): for the few coefficients an evaluator reads on the host.
+template <class C, class T>
+std::vector<C> to_host_vector(const cpu_context&, const vector_view<const T>& v) {
+  std::vector<C> out(static_cast<std::size_t>(v.size()));
+  for (index_t i = 0; i < v.size(); ++i) out[std::size_t(i)] = deltaw::convert<C>(v[i]);
+  return out;
+}
+
+/// Y = X with X in host memory and Y on the context's device (a plain copy on the CPU; an
+/// upload on a device), converting the storage type to C.
+template <class T, class C>
+void copy_from_host(const cpu_context& ctx, const matrix_view<const T>& X, const matrix_view<C>& Y) {
+  copy(ctx, X, Y);
+}
+
 /// Y(:, j) *= g[j0 + j]: Y·diag(g) for a window of g starting at j0.
 template <class C>
 void scale_cols(const cpu_context& ctx, const matrix_view<C>& Y, const vector_view<const C>& g, index_t j0 = 0) {
@@ -144,6 +178,17 @@ void gather_rows(const cpu_context& ctx, const matrix_view<const T>& X, std::spa
                         std::to_string(X.rows()) + ")");
     copy(ctx, X.middle_rows(r, 1), Y.middle_rows(i, 1));
   }
+}
+
+/// Y(i, :) = X(rows[i], :) with the indices in a vector view (on the context's device).
+template <class T, class C>
+void gather_rows(const cpu_context& ctx, const matrix_view<const T>& X, const vector_view<const index_t>& rows,
+                 const matrix_view<C>& Y) {
+  if (rows.stride() == 1 || rows.size() <= 1)
+    return gather_rows(ctx, X, std::span<const index_t>(rows.data(), std::size_t(rows.size())), Y);
+  std::vector<index_t> r(static_cast<std::size_t>(rows.size()));
+  for (index_t i = 0; i < rows.size(); ++i) r[std::size_t(i)] = rows[i];
+  gather_rows(ctx, X, std::span<const index_t>(r), Y);
 }
 
 /// Y(rows[i], :) += α·X(i, :). Repeated indices add up.

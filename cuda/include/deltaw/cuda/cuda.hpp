@@ -16,3 +16,5 @@
 #include "shared_evaluator.cuh"
 #include "kron.cuh"
 #include "ops.cuh"
+#include "vector_ops.cuh"
+#include "updates.cuh"

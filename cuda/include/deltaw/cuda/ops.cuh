@@ -37,6 +37,15 @@ void check_unit_stride(const V& v, const char* what, const char* op) {
                        "padding allowed)");
 }
 
+/// An update whose ΔW reads its own weight (DoRA, Bone bat) merges only into that weight.
+template <class TW, class U>
+void check_own_weight(const matrix_view<TW, device::cuda>& W, const U& u, const char* op) {
+  if constexpr (requires { u.W(); }) {
+    if (!same_view(u.W(), matrix_view<const TW, device::cuda>(W)))
+      throw argument_error(std::string(op) + ": a " + U::method_name + " update merges only into the weight it was built on");
+  }
+}
+
 template <class C, class E, class TX>
 void apply_expr(context& ctx, const E& e, const device_view<const TX>& X, const device_view<C>& Y) {
   constexpr const char* op = "deltaw::apply";
@@ -56,6 +65,7 @@ template <class TW, class U>
 void merge_impl(context& ctx, const matrix_view<TW, device::cuda>& W, const U& u, double sign, const char* op) {
   static_assert(!std::is_const_v<TW>, "deltaw::merge/unmerge: the weight must be a writable (non-const) CUDA view");
   ::deltaw::detail::check_same_shape(W.rows(), W.cols(), u, op);
+  check_own_weight(W, u, op);
   check_unit_stride(W, "W", op);
   if (W.rows() == 0 || W.cols() == 0) return;
   device_guard g(ctx.device());

@@ -15,6 +15,7 @@
 // cpu::panel_rows rows. Nothing out × in is allocated.
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include <deltaw/backend/cpu/evaluator.hpp>
@@ -60,11 +61,18 @@ struct shared_evaluator {
     });
   }
 
+  /// By panels of about 64 K entries: an evaluator's add_delta_rows may take scratch of
+  /// its panel's size (DoRA, Bone bat), which must stay far below out × in.
   template <class C>
   static void materialize(context& ctx, const U& u, const device_view<C>& M) {
     const context& c = ctx;
     fill(c, M, C(0));
-    written_once::template add_delta_rows<C>(c, u, 0, M);
+    const index_t step = std::max<index_t>(1, (index_t(1) << 16) / std::max<index_t>(M.cols(), 1));
+    for (index_t r0 = 0; r0 < M.rows(); r0 += step) {
+      const auto mark = c.position();
+      written_once::template add_delta_rows<C>(c, u, r0, M.middle_rows(r0, std::min(step, M.rows() - r0)));
+      c.release(mark);
+    }
   }
 };
 

@@ -62,18 +62,37 @@ cview<C, D> packed_rows(const Ctx& ctx, const matrix_view<const T, D>& v, S& buf
 /// S = Σ_j X[:, j·r : j·r + r], the last, partial block (in mod r columns) zero-padded.
 template <class C, class Ctx, class D>
 void sum_column_blocks(const Ctx& ctx, const cview<C, D>& X, index_t r, const mview<C, D>& S) {
-  kernels::fill(ctx, S, C(0));
+  fill(ctx, S, C(0));
   const index_t full = X.cols() / r, tail = X.cols() % r;
   for (index_t j = 0; j < full; ++j) axpy<C>(ctx, C(1), X.middle_cols(j * r, r), S);
   if (tail > 0) axpy<C>(ctx, C(1), X.middle_cols(full * r, tail), S.middle_cols(0, tail));
 }
 
+/// y + sign·V(a / nb, j) at row a of M (a host-device functor).
+template <class C, class D>
+struct add_block_row {
+  matrix_view<const C, D> V;
+  index_t nb;
+  C sign;
+  DELTAW_HOST_DEVICE C operator()(index_t a, index_t j, C y) const { return y + sign * V(a / nb, j); }
+};
+/// (keep ? y + P(a, j) : P(a, j)) + bias(a / nb, j) at row a of M (a host-device functor).
+template <class C, class D>
+struct add_product_and_bias {
+  matrix_view<const C, D> P, bias;
+  index_t nb;
+  bool keep;
+  DELTAW_HOST_DEVICE C operator()(index_t a, index_t j, C y) const {
+    return (keep ? y + P(a, j) : P(a, j)) + bias(a / nb, j);
+  }
+};
+
 /// M [n·nb, r] (n rows of a packed [n, nb·r] matrix as blocks): row k·nb + j gets
 /// sign·V(k, :) added, for every j < nb.
 template <class C, class Ctx, class D>
 void add_row_to_blocks(const Ctx& ctx, const mview<C, D>& M, index_t nb, const cview<C, D>& V, C sign) {
-  for (index_t k = 0; k < V.rows(); ++k)
-    transform(ctx, M.middle_rows(k * nb, nb), [&](index_t, index_t j, C y) { return y + sign * V(k, j); });
+  if (nb == 0) return;
+  transform(ctx, M.middle_rows(0, V.rows() * nb), add_block_row<C, D>{V, nb, sign});
 }
 
 /// Rows of W (or W') packed in `rows` [n, in], all inside output block i with
@@ -98,23 +117,20 @@ void transform_block_rows(const Ctx& ctx, const mview<C, D>& rows, index_t r, in
     return;
   }
   gemm<C>(ctx, C(1), M, none, bi, none, C(0), P);  // M·b_i
-  const bool keep = form == bat_form::merged;
-  for (index_t k = 0; k < n; ++k) {
-    const auto Mk = M.middle_rows(k * nb, nb);
-    const auto Pk = P.middle_rows(k * nb, nb);
-    transform(ctx, Mk, [&](index_t a, index_t j, C y) { return (keep ? y + Pk(a, j) : Pk(a, j)) + bias(k, j); });
-  }
+  transform(ctx, M, add_product_and_bias<C, D>{cview<C, D>(P), bias, nb, form == bat_form::merged});
 }
 
 /// (I + b_i)⁻¹ in type C, computed in double on the host (r × r); throws if I + b_i is
 /// singular.
 template <class C, class Ctx, class D>
 auto inverse_of_identity_plus(const Ctx& ctx, const cview<C, D>& bi, index_t i, index_t r) {
-  static_assert(std::is_same_v<D, device::cpu>,
-                "deltaw: unmerging Bone bat inverts I + b_i on the host (CPU views only for now)");
+  // b_i read on the host (a device copies it into a packed scratch and downloads it).
+  auto packed = kernels::make_scratch<C>(ctx, r, r);
+  copy(ctx, bi, packed.view());
+  const std::vector<double> h = to_host_vector<double>(ctx, vector_view<const C, D>(packed.data(), r * r));
   dense<double> A(r, r);
   for (index_t a = 0; a < r; ++a)
-    for (index_t c = 0; c < r; ++c) A(a, c) = (a == c ? 1.0 : 0.0) + double(bi(a, c));
+    for (index_t c = 0; c < r; ++c) A(a, c) = (a == c ? 1.0 : 0.0) + h[std::size_t(a * r + c)];
   Eigen::FullPivLU<dense<double>> lu(A);
   if (!lu.isInvertible())
     throw argument_error("deltaw::unmerge (Bone bat): I + b_i is singular for output block i = " + std::to_string(i) +
@@ -122,7 +138,7 @@ auto inverse_of_identity_plus(const Ctx& ctx, const cview<C, D>& bi, index_t i, 
                          std::to_string(r) + "]), so W cannot be recovered from W'");
   const dense<double> inv = lu.inverse();
   auto out = kernels::make_scratch<C>(ctx, r, r);
-  copy(ctx, matrix_view<const double>(inv.data(), r, r, r, 1), out.view());
+  copy_from_host(ctx, matrix_view<const double>(inv.data(), r, r, r, 1), out.view());
   return out;
 }
 
@@ -216,7 +232,7 @@ void bat_apply_transposed_blockwise(const Ctx& ctx, const U& u, const cview<C, D
     accs = kernels::make_scratch<C>(ctx, T, in);
     acc = accs.view();
   }
-  if (with_base || !direct) kernels::fill(ctx, acc, C(0));
+  if (with_base || !direct) fill(ctx, acc, C(0));
   const auto accb = as_blocks(acc, r);
   auto Q = kernels::make_scratch<C>(ctx, T, r);
   gemm<C>(ctx, C(1), G, none, b, none, C(0), Q.view());  // Σ_i G_i·b_i = G·b
@@ -259,7 +275,7 @@ struct evaluator<bone_bat_update<T, TW, D>> {
   template <class C, class Ctx>
   static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     if (u.forms_merged_weight(G.rows())) {
-      if (u.rows() == 0) kernels::fill(ctx, O, C(0));
+      if (u.rows() == 0) fill(ctx, O, C(0));
       block_affine_detail::for_merged_weight_panels<C>(ctx, u, form::merged, [&](index_t r0, const cview<C, D>& P) {
         gemm<C>(ctx, C(1), G.middle_cols(r0, P.rows()), kernels::op::none, P, kernels::op::none, r0 == 0 ? C(0) : C(1), O);
       });
@@ -349,7 +365,7 @@ struct evaluator<miss_update<T, D>> : additive_rows<evaluator<miss_update<T, D>>
       gemm<C>(ctx, C(1), G, none, Dm, trans, C(0), Q.view());
     } else {
       auto Gf = kernels::make_scratch<C>(ctx, T_, m);
-      kernels::fill(ctx, Gf.view(), C(0));
+      fill(ctx, Gf.view(), C(0));
       for (index_t k = 0; k < u.repeats(); ++k) axpy<C>(ctx, C(1), G.middle_cols(k * m, m), Gf.view());
       gemm<C>(ctx, C(1), Gf.cview(), none, Dm, trans, C(0), Q.view());
     }
@@ -367,7 +383,7 @@ struct evaluator<miss_update<T, D>> : additive_rows<evaluator<miss_update<T, D>>
     for (index_t i = 0; i < n; ++i) cols[std::size_t(i)] = (r0 + i) % m;
     auto rowsT = kernels::make_scratch<C>(ctx, n, r);  // row i: factor·D[:, (r0 + i) mod m]ᵀ
     gather_rows(ctx, u.D().transpose(), std::span<const index_t>(cols), rowsT.view());
-    kernels::scale(ctx, rowsT.view(), factor);
+    if (factor != C(1)) transform(ctx, rowsT.view(), kernels::scale_by<C>{factor});
     const index_t full = in / r, tail = in % r;
     for (index_t j = 0; j < full; ++j) axpy<C>(ctx, C(1), rowsT.cview(), panel.middle_cols(j * r, r));
     if (tail > 0) axpy<C>(ctx, C(1), rowsT.cview().middle_cols(0, tail), panel.middle_cols(full * r, tail));

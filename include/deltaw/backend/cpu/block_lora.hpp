@@ -14,6 +14,17 @@
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
+namespace detail {
+/// s + b converted to C: the block sum of Block-LoRA (a host-device functor).
+template <class C>
+struct add_converted {
+  template <class B>
+  DELTAW_HOST_DEVICE C operator()(B b, C s) const {
+    return s + deltaw::convert<C>(b);
+  }
+};
+}  // namespace detail
+
 template <class T, class D>
 struct evaluator<block_low_rank<T, D>> : additive_rows<evaluator<block_low_rank<T, D>>, block_low_rank<T, D>> {
   using U = block_low_rank<T, D>;
@@ -26,8 +37,8 @@ struct evaluator<block_low_rank<T, D>> : additive_rows<evaluator<block_low_rank<
     auto S = kernels::make_scratch<C>(ctx, n, rb);
     copy(ctx, B.middle_cols(0, rb), S.view());
     for (index_t i = 1; i < u.blocks(); ++i)
-      transform(ctx, B.middle_cols(i * rb, rb), S.view(), [](auto b, C s) { return s + deltaw::convert<C>(b); });
-    kernels::scale(ctx, S.view(), factor);
+      transform(ctx, B.middle_cols(i * rb, rb), S.view(), detail::add_converted<C>{});
+    if (factor != C(1)) transform(ctx, S.view(), kernels::scale_by<C>{factor});
     return S;
   }
 

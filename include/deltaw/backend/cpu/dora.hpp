@@ -2,8 +2,8 @@
 // Evaluator of DoRA and its constructors. The row norms of W + s·B·A come from
 //   ‖w_o + s·b_o·A‖² = ‖w_o‖² + 2s·b_o·(A·w_oᵀ) + s²·b_o·(A·Aᵀ)·b_oᵀ,
 // one r × out product A·Wᵀ (panel by panel) and an r × r Gram matrix: no dense ΔW.
-// Written against the primitive layer; the gains g = m/n are host values (CPU only until
-// the CUDA backend gets DoRA).
+// Written against the primitive layer, for any device; the gains g = m/n are computed on
+// the host (the magnitude read through to_host_vector) and passed to scale_rows/scale_cols.
 #pragma once
 
 #include <algorithm>
@@ -56,10 +56,10 @@ std::vector<double> dora_row_norms(const matrix_view<const TW>& W, const low_ran
   return norms;
 }
 
-template <class T, class TW>
-struct evaluator<dora_update<T, TW, device::cpu>> {
-  using U = dora_update<T, TW, device::cpu>;
-  using L = evaluator<low_rank<T, device::cpu>>;
+template <class T, class TW, class D>
+struct evaluator<dora_update<T, TW, D>> {
+  using U = dora_update<T, TW, D>;
+  using L = evaluator<low_rank<T, D>>;
 
   /// g = m/n (offset by `shift`: g − 1 for the update alone), in type C, on the host; rows
   /// [r0, r0 + n) only when n ≥ 0 (a merge panel's window).
@@ -70,6 +70,16 @@ struct evaluator<dora_update<T, TW, device::cpu>> {
     for (index_t o = 0; o < n; ++o) g[std::size_t(o)] = C(u.gain(r0 + o)) - C(shift);
     return g;
   }
+  /// The same through ctx: the magnitude read on the host (downloaded from a device).
+  template <class C, class Ctx>
+  static std::vector<C> gains(const Ctx& ctx, const U& u, double shift = 0.0, index_t r0 = 0, index_t n = -1) {
+    if (n < 0) n = u.rows() - r0;
+    const std::vector<double> m = to_host_vector<double>(ctx, u.magnitude());
+    std::vector<C> g(static_cast<std::size_t>(n));
+    for (index_t o = 0; o < n; ++o)
+      g[std::size_t(o)] = C(m[std::size_t(r0 + o)] / u.norms()[std::size_t(r0 + o)]) - C(shift);
+    return g;
+  }
   template <class C>
   static vector_view<const C> as_view(const std::vector<C>& g) {
     return vector_view<const C>(g.data(), index_t(g.size()));
@@ -77,46 +87,46 @@ struct evaluator<dora_update<T, TW, device::cpu>> {
 
   /// Y = X·Wᵀ on entry (W the DoRA's own weight); Y = X·W'ᵀ on exit.
   template <class C, class Ctx>
-  static void apply_on_base(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_on_base(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     L::template apply_add<C>(ctx, u.lora(), X, Y);
-    scale_cols(ctx, Y, as_view(gains<C>(u)));
+    scale_cols(ctx, Y, as_view(gains<C>(ctx, u)));
   }
 
   /// Y += X·(W' − W)ᵀ = (X·Wᵀ)·diag(g − 1) + (s·(X·Aᵀ)·Bᵀ)·diag(g).
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     auto base = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
     base_apply<C>(ctx, u.W(), X, base.view());
     auto low = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
-    kernels::fill(ctx, low.view(), C(0));
+    fill(ctx, low.view(), C(0));
     L::template apply_add<C>(ctx, u.lora(), X, low.view());
-    scale_cols(ctx, base.view(), as_view(gains<C>(u, 1.0)));
-    scale_cols(ctx, low.view(), as_view(gains<C>(u)));
+    scale_cols(ctx, base.view(), as_view(gains<C>(ctx, u, 1.0)));
+    scale_cols(ctx, low.view(), as_view(gains<C>(ctx, u)));
     axpy<C>(ctx, C(1), base.cview(), Y);
     axpy<C>(ctx, C(1), low.cview(), Y);
   }
 
   /// G·diag(g): the input that makes O = (G·diag(g))·W + s·((G·diag(g))·B)·A equal G·W'.
   template <class C, class Ctx>
-  static auto transposed_input(const Ctx& ctx, const U& u, const cview<C>& G) {
+  static auto transposed_input(const Ctx& ctx, const U& u, const cview<C, D>& G) {
     auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
     copy(ctx, G, Gs.view());
-    scale_cols(ctx, Gs.view(), as_view(gains<C>(u)));
+    scale_cols(ctx, Gs.view(), as_view(gains<C>(ctx, u)));
     return Gs;
   }
 
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     auto Gm = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
     copy(ctx, G, Gm.view());
-    scale_cols(ctx, Gm.view(), as_view(gains<C>(u, 1.0)));
+    scale_cols(ctx, Gm.view(), as_view(gains<C>(ctx, u, 1.0)));
     base_apply_transposed<C>(ctx, u.W(), Gm.cview(), O, C(1));
     const auto Gs = transposed_input<C>(ctx, u, G);
     L::template apply_transposed_add<C>(ctx, u.lora(), Gs.cview(), O);
   }
 
   template <class C, class Ctx>
-  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     const index_t n = panel.rows();
     auto Wr = kernels::make_scratch<C>(ctx, n, u.cols());
     copy(ctx, u.W().middle_rows(r0, n), Wr.view());
@@ -129,15 +139,14 @@ struct evaluator<dora_update<T, TW, device::cpu>> {
 
   /// Rows of W ← diag(g)·(rows of W + s·B·A).
   template <class C, class Ctx>
-  static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+  static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     L::template merge_rows<C>(ctx, u.lora(), r0, panel);
-    scale_rows(ctx, panel, as_view(gains<C>(u, 0.0, r0, panel.rows())));
+    scale_rows(ctx, panel, as_view(gains<C>(ctx, u, 0.0, r0, panel.rows())));
   }
   /// Rows of W' ← diag(1/g)·rows of W' − s·B·A, with the cached norms.
   template <class C, class Ctx>
-  static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
-    const auto g = gains<C>(u, 0.0, r0, panel.rows());
-    transform(ctx, panel, [&](index_t i, index_t, C y) { return y / g[std::size_t(i)]; });
+  static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
+    divide_rows(ctx, panel, as_view(gains<C>(ctx, u, 0.0, r0, panel.rows())));
     L::template unmerge_rows<C>(ctx, u.lora(), r0, panel);
   }
 

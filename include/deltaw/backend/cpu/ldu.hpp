@@ -152,6 +152,14 @@ std::vector<C> ldu_coefficients(const ldu<T, device::cpu>& u) {
   for (index_t j = 0; j < u.rank(); ++j) c[std::size_t(j)] = C(u.coefficient(j));
   return c;
 }
+/// The same through ctx: z and z₀ read on the host (downloaded when they live on a device).
+template <class C, class Ctx, class T, class D>
+std::vector<C> ldu_coefficients(const Ctx& ctx, const ldu<T, D>& u) {
+  const std::vector<double> z = to_host_vector<double>(ctx, u.z()), z0 = to_host_vector<double>(ctx, u.z0());
+  std::vector<C> c(std::size_t(u.rank()));
+  for (std::size_t j = 0; j < c.size(); ++j) c[j] = C(u.sigma() * z[j] - u.sigma0() * z0[j]);
+  return c;
+}
 template <class C>
 bool all_zero(const std::vector<C>& c) {
   return std::all_of(c.begin(), c.end(), [](C x) { return x == C(0); });
@@ -165,36 +173,37 @@ std::span<const index_t> ldu_perm(const ldu<T, device::cpu>& u, std::vector<inde
   for (index_t o = 0; o < p.size(); ++o) storage[std::size_t(o)] = p[o];
   return {storage.data(), storage.size()};
 }
-/// Rows [r0, r0 + P.rows()) of P·L_r in type C, gathered into P [n, r].
-template <class C, class Ctx, class T>
-void ldu_gather(const Ctx& ctx, const ldu<T, device::cpu>& u, index_t r0, const matrix_view<C>& P) {
-  std::vector<index_t> storage;
-  const auto perm = ldu_perm(u, storage).subspan(std::size_t(r0), std::size_t(P.rows()));
-  gather_rows(ctx, u.L(), perm, P);
+/// Rows [r0, r0 + P.rows()) of P·L_r in type C, gathered into P [n, r] (the permutation
+/// read where it lives).
+template <class C, class Ctx, class T, class D>
+void ldu_gather(const Ctx& ctx, const ldu<T, D>& u, index_t r0, const matrix_view<C, D>& P) {
+  if (P.rows() == 0) return;
+  const auto& p = u.perm();
+  gather_rows(ctx, u.L(), vector_view<const index_t, D>(p.data() + r0 * p.stride(), P.rows(), p.stride()), P);
 }
 }  // namespace detail
 
 /// ΔW = P·L_r·diag(c)·U_r. The rows of P·L_r·diag(c) are gathered once into an out × r
-/// scratch (LoRA's B); the permutation is never a matrix. c and perm are host values, so
-/// this evaluator is the CPU's (a device one needs them on the device).
-template <class T>
-struct evaluator<ldu<T, device::cpu>> : additive_rows<evaluator<ldu<T, device::cpu>>, ldu<T, device::cpu>> {
-  using U = ldu<T, device::cpu>;
+/// scratch (LoRA's B); the permutation is never a matrix. c is computed on the host (z and
+/// z₀ read through to_host_vector); perm is read where it lives (gather_rows). Any device.
+template <class T, class D>
+struct evaluator<ldu<T, D>> : additive_rows<evaluator<ldu<T, D>>, ldu<T, D>> {
+  using U = ldu<T, D>;
 
   /// Rows [r0, r0 + P.rows()) of P·L_r·diag(c) into P [n, r], in type C.
   template <class C, class Ctx>
-  static void scaled_rows(const Ctx& ctx, const U& u, index_t r0, const std::vector<C>& c, const mview<C>& P) {
+  static void scaled_rows(const Ctx& ctx, const U& u, index_t r0, const std::vector<C>& c, const mview<C, D>& P) {
     detail::ldu_gather(ctx, u, r0, P);
     scale_cols(ctx, P, vector_view<const C>(c.data(), index_t(c.size())));
   }
 
   /// Y += (X·U_rᵀ)·(P·L_r·diag(c))ᵀ; nothing while c = 0 (ΔW = 0 exactly, the initial state).
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     using enum kernels::op;
-    const auto c = detail::ldu_coefficients<C>(u);
+    const auto c = detail::ldu_coefficients<C>(ctx, u);
     if (detail::all_zero(c)) return;
-    const kernels::operand<C> Ur(ctx, u.U());
+    const kernels::operand<C, D> Ur(ctx, u.U());
     auto Lp = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
     scaled_rows<C>(ctx, u, 0, c, Lp.view());
     auto Z = kernels::make_scratch<C>(ctx, X.rows(), u.rank());
@@ -204,11 +213,11 @@ struct evaluator<ldu<T, device::cpu>> : additive_rows<evaluator<ldu<T, device::c
 
   /// O += (G·P·L_r·diag(c))·U_r.
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     using enum kernels::op;
-    const auto c = detail::ldu_coefficients<C>(u);
+    const auto c = detail::ldu_coefficients<C>(ctx, u);
     if (detail::all_zero(c)) return;
-    const kernels::operand<C> Ur(ctx, u.U());
+    const kernels::operand<C, D> Ur(ctx, u.U());
     auto Lp = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
     scaled_rows<C>(ctx, u, 0, c, Lp.view());
     auto Z = kernels::make_scratch<C>(ctx, G.rows(), u.rank());
@@ -218,11 +227,11 @@ struct evaluator<ldu<T, device::cpu>> : additive_rows<evaluator<ldu<T, device::c
 
   /// P += factor·(P·L_r·diag(c))[r0 : r0 + P.rows()]·U_r.
   template <class C, class Ctx>
-  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C factor) {
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& P, C factor) {
     using enum kernels::op;
-    const auto c = detail::ldu_coefficients<C>(u);
+    const auto c = detail::ldu_coefficients<C>(ctx, u);
     if (detail::all_zero(c)) return;
-    const kernels::operand<C> Ur(ctx, u.U());
+    const kernels::operand<C, D> Ur(ctx, u.U());
     auto Lp = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
     scaled_rows<C>(ctx, u, r0, c, Lp.view());
     gemm<C>(ctx, factor, Lp.cview(), none, Ur, none, C(1), P);

@@ -96,20 +96,21 @@ bool replace_base(const Tuple& deltas, const matrix_view<const TW>& W, F&& f) {
 }  // namespace detail
 
 /// Y = X·Wᵀ.
-template <class C, class Ctx, class TW>
-void base_apply(const Ctx& ctx, const matrix_view<const TW>& W, const cview<C>& X, const mview<C>& Y) {
-  for_row_panels<C>(ctx, W, [&](index_t r0, const cview<C>& P) {
+template <class C, class Ctx, class TW, class D>
+void base_apply(const Ctx& ctx, const matrix_view<const TW, D>& W, const std::type_identity_t<cview<C, D>>& X,
+                const std::type_identity_t<mview<C, D>>& Y) {
+  for_row_panels<C>(ctx, W, [&](index_t r0, const cview<C, D>& P) {
     gemm<C>(ctx, C(1), X, kernels::op::none, P, kernels::op::trans, C(0), Y.middle_cols(r0, P.rows()));
   });
 }
 
 /// O = G·W (beta = 1: O += G·W).
-template <class C, class Ctx, class TW>
-void base_apply_transposed(const Ctx& ctx, const matrix_view<const TW>& W, const cview<C>& G, const mview<C>& O,
-                           C beta = C(0)) {
-  if (beta == C(0) && !maps_directly<C>(W)) kernels::fill(ctx, O, C(0));
+template <class C, class Ctx, class TW, class D>
+void base_apply_transposed(const Ctx& ctx, const matrix_view<const TW, D>& W, const std::type_identity_t<cview<C, D>>& G,
+                           const std::type_identity_t<mview<C, D>>& O, C beta = C(0)) {
+  if (beta == C(0) && !maps_directly<C>(W)) fill(ctx, O, C(0));
   const C b = maps_directly<C>(W) ? beta : C(1);
-  for_row_panels<C>(ctx, W, [&](index_t r0, const cview<C>& P) {
+  for_row_panels<C>(ctx, W, [&](index_t r0, const cview<C, D>& P) {
     gemm<C>(ctx, C(1), G.middle_cols(r0, P.rows()), kernels::op::none, P, kernels::op::none, b, O);
   });
 }

@@ -14,8 +14,9 @@
 // - RandLoRA draws U in row tiles [tile, N·r] and V in row tiles [tile, min_dim]; each tile
 //   feeds one GEMM and is overwritten.
 //
-// The coefficients (NOLA's α, β, VeRA's λ_d, λ_b, RandLoRA's λ) are read on the host, as
-// DoRA's gains: these evaluators are the CPU's until the CUDA backend gets the family.
+// NOLA's α, β and VeRA's λ_d, λ_b are read on the host (to_host_vector, a download on a
+// device) and passed to axpy_random/scale_rows; RandLoRA's λ and γ are read where they
+// live by the V tile's functor. The evaluators serve any device (CUDA: updates.cuh).
 #pragma once
 
 #include <algorithm>
@@ -60,9 +61,9 @@ vector_view<const C> host_view(const std::vector<C>& v) {
 // NOLA
 // ─────────────────────────────────────────────────────────────────────────────────────────
 
-template <class T>
-struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_update<T, device::cpu>>, nola_update<T, device::cpu>> {
-  using U = nola_update<T, device::cpu>;
+template <class T, class D>
+struct evaluator<nola_update<T, D>> : additive_rows<evaluator<nola_update<T, D>>, nola_update<T, D>> {
+  using U = nola_update<T, D>;
 
   /// The bases Aᵢ [r, in] (without A₀) and Bⱼ [out, r], in order.
   static std::vector<basis_entries> a_bases(const U& u) {
@@ -81,8 +82,8 @@ struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_upd
   /// A = A₀ + Σᵢ αᵢ·Aᵢ into A [r, in]. A₀ enters as a basis of coefficient 1 added to zeros,
   /// which reproduces its entries exactly.
   template <class C, class Ctx>
-  static void form_A(const Ctx& ctx, const U& u, const mview<C>& A) {
-    const std::vector<C> a = detail::to_vector<C>(u.a_coefficients());
+  static void form_A(const Ctx& ctx, const U& u, const mview<C, D>& A) {
+    const std::vector<C> a = to_host_vector<C>(ctx, u.a_coefficients());
     std::vector<C> coef;
     std::vector<basis_entries> bases;
     coef.reserve(a.size() + 1);
@@ -95,24 +96,24 @@ struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_upd
       coef.push_back(a[std::size_t(i)]);
       bases.push_back(u.a_basis(i));
     }
-    kernels::fill(ctx, A, C(0));
+    fill(ctx, A, C(0));
     axpy_random(ctx, detail::host_view(coef), std::span<const basis_entries>(bases), 0, std::uint64_t(u.cols()), A);
   }
 
   /// Rows [r0, r0 + B.rows()) of B = Σⱼ βⱼ·Bⱼ, times `factor`, into B [rows, r].
   template <class C, class Ctx>
-  static void form_B_rows(const Ctx& ctx, const U& u, index_t r0, C factor, const mview<C>& B) {
-    std::vector<C> b = detail::to_vector<C>(u.b_coefficients());
+  static void form_B_rows(const Ctx& ctx, const U& u, index_t r0, C factor, const mview<C, D>& B) {
+    std::vector<C> b = to_host_vector<C>(ctx, u.b_coefficients());
     for (C& x : b) x *= factor;
     const std::vector<basis_entries> bases = b_bases(u);
-    kernels::fill(ctx, B, C(0));
+    fill(ctx, B, C(0));
     axpy_random(ctx, detail::host_view(b), std::span<const basis_entries>(bases),
                 std::uint64_t(r0) * std::uint64_t(u.rank()), std::uint64_t(u.rank()), B);
   }
 
   /// Y += (X·Aᵀ)·(s·B)ᵀ.
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     using enum kernels::op;
     auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
     auto B = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
@@ -125,7 +126,7 @@ struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_upd
 
   /// O += (G·s·B)·A.
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     using enum kernels::op;
     auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
     auto B = kernels::make_scratch<C>(ctx, u.rows(), u.rank());
@@ -138,7 +139,7 @@ struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_upd
 
   /// P += factor·s·B[r0 : r0 + P.rows()]·A.
   template <class C, class Ctx>
-  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C factor) {
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& P, C factor) {
     using enum kernels::op;
     auto A = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
     auto B = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
@@ -168,13 +169,13 @@ struct evaluator<nola_update<T, device::cpu>> : additive_rows<evaluator<nola_upd
 // VeRA
 // ─────────────────────────────────────────────────────────────────────────────────────────
 
-template <class T>
-struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_update<T, device::cpu>>, vera_update<T, device::cpu>> {
-  using U = vera_update<T, device::cpu>;
+template <class T, class D>
+struct evaluator<vera_update<T, D>> : additive_rows<evaluator<vera_update<T, D>>, vera_update<T, D>> {
+  using U = vera_update<T, D>;
 
   /// diag(λ_d)·A[:, j0 : j0 + At.cols()] into At [r, tj]; an empty ld leaves A unscaled.
   template <class C, class Ctx>
-  static void A_tile(const Ctx& ctx, const U& u, const vector_view<const C>& ld, index_t j0, const mview<C>& At) {
+  static void A_tile(const Ctx& ctx, const U& u, const vector_view<const C>& ld, index_t j0, const mview<C, D>& At) {
     const auto& b = u.basis();
     fill_random(ctx, b.A(), b.a_index(0, j0), std::uint64_t(b.in_max), At);
     if (ld.size() > 0) scale_rows(ctx, At, ld);
@@ -182,7 +183,7 @@ struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_upd
   /// diag(lb)·B[i0 : i0 + Bt.rows(), :] into Bt [ti, r] (lb: λ_b times the caller's factor,
   /// indexed by the layer's row); an empty lb leaves B unscaled.
   template <class C, class Ctx>
-  static void B_tile(const Ctx& ctx, const U& u, const vector_view<const C>& lb, index_t i0, const mview<C>& Bt) {
+  static void B_tile(const Ctx& ctx, const U& u, const vector_view<const C>& lb, index_t i0, const mview<C, D>& Bt) {
     const auto& b = u.basis();
     fill_random(ctx, b.B(), b.b_index(i0, 0), std::uint64_t(u.rank()), Bt);
     if (lb.size() > 0) scale_rows(ctx, Bt, lb, i0);
@@ -192,60 +193,60 @@ struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_upd
 
   /// Z = X·(diag(λ_d)·A)ᵀ, then Y += Z·(diag(λ_b)·B)ᵀ, tile by tile.
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     using enum kernels::op;
-    const auto ld = detail::to_vector<C>(u.lambda_d());
-    const auto lb = detail::to_vector<C>(u.lambda_b());
+    const auto ld = to_host_vector<C>(ctx, u.lambda_d());
+    const auto lb = to_host_vector<C>(ctx, u.lambda_b());
     const index_t r = u.rank(), ta = a_tile(u), tb = b_tile(u);
     auto Z = kernels::make_scratch<C>(ctx, X.rows(), r);
     auto At = kernels::make_scratch<C>(ctx, r, ta);
     auto Bt = kernels::make_scratch<C>(ctx, tb, r);
-    kernels::fill(ctx, Z.view(), C(0));
+    fill(ctx, Z.view(), C(0));
     for (index_t j0 = 0; j0 < u.cols(); j0 += ta) {
       const index_t tj = std::min(ta, u.cols() - j0);
       const auto a = At.view().middle_cols(0, tj);
       A_tile<C>(ctx, u, detail::host_view(ld), j0, a);
-      gemm<C>(ctx, C(1), X.middle_cols(j0, tj), none, cview<C>(a), trans, C(1), Z.view());
+      gemm<C>(ctx, C(1), X.middle_cols(j0, tj), none, cview<C, D>(a), trans, C(1), Z.view());
     }
     for (index_t i0 = 0; i0 < u.rows(); i0 += tb) {
       const index_t ti = std::min(tb, u.rows() - i0);
       const auto bt = Bt.view().middle_rows(0, ti);
       B_tile<C>(ctx, u, detail::host_view(lb), i0, bt);
-      gemm<C>(ctx, C(1), Z.cview(), none, cview<C>(bt), trans, C(1), Y.middle_cols(i0, ti));
+      gemm<C>(ctx, C(1), Z.cview(), none, cview<C, D>(bt), trans, C(1), Y.middle_cols(i0, ti));
     }
   }
 
   /// Z = G·diag(λ_b)·B, then O += Z·diag(λ_d)·A, tile by tile.
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     using enum kernels::op;
-    const auto ld = detail::to_vector<C>(u.lambda_d());
-    const auto lb = detail::to_vector<C>(u.lambda_b());
+    const auto ld = to_host_vector<C>(ctx, u.lambda_d());
+    const auto lb = to_host_vector<C>(ctx, u.lambda_b());
     const index_t r = u.rank(), ta = a_tile(u), tb = b_tile(u);
     auto Z = kernels::make_scratch<C>(ctx, G.rows(), r);
     auto At = kernels::make_scratch<C>(ctx, r, ta);
     auto Bt = kernels::make_scratch<C>(ctx, tb, r);
-    kernels::fill(ctx, Z.view(), C(0));
+    fill(ctx, Z.view(), C(0));
     for (index_t i0 = 0; i0 < u.rows(); i0 += tb) {
       const index_t ti = std::min(tb, u.rows() - i0);
       const auto bt = Bt.view().middle_rows(0, ti);
       B_tile<C>(ctx, u, detail::host_view(lb), i0, bt);
-      gemm<C>(ctx, C(1), G.middle_cols(i0, ti), none, cview<C>(bt), none, C(1), Z.view());
+      gemm<C>(ctx, C(1), G.middle_cols(i0, ti), none, cview<C, D>(bt), none, C(1), Z.view());
     }
     for (index_t j0 = 0; j0 < u.cols(); j0 += ta) {
       const index_t tj = std::min(ta, u.cols() - j0);
       const auto a = At.view().middle_cols(0, tj);
       A_tile<C>(ctx, u, detail::host_view(ld), j0, a);
-      gemm<C>(ctx, C(1), Z.cview(), none, cview<C>(a), none, C(1), O.middle_cols(j0, tj));
+      gemm<C>(ctx, C(1), Z.cview(), none, cview<C, D>(a), none, C(1), O.middle_cols(j0, tj));
     }
   }
 
   /// P += factor·diag(λ_b)[r0 : …]·B[r0 : …]·diag(λ_d)·A, A in column tiles.
   template <class C, class Ctx>
-  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C factor) {
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& P, C factor) {
     using enum kernels::op;
-    const auto ld = detail::to_vector<C>(u.lambda_d());
-    auto lb = detail::to_vector<C>(u.lambda_b());
+    const auto ld = to_host_vector<C>(ctx, u.lambda_d());
+    auto lb = to_host_vector<C>(ctx, u.lambda_b());
     for (C& x : lb) x = factor * x;
     const index_t ta = a_tile(u);
     auto Bt = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
@@ -255,7 +256,7 @@ struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_upd
       const index_t tj = std::min(ta, u.cols() - j0);
       const auto a = At.view().middle_cols(0, tj);
       A_tile<C>(ctx, u, detail::host_view(ld), j0, a);
-      gemm<C>(ctx, C(1), Bt.cview(), none, cview<C>(a), none, C(1), P.middle_cols(j0, tj));
+      gemm<C>(ctx, C(1), Bt.cview(), none, cview<C, D>(a), none, C(1), P.middle_cols(j0, tj));
     }
   }
 
@@ -264,8 +265,8 @@ struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_upd
   static double frobenius_norm(const U& u) {
     using enum kernels::op;
     const kernels::cpu_context ctx;
-    const auto ld = detail::to_vector<double>(u.lambda_d());
-    const auto lb = detail::to_vector<double>(u.lambda_b());
+    const auto ld = to_host_vector<double>(ctx, u.lambda_d());
+    const auto lb = to_host_vector<double>(ctx, u.lambda_b());
     auto A = kernels::make_scratch<double>(ctx, u.rank(), u.cols());
     auto B = kernels::make_scratch<double>(ctx, u.rows(), u.rank());
     A_tile<double>(ctx, u, detail::host_view(ld), 0, A.view());
@@ -282,15 +283,15 @@ struct evaluator<vera_update<T, device::cpu>> : additive_rows<evaluator<vera_upd
 // RandLoRA
 // ─────────────────────────────────────────────────────────────────────────────────────────
 
-template <class T>
-struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<randlora_update<T, device::cpu>>, randlora_update<T, device::cpu>> {
-  using U = randlora_update<T, device::cpu>;
+template <class T, class D>
+struct evaluator<randlora_update<T, D>> : additive_rows<evaluator<randlora_update<T, D>>, randlora_update<T, D>> {
+  using U = randlora_update<T, D>;
 
   /// What every call needs once: A [r, min_dim] drawn, λ and γ in type C.
   template <class C>
   struct state {
-    kernels::scratch<C> A;
-    kernels::operand<C> lambda, gamma;
+    kernels::scratch<C, D> A;
+    kernels::operand<C, D> lambda, gamma;
     index_t N, nr, n, m;
     C factor;  ///< s times the caller's sign, folded into V
 
@@ -306,21 +307,24 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
 
   /// Rows [c0, c0 + Vt.rows()) and columns [j0, j0 + Vt.cols()) of factor·V:
   /// row c = λ[c/N, c%N]·A[c/N]∘γ[c%N].
-  template <class C, class Ctx>
-  static void V_tile(const Ctx& ctx, const state<C>& x, index_t c0, index_t j0, const mview<C>& Vt) {
-    const index_t tj = Vt.cols();
-    const auto L = x.lambda.view();
-    for (index_t q = 0; q < Vt.rows(); ++q) {
-      const index_t c = c0 + q, k = c / x.N, b = c % x.N;
-      const C coef = x.factor * L(k, b);
-      const auto row = Vt.middle_rows(q, 1);
-      kernels::copy(ctx, x.A.cview().block(k, j0, 1, tj), row);
-      transform(ctx, x.gamma.view().block(b, j0, 1, tj), row, [coef](C g, C a) { return coef * (a * g); });
+  template <class C>
+  struct V_entry {
+    cview<C, D> L, A, G;
+    C factor;
+    index_t N, c0, j0;
+    DELTAW_HOST_DEVICE C operator()(index_t q, index_t j, C) const {
+      const index_t c = c0 + q, k = c / N, b = c % N;
+      const C coef = factor * L(k, b);
+      return coef * (A(k, j0 + j) * G(b, j0 + j));
     }
+  };
+  template <class C, class Ctx>
+  static void V_tile(const Ctx& ctx, const state<C>& x, index_t c0, index_t j0, const mview<C, D>& Vt) {
+    transform(ctx, Vt, V_entry<C>{x.lambda.view(), x.A.cview(), x.gamma.view(), x.factor, x.N, c0, j0});
   }
   /// Rows [i0, i0 + Ut.rows()) of U: row i is B[i, :N, :] flattened, i.e. entries i·N_shared·r + c.
   template <class C, class Ctx>
-  static void U_tile(const Ctx& ctx, const U& u, index_t i0, const mview<C>& Ut) {
+  static void U_tile(const Ctx& ctx, const U& u, index_t i0, const mview<C, D>& Ut) {
     const auto& b = u.basis();
     fill_random(ctx, b.B(), b.b_index(i0, 0, 0), b.b_index(1, 0, 0), Ut);
   }
@@ -331,7 +335,7 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
 
   /// Y [T, max_dim] += X [T, min_dim]·(factor·V)ᵀ·Uᵀ.
   template <class C, class Ctx>
-  static void left(const Ctx& ctx, const U& u, const state<C>& x, const cview<C>& X, const mview<C>& Y) {
+  static void left(const Ctx& ctx, const U& u, const state<C>& x, const cview<C, D>& X, const mview<C, D>& Y) {
     using enum kernels::op;
     const index_t tv = v_tile(x), tu = u_tile(x);
     auto Z = kernels::make_scratch<C>(ctx, X.rows(), x.nr);
@@ -340,41 +344,41 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
       const index_t tc = std::min(tv, x.nr - c0);
       const auto v = Vt.view().middle_rows(0, tc);
       V_tile<C>(ctx, x, c0, 0, v);
-      gemm<C>(ctx, C(1), X, none, cview<C>(v), trans, C(0), Z.view().middle_cols(c0, tc));
+      gemm<C>(ctx, C(1), X, none, cview<C, D>(v), trans, C(0), Z.view().middle_cols(c0, tc));
     }
     auto Ut = kernels::make_scratch<C>(ctx, tu, x.nr);
     for (index_t i0 = 0; i0 < x.m; i0 += tu) {
       const index_t ti = std::min(tu, x.m - i0);
       const auto ut = Ut.view().middle_rows(0, ti);
       U_tile<C>(ctx, u, i0, ut);
-      gemm<C>(ctx, C(1), Z.cview(), none, cview<C>(ut), trans, C(1), Y.middle_cols(i0, ti));
+      gemm<C>(ctx, C(1), Z.cview(), none, cview<C, D>(ut), trans, C(1), Y.middle_cols(i0, ti));
     }
   }
   /// Y [T, min_dim] += X [T, max_dim]·U·(factor·V).
   template <class C, class Ctx>
-  static void right(const Ctx& ctx, const U& u, const state<C>& x, const cview<C>& X, const mview<C>& Y) {
+  static void right(const Ctx& ctx, const U& u, const state<C>& x, const cview<C, D>& X, const mview<C, D>& Y) {
     using enum kernels::op;
     const index_t tv = v_tile(x), tu = u_tile(x);
     auto Z = kernels::make_scratch<C>(ctx, X.rows(), x.nr);
-    kernels::fill(ctx, Z.view(), C(0));
+    fill(ctx, Z.view(), C(0));
     auto Ut = kernels::make_scratch<C>(ctx, tu, x.nr);
     for (index_t i0 = 0; i0 < x.m; i0 += tu) {
       const index_t ti = std::min(tu, x.m - i0);
       const auto ut = Ut.view().middle_rows(0, ti);
       U_tile<C>(ctx, u, i0, ut);
-      gemm<C>(ctx, C(1), X.middle_cols(i0, ti), none, cview<C>(ut), none, C(1), Z.view());
+      gemm<C>(ctx, C(1), X.middle_cols(i0, ti), none, cview<C, D>(ut), none, C(1), Z.view());
     }
     auto Vt = kernels::make_scratch<C>(ctx, tv, x.n);
     for (index_t c0 = 0; c0 < x.nr; c0 += tv) {
       const index_t tc = std::min(tv, x.nr - c0);
       const auto v = Vt.view().middle_rows(0, tc);
       V_tile<C>(ctx, x, c0, 0, v);
-      gemm<C>(ctx, C(1), Z.cview().middle_cols(c0, tc), none, cview<C>(v), none, C(1), Y);
+      gemm<C>(ctx, C(1), Z.cview().middle_cols(c0, tc), none, cview<C, D>(v), none, C(1), Y);
     }
   }
 
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     const state<C> x(ctx, u, C(1));
     if (u.transposed())
       right<C>(ctx, u, x, X, Y);  // ΔW = s·Vᵀ·Uᵀ: X·ΔWᵀ = s·X·U·V
@@ -383,7 +387,7 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
   }
 
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     const state<C> x(ctx, u, C(1));
     if (u.transposed())
       left<C>(ctx, u, x, G, O);   // G·ΔW = s·G·Vᵀ·Uᵀ
@@ -393,7 +397,7 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
 
   /// Rows [r0, r0 + P.rows()) of sign·ΔW added to P, 256 rows at a time.
   template <class C, class Ctx>
-  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, C sign) {
+  static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& P, C sign) {
     using enum kernels::op;
     const state<C> x(ctx, u, sign);
     const index_t rows = std::min(panel_rows, P.rows());
@@ -411,7 +415,7 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
           const index_t tc = std::min(tv, x.nr - c0);
           const auto v = Vt.view().middle_rows(0, tc);
           V_tile<C>(ctx, x, c0, 0, v);
-          gemm<C>(ctx, C(1), cview<C>(ut).middle_cols(c0, tc), none, cview<C>(v), none, C(1), sub);
+          gemm<C>(ctx, C(1), cview<C, D>(ut).middle_cols(c0, tc), none, cview<C, D>(v), none, C(1), sub);
         }
       }
     } else {
@@ -428,7 +432,7 @@ struct evaluator<randlora_update<T, device::cpu>> : additive_rows<evaluator<rand
           const index_t ti = std::min(tu, x.m - i0);
           const auto ut = Ut.view().middle_rows(0, ti);
           U_tile<C>(ctx, u, i0, ut);
-          gemm<C>(ctx, C(1), cview<C>(v), trans, cview<C>(ut), trans, C(1), sub.middle_cols(i0, ti));
+          gemm<C>(ctx, C(1), cview<C, D>(v), trans, cview<C, D>(ut), trans, C(1), sub.middle_cols(i0, ti));
         }
       }
     }
