@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "alloc_counter.hpp"
+#include "expr/update_checks.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -59,14 +60,7 @@ MatD boft_rotation_ref(const MatD& Rp, Eigen::Index in) {
 template <class U>
 void check_against_dense(const U& u, const MatD& dW, std::uint64_t seed, const char* what) {
   INFO(what);
-  const auto out = dW.rows(), in = dW.cols();
-  for (Eigen::Index T : {Eigen::Index(0), Eigen::Index(1), Eigen::Index(5)}) {
-    const MatD X = dwt::random<MatD>(T, in, seed + T), G = dwt::random<MatD>(T, out, seed + 7 + T);
-    CHECK(dwt::rel_err(dw::apply(u, X), X * dW.transpose()) < 1e-12);
-    CHECK(dwt::rel_err(dw::apply_transposed(u, G), G * dW) < 1e-12);
-  }
-  CHECK(dwt::rel_err(dw::materialize(u), dW) < 1e-12);
-  CHECK(std::abs(dw::frobenius_norm(u) - dW.norm()) < 1e-10 * std::max(1.0, dW.norm()));
+  dwt::check_update_ops(u, dW, seed);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <deltaw/deltaw.hpp>
 
 #include "alloc_counter.hpp"
+#include "expr/update_checks.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -32,29 +33,14 @@ TEST_CASE("DeLoRA: ΔW = B·diag(λ/(r·‖A_i‖·‖B^i‖))·A·diag(w), ever
     const Eigen::VectorXd lam = Eigen::VectorXd::Constant(1, 0.5 + trial);
     const Eigen::VectorXd w = dw::delora_weight_norms(W);
     CHECK(dwt::rel_err(MatD(w.transpose()), MatD(W.colwise().norm())) < 1e-14);
-    const MatD dW = delora_ref(B, A, lam[0], w), Wp = W + dW;
+    const MatD dW = delora_ref(B, A, lam[0], w);
     INFO("trial " << trial << " out " << out << " in " << in << " r " << r);
     auto u = dw::delora(B, A, lam, w);
     CHECK(u.parameter_count() == r * (out + in) + 1);
-    for (Eigen::Index T : {Eigen::Index(0), Eigen::Index(1), Eigen::Index(6)}) {
-      const MatD X = dwt::random<MatD>(T, in, 40 + trial + T), G = dwt::random<MatD>(T, out, 50 + trial + T);
-      CHECK(dwt::rel_err(dw::apply(u, X), X * dW.transpose()) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply_transposed(u, G), G * dW) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), X * Wp.transpose()) < 1e-12);
-    }
-    CHECK(dwt::rel_err(dw::materialize(u), dW) < 1e-12);
-    CHECK(std::abs(dw::frobenius_norm(u) - dW.norm()) < 1e-10 * std::max(1.0, dW.norm()));
+    dwt::check_update_ops(u, dW, 40 + trial, {0, 1, 6});
     // ‖ΔW‖ ≤ λ·max(w) (DeLoRA's boundary; each normalised rank-one term has norm ≤ λ/r·max w).
     CHECK(dW.norm() <= lam[0] * w.maxCoeff() * (1 + 1e-12));
-    const MatD Bl = dwt::random<MatD>(out, 2, 60 + trial), Al = dwt::random<MatD>(2, in, 70 + trial);
-    const MatD X = dwt::random<MatD>(4, in, 80 + trial);
-    CHECK(dwt::rel_err(dw::apply(dw::view(W) + u + dw::lora(Bl, Al, dw::scale(0.5)), X),
-                       X * (Wp + 0.5 * Bl * Al).transpose()) < 1e-12);
-    const MatD W0 = W;
-    dw::merge(W, u);
-    CHECK(dwt::rel_err(W, Wp) < 1e-12);
-    dw::unmerge(W, u);
-    CHECK(dwt::rel_err(W, W0) < 1e-13);
+    dwt::check_update_over_weight(u, W, dW, 60 + trial, {.tokens = {0, 1, 6}, .unmerge_tol = 1e-13});
   }
   const dwt::MatF Bf = dwt::random<dwt::MatF>(6, 3, 91), Af = dwt::random<dwt::MatF>(3, 10, 92), Xf = dwt::random<dwt::MatF>(5, 10, 93);
   const Eigen::VectorXf lf = Eigen::VectorXf::Constant(1, 2.5f), wf = dwt::random<dwt::MatF>(10, 1, 94).col(0).cwiseAbs();

@@ -7,6 +7,7 @@
 #include <deltaw/deltaw.hpp>
 
 #include "alloc_counter.hpp"
+#include "expr/update_checks.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -21,35 +22,15 @@ TEST_CASE("HiRA: ΔW = W ⊙ (B·A), both schedules, every operation against den
     const Eigen::Index in = std::uniform_int_distribution<int>(1, 11)(g), r = trial < 2 ? 1 : std::uniform_int_distribution<int>(1, 4)(g);
     MatD W = dwt::random<MatD>(out, in, 10 + trial);
     const MatD B = dwt::random<MatD>(out, r, 20 + trial), A = dwt::random<MatD>(r, in, 30 + trial);
-    const MatD dW = W.cwiseProduct(B * A), Wp = W + dW;
+    const MatD dW = W.cwiseProduct(B * A);
     INFO("trial " << trial << " out " << out << " in " << in << " r " << r);
     auto u = dw::hira(W, B, A);
     CHECK(u.rank() == r);
     CHECK(u.parameter_count() == r * (out + in));
-    for (Eigen::Index T : {Eigen::Index(0), Eigen::Index(1), Eigen::Index(2), Eigen::Index(7)}) {
-      CAPTURE(T);
-      const MatD X = dwt::random<MatD>(T, in, 40 + trial + T), G = dwt::random<MatD>(T, out, 50 + trial + T);
-      CHECK(dwt::rel_err(dw::apply(u, X), X * dW.transpose()) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply_transposed(u, G), G * dW) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), X * Wp.transpose()) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply_transposed(dw::view(W) + u, G), G * Wp) < 1e-12);
-    }
-    CHECK(dwt::rel_err(dw::materialize(u), dW) < 1e-12);
-    CHECK(std::abs(dw::frobenius_norm(u) - dW.norm()) < 1e-10 * std::max(1.0, dW.norm()));
-    const MatD Bl = dwt::random<MatD>(out, 2, 60 + trial), Al = dwt::random<MatD>(2, in, 70 + trial);
-    const MatD X = dwt::random<MatD>(4, in, 80 + trial);
-    CHECK(dwt::rel_err(dw::apply(dw::view(W) + u + dw::lora(Bl, Al, dw::scale(0.5)), X),
-                       X * (Wp + 0.5 * Bl * Al).transpose()) < 1e-12);
-    const MatD W0 = W;
-    dw::merge(W, u);
-    CHECK(dwt::rel_err(W, Wp) < 1e-12);
-    dw::unmerge(W, u);
-    CHECK(dwt::rel_err(W, W0) < 1e-10);
-    dw::merge_checked(W, u);
-    CHECK(dwt::rel_err(W, Wp) < 1e-12);
-    dw::unmerge(W, u);
-    MatD W2 = W0;
-    dwt::check_throws_with<dw::argument_error>([&] { dw::merge(W2, u); }, {"HiRA", "merges only into the weight"});
+    // Token counts on both sides of the schedule switch (r products with W / W ⊙ (1 + B·A)).
+    const std::vector<Eigen::Index> tokens{0, 1, 2, 7};
+    dwt::check_update_ops(u, dW, 40 + trial, tokens);
+    dwt::check_update_over_weight(u, W, dW, 60 + trial, {.tokens = tokens, .unmerge_tol = 1e-10, .reads_weight = "HiRA"});
   }
   const dwt::MatF Wf = dwt::random<dwt::MatF>(6, 10, 90), Bf = dwt::random<dwt::MatF>(6, 3, 91), Af = dwt::random<dwt::MatF>(3, 10, 92);
   const dwt::MatF Xf = dwt::random<dwt::MatF>(5, 10, 93);

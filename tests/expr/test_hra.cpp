@@ -7,6 +7,7 @@
 #include <deltaw/deltaw.hpp>
 
 #include "alloc_counter.hpp"
+#include "expr/update_checks.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -54,32 +55,10 @@ TEST_CASE("HRA: W' = W·H, H = Π (I − 2·n_i·n_iᵀ) or I − 2·Q·Qᵀ (Gr
     auto u = dw::hra(W, U, dw::hra_options{gs});
     CHECK(u.rank() == r);
     CHECK(u.parameter_count() == in * r);
-    for (Eigen::Index T : {Eigen::Index(0), Eigen::Index(1), Eigen::Index(5)}) {
-      const MatD X = dwt::random<MatD>(T, in, 30 + trial + T), G = dwt::random<MatD>(T, out, 40 + trial + T);
-      CHECK(dwt::rel_err(dw::apply(u, X), X * dW.transpose()) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply_transposed(u, G), G * dW) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), X * Wp.transpose()) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply_transposed(dw::view(W) + u, G), G * Wp) < 1e-12);
-    }
-    CHECK(dwt::rel_err(dw::materialize(u), dW) < 1e-12);
-    CHECK(std::abs(dw::frobenius_norm(u) - dW.norm()) < 1e-10 * std::max(1.0, dW.norm()));
-    // In a lazy sum with a LoRA.
-    const MatD Bl = dwt::random<MatD>(out, 2, 50 + trial), Al = dwt::random<MatD>(2, in, 60 + trial);
-    const MatD X = dwt::random<MatD>(4, in, 70 + trial);
-    CHECK(dwt::rel_err(dw::apply(dw::view(W) + u + dw::lora(Bl, Al, dw::scale(0.5)), X),
-                       X * (Wp + 0.5 * Bl * Al).transpose()) < 1e-12);
-    // merge / unmerge (unmerge by Hᵀ: PEFT's reverse product), merge_checked.
-    const MatD W0 = W;
-    dw::merge(W, u);
-    CHECK(dwt::rel_err(W, Wp) < 1e-12);
-    dw::unmerge(W, u);
-    CHECK(dwt::rel_err(W, W0) < 1e-12);
-    dw::merge_checked(W, u);
-    CHECK(dwt::rel_err(W, Wp) < 1e-12);
-    dw::unmerge(W, u);
-    // merges only into its own weight
-    MatD W2 = W0;
-    dwt::check_throws_with<dw::argument_error>([&] { dw::merge(W2, u); }, {"HRA", "merges only into the weight"});
+    dwt::check_update_ops(u, dW, 30 + trial);
+    // Over W, in a lazy sum with a LoRA, merge / unmerge (unmerge by Hᵀ: PEFT's reverse
+    // product), merge_checked; merges only into its own weight.
+    dwt::check_update_over_weight(u, W, dW, 50 + trial, {.reads_weight = "HRA"});
   }
   // float U and W: within float rounding of the double reference.
   const dwt::MatF Wf = dwt::random<dwt::MatF>(6, 10, 90), Uf = dwt::random<dwt::MatF>(10, 4, 91);

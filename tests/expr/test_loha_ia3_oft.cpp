@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "alloc_counter.hpp"
+#include "expr/update_checks.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -60,16 +61,9 @@ MatD block_rotation_ref(const MatD& Q, Eigen::Index in, bool neumann, int terms)
 
 /// The checks every type gets, against the dense ΔW in double.
 template <class U>
-void check_against_dense(const U& u, MatD W, const MatD& dW, std::uint64_t seed, const char* what) {
+void check_against_dense(const U& u, const MatD& dW, std::uint64_t seed, const char* what) {
   INFO(what);
-  const auto out = W.rows(), in = W.cols();
-  for (Eigen::Index T : {Eigen::Index(0), Eigen::Index(1), Eigen::Index(5)}) {
-    const MatD X = dwt::random<MatD>(T, in, seed + T), G = dwt::random<MatD>(T, out, seed + 7 + T);
-    CHECK(dwt::rel_err(dw::apply(u, X), X * dW.transpose()) < 1e-12);
-    CHECK(dwt::rel_err(dw::apply_transposed(u, G), G * dW) < 1e-12);
-  }
-  CHECK(dwt::rel_err(dw::materialize(u), dW) < 1e-12);
-  CHECK(std::abs(dw::frobenius_norm(u) - dW.norm()) < 1e-10 * std::max(1.0, dW.norm()));
+  dwt::check_update_ops(u, dW, seed);
 }
 
 }  // namespace
@@ -86,7 +80,7 @@ TEST_CASE("LoHa: ΔW = s·(B1·A1) ⊙ (B2·A2) through Khatri–Rao factors, ev
     auto u = dw::loha(B1, A1, B2, A2, dw::alpha(alpha));
     const MatD dW = (alpha / double(r1)) * (B1 * A1).cwiseProduct(B2 * A2);
     MatD W = dwt::random<MatD>(out, in, 50 + trial);
-    check_against_dense(u, W, dW, 60 + trial, "loha");
+    check_against_dense(u, dW, 60 + trial, "loha");
     CHECK(u.parameter_count() == (r1 + r2) * (out + in));
     // In a lazy sum with a LoRA, and merge / unmerge.
     const MatD Bl = dwt::random<MatD>(out, 2, 70 + trial), Al = dwt::random<MatD>(2, in, 80 + trial);
@@ -132,7 +126,7 @@ TEST_CASE("IA³: output and input scaling as updates over their own W") {
     const MatD dW = Wp - W;
     {
       auto u = dw::ia3(W, l, side);
-      check_against_dense(u, W, dW, 120 + trial, input ? "ia3 input" : "ia3 output");
+      check_against_dense(u, dW, 120 + trial, input ? "ia3 input" : "ia3 output");
       const MatD X = dwt::random<MatD>(5, in, 130 + trial), G = dwt::random<MatD>(5, out, 140 + trial);
       // Over its own W the sum replaces the base product; with a LoRA added.
       const MatD Bl = dwt::random<MatD>(out, 2, 150 + trial), Al = dwt::random<MatD>(2, in, 160 + trial);
@@ -188,7 +182,7 @@ TEST_CASE("OFT: blockwise Cayley / Cayley–Neumann rotation of the input, W' = 
       CHECK(u.block() == c.b);
       CHECK(u.blocks() == c.blocks);
       CHECK(u.shared() == (c.nq == 1 && c.blocks > 1));
-      check_against_dense(u, W, dW, 220 + trial, "oft");
+      check_against_dense(u, dW, 220 + trial, "oft");
       const MatD X = dwt::random<MatD>(5, in, 230 + trial), G = dwt::random<MatD>(5, c.out, 240 + trial);
       CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), X * Wp.transpose()) < 1e-12);
       CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), (X * R) * W.transpose()) < 1e-12);

@@ -8,6 +8,7 @@
 #include <deltaw/deltaw.hpp>
 
 #include "alloc_counter.hpp"
+#include "expr/update_checks.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -59,29 +60,8 @@ TEST_CASE("RoAd: W' = R·W with 2 × 2 rotations of output pairs, every operatio
     INFO("trial " << trial << " " << dw::road_variant_name(v) << " g " << gs << " out " << out << " in " << in);
     auto u = dw::road(W, th, al, v, gs);
     CHECK(u.parameter_count() == 2 * n);
-    for (Eigen::Index T : {Eigen::Index(0), Eigen::Index(1), Eigen::Index(5)}) {
-      const MatD X = dwt::random<MatD>(T, in, 40 + trial + T), G = dwt::random<MatD>(T, out, 50 + trial + T);
-      CHECK(dwt::rel_err(dw::apply(u, X), X * dW.transpose()) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply_transposed(u, G), G * dW) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), X * Wp.transpose()) < 1e-12);
-      CHECK(dwt::rel_err(dw::apply_transposed(dw::view(W) + u, G), G * Wp) < 1e-12);
-    }
-    CHECK(dwt::rel_err(dw::materialize(u), dW) < 1e-12);
-    CHECK(std::abs(dw::frobenius_norm(u) - dW.norm()) < 1e-10 * std::max(1.0, dW.norm()));
-    const MatD Bl = dwt::random<MatD>(out, 2, 60 + trial), Al = dwt::random<MatD>(2, in, 70 + trial);
-    const MatD X = dwt::random<MatD>(4, in, 80 + trial);
-    CHECK(dwt::rel_err(dw::apply(dw::view(W) + u + dw::lora(Bl, Al, dw::scale(0.5)), X),
-                       X * (Wp + 0.5 * Bl * Al).transpose()) < 1e-12);
-    const MatD W0 = W;
-    dw::merge(W, u);
-    CHECK(dwt::rel_err(W, Wp) < 1e-12);
-    dw::unmerge(W, u);
-    CHECK(dwt::rel_err(W, W0) < 1e-10);
-    dw::merge_checked(W, u);
-    CHECK(dwt::rel_err(W, Wp) < 1e-12);
-    dw::unmerge(W, u);
-    MatD W2 = W0;
-    dwt::check_throws_with<dw::argument_error>([&] { dw::merge(W2, u); }, {"RoAd", "merges only into the weight"});
+    dwt::check_update_ops(u, dW, 40 + trial);
+    dwt::check_update_over_weight(u, W, dW, 60 + trial, {.unmerge_tol = 1e-10, .reads_weight = "RoAd"});
   }
   // float θ, α and W; a bf16 W merged in panels of 256 rows (group_size 64 divides them).
   const Eigen::Index out = 512, in = 5;

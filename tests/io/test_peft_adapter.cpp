@@ -227,8 +227,8 @@ TEST_CASE("peft adapter: match and targets for every type; errors name the modul
   CHECK(io::list_peft_adapters(dwio::fixtures() / "no_such_dir").empty());
   // A type deltaw does not read, through the in-memory entry point.
   dwt::check_throws_with<dw::unsupported_error>(
-      [&] { (void)io::parse_peft(R"({"peft_type":"BOFT","r":4})", io::safetensors_file::parse(dwio::raw_safetensors("{}"))); },
-      {"peft_type \"BOFT\" is not supported", "RANDLORA"});
+      [&] { (void)io::parse_peft(R"({"peft_type":"LN_TUNING","r":4})", io::safetensors_file::parse(dwio::raw_safetensors("{}"))); },
+      {"peft_type \"LN_TUNING\" is not supported", "RANDLORA", "BOFT"});
 }
 
 TEST_CASE("peft adapter: a structured directory update is all-or-nothing") {

@@ -259,8 +259,8 @@ TEST_CASE("peft structured: deltaw writes, deltaw reads the same ΔW (every type
 
 TEST_CASE("peft structured: unsupported and inconsistent inputs are specific errors") {
   const auto cfg = [](const std::string& body) { return io::parse_peft_structured_config(body); };
-  dwt::check_throws_with<dw::unsupported_error>([&] { cfg(R"({"peft_type": "BOFT", "r": 2})"); },
-                                                {"BOFT", "not a structured type"});
+  dwt::check_throws_with<dw::unsupported_error>([&] { cfg(R"({"peft_type": "LN_TUNING", "r": 2})"); },
+                                                {"LN_TUNING", "not a structured type"});
   dwt::check_throws_with<dw::unsupported_error>(
       [&] { cfg(R"({"peft_type": "VERA", "r": 4, "save_projection": false, "projection_prng_key": 3})"); },
       {"save_projection = false", "torch.Generator", "projection_prng_key = 3"});
