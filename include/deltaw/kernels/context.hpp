@@ -137,5 +137,22 @@ void copy(const cpu_context&, const matrix_view<const T>& X, const matrix_view<C
     for (index_t j = 0; j < X.cols(); ++j) Y(i, j) = deltaw::convert<C>(X(i, j));
 }
 
+/// The vector v (on ctx's device) converted to type C, in a [1, n] scratch: the form in which
+/// the evaluators hand gains and scales to scale_rows / scale_cols (view it with as_vector).
+/// The copy is found by argument-dependent lookup, so another backend's context works too.
+template <class C, class Ctx, class T, class D>
+auto vector_scratch(const Ctx& ctx, const vector_view<const T, D>& v) {
+  auto s = make_scratch<C>(ctx, 1, v.size());
+  if (v.size() > 0)
+    copy(ctx, matrix_view<const T, D>(v.data(), 1, v.size(), v.size() * v.stride(), v.stride()), s.view());
+  return s;
+}
+/// A [1, n] scratch seen as a vector of n entries.
+template <class S>
+auto as_vector(const S& s) {
+  const auto m = s.cview();
+  return vector_view<typename decltype(m)::element_type, typename decltype(m)::device_type>(m.data(), m.cols());
+}
+
 }  // namespace kernels
 DELTAW_NAMESPACE_END

@@ -15,25 +15,6 @@
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
-namespace adalora_detail {
-/// E in type C as a [1, r] scratch.
-template <class C, class Ctx, class U>
-auto values_in(const Ctx& ctx, const U& u) {
-  using D = typename U::device_type;
-  const auto& e = u.E();
-  auto v = kernels::make_scratch<C>(ctx, 1, e.size());
-  if (e.size() > 0)
-    copy(ctx, matrix_view<const typename U::value_type, D>(e.data(), 1, e.size(), e.size() * e.stride(), e.stride()),
-         v.view());
-  return v;
-}
-template <class S>
-auto vec(const S& s) {
-  return vector_view<const typename std::remove_const_t<typename decltype(s.cview())::element_type>,
-                     typename decltype(s.cview())::device_type>(s.data(), s.cols());
-}
-}  // namespace adalora_detail
-
 template <class T, class D>
 struct evaluator<adalora_update<T, D>> : additive_rows<evaluator<adalora_update<T, D>>, adalora_update<T, D>> {
   using U = adalora_update<T, D>;
@@ -43,10 +24,10 @@ struct evaluator<adalora_update<T, D>> : additive_rows<evaluator<adalora_update<
   static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     if (u.rank() == 0) return;
     const kernels::operand<C, D> A(ctx, u.A()), B(ctx, u.B());
-    const auto e = adalora_detail::values_in<C>(ctx, u);
+    const auto e = kernels::vector_scratch<C>(ctx, u.E());
     auto Z = kernels::make_scratch<C>(ctx, X.rows(), u.rank());
     gemm<C>(ctx, C(u.scale()), X, kernels::op::none, A.view(), kernels::op::trans, C(0), Z.view());
-    scale_cols(ctx, Z.view(), adalora_detail::vec(e));
+    scale_cols(ctx, Z.view(), kernels::as_vector(e));
     gemm<C>(ctx, C(1), Z.cview(), kernels::op::none, B.view(), kernels::op::trans, C(1), Y);
   }
   /// O += s·((G·B)·diag(E))·A.
@@ -54,10 +35,10 @@ struct evaluator<adalora_update<T, D>> : additive_rows<evaluator<adalora_update<
   static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     if (u.rank() == 0) return;
     const kernels::operand<C, D> A(ctx, u.A()), B(ctx, u.B());
-    const auto e = adalora_detail::values_in<C>(ctx, u);
+    const auto e = kernels::vector_scratch<C>(ctx, u.E());
     auto Z = kernels::make_scratch<C>(ctx, G.rows(), u.rank());
     gemm<C>(ctx, C(u.scale()), G, kernels::op::none, B.view(), kernels::op::none, C(0), Z.view());
-    scale_cols(ctx, Z.view(), adalora_detail::vec(e));
+    scale_cols(ctx, Z.view(), kernels::as_vector(e));
     gemm<C>(ctx, C(1), Z.cview(), kernels::op::none, A.view(), kernels::op::none, C(1), O);
   }
   /// P += factor·s·B[r0 : r0 + P.rows()]·diag(E)·A.
@@ -65,10 +46,10 @@ struct evaluator<adalora_update<T, D>> : additive_rows<evaluator<adalora_update<
   static void add_scaled_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& P, C factor) {
     if (u.rank() == 0 || P.rows() == 0) return;
     const kernels::operand<C, D> A(ctx, u.A()), B(ctx, u.B().middle_rows(r0, P.rows()));
-    const auto e = adalora_detail::values_in<C>(ctx, u);
+    const auto e = kernels::vector_scratch<C>(ctx, u.E());
     auto Bs = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
     copy(ctx, B.view(), Bs.view());
-    scale_cols(ctx, Bs.view(), adalora_detail::vec(e));
+    scale_cols(ctx, Bs.view(), kernels::as_vector(e));
     gemm<C>(ctx, factor * C(u.scale()), Bs.cview(), kernels::op::none, A.view(), kernels::op::none, C(1), P);
   }
   /// |s|·√tr((Bᵀ·B)·diag(E)·(A·Aᵀ)·diag(E)).
@@ -78,13 +59,13 @@ struct evaluator<adalora_update<T, D>> : additive_rows<evaluator<adalora_update<
     const index_t r = u.rank();
     if (r == 0) return 0.0;
     const kernels::operand<double, D> A(ctx, u.A()), B(ctx, u.B());
-    const auto e = adalora_detail::values_in<double>(ctx, u);
+    const auto e = kernels::vector_scratch<double>(ctx, u.E());
     auto GB = kernels::make_scratch<double>(ctx, r, r);
     auto GA = kernels::make_scratch<double>(ctx, r, r);
     gemm<double>(ctx, 1.0, B.view(), kernels::op::trans, B.view(), kernels::op::none, 0.0, GB.view());
     gemm<double>(ctx, 1.0, A.view(), kernels::op::none, A.view(), kernels::op::trans, 0.0, GA.view());
-    scale_rows(ctx, GA.view(), adalora_detail::vec(e));
-    scale_cols(ctx, GA.view(), adalora_detail::vec(e));
+    scale_rows(ctx, GA.view(), kernels::as_vector(e));
+    scale_cols(ctx, GA.view(), kernels::as_vector(e));
     return std::abs(u.scale()) * std::sqrt(std::max(trace_of_product<double>(GB.cview(), GA.cview()), 0.0));
   }
 };

@@ -41,8 +41,8 @@ struct vjp<adalora_update<T, D>> {
     using enum kernels::op;
     const C s = C(u.scale());
     const kernels::operand<C, D> A(ctx, u.A()), B(ctx, u.B());
-    const auto e = adalora_detail::values_in<C>(ctx, u);
-    const auto ev = adalora_detail::vec(e);
+    const auto e = kernels::vector_scratch<C>(ctx, u.E());
+    const auto ev = kernels::as_vector(e);
     const index_t T_ = X.rows();
     auto Z = kernels::make_scratch<C>(ctx, T_, r);
     auto V = kernels::make_scratch<C>(ctx, T_, r);

@@ -100,29 +100,12 @@ void butterfly(const Ctx& ctx, const U& u, const S& Bk, const cview<C>& In, cons
   }
 }
 
-/// s in type C as a [1, out] scratch; vec() views it as a vector.
-template <class C, class Ctx, class U>
-auto scale_in(const Ctx& ctx, const U& u) {
-  using D = typename U::device_type;
-  const auto& s = u.s();
-  auto v = kernels::make_scratch<C>(ctx, 1, s.size());
-  if (s.size() > 0)
-    copy(ctx, matrix_view<const typename U::value_type, D>(s.data(), 1, s.size(), s.size() * s.stride(), s.stride()),
-         v.view());
-  return v;
-}
-template <class S>
-auto vec(const S& s) {
-  return vector_view<const typename std::remove_const_t<typename decltype(s.cview())::element_type>,
-                     typename decltype(s.cview())::device_type>(s.data(), s.cols());
-}
-
 /// Rows of P ← rows·Rᵀ·(row scale s from r0) (merge), or rows ← (rows / s)·R⁻ᵀ (unmerge).
 template <class C, class Ctx, class U>
 void transform_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, bool inverse) {
   const auto Bk = blocks_in<C>(ctx, u, inverse);
-  const auto sv = scale_in<C>(ctx, u);
-  const auto s = vec(sv);
+  const auto sv = kernels::vector_scratch<C>(ctx, u.s());
+  const auto s = kernels::as_vector(sv);
   if (inverse) {
     for (index_t i = 0; i < P.rows(); ++i)
       if (s[r0 + i] == C(0))
@@ -159,17 +142,17 @@ struct evaluator<boft_update<T, TW, device::cpu>> {
     auto Xr = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
     boft_detail::butterfly<C>(ctx, u, Bk, X, Xr.view(), true, kernels::op::none);
     base_apply<C>(ctx, u.W(), Xr.cview(), Y);
-    const auto s = boft_detail::scale_in<C>(ctx, u);
-    scale_cols(ctx, Y, boft_detail::vec(s));
+    const auto s = kernels::vector_scratch<C>(ctx, u.s());
+    scale_cols(ctx, Y, kernels::as_vector(s));
   }
   /// O = ((G·diag(s))·W)·Rᵀ.
   template <class C, class Ctx>
   static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
     const auto Bk = boft_detail::blocks_in<C>(ctx, u, false);
-    const auto s = boft_detail::scale_in<C>(ctx, u);
+    const auto s = kernels::vector_scratch<C>(ctx, u.s());
     auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
     copy(ctx, G, Gs.view());
-    scale_cols(ctx, Gs.view(), boft_detail::vec(s));
+    scale_cols(ctx, Gs.view(), kernels::as_vector(s));
     auto GW = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
     base_apply_transposed<C>(ctx, u.W(), Gs.cview(), GW.view());
     boft_detail::butterfly<C>(ctx, u, Bk, GW.cview(), O, false, kernels::op::trans);

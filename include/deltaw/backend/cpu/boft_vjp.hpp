@@ -42,8 +42,8 @@ struct vjp<boft_update<T, TW, device::cpu>> {
     using enum kernels::op;
     const index_t m = u.factors(), nb = u.blocks(), b = u.block(), T_ = X.rows(), in = u.cols();
     const auto Bk = boft_detail::blocks_in<C>(ctx, u, false);
-    const auto sv = boft_detail::scale_in<C>(ctx, u);
-    const auto s = boft_detail::vec(sv);
+    const auto sv = kernels::vector_scratch<C>(ctx, u.s());
+    const auto s = kernels::as_vector(sv);
     const bool need_R = present(grads[0]);
     // Forward, keeping Z_i for ∂L/∂R (factor i's gathered input; X·R lands in Xr).
     std::vector<decltype(kernels::make_scratch<C>(ctx, 0, 0))> Z;

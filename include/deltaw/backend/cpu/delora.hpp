@@ -44,23 +44,12 @@ coefficients coeffs(const U& u) {
   return k;
 }
 
-/// c and w as [1, n] scratches in type C (vector views via vec()).
+/// c as a [1, n] scratch in type C (kernels::as_vector views it).
 template <class C, class Ctx>
 auto row_scratch(const Ctx& ctx, const std::vector<double>& v) {
   auto s = kernels::make_scratch<C>(ctx, 1, index_t(v.size()));
   for (std::size_t i = 0; i < v.size(); ++i) s.view()(0, index_t(i)) = C(v[i]);
   return s;
-}
-template <class C, class Ctx, class U>
-auto w_scratch(const Ctx& ctx, const U& u) {
-  auto s = kernels::make_scratch<C>(ctx, 1, u.cols());
-  for (index_t j = 0; j < u.cols(); ++j) s.view()(0, j) = C(convert<double>(u.w_norm()[j]));
-  return s;
-}
-template <class S>
-auto vec(const S& s) {
-  using C = std::remove_const_t<typename decltype(s.cview())::element_type>;
-  return vector_view<const C>(s.data(), s.cols());
 }
 
 }  // namespace delora_detail
@@ -77,13 +66,13 @@ struct evaluator<delora_update<T, device::cpu>> : additive_rows<evaluator<delora
     const auto k = delora_detail::coeffs(u);
     const kernels::operand<C> A(ctx, u.A()), B(ctx, u.B());
     const auto c = delora_detail::row_scratch<C>(ctx, k.c);
-    const auto w = delora_detail::w_scratch<C>(ctx, u);
+    const auto w = kernels::vector_scratch<C>(ctx, u.w_norm());
     auto Xw = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
     copy(ctx, X, Xw.view());
-    scale_cols(ctx, Xw.view(), delora_detail::vec(w));
+    scale_cols(ctx, Xw.view(), kernels::as_vector(w));
     auto H = kernels::make_scratch<C>(ctx, X.rows(), u.rank());
     gemm<C>(ctx, C(1), Xw.cview(), none, A.view(), trans, C(0), H.view());
-    scale_cols(ctx, H.view(), delora_detail::vec(c));
+    scale_cols(ctx, H.view(), kernels::as_vector(c));
     gemm<C>(ctx, C(1), H.cview(), none, B.view(), trans, C(1), Y);
   }
   template <class C, class Ctx>
@@ -92,13 +81,13 @@ struct evaluator<delora_update<T, device::cpu>> : additive_rows<evaluator<delora
     const auto k = delora_detail::coeffs(u);
     const kernels::operand<C> A(ctx, u.A()), B(ctx, u.B());
     const auto c = delora_detail::row_scratch<C>(ctx, k.c);
-    const auto w = delora_detail::w_scratch<C>(ctx, u);
+    const auto w = kernels::vector_scratch<C>(ctx, u.w_norm());
     auto H = kernels::make_scratch<C>(ctx, G.rows(), u.rank());
     gemm<C>(ctx, C(1), G, none, B.view(), none, C(0), H.view());
-    scale_cols(ctx, H.view(), delora_detail::vec(c));
+    scale_cols(ctx, H.view(), kernels::as_vector(c));
     auto Q = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
     gemm<C>(ctx, C(1), H.cview(), none, A.view(), none, C(0), Q.view());
-    scale_cols(ctx, Q.view(), delora_detail::vec(w));
+    scale_cols(ctx, Q.view(), kernels::as_vector(w));
     axpy<C>(ctx, C(1), Q.cview(), O);
   }
   template <class C, class Ctx>
@@ -106,13 +95,13 @@ struct evaluator<delora_update<T, device::cpu>> : additive_rows<evaluator<delora
     using enum kernels::op;
     const auto k = delora_detail::coeffs(u);
     const auto c = delora_detail::row_scratch<C>(ctx, k.c);
-    const auto w = delora_detail::w_scratch<C>(ctx, u);
+    const auto w = kernels::vector_scratch<C>(ctx, u.w_norm());
     auto Bc = kernels::make_scratch<C>(ctx, P.rows(), u.rank());
     copy(ctx, u.B().middle_rows(r0, P.rows()), Bc.view());
-    scale_cols(ctx, Bc.view(), delora_detail::vec(c));
+    scale_cols(ctx, Bc.view(), kernels::as_vector(c));
     auto Aw = kernels::make_scratch<C>(ctx, u.rank(), u.cols());
     copy(ctx, u.A(), Aw.view());
-    scale_cols(ctx, Aw.view(), delora_detail::vec(w));
+    scale_cols(ctx, Aw.view(), kernels::as_vector(w));
     gemm<C>(ctx, factor, Bc.cview(), none, Aw.cview(), none, C(1), P);
   }
   template <class C>

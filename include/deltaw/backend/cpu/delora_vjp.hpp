@@ -42,22 +42,22 @@ struct vjp<delora_update<T, device::cpu>> {
     const auto k = delora_detail::coeffs(u);
     const kernels::operand<C> A(ctx, u.A()), B(ctx, u.B());
     const auto c = delora_detail::row_scratch<C>(ctx, k.c);
-    const auto w = delora_detail::w_scratch<C>(ctx, u);
+    const auto w = kernels::vector_scratch<C>(ctx, u.w_norm());
     auto dHc = kernels::make_scratch<C>(ctx, T_, r);
     gemm<C>(ctx, C(1), dY, none, B.view(), none, C(0), dHc.view());
     auto dH = kernels::make_scratch<C>(ctx, T_, r);  // dHc·diag(c)
     copy(ctx, dHc.cview(), dH.view());
-    scale_cols(ctx, dH.view(), delora_detail::vec(c));
+    scale_cols(ctx, dH.view(), kernels::as_vector(c));
     if (present(dX)) {
       auto Q = kernels::make_scratch<C>(ctx, T_, u.cols());
       gemm<C>(ctx, C(1), dH.cview(), none, A.view(), none, C(0), Q.view());
-      scale_cols(ctx, Q.view(), delora_detail::vec(w));
+      scale_cols(ctx, Q.view(), kernels::as_vector(w));
       axpy<C>(ctx, C(1), Q.cview(), dX);
     }
     if (!present(grads[0]) && !present(grads[1]) && !present(grads[2])) return;
     auto Xw = kernels::make_scratch<C>(ctx, T_, u.cols());
     copy(ctx, X, Xw.view());
-    scale_cols(ctx, Xw.view(), delora_detail::vec(w));
+    scale_cols(ctx, Xw.view(), kernels::as_vector(w));
     auto H = kernels::make_scratch<C>(ctx, T_, r);
     gemm<C>(ctx, C(1), Xw.cview(), none, A.view(), trans, C(0), H.view());
     std::vector<double> dc(static_cast<std::size_t>(r), 0.0);
@@ -66,7 +66,7 @@ struct vjp<delora_update<T, device::cpu>> {
     if (present(grads[0])) {
       auto Hc = kernels::make_scratch<C>(ctx, T_, r);
       copy(ctx, H.cview(), Hc.view());
-      scale_cols(ctx, Hc.view(), delora_detail::vec(c));
+      scale_cols(ctx, Hc.view(), kernels::as_vector(c));
       gemm<C>(ctx, C(1), dY, trans, Hc.cview(), none, C(1), grads[0]);
       for (index_t i = 0; i < r; ++i) {
         const double n = k.bn[std::size_t(i)];

@@ -18,22 +18,13 @@ DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
 namespace ia3_detail {
-/// l − shift in type C (a [1, n] scratch; .view as a vector via vec()).
+/// l − shift in type C, as a [1, n] scratch (kernels::as_vector views it).
 template <class C, class Ctx, class U>
 auto vector_in(const Ctx& ctx, const U& u, double shift) {
-  using D = typename U::device_type;
-  const auto& l = u.l();
-  auto s = kernels::make_scratch<C>(ctx, 1, l.size());
-  if (l.size() > 0) {
-    copy(ctx, matrix_view<const typename U::value_type, D>(l.data(), 1, l.size(), l.size() * l.stride(), l.stride()), s.view());
-    if (shift != 0.0) transform(ctx, s.view(), [shift](index_t, index_t, C y) { return y - C(shift); });
-  }
+  auto s = kernels::vector_scratch<C>(ctx, u.l());
+  if (shift != 0.0 && u.l().size() > 0)
+    transform(ctx, s.view(), [shift](index_t, index_t, C y) { return y - C(shift); });
   return s;
-}
-template <class S>
-auto vec(const S& s) {
-  return vector_view<const typename std::remove_const_t<typename decltype(s.cview())::element_type>,
-                     typename decltype(s.cview())::device_type>(s.data(), s.cols());
 }
 }  // namespace ia3_detail
 
@@ -48,11 +39,11 @@ struct evaluator<ia3_update<T, TW, device::cpu>> {
     const auto l = ia3_detail::vector_in<C>(ctx, u, 0.0);
     if (u.side() == ia3_side::output) {
       base_apply<C>(ctx, u.W(), X, Y);
-      scale_cols(ctx, Y, ia3_detail::vec(l));
+      scale_cols(ctx, Y, kernels::as_vector(l));
     } else {
       auto Xs = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
       copy(ctx, X, Xs.view());
-      scale_cols(ctx, Xs.view(), ia3_detail::vec(l));
+      scale_cols(ctx, Xs.view(), kernels::as_vector(l));
       base_apply<C>(ctx, u.W(), Xs.cview(), Y);
     }
   }
@@ -63,11 +54,11 @@ struct evaluator<ia3_update<T, TW, device::cpu>> {
     if (u.side() == ia3_side::output) {
       auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
       copy(ctx, G, Gs.view());
-      scale_cols(ctx, Gs.view(), ia3_detail::vec(l));
+      scale_cols(ctx, Gs.view(), kernels::as_vector(l));
       base_apply_transposed<C>(ctx, u.W(), Gs.cview(), O);
     } else {
       base_apply_transposed<C>(ctx, u.W(), G, O);
-      scale_cols(ctx, O, ia3_detail::vec(l));
+      scale_cols(ctx, O, kernels::as_vector(l));
     }
   }
 
@@ -78,11 +69,11 @@ struct evaluator<ia3_update<T, TW, device::cpu>> {
     auto P = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
     if (u.side() == ia3_side::output) {
       base_apply<C>(ctx, u.W(), X, P.view());
-      scale_cols(ctx, P.view(), ia3_detail::vec(l1));
+      scale_cols(ctx, P.view(), kernels::as_vector(l1));
     } else {
       auto Xs = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
       copy(ctx, X, Xs.view());
-      scale_cols(ctx, Xs.view(), ia3_detail::vec(l1));
+      scale_cols(ctx, Xs.view(), kernels::as_vector(l1));
       base_apply<C>(ctx, u.W(), Xs.cview(), P.view());
     }
     axpy<C>(ctx, C(1), P.cview(), Y);
@@ -94,12 +85,12 @@ struct evaluator<ia3_update<T, TW, device::cpu>> {
     if (u.side() == ia3_side::output) {
       auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
       copy(ctx, G, Gs.view());
-      scale_cols(ctx, Gs.view(), ia3_detail::vec(l1));
+      scale_cols(ctx, Gs.view(), kernels::as_vector(l1));
       base_apply_transposed<C>(ctx, u.W(), Gs.cview(), O, C(1));
     } else {
       auto P = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
       base_apply_transposed<C>(ctx, u.W(), G, P.view());
-      scale_cols(ctx, P.view(), ia3_detail::vec(l1));
+      scale_cols(ctx, P.view(), kernels::as_vector(l1));
       axpy<C>(ctx, C(1), P.cview(), O);
     }
   }
@@ -110,23 +101,23 @@ struct evaluator<ia3_update<T, TW, device::cpu>> {
     auto rows = kernels::make_scratch<C>(ctx, panel.rows(), u.cols());
     copy(ctx, u.W().middle_rows(r0, panel.rows()), rows.view());
     const auto l1 = ia3_detail::vector_in<C>(ctx, u, 1.0);
-    if (u.side() == ia3_side::output) scale_rows(ctx, rows.view(), ia3_detail::vec(l1), r0);
-    else scale_cols(ctx, rows.view(), ia3_detail::vec(l1));
+    if (u.side() == ia3_side::output) scale_rows(ctx, rows.view(), kernels::as_vector(l1), r0);
+    else scale_cols(ctx, rows.view(), kernels::as_vector(l1));
     axpy<C>(ctx, C(1), rows.cview(), panel);
   }
   /// Rows of W ← rows of W' (W must be u's own weight: checked by merge).
   template <class C, class Ctx>
   static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     const auto l = ia3_detail::vector_in<C>(ctx, u, 0.0);
-    if (u.side() == ia3_side::output) scale_rows(ctx, panel, ia3_detail::vec(l), r0);
-    else scale_cols(ctx, panel, ia3_detail::vec(l));
+    if (u.side() == ia3_side::output) scale_rows(ctx, panel, kernels::as_vector(l), r0);
+    else scale_cols(ctx, panel, kernels::as_vector(l));
   }
   /// Rows of W' ← rows of W' / l; argument_error (before anything is written) when an
   /// entry of l that the rows need is 0.
   template <class C, class Ctx>
   static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     const auto ls = ia3_detail::vector_in<C>(ctx, u, 0.0);
-    const auto l = ia3_detail::vec(ls);
+    const auto l = kernels::as_vector(ls);
     const bool out = u.side() == ia3_side::output;
     const index_t lo = out ? r0 : 0, n = out ? panel.rows() : panel.cols();
     for (index_t i = lo; i < lo + n; ++i)

@@ -45,7 +45,7 @@ struct vjp<ia3_update<T, TW, device::cpu>> {
       if (present(dX)) {
         auto Gs = kernels::make_scratch<C>(ctx, dY.rows(), dY.cols());
         copy(ctx, dY, Gs.view());
-        scale_cols(ctx, Gs.view(), ia3_detail::vec(l1));
+        scale_cols(ctx, Gs.view(), kernels::as_vector(l1));
         base_apply_transposed<C>(ctx, u.W(), Gs.cview(), dX, C(1));
       }
     } else {
@@ -53,7 +53,7 @@ struct vjp<ia3_update<T, TW, device::cpu>> {
       base_apply_transposed<C>(ctx, u.W(), dY, Q.view());
       if (present(g) && n > 0) dot_rows(ctx, Q.cview().transpose(), X.transpose(), gl, true);
       if (present(dX)) {
-        scale_cols(ctx, Q.view(), ia3_detail::vec(l1));
+        scale_cols(ctx, Q.view(), kernels::as_vector(l1));
         axpy<C>(ctx, C(1), Q.cview(), dX);
       }
     }
