@@ -20,6 +20,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_util.hpp"
+
 #include <Eigen/Core>
 #include <Eigen/LU>
 #include <cmath>
@@ -32,6 +34,8 @@
 namespace dw = deltaw;
 
 namespace {
+
+using namespace deltaw_bench;
 
 using mat = dw::dense<float>;
 
@@ -78,32 +82,19 @@ const auto& ada() {
   return u;
 }
 
-double gemm_flop(double m, double n, double k) { return 2.0 * m * n * k; }
-void set_flop_counter(benchmark::State& state, double flop) { state.counters["GFLOP"] = benchmark::Counter(flop * 1e-9); }
-
-template <class F>
-void run(benchmark::State& state, F&& body) {
-  auto& d = data();
-  for (auto _ : state) {
-    body(d);
-    benchmark::DoNotOptimize(d.Y.data());
-    benchmark::ClobberMemory();
-  }
-}
-
 void base_gemm(benchmark::State& state) {
-  run(state, [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
+  run(state, data(), [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features));
 }
 
 void boft_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + boft1();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(boft1().flop_count(tokens)));
 }
 void boft_m2_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + boft2();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(boft2().flop_count(tokens)));
 }
 /// PEFT's BOFT forward for m = 1 (Linear.forward): Cayley blocks (torch.linalg.solve), the
@@ -129,13 +120,13 @@ void boft_peft_into(operands& d, mat& Y) {
   Y = Y * d.s.asDiagonal();
 }
 void boft_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { boft_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { boft_peft_into(d, d.Y); });
   set_flop_counter(state, 2 * gemm_flop(features, features, features) + 2 * gemm_flop(tokens, features, features));
 }
 
 void adalora_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + ada();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(ada().flop_count(tokens)));
 }
 /// PEFT's SVDLinear.forward: result = base(x); result += (x @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5).
@@ -147,7 +138,7 @@ void adalora_peft_into(operands& d, mat& Y) {
   Y.noalias() += (Z * d.B.transpose()) * float(8.0 / (adalora_r + 1e-5));
 }
 void adalora_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { adalora_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { adalora_peft_into(d, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(ada().flop_count(tokens)));
 }
 
@@ -159,12 +150,7 @@ double check(const E& e, F&& peft) {
   mat Y(16, features), R(tokens, features);
   dw::apply(e, X16, Y);
   peft(d, R);
-  const Eigen::MatrixXd ref = R.topRows(16).cast<double>();
-  return (Y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
-}
-
-void add(const std::string& name, void (*fn)(benchmark::State&), int reps = 3) {
-  benchmark::RegisterBenchmark(name.c_str(), fn)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0)->Repetitions(reps)->ReportAggregatesOnly(true);
+  return max_rel_err(Y, R.topRows(16));
 }
 
 }  // namespace
@@ -172,21 +158,11 @@ void add(const std::string& name, void (*fn)(benchmark::State&), int reps = 3) {
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  Eigen::setNbThreads(1);
-  benchmark::AddCustomContext("threads", "1");
-  struct { const char* name; double err; } errs[] = {
+  single_thread();
+  if (!errors_below("bench_boft_adalora", {
       {"boft_rel_err", check(dw::view(std::as_const(data().W)) + boft1(), boft_peft_into)},
       {"adalora_rel_err", check(dw::view(std::as_const(data().W)) + ada(), adalora_peft_into)},
-  };
-  for (const auto& e : errs) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.3e", e.err);
-    benchmark::AddCustomContext(e.name, buf);
-    if (!(e.err < 1e-4)) {
-      std::fprintf(stderr, "bench_boft_adalora: %s = %s: deltaw's apply differs from the PEFT strategy\n", e.name, buf);
-      return 1;
-    }
-  }
+  })) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   add("base_gemm/" + f + "/" + t, base_gemm);
   add("boft_apply/" + f + "/b4/m1/" + t, boft_apply);

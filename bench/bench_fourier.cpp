@@ -19,6 +19,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_util.hpp"
+
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdio>
@@ -29,6 +31,8 @@
 namespace dw = deltaw;
 
 namespace {
+
+using namespace deltaw_bench;
 
 using mat = dw::dense<float>;
 
@@ -73,27 +77,17 @@ const dw::waveft_update<float>& waveft_u() {
   return u;
 }
 
-template <class F>
-void run(benchmark::State& state, F&& body) {
-  auto& d = data();
-  for (auto _ : state) {
-    body(d);
-    benchmark::DoNotOptimize(d.Y.data());
-    benchmark::ClobberMemory();
-  }
-}
-
 void base_gemm(benchmark::State& state) {
-  run(state, [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
+  run(state, data(), [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
 }
 template <const auto& (*U)()>
 void apply_sum(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + U();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
 }
 template <const auto& (*U)()>
 void apply_delta(benchmark::State& state) {
-  run(state, [&](operands& d) { dw::apply(U(), d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(U(), d.X, d.Y); });
 }
 template <const auto& (*U)()>
 void materialize_delta(benchmark::State& state) {
@@ -114,28 +108,14 @@ double check(const U& u) {
   return (Y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
 }
 
-void add(const std::string& name, void (*fn)(benchmark::State&)) {
-  benchmark::RegisterBenchmark(name.c_str(), fn)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0)->Repetitions(3)->ReportAggregatesOnly(true);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  Eigen::setNbThreads(1);
-  benchmark::AddCustomContext("threads", "1");
-  struct { const char* name; double err; } errs[] = {{"fourierft_rel_err", check(fourierft_u())}, {"c3a_rel_err", check(c3a_u())},
-                                                {"waveft_rel_err", check(waveft_u())}};
-  for (const auto& e : errs) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.3e", e.err);
-    benchmark::AddCustomContext(e.name, buf);
-    if (!(e.err < 1e-4)) {
-      std::fprintf(stderr, "bench_fourier: %s = %s: deltaw's apply differs from X·materialize(ΔW)ᵀ\n", e.name, buf);
-      return 1;
-    }
-  }
+  single_thread();
+  if (!errors_below("bench_fourier", {{"fourierft_rel_err", check(fourierft_u())}, {"c3a_rel_err", check(c3a_u())},
+                                                {"waveft_rel_err", check(waveft_u())}})) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   const std::string n = "/n" + std::to_string(n_frequency), b = "/b" + std::to_string(block);
   add("base_gemm/" + f + "/" + t, base_gemm);

@@ -22,6 +22,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_util.hpp"
+
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdio>
@@ -32,6 +34,8 @@
 namespace dw = deltaw;
 
 namespace {
+
+using namespace deltaw_bench;
 
 using mat = dw::dense<float>;
 
@@ -59,32 +63,18 @@ operands& data() {
   return d;
 }
 
-double gemm_flop(double m, double n, double k) { return 2.0 * m * n * k; }
-
-void set_flop_counter(benchmark::State& state, double flop) { state.counters["GFLOP"] = benchmark::Counter(flop * 1e-9); }
-
-template <class F>
-void run(benchmark::State& state, F&& body) {
-  auto& d = data();
-  for (auto _ : state) {
-    body(d);
-    benchmark::DoNotOptimize(d.Y.data());
-    benchmark::ClobberMemory();
-  }
-}
-
 auto kron_update() { return dw::kron(data().w1, data().w2, dw::scale(0.5)); }
 auto bat_update() { return dw::bone_bat(data().W, data().b); }
 auto miss_update() { return dw::miss(data().D, features); }
 
 void base_gemm(benchmark::State& state) {
-  run(state, [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
+  run(state, data(), [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features));
 }
 
 void kron_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + kron_update();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(kron_update().flop_count(tokens)));
 }
 
@@ -95,13 +85,13 @@ void kron_peft_into(operands& d, mat& Y) {
   Y.noalias() += d.X * dW.transpose();
 }
 void kron_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { kron_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { kron_peft_into(d, d.Y); });
   set_flop_counter(state, 2 * gemm_flop(tokens, features, features) + double(features) * features);
 }
 
 void bat_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + bat_update();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(bat_update().flop_count(tokens)));
 }
 
@@ -112,13 +102,13 @@ void bat_peft_into(operands& d, mat& Y) {
   Y.noalias() = d.X * Wp.transpose();
 }
 void bat_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { bat_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { bat_peft_into(d, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + gemm_flop(features, features, block));
 }
 
 void miss_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + miss_update();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(miss_update().flop_count(tokens)));
 }
 
@@ -132,12 +122,12 @@ void miss_peft_into(operands& d, mat& Y) {
   Y = sum;
 }
 void miss_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { miss_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { miss_peft_into(d, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(miss_update().flop_count(tokens)));
 }
 
 void miss_materialized(benchmark::State& state) {
-  run(state, [](operands& d) {
+  run(state, data(), [](operands& d) {
     mat Wm = dw::materialize(miss_update());
     Wm += d.W;
     d.Y.noalias() = d.X * Wm.transpose();
@@ -153,12 +143,7 @@ double check(const E& e, F&& peft) {
   mat Y(16, features), R(tokens, features);
   dw::apply(e, X16, Y);
   peft(d, R);
-  const Eigen::MatrixXd ref = R.topRows(16).cast<double>();
-  return (Y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
-}
-
-void add(const char* name, void (*fn)(benchmark::State&)) {
-  benchmark::RegisterBenchmark(name, fn)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0)->Repetitions(3)->ReportAggregatesOnly(true);
+  return max_rel_err(Y, R.topRows(16));
 }
 
 }  // namespace
@@ -166,26 +151,15 @@ void add(const char* name, void (*fn)(benchmark::State&)) {
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  Eigen::setNbThreads(1);
-  benchmark::AddCustomContext("threads", "1");
+  single_thread();
   benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
                                                    std::to_string(EIGEN_MAJOR_VERSION) + "." +
                                                    std::to_string(EIGEN_MINOR_VERSION));
-  const double errs[3] = {
-      check(dw::view(std::as_const(data().W)) + kron_update(), kron_peft_into),
-      check(dw::view(std::as_const(data().W)) + bat_update(), bat_peft_into),
-      check(dw::view(std::as_const(data().W)) + miss_update(), miss_peft_into),
-  };
-  const char* names[3] = {"kron_rel_err", "bat_rel_err", "miss_rel_err"};
-  for (int i = 0; i < 3; ++i) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.3e", errs[i]);
-    benchmark::AddCustomContext(names[i], buf);
-    if (!(errs[i] < 1e-4)) {
-      std::fprintf(stderr, "bench_kron_bone: %s = %s: deltaw's apply differs from the PEFT strategy\n", names[i], buf);
-      return 1;
-    }
-  }
+  if (!errors_below("bench_kron_bone", {
+                                       {"kron_rel_err", check(dw::view(std::as_const(data().W)) + kron_update(), kron_peft_into)},
+                                       {"bat_rel_err", check(dw::view(std::as_const(data().W)) + bat_update(), bat_peft_into)},
+                                       {"miss_rel_err", check(dw::view(std::as_const(data().W)) + miss_update(), miss_peft_into)}}))
+    return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens), a = std::to_string(kron_a),
                     r = std::to_string(block);
   const std::string names_[] = {"base_gemm/" + f + "/" + t,

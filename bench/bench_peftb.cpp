@@ -23,6 +23,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_util.hpp"
+
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -38,6 +40,8 @@
 namespace dw = deltaw;
 
 namespace {
+
+using namespace deltaw_bench;
 
 using mat = dw::dense<float>;
 
@@ -87,19 +91,6 @@ operands& data() {
   return d;
 }
 
-double gemm_flop(double m, double n, double k) { return 2.0 * m * n * k; }
-void set_flop_counter(benchmark::State& state, double flop) { state.counters["GFLOP"] = benchmark::Counter(flop * 1e-9); }
-
-template <class F>
-void run(benchmark::State& state, F&& body) {
-  auto& d = data();
-  for (auto _ : state) {
-    body(d);
-    benchmark::DoNotOptimize(d.Y.data());
-    benchmark::ClobberMemory();
-  }
-}
-
 const dw::shira_update<float>& shira_u() {
   static const auto u = dw::shira(features, features, std::span<const std::int32_t>(data().rows),
                                   std::span<const std::int32_t>(data().cols), dw::vector_view<const float>(data().v.data(), data().v.size()));
@@ -107,13 +98,13 @@ const dw::shira_update<float>& shira_u() {
 }
 
 void base_gemm(benchmark::State& state) {
-  run(state, [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
+  run(state, data(), [](operands& d) { dw::apply(dw::view(std::as_const(d.W)), d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features));
 }
 
 void shira_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + shira_u();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(shira_u().flop_count(tokens)));
 }
 /// PEFT's SHiRA forward: new_weight = W.clone(); new_weight += sparse ΔW; F.linear(x, new_weight).
@@ -123,7 +114,7 @@ void shira_peft_into(operands& d, mat& Y) {
   Y.noalias() = d.X * Wp.transpose();
 }
 void shira_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { shira_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { shira_peft_into(d, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features));
 }
 
@@ -135,7 +126,7 @@ auto delora_u() { return dw::delora(data().dB, data().dA, dw::vview(data().lambd
 
 void road_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + road_u();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(road_u().flop_count(tokens)));
 }
 /// PEFT's _apply_road on base(x): f, s per feature (repeat_interleave for road_1), the
@@ -158,13 +149,13 @@ void road_peft_into(operands& d, mat& Y) {
   Y = res;
 }
 void road_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { road_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { road_peft_into(d, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + 3.0 * tokens * features);
 }
 
 void hira_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + hira_u();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + gemm_flop(features, features, hira_r));
 }
 /// PEFT's HiRA forward: result = base(x) + F.linear(x, W * (A.T @ B.T).T).
@@ -175,13 +166,13 @@ void hira_peft_into(operands& d, mat& Y) {
   Y.noalias() += d.X * M.transpose();
 }
 void hira_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { hira_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { hira_peft_into(d, d.Y); });
   set_flop_counter(state, 2 * gemm_flop(tokens, features, features) + gemm_flop(features, features, hira_r));
 }
 
 void delora_apply(benchmark::State& state) {
   const auto e = dw::view(std::as_const(data().W)) + delora_u();
-  run(state, [&](operands& d) { dw::apply(e, d.X, d.Y); });
+  run(state, data(), [&](operands& d) { dw::apply(e, d.X, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(delora_u().flop_count(tokens)));
 }
 /// PEFT's DeLoRA forward: base(x); h = linear(x·w, A)·scaling; add_out = linear(h, B); base + add.
@@ -196,7 +187,7 @@ void delora_peft_into(operands& d, mat& Y) {
   Y = res;
 }
 void delora_peft_strategy(benchmark::State& state) {
-  run(state, [](operands& d) { delora_peft_into(d, d.Y); });
+  run(state, data(), [](operands& d) { delora_peft_into(d, d.Y); });
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(delora_u().flop_count(tokens)));
 }
 
@@ -208,12 +199,7 @@ double check(const E& e, F&& peft) {
   mat Y(16, features), R(tokens, features);
   dw::apply(e, X16, Y);
   peft(d, R);
-  const Eigen::MatrixXd ref = R.topRows(16).cast<double>();
-  return (Y.cast<double>() - ref).cwiseAbs().maxCoeff() / ref.cwiseAbs().maxCoeff();
-}
-
-void add(const std::string& name, void (*fn)(benchmark::State&)) {
-  benchmark::RegisterBenchmark(name.c_str(), fn)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0)->Repetitions(3)->ReportAggregatesOnly(true);
+  return max_rel_err(Y, R.topRows(16));
 }
 
 }  // namespace
@@ -221,23 +207,13 @@ void add(const std::string& name, void (*fn)(benchmark::State&)) {
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  Eigen::setNbThreads(1);
-  benchmark::AddCustomContext("threads", "1");
-  struct { const char* name; double err; } errs[] = {
+  single_thread();
+  if (!errors_below("bench_peftb", {
       {"shira_rel_err", check(dw::view(std::as_const(data().W)) + shira_u(), shira_peft_into)},
       {"road_rel_err", check(dw::view(std::as_const(data().W)) + road_u(), road_peft_into)},
       {"hira_rel_err", check(dw::view(std::as_const(data().W)) + hira_u(), hira_peft_into)},
       {"delora_rel_err", check(dw::view(std::as_const(data().W)) + delora_u(), delora_peft_into)},
-  };
-  for (const auto& e : errs) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.3e", e.err);
-    benchmark::AddCustomContext(e.name, buf);
-    if (!(e.err < 1e-4)) {
-      std::fprintf(stderr, "bench_peftb: %s = %s: deltaw's apply differs from the PEFT strategy\n", e.name, buf);
-      return 1;
-    }
-  }
+  })) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   add("base_gemm/" + f + "/" + t, base_gemm);
   add("shira_apply/" + f + "/r" + std::to_string(shira_r) + "/" + t, shira_apply);

@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: MIT
+// What the "deltaw apply against PEFT's strategy" benchmarks share: the FLOP counter, the
+// timing loop over one set of operands, the registration (milliseconds, real time, median of
+// repetitions), the single-thread context line, and the correctness gate that runs before
+// anything is timed (a benchmark of a wrong result is worthless, so the program refuses to
+// time it). Each benchmark program keeps its own operands and strategies.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+#include <cstdio>
+#include <initializer_list>
+#include <string>
+
+namespace deltaw_bench {
+
+inline double gemm_flop(double m, double n, double k) { return 2.0 * m * n * k; }
+
+inline void set_flop_counter(benchmark::State& state, double flop) {
+  state.counters["GFLOP"] = benchmark::Counter(flop * 1e-9);
+}
+
+/// Times `body(d)`; d.Y is what the body writes, kept alive against the optimiser.
+template <class Operands, class F>
+void run(benchmark::State& state, Operands& d, F&& body) {
+  for (auto _ : state) {
+    body(d);
+    benchmark::DoNotOptimize(d.Y.data());
+    benchmark::ClobberMemory();
+  }
+}
+
+/// Registers `fn` as NAME: milliseconds, real time, `reps` repetitions of at least 1 s, median
+/// and spread reported.
+inline void add(const std::string& name, void (*fn)(benchmark::State&), int reps = 3) {
+  benchmark::RegisterBenchmark(name.c_str(), fn)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->MinTime(1.0)
+      ->Repetitions(reps)
+      ->ReportAggregatesOnly(true);
+}
+
+/// max |y − ref| / max |ref|, in double.
+template <class A, class B>
+double max_rel_err(const A& y, const B& ref) {
+  const Eigen::MatrixXd r = ref.template cast<double>();
+  return (y.template cast<double>() - r).cwiseAbs().maxCoeff() / r.cwiseAbs().maxCoeff();
+}
+
+/// Eigen on one thread, said in the benchmark's context.
+inline void single_thread() {
+  Eigen::setNbThreads(1);
+  benchmark::AddCustomContext("threads", "1");
+}
+
+struct named_error {
+  const char* name;
+  double value;
+};
+
+/// Puts each error in the benchmark's context; false (after saying which, on stderr) if one is
+/// not below `bound`: the caller returns 1 instead of timing a wrong result.
+inline bool errors_below(const char* program, std::initializer_list<named_error> errors, double bound = 1e-4) {
+  bool ok = true;
+  for (const auto& e : errors) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.3e", e.value);
+    benchmark::AddCustomContext(e.name, buf);
+    if (!(e.value < bound)) {
+      std::fprintf(stderr, "%s: %s = %s (bound %.0e): deltaw's result differs from the reference strategy\n", program, e.name,
+                   buf, bound);
+      ok = false;
+    }
+  }
+  return ok;
+}
+
+}  // namespace deltaw_bench
