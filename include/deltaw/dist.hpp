@@ -5,5 +5,6 @@
 // compiled only when <mpi.h> is on the include path). Not included by deltaw.hpp.
 #pragma once
 
+#include "dist/eva.hpp"
 #include "dist/federated.hpp"
 #include "dist/mpi.hpp"

@@ -18,11 +18,19 @@
 // shared, B averaged: exact) or LoRA-FAIR (compose::lora_fair). Each round reports the loss of
 // the global model on held-out sequences started anywhere and the aggregation error
 // ‖aggregate − Σ p_k·ΔW_k‖_F over all layers, computed in factored form.
+//
+// FFA-LoRA with DP-SGD (fed_config::dp): each client privatises its local steps with
+// train::dp_sgd (per-sample clipping of B's gradient, Gaussian noise). Client k's noise in
+// round t is drawn from the seed dp_seed(dp.seed, t, k), not from the rank that trains it,
+// so the run over any number of ranks equals the single-process one bit for bit. Only B is
+// privatised, so DP-SGD is refused for FedAvg and LoRA-FAIR (they train A too).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -30,6 +38,7 @@
 #include "../compose/federated.hpp"
 #include "../nn/layers.hpp"
 #include "../optim/optim.hpp"
+#include "../train/ffa_dp.hpp"
 
 DELTAW_NAMESPACE_BEGIN
 namespace dist {
@@ -59,7 +68,17 @@ struct fed_config {
   double fair_lambda = 0.01;
   std::uint64_t data_seed = 11;
   index_t eval_batch = 32;
+  /// FFA-LoRA only: DP-SGD on every client's local steps (clip_norm, noise_multiplier,
+  /// seed; rows_per_sample is set to the sequence length). Client k's noise in round t uses
+  /// the seed dp_seed(dp->seed, t, k).
+  std::optional<train::dp_sgd_options> dp;
 };
+
+/// The DP-SGD noise seed of client k in round t: a function of the run's seed, the round and
+/// the client only (not of the rank that trains the client).
+constexpr std::uint64_t dp_seed(std::uint64_t seed, index_t round, index_t client) {
+  return seed ^ (0x9e3779b97f4a7c15ull * std::uint64_t(round + 1) + 0xbf58476d1ce4e5b9ull * std::uint64_t(client + 1));
+}
 
 struct fed_round_stats {
   double eval_loss = 0;
@@ -164,6 +183,9 @@ fed_result run_federated(Comm& comm, const fed_config& c, fed_method method) {
   constexpr const char* op = "deltaw::dist::run_federated";
   if (c.clients < 1 || c.rounds < 0 || c.local_steps < 1)
     throw argument_error(std::string(op) + ": clients and local_steps must be ≥ 1, rounds ≥ 0");
+  if (c.dp && method != fed_method::ffa)
+    throw argument_error(std::string(op) + ": DP-SGD privatises B only; " + fed_method_name(method) +
+                         " trains A as well, whose gradient would leak (use fed_method::ffa)");
   nn::tiny_transformer<T> model(c.model);
   model.attach(nn::adapter_kind::lora, c.rank, c.alpha);
   std::vector<std::pair<index_t, index_t>> shapes;
@@ -183,13 +205,22 @@ fed_result run_federated(Comm& comm, const fed_config& c, fed_method method) {
     for (index_t k = comm.rank(); k < c.clients; k += comm.size()) {
       detail::set_state(model, global, op);
       optim::adamw<T> opt(model.trainable_parameters(), {c.lr, 0.9, 0.999, 1e-8, 0.0});
+      std::unique_ptr<train::dp_sgd<T>> dp;  // hooks on the model for this client only
+      if (c.dp) {
+        auto o = *c.dp;
+        o.seed = dp_seed(c.dp->seed, round, k);
+        dp = std::make_unique<train::dp_sgd<T>>(model, o);
+      }
       for (index_t s = 0; s < c.local_steps; ++s) {
         const auto b = detail::make_batch(perm, c.batch, c.model.seq,
                                           c.data_seed + 1000003ull * std::uint64_t(round + 1) +
                                               7919ull * std::uint64_t(k) + std::uint64_t(s),
                                           c.clients, k % c.clients);
+        train::step_context ctx;
+        if (dp) dp->before_forward(ctx);
         autograd::tape<T> t;
         t.backward(autograd::cross_entropy(model(t, b.ids, c.batch), b.labels));
+        if (dp) dp->after_backward(ctx);  // B's gradient := the clipped, noised one
         opt.step(1.0);
         opt.zero_grad();
       }

@@ -121,19 +121,24 @@ void eva_check_rows(const nn::linear<T>& l, index_t rows, std::size_t tokens) {
 }  // namespace detail
 
 /// One forward pass of `forward(tape, batch)` under no_grad with hooks on `layers`: each
-/// layer's input rows (first use) kept by the batch's token mask, in token order.
+/// layer's input rows (first use) kept by the batch's token mask, in token order. With
+/// `nodes`, also each layer's input tape node (layers with the same node see the same input:
+/// eva_init's input groups).
 template <class T, class Forward>
-std::vector<dense<T>> eva_collect_inputs(const std::vector<nn::linear<T>*>& layers, Forward&& forward, const eva_batch& b) {
+std::vector<dense<T>> eva_collect_inputs(const std::vector<nn::linear<T>*>& layers, Forward&& forward, const eva_batch& b,
+                                         std::vector<index_t>* nodes = nullptr) {
   detail::eva_check_layers(layers, "deltaw::eva_collect_inputs");
   const auto keep = detail::eva_batch_mask(b);
   index_t kept = 0;
   for (auto k : keep) kept += k;
   std::vector<dense<T>> out(layers.size());
   std::vector<std::uint8_t> seen(layers.size(), 0);
+  if (nodes) nodes->assign(layers.size(), -1);
   {
     const auto hooks = detail::eva_hooks<T>(layers, [&](std::size_t l, autograd::tape<T>&, const autograd::var<T>& x) {
       if (seen[l]) return;
       seen[l] = 1;
+      if (nodes) (*nodes)[l] = x.id();
       const auto X = x.value();
       detail::eva_check_rows(*layers[l], X.rows(), keep.size());
       out[l].resize(kept, X.cols());
@@ -156,6 +161,26 @@ std::vector<dense<T>> eva_collect_inputs(nn::tiny_transformer<T>& model, const e
   return eva_collect_inputs<T>(
       model.adapted_layers(), [&model](autograd::tape<T>& t, const eva_batch& bb) { model(t, bb.ids, bb.batch); }, b);
 }
+
+namespace detail {
+/// Writes eva_init's result into the layers: A, B = 0 and the scale, or no adapter (rank 0).
+template <class T>
+void eva_apply(const std::vector<nn::linear<T>*>& layers, const eva_model_result<T>& res) {
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    auto* layer = layers[l];
+    const auto& a = res.adapters[l];
+    if (!a.has_adapter()) {
+      layer->remove_adapter();
+      continue;
+    }
+    layer->lora_A()->value() = a.factors.A;
+    layer->lora_A()->zero_grad();
+    layer->lora_B()->value() = a.factors.B;
+    layer->lora_B()->zero_grad();
+    layer->set_scale(layer->kind() == nn::adapter_kind::rslora ? a.alpha / std::sqrt(double(a.rank)) : a.factors.s);
+  }
+}
+}  // namespace detail
 
 /// EVA over `layers` (each with an adapter whose rank is its r_l), fed by forward passes
 /// `forward(tape, data(b))` under no_grad, b = 0, 1, …, until convergence or max_batches.
@@ -225,22 +250,10 @@ eva_model_result<T> eva_init(const std::vector<nn::linear<T>*>& layers, Data&& d
   res.converged = state.done();
   res.adapters = state.result<T>(o.allow_unconverged);
   res.ranks = state.ranks();
-  if (!o.apply) return res;
-  for (std::size_t l = 0; l < L; ++l) {
-    auto* layer = layers[l];
-    const auto& a = res.adapters[l];
-    if (!a.has_adapter()) {
-      layer->remove_adapter();
-      continue;
-    }
-    layer->lora_A()->value() = a.factors.A;
-    layer->lora_A()->zero_grad();
-    layer->lora_B()->value() = a.factors.B;
-    layer->lora_B()->zero_grad();
-    layer->set_scale(layer->kind() == nn::adapter_kind::rslora ? a.alpha / std::sqrt(double(a.rank)) : a.factors.s);
-  }
+  if (o.apply) detail::eva_apply(layers, res);
   return res;
 }
+
 
 /// EVA over a tiny_transformer's adapted layers; data(b) returns batch b (an eva_batch).
 template <class T, class Data>
