@@ -337,20 +337,6 @@ MatD dense_f(const deltaw::low_rank<float>& l) {
     for (int j = 0; j < A.cols(); ++j) A(i, j) = l.A()(i, j);
   return l.scale() * B * A;
 }
-// Σ over modules of ‖merged − Σ w_i ΔW_i‖² and of ‖Σ w_i ΔW_i‖², as a relative error.
-double adapter_rel_error(const deltaw::io::peft_adapter& merged, const std::vector<deltaw::io::peft_adapter>& ads,
-                         const std::vector<double>& w) {
-  double num = 0, den = 0;
-  for (const auto& m : merged.modules()) {
-    std::vector<deltaw::low_rank<float>> t;
-    std::vector<double> tw;
-    for (std::size_t i = 0; i < ads.size(); ++i)
-      if (const auto* x = ads[i].find(m.name)) t.push_back(x->update()), tw.push_back(w[i]);
-    num += std::pow(cp::factored_error(m.update(), t, tw), 2);
-    den += std::pow(cp::factored_norm(t, tw), 2);
-  }
-  return std::sqrt(num / den);
-}
 }  // namespace
 
 // Run by tests/compose/check_peft_merge.py (CTest compose_peft) with DELTAW_COMPOSE_PEFT_DIR
@@ -412,12 +398,12 @@ TEST_CASE("compose: PEFT fixture" * doctest::skip()) {
         CHECK(dwt::rel_err(factor(om.B.view), factor(tm.B.view)) < 1e-5);
       }
     }
-    table << "| " << mode_s << " | " << adapter_rel_error(ours, ads, w) << " | " << adapter_rel_error(theirs, ads, w)
+    table << "| " << mode_s << " | " << cp::merge_relative_error(ours, ads, w) << " | " << cp::merge_relative_error(theirs, ads, w)
           << " |\n";
     if (o.mode == cp::merge_mode::svd || o.mode == cp::merge_mode::linear) {  // deltaw's exact mode, same inputs
       auto e = o;
       e.mode = cp::merge_mode::linear_exact;
-      const double rel = adapter_rel_error(cp::merge_peft(ads, w, e), ads, w);
+      const double rel = cp::merge_relative_error(cp::merge_peft(ads, w, e), ads, w);
       CHECK(rel < 1e-6);  // float32 factors
       table << "| linear_exact on " << (o.mode == cp::merge_mode::svd ? "svd" : "linear") << "'s inputs | " << rel
             << " | (no such mode) |\n";

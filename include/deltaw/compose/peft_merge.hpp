@@ -4,6 +4,7 @@
 // PEFT directory by io::write_peft_adapter. Needs nlohmann-json (through io/peft.hpp).
 #pragma once
 
+#include <cmath>
 #include <map>
 #include <set>
 #include <span>
@@ -119,6 +120,26 @@ inline io::peft_adapter merge_peft(std::span<const io::peft_adapter> ads, std::s
 inline io::peft_adapter merge_peft_materializing(std::span<const io::peft_adapter> ads, std::span<const double> w,
                                                  const merge_options& o) {
   return detail::merge_peft_impl(ads, w, o, true, "deltaw::compose::merge_peft_materializing");
+}
+
+/// How far a merged adapter is from the weighted sum of its inputs, over all its modules:
+/// √(Σ_m ‖merged_m − Σ_i w_i·ΔW_{i,m}‖²_F / Σ_m ‖Σ_i w_i·ΔW_{i,m}‖²_F), in factored form (no
+/// out×in matrix). A module held by only some inputs is compared with those.
+inline double merge_relative_error(const io::peft_adapter& merged, std::span<const io::peft_adapter> ads,
+                                   std::span<const double> w) {
+  if (ads.size() != w.size())
+    throw argument_error("deltaw::compose::merge_relative_error: " + std::to_string(ads.size()) + " adapters but " +
+                         std::to_string(w.size()) + " weights");
+  double num = 0, den = 0;
+  for (const auto& m : merged.modules()) {
+    std::vector<low_rank<float>> t;
+    std::vector<double> tw;
+    for (std::size_t i = 0; i < ads.size(); ++i)
+      if (const auto* x = ads[i].find(m.name)) t.push_back(x->update()), tw.push_back(w[i]);
+    num += std::pow(factored_error(m.update(), std::span<const low_rank<float>>(t), std::span<const double>(tw)), 2);
+    den += std::pow(factored_norm(std::span<const low_rank<float>>(t), std::span<const double>(tw)), 2);
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
 }  // namespace compose
