@@ -24,3 +24,25 @@ add_test(NAME dist_mpi_die COMMAND ${_dist_run} 2 --oversubscribe $<TARGET_FILE:
 set_tests_properties(dist_mpi_die PROPERTIES PASS_REGULAR_EXPRESSION "DIST-ERROR|exited|non-zero status")
 set_tests_properties(dist_mpi_malformed dist_mpi_stall dist_mpi_die PROPERTIES ENVIRONMENT "${_dist_env}" TIMEOUT 60
                      FAIL_REGULAR_EXPRESSION "DIST-OK")
+
+# The NCCL communicator (deltaw/dist/nccl.hpp, tests/dist/test_dist_nccl.cpp): against the host
+# shim of NCCL over MPI (cuda/host/src/nccl.cpp) in the host-device configuration, so that it
+# runs here without a GPU; and, with the CUDA build and NCCL (deltaw::nccl), against the real
+# NCCL: compiled in CI, run where a GPU is (exit 77, skipped, without one).
+if(DELTAW_HAS_CUDA_HOST)
+  add_library(deltaw_cuda_host_nccl STATIC ${PROJECT_SOURCE_DIR}/cuda/host/src/nccl.cpp)
+  target_link_libraries(deltaw_cuda_host_nccl PUBLIC deltaw::cuda_host MPI::MPI_CXX)
+  add_executable(test_dist_nccl_host dist/test_dist_nccl.cpp)
+  target_link_libraries(test_dist_nccl_host PRIVATE deltaw::mpi deltaw_cuda_host_nccl)
+  target_compile_options(test_dist_nccl_host PRIVATE -Wall -Wextra)
+  add_test(NAME dist_nccl_host_np2 COMMAND ${_dist_run} 2 --oversubscribe $<TARGET_FILE:test_dist_nccl_host> equal)
+  add_test(NAME dist_nccl_host_step COMMAND ${_dist_run} 2 --oversubscribe $<TARGET_FILE:test_dist_nccl_host> step)
+  set_tests_properties(dist_nccl_host_np2 dist_nccl_host_step PROPERTIES ENVIRONMENT "${_dist_env}" TIMEOUT 300
+                       PASS_REGULAR_EXPRESSION "DIST-OK" FAIL_REGULAR_EXPRESSION "FAILED")
+endif()
+if(TARGET deltaw::nccl)
+  add_executable(test_dist_nccl_cuda dist/test_dist_nccl.cpp)
+  target_link_libraries(test_dist_nccl_cuda PRIVATE deltaw::mpi deltaw::nccl)
+  add_test(NAME dist_nccl_cuda COMMAND ${_dist_run} 1 $<TARGET_FILE:test_dist_nccl_cuda> equal)
+  set_tests_properties(dist_nccl_cuda PROPERTIES ENVIRONMENT "${_dist_env}" TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS cuda)
+endif()

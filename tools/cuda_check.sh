@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Configures, builds and runs deltaw's CUDA tests (and, with --bench, the CUDA LoRA
-# benchmark) in build/cuda-check. Meant for a machine with a GPU; without one the
+# Configures, builds and runs deltaw's CUDA tests (every update type on the device, and the
+# NCCL communicator where MPI and NCCL exist; with --bench, the CUDA LoRA benchmark) in
+# build/cuda-check. Meant for a machine with a GPU; without one the
 # CUDA test reports "Skipped" and the benchmark says why it measured nothing.
 #
 #   tools/cuda_check.sh [--bench] [--arch "80;90"] [--jobs N]
@@ -38,6 +39,12 @@ cmake "${args[@]}"
 
 targets=(test_cuda_lora)
 [[ ${bench} == 1 ]] && targets+=(bench_cuda_lora)
+# The NCCL communicator's test (one rank on this GPU), where MPI and NCCL were found.
+if cmake --build "${build}" --target help | grep -q "test_dist_nccl_cuda"; then
+  targets+=(test_dist_nccl_cuda)
+else
+  echo "cuda_check: test_dist_nccl_cuda not configured (needs MPI and NCCL); the NCCL communicator is not run"
+fi
 cmake --build "${build}" -j "${jobs}" --target "${targets[@]}"
 
 ctest --test-dir "${build}" -L cuda --output-on-failure

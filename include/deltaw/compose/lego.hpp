@@ -6,7 +6,7 @@
 // undoes the shrinking of averaged units: parameter reweighting rescales each centroid to its
 // members' mean norm; output reweighting scales the merged update by √(r/k).
 //
-// UNVERIFIED details (options; see docs/composition.md): how a unit carries the adapter's
+// UNVERIFIED details (options; see docs/compose.md): how a unit carries the adapter's
 // weight·scale (split as √|w·s| on both vectors by default), whether the norm is matched on
 // [a; b] jointly or on a and b separately, which r the output factor uses (the largest input
 // rank by default), and whether units are sign-canonicalised first ((b, a) and (−b, −a) are

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Merging N LoRA updates ΔW_i = s_i·B_i·A_i with weights w_i into one LoRA, in factored form:
 // every mode of PEFT 0.21.2's add_weighted_adapter, plus an exact one (see
-// docs/composition.md for what each mode computes and how far it is from Σ w_i·ΔW_i).
+// docs/compose.md for what each mode computes and how far it is from Σ w_i·ΔW_i).
 //
 //  * merge(): the modes that work on the factors (linear, ties, dare_linear, dare_ties,
 //    magnitude_prune: PEFT combines the A's and the B's separately), the exact ones (cat,

@@ -30,16 +30,11 @@
 #include <thread>
 #include <vector>
 
-#include "../core/error.hpp"
+#include "error.hpp"
 
 DELTAW_NAMESPACE_BEGIN
 namespace dist {
 
-/// A peer failed: timed out, sent a malformed message, or MPI reported an error.
-class dist_error : public error {
- public:
-  using error::error;
-};
 
 struct wire_header {
   std::uint32_t magic = 0x4c465744u;  // "DWFL"
