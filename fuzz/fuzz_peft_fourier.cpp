@@ -11,6 +11,7 @@
 // reader or the constructors let through but the FFT evaluators do not expect shows up as
 // an ASan report. A read adapter is written back (to_files) and read again.
 // deltaw::error is the expected way to refuse an input; anything else is a finding.
+#include "fuzz_util.hpp"
 #include <deltaw/io/peft_fourier.hpp>
 
 #include <cstdint>
@@ -28,17 +29,9 @@ namespace io = deltaw::io;
 
 constexpr dw::index_t max_weights = 1 << 14;
 
-[[noreturn]] void finding(const char* what) {
-  std::fprintf(stderr, "fuzz_peft_fourier: %s\n", what);
-  std::abort();
-}
+[[noreturn]] void finding(const char* what) { deltaw_fuzz::finding("fuzz_peft_fourier", what); }
 
-dw::dense<float> filled(dw::index_t r, dw::index_t c, float s) {
-  dw::dense<float> m(r, c);
-  for (dw::index_t i = 0; i < r; ++i)
-    for (dw::index_t j = 0; j < c; ++j) m(i, j) = s * float((i * 7 + j * 3) % 11 - 5);
-  return m;
-}
+using deltaw_fuzz::filled;
 
 template <class U>
 void exercise(const U& u) {
@@ -65,15 +58,11 @@ void exercise(const U& u) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  static const bool verbose = std::getenv("DELTAW_FUZZ_VERBOSE") != nullptr;
-  if (size < 4) return 0;
-  std::uint32_t n = 0;
-  std::memcpy(&n, data, 4);
-  data += 4;
-  size -= 4;
-  const std::size_t cn = std::min<std::size_t>(n, size);
-  const std::string_view config(reinterpret_cast<const char*>(data), cn);
-  std::vector<std::byte> st(reinterpret_cast<const std::byte*>(data + cn), reinterpret_cast<const std::byte*>(data + size));
+  auto in = deltaw_fuzz::split(data, size);
+  if (!in) return 0;
+  const bool verbose = deltaw_fuzz::verbose();
+  const std::string_view config = in->config;
+  auto st = std::move(in->safetensors);
   io::peft_fourier_adapter a;
   try {
     auto cfg = io::parse_peft_fourier_config(config, "fuzz");

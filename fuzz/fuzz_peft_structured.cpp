@@ -11,6 +11,7 @@
 // update constructors let through but the evaluators do not expect shows up as an ASan
 // report. A read adapter is also written back (to_files) and read again.
 // deltaw::error is the expected way to refuse an input; anything else is a finding.
+#include "fuzz_util.hpp"
 #include <deltaw/backend/cpu/adalora.hpp>
 #include <deltaw/backend/cpu/block_affine.hpp>
 #include <deltaw/backend/cpu/boft.hpp>
@@ -45,18 +46,9 @@ namespace io = deltaw::io;
 // Keeps each input cheap: an update is evaluated only for layers up to this many weights.
 constexpr dw::index_t max_weights = 1 << 14;
 
-[[noreturn]] void finding(const char* what) {
-  std::fprintf(stderr, "fuzz_peft_structured: %s\n", what);
-  std::abort();
-}
+[[noreturn]] void finding(const char* what) { deltaw_fuzz::finding("fuzz_peft_structured", what); }
 
-// Deterministic, small, finite values (the point is memory safety, not numerics).
-dw::dense<float> filled(dw::index_t r, dw::index_t c, float s) {
-  dw::dense<float> m(r, c);
-  for (dw::index_t i = 0; i < r; ++i)
-    for (dw::index_t j = 0; j < c; ++j) m(i, j) = s * float((i * 7 + j * 3) % 11 - 5);
-  return m;
-}
+using deltaw_fuzz::filled;
 
 // Evaluates update u of a layer [out, in] (W its weight) every way the public API allows.
 template <class U>
@@ -141,17 +133,11 @@ void exercise_module(const io::peft_structured_adapter& a, const io::peft_struct
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  // DELTAW_FUZZ_VERBOSE=1 prints what became of each input (to check the seeds).
-  static const bool verbose = std::getenv("DELTAW_FUZZ_VERBOSE") != nullptr;
-  if (size < 4) return 0;
-  std::uint32_t n = 0;
-  std::memcpy(&n, data, 4);  // little endian on every target libFuzzer runs on here
-  data += 4;
-  size -= 4;
-  const std::size_t cn = std::min<std::size_t>(n, size);
-  const std::string_view config(reinterpret_cast<const char*>(data), cn);
-  // An owned copy, as a mapped file would be: views into it must not outlive the adapter.
-  std::vector<std::byte> st(reinterpret_cast<const std::byte*>(data + cn), reinterpret_cast<const std::byte*>(data + size));
+  auto in = deltaw_fuzz::split(data, size);
+  if (!in) return 0;
+  const bool verbose = deltaw_fuzz::verbose();
+  const std::string_view config = in->config;
+  auto st = std::move(in->safetensors);
   io::peft_structured_adapter a;
   try {
     auto cfg = io::parse_peft_structured_config(config);

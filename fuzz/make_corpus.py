@@ -149,7 +149,7 @@ STRUCTURED = ["peft_lokr", "peft_lokr_both", "peft_lokr_dense", "peft_miss", "pe
               "peft_vera", "peft_randlora", "peft_randlora_sparse", "peft_loha", "peft_ia3", "peft_oft",
               "peft_oft_cayley", "peft_oft_share", "peft_hra", "peft_hra_gs", "peft_boft", "peft_boft_butterfly",
               "peft_adalora", "peft_adalora_plain", "peft_shira", "peft_road", "peft_road_1", "peft_road_4",
-              "peft_hira", "peft_delora"]
+              "peft_hira", "peft_delora", "peft_vblora", "peft_vblora_topk", "peft_vblora_topk1", "peft_pvera"]
 
 
 def st_read(blob):
@@ -312,6 +312,17 @@ def peft_structured_seeds():
     s["delora_w_norm_short"] = edit("peft_delora", change=lambda t: t.update({q + "delora_w_norm": ["F32", [3], f32(3)]}))
     s["delora_lambda_wide"] = edit("peft_delora", change=lambda t: t.update({q + "delora_lambda": ["F32", [2], f32(2)]}))
     s["delora_rank_pattern"] = edit("peft_delora", {"rank_pattern": {}})
+    s["vblora_bank_mismatch"] = edit("peft_vblora", {"num_vectors": 12})
+    s["vblora_topk_above_n"] = edit("peft_vblora", {"topk": 20})
+    s["vblora_logits_2d"] = edit("peft_vblora", change=lambda t: t.update({q + "vblora_logits_A": ["F32", [15, 11], f32(165)]}))
+    s["vblora_topk_index_range"] = edit("peft_vblora_topk1", change=lambda t: t.update(
+        {q + "vblora_logits_A_topk_indices": ["U8", [2, 5, 1], bytes([7] * 10)]}))
+    s["vblora_topk_missing_weights"] = edit("peft_vblora_topk", drop=["q.vblora_logits_B_topk_weights"])
+    s["vblora_topk_float_indices"] = edit("peft_vblora_topk1", change=lambda t: t.update(
+        {q + "vblora_logits_A_topk_indices": ["F32", [2, 5, 1], f32(10)]}))
+    s["pvera_lambda_d_short"] = edit("peft_pvera", change=lambda t: t.update({q + "pvera_lambda_d": ["F32", [5], f32(5)]}))
+    s["pvera_no_projection"] = edit("peft_pvera", {"save_projection": False})
+    s["pvera_r_mismatch"] = edit("peft_pvera", {"r": 3})
     s["unknown_key"] = edit("peft_miss", change=lambda t: t.update({"base_model.model.x.lora_A.weight": ["F32", [1], f32(1)]}))
     s["length_past_end"] = struct.pack("<I", 2**32 - 1) + json.dumps(fx["peft_miss"][0]).encode()
     s["config_only"] = pack(fx["peft_vera"][0], b"")
@@ -356,11 +367,101 @@ def peft_fourier_seeds():
     return s
 
 
+def peft_gralora_unilora_seeds():
+    """GraLoRA and UniLoRA directories (tests/fixtures/peft_gralora*, peft_unilora*), packed as for
+    peft_structured, and edits that must be refused or read without a crash."""
+    s, fx = {}, {}
+    for name in ["peft_gralora", "peft_gralora_k2", "peft_unilora", "peft_unilora_noidx"]:
+        d = os.path.join(FIXTURES, name, "adapter")
+        with open(os.path.join(d, "adapter_config.json"), "rb") as f:
+            cfg = f.read()
+        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
+            blob = f.read()
+        s[name] = pack(cfg, blob)
+        fx[name] = (json.loads(cfg), st_read(blob))
+
+    def edit(name, cfg_changes=None, change=None):
+        cfg, t = fx[name]
+        cfg = dict(cfg, **(cfg_changes or {}))
+        t = {k: list(v) for k, v in t.items()}
+        if change:
+            change(t)
+        return pack(cfg, st_write(t))
+
+    q = "base_model.model.blocks.0.q."
+    s["gralora_k_mismatch"] = edit("peft_gralora", {"gralora_k": 2})
+    s["gralora_r_not_multiple"] = edit("peft_gralora", {"r": 5})
+    s["gralora_hybrid_zero"] = edit("peft_gralora", {"hybrid_r": 0})
+    s["gralora_hybrid_more"] = edit("peft_gralora_k2", {"hybrid_r": 3})
+    s["gralora_A_2d"] = edit("peft_gralora", change=lambda t: t.update({q + "gralora_A": ["F32", [15, 6], f32(90)]}))
+    s["gralora_B_short"] = edit("peft_gralora", change=lambda t: t.update({q + "gralora_B": ["F32", [3, 6, 1], f32(18)]}))
+    s["gralora_general_wide"] = edit("peft_gralora", change=lambda t: t.update(
+        {q + "gralora_A_general.weight": ["F32", [2, 16], f32(32)]}))
+    s["gralora_bf16"] = edit("peft_gralora", change=lambda t: t.update({k: ["BF16", v[1], to_bf16(v[2])] for k, v in t.items()}))
+    s["unilora_index_out_of_range"] = edit("peft_unilora", change=lambda t: t.update(
+        {q + "unilora_indices_A": ["I64", [3, 13], struct.pack("<39q", *([50] * 39))]}))
+    s["unilora_negative_index"] = edit("peft_unilora", change=lambda t: t.update(
+        {q + "unilora_indices_B": ["I64", [17, 3], struct.pack("<51q", *([-1] * 51))]}))
+    s["unilora_theta_short"] = edit("peft_unilora", change=lambda t: t.update(
+        {"base_model.unilora_theta_d": ["F32", [20], f32(20)]}))
+    s["unilora_r_mismatch"] = edit("peft_unilora", {"r": 2})
+    s["unilora_scales_shape"] = edit("peft_unilora", change=lambda t: t.update({q + "unilora_scales_A": ["F32", [13, 3], f32(39)]}))
+    s["unilora_float_indices"] = edit("peft_unilora", change=lambda t: t.update(
+        {q + "unilora_indices_A": ["F32", [3, 13], struct.pack("<39f", *([0.5] * 39))]}))
+    return s
+
+
+def peft_kasa_bdlora_tinylora_seeds():
+    """KaSA, BD-LoRA and TinyLoRA directories (tools/fixtures_kasa_bdlora_tinylora.py), packed as
+    for peft_structured, and edits that must be refused or read without a crash."""
+    s, fx = {}, {}
+    for name in ["peft_kasa", "peft_kasa_rslora", "peft_bdlora", "peft_bdlora_mixed", "peft_tinylora",
+                 "peft_tinylora_tied"]:
+        d = os.path.join(FIXTURES, name, "adapter")
+        with open(os.path.join(d, "adapter_config.json"), "rb") as f:
+            cfg = f.read()
+        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
+            blob = f.read()
+        s[name] = pack(cfg, blob)
+        fx[name] = (json.loads(cfg), st_read(blob))
+
+    def edit(name, cfg_changes=None, change=None):
+        cfg, t = fx[name]
+        cfg = dict(cfg, **(cfg_changes or {}))
+        t = {k: list(v) for k, v in t.items()}
+        if change:
+            change(t)
+        return pack(cfg, st_write(t))
+
+    q = "base_model.model.q."
+    s["kasa_diag_long"] = edit("peft_kasa", change=lambda t: t.update({q + "lora_diag": ["F32", [7], f32(7)]}))
+    s["kasa_diag_2d"] = edit("peft_kasa", change=lambda t: t.update({q + "lora_diag": ["F32", [2, 2], f32(4)]}))
+    s["kasa_r_mismatch"] = edit("peft_kasa", {"r": 3})
+    s["kasa_with_bdlora"] = edit("peft_kasa", {"use_bdlora": {"nblocks": 2}})
+    s["kasa_bf16"] = edit("peft_kasa", change=lambda t: t.update({k: ["BF16", v[1], to_bf16(v[2])] for k, v in t.items()}))
+    s["bdlora_nblocks_2"] = edit("peft_bdlora", {"use_bdlora": {"target_modules_bd_a": ["q", "head"],
+                                                                "target_modules_bd_b": ["v"], "nblocks": 2}})
+    s["bdlora_nblocks_0"] = edit("peft_bdlora", {"use_bdlora": {"target_modules_bd_a": ["q"], "nblocks": 0}})
+    s["bdlora_both_sides"] = edit("peft_bdlora", {"use_bdlora": {"target_modules_bd_a": ["q"],
+                                                                 "target_modules_bd_b": ["q"], "nblocks": 3}})
+    s["bdlora_strict_unmatched"] = edit("peft_bdlora_mixed", {"use_bdlora": {"target_modules_bd_b": ["q"], "nblocks": 3,
+                                                                              "match_strict": True}})
+    s["bdlora_A_short"] = edit("peft_bdlora", change=lambda t: t.update({q + "lora_A.weight": ["F32", [6, 4], f32(24)]}))
+    s["tinylora_groups_mismatch"] = edit("peft_tinylora", {"weight_tying": 0.0})
+    s["tinylora_no_P"] = edit("peft_tinylora", change=lambda t: t.pop(q + "tinylora_P"))
+    s["tinylora_P_wrong"] = edit("peft_tinylora", change=lambda t: t.update({q + "tinylora_P": ["F32", [5, 2, 3], f32(30)]}))
+    s["tinylora_v_name"] = edit("peft_tinylora_tied", change=lambda t: t.update({"base_model.tinylora_v.x": ["F32", [4], f32(4)]}))
+    s["tinylora_v_gap"] = edit("peft_tinylora", change=lambda t: t.update({"base_model.tinylora_v.5": t.pop("base_model.tinylora_v.1")}))
+    return s
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "corpus")
     for target, seeds in (("safetensors", safetensors_seeds()), ("peft_config", peft_seeds()),
                           ("gguf", gguf_seeds()), ("peft_structured", peft_structured_seeds()),
-                          ("peft_fourier", peft_fourier_seeds())):
+                          ("peft_fourier", peft_fourier_seeds()),
+                          ("peft_gralora_unilora", peft_gralora_unilora_seeds()),
+                          ("peft_kasa_bdlora_tinylora", peft_kasa_bdlora_tinylora_seeds())):
         d = os.path.join(out, target)
         os.makedirs(d, exist_ok=True)
         for name, blob in seeds.items():

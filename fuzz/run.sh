@@ -19,7 +19,7 @@ targets=${*:-safetensors peft_config gguf peft_structured}
 cmake --build "$build" -j1 --target $(for t in $targets; do printf "fuzz_%s " "$t"; done)
 for t in $targets; do
   # peft_structured inputs hold a config and a safetensors file (the fixtures: up to 14 KB)
-  maxlen=4096; { [ "$t" = peft_structured ] || [ "$t" = peft_fourier ]; } && maxlen=16384
+  maxlen=4096; { [ "$t" = peft_structured ] || [ "$t" = peft_fourier ] || [ "$t" = peft_gralora_unilora ]; } && maxlen=16384
   mkdir -p "$build/corpus_$t"
   log="$build/fuzz_$t.log"
   rc=0

@@ -62,10 +62,12 @@ target_compile_definitions(test_io_hardening PRIVATE DELTAW_IO_FIXTURES="${CMAKE
 # (read_peft): their own executable, to keep each translation unit small. This one and the round-trip writer
 # use the compiled mode (deltaw::precompiled: the directory readers and writers come from
 # the library), test_io the header-only one, so both are exercised.
-deltaw_add_test(io_peft_structured io/test_peft_structured.cpp io/test_peft_adapter.cpp io/test_peft_loha_ia3_oft.cpp io/test_peft_hra.cpp io/test_peft_boft_adalora.cpp io/test_peft_shira.cpp io/test_peft_road.cpp io/test_peft_hira_delora.cpp)
+deltaw_add_test(io_peft_structured io/test_peft_structured.cpp io/test_peft_adapter.cpp io/test_peft_loha_ia3_oft.cpp io/test_peft_hra.cpp io/test_peft_boft_adalora.cpp io/test_peft_shira.cpp io/test_peft_road.cpp io/test_peft_hira_delora.cpp io/test_peft_gralora_unilora.cpp io/test_peft_kasa_bdlora_tinylora.cpp)
 target_link_libraries(test_io_peft_structured PRIVATE nlohmann_json::nlohmann_json)
 # Any adapter as a plain LoRA (io/peft_convert.hpp) against PEFT's convert_to_lora.
 target_sources(test_io_peft_structured PRIVATE io/test_peft_convert.cpp)
+# VB-LoRA and PVeRA (io/peft_vblora.hpp, io/peft_pvera.hpp; issue 16).
+target_sources(test_io_peft_structured PRIVATE io/test_peft_vblora_pvera.cpp)
 if(TARGET deltaw::precompiled)
   target_link_libraries(test_io_peft_structured PRIVATE deltaw::precompiled)
 endif()

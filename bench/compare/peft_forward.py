@@ -51,6 +51,17 @@ METHODS = {
     "fourierft": lambda: peft.FourierFTConfig(n_frequency=1000, scaling=150.0, target_modules=T),
     "c3a": lambda: peft.C3AConfig(block_size=256, target_modules=T),
     "waveft": lambda: peft.WaveFTConfig(n_frequency=2592, scaling=25.0, target_modules=T),
+    "gralora": lambda: peft.GraloraConfig(r=32, gralora_k=2, hybrid_r=8, alpha=64, target_modules=T),
+    "unilora": lambda: peft.UniLoraConfig(r=4, theta_d_length=256, target_modules=T),
+    # KaSA truncates W by a dense SVD when created (one-off; not timed here).
+    "kasa": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=T, kasa_config=peft.tuners.lora.config.KasaConfig()),
+    "bdlora_a": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=T, use_bdlora=peft.tuners.lora.config.BdLoraConfig(
+        target_modules_bd_a=T, nblocks=4)),
+    "bdlora_b": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=T, use_bdlora=peft.tuners.lora.config.BdLoraConfig(
+        target_modules_bd_b=T, nblocks=4)),
+    "tinylora": lambda: peft.TinyLoraConfig(r=2, u=64, target_modules=T),
+    "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=256, topk=2, target_modules=T),
+    "pvera": lambda: peft.PveraConfig(r=256, target_modules=T),
 }
 
 

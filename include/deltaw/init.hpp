@@ -14,3 +14,5 @@
 #include "init/lora_sb.hpp"
 #include "init/loldu.hpp"
 #include "init/corda.hpp"
+#include "init/kasa.hpp"
+#include "init/tinylora.hpp"

@@ -23,3 +23,4 @@
 #include "train/o3.hpp"
 #include "train/cbq_rounding.hpp"
 #include "train/lora_prune.hpp"
+#include "train/kasa.hpp"

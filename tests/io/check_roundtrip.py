@@ -173,7 +173,10 @@ def part_peft(d):
     # Structured types written by deltaw (peft_structured.hpp): LoKr, MiSS, Bone bat (MiSS
     # init_weights "bat"), VeRA and RandLoRA with deltaw's bases stored (save_projection),
     # LoHa, IA3 (input scaling for feedforward_modules), OFT (Cayley–Neumann; exact Cayley
-    # with block_share), HRA (plain and apply_GS), SHiRA, RoAd, HiRA, DeLoRA.
+    # with block_share), HRA (plain and apply_GS), SHiRA, RoAd, HiRA, DeLoRA; GraLoRA and
+    # UniLoRA (io/peft_gralora.hpp, io/peft_unilora.hpp); KaSA, BD-LoRA and TinyLoRA
+    # (io/peft_kasa_bdlora_tinylora.hpp; PEFT truncates the base itself when it loads KaSA);
+    # VB-LoRA (logits and save_only_topk_weights) and PVeRA (io/peft_vblora.hpp, io/peft_pvera.hpp).
     base = Tiny()
     base.load_state_dict(base_sd)
     with torch.no_grad():
@@ -188,7 +191,8 @@ def part_peft(d):
             return [torch.stack([torch.block_diag(*blocks.unbind(0)) for blocks in x.unbind(0)])]
 
     for variant in ("lokr", "miss", "miss_bat", "vera", "randlora", "loha", "ia3", "oft", "oft_share", "hra",
-                    "hra_gs", "boft", "boft_butterfly", "adalora", "shira", "road", "hira", "delora"):
+                    "hra_gs", "boft", "boft_butterfly", "adalora", "shira", "road", "hira", "delora", "gralora",
+                    "unilora", "kasa", "bdlora", "tinylora", "vblora", "vblora_topk", "pvera"):
         # BOFT with m > 1 loads only where PEFT has its CUDA extension (else it builds m = 1);
         # False: "no extension" without PEFT's attempt to compile it.
         boft_layer._FBD_CUDA = FbdStub() if variant == "boft_butterfly" else False

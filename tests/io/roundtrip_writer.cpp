@@ -2,6 +2,10 @@
 // Python packages (safetensors, gguf, PEFT) and checks them independently.
 //   io_roundtrip_writer <dir> formats | peft
 #include <deltaw/io.hpp>
+#include <deltaw/io/peft_gralora.hpp>
+#include <deltaw/io/peft_unilora.hpp>
+#include <deltaw/init/kasa.hpp>
+#include <deltaw/io/peft_kasa_bdlora_tinylora.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -287,6 +291,113 @@ void write_peft(const std::string& dir) {
     a.add_delora(l.name, u);
     return MatF(dw::apply(dw::view(l.W) + u, h));
   });
+  // VB-LoRA (vector length 4, one bank of 10 vectors shared by the three layers, r = 2,
+  // topk 2; full logits and save_only_topk_weights) and PVeRA (r = 3, deltaw's seeded bases,
+  // both halves of pvera_A, stored).
+  const MatF vb_bank = randm(g, 10, 4, 0.5f);
+  for (const bool topk_only : {false, true})
+    forward(topk_only ? "vblora_topk" : "vblora", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+      const dw::index_t r = 2, L = 4;
+      const auto u = dw::vblora(randm(g, r * l.W.cols() / L, 10, 2.0f), randm(g, l.W.rows() / L * r, 10, 2.0f),
+                                dw::view(vb_bank), r, 2);
+      a.add_vblora(l.name, u, topk_only);
+      return MatF(dw::apply(dw::view(l.W) + u, h));
+    });
+  const auto pvb = dw::pvera_shared_basis(9, 3, 24, 24);
+  forward("pvera", [&](io::peft_structured_adapter& a, int, const layer& l, const MatF& h) {
+    const Eigen::VectorXf d = randm(g, 6, 1, 0.5f).col(0), b = randm(g, l.W.rows(), 1, 0.5f).col(0);
+    const auto u = dw::pvera(pvb, l.W.rows(), l.W.cols(), d, b);
+    a.add_pvera(l.name, u);
+    return MatF(dw::apply(dw::view(l.W) + u, h));
+  });
+  // GraLoRA (k = 4, r = 4, hybrid_r = 2, alpha 3) and UniLoRA (r = 3, one θ of 60 shared by the
+  // three layers, random indices with PEFT's 1/√count scales; written with save_indices).
+  auto forward_own = [&](const std::string& variant, auto&& add_and_apply, auto&& write) {
+    MatF h = x;
+    for (int k = 0; k < 3; ++k) {
+      const auto& l = layers[std::size_t(k)];
+      MatF y = add_and_apply(k, l, h);
+      y.rowwise() += l.b.transpose();
+      h = k < 2 ? MatF(y.cwiseMax(0.0f)) : y;
+    }
+    write(dir + "/adapter_" + variant);
+    out.add("y_" + variant, h);
+  };
+  {
+    io::peft_gralora_adapter a;
+    forward_own("gralora", [&](int, const layer& l, const MatF& h) {
+      const dw::index_t k = 4, r = 4, out_ = l.W.rows(), in = l.W.cols();
+      const auto u = dw::gralora(randm(g, in, r, 0.4f), randm(g, k * r, out_ / k, 0.4f), k, randm(g, 2, in, 0.3f),
+                                 randm(g, out_, 2, 0.3f), dw::scale(3.0 / 6.0));
+      a.add(l.name, u);
+      return MatF(dw::apply(dw::view(l.W) + u, h));
+    }, [&](const std::string& p) { io::write_peft_gralora_adapter(p, a); });
+  }
+  {
+    const dw::index_t d = 60, r = 3;
+    const Eigen::VectorXf theta = randm(g, d, 1, 0.5f).col(0);
+    std::vector<std::vector<std::int64_t>> idx;
+    std::uniform_int_distribution<std::int64_t> pick(0, d - 1);
+    for (const auto& l : layers) {
+      idx.emplace_back(std::size_t(r * l.W.cols()));
+      idx.emplace_back(std::size_t(l.W.rows() * r));
+    }
+    for (auto& v : idx)
+      for (auto& e : v) e = pick(g);
+    std::vector<std::span<const std::int64_t>> all(idx.begin(), idx.end());
+    const auto inv = dw::unilora_inverse_sqrt_counts<std::int64_t>(d, all);
+    io::peft_unilora_adapter a;
+    forward_own("unilora", [&](int k, const layer& l, const MatF& h) {
+      std::vector<double> sa, sb;
+      for (auto e : idx[std::size_t(2 * k)]) sa.push_back(inv[std::size_t(e)]);
+      for (auto e : idx[std::size_t(2 * k + 1)]) sb.push_back(inv[std::size_t(e)]);
+      const auto u = dw::unilora(l.W.rows(), l.W.cols(), r, std::span<const std::int64_t>(idx[std::size_t(2 * k)]),
+                                 std::span<const std::int64_t>(idx[std::size_t(2 * k + 1)]), std::span<const double>(sa),
+                                 std::span<const double>(sb), dw::vview(theta));
+      a.add(l.name, u);
+      return MatF(dw::apply(dw::view(l.W) + u, h));
+    }, [&](const std::string& p) { io::write_peft_unilora_adapter(p, a); });
+  }
+  // KaSA (r = 3, alpha 5; PEFT truncates the original base when it loads the adapter, so the
+  // expected output is over deltaw's truncation of W), BD-LoRA (r = 4, 4 blocks: q and head
+  // block-diagonal A, v block-diagonal B) and TinyLoRA (r = 2, u = 3, weight_tying 0.5: q
+  // in group 0, v and head share group 1) (io/peft_kasa_bdlora_tinylora.hpp).
+  {
+    io::peft_kasa_adapter a;
+    std::vector<Eigen::VectorXf> ds;
+    ds.reserve(3);
+    forward_own("kasa", [&](int, const layer& l, const MatF& h) {
+      MatF Wt = l.W;
+      dw::kasa_truncate_base_dense(Wt, 3);
+      ds.push_back(randm(g, 3, 1, 0.8f).col(0));
+      const auto u = dw::kasa(randm(g, l.W.rows(), 3, 0.4f), dw::vview(ds.back()), randm(g, 3, l.W.cols(), 0.4f),
+                              dw::alpha(5));
+      a.add(l.name, u);
+      return MatF(dw::apply(dw::view(Wt) + u, h));
+    }, [&](const std::string& p) { io::write_peft_kasa_adapter(p, a); });
+  }
+  {
+    io::peft_bdlora_adapter a;
+    forward_own("bdlora", [&](int k, const layer& l, const MatF& h) {
+      const dw::index_t r = 4, nb = 4, out_ = l.W.rows(), in = l.W.cols();
+      const bool bd_b = k == 1;
+      const auto u = bd_b ? dw::bd_lora(randm(g, out_, r / nb, 0.4f), randm(g, r, in, 0.4f), dw::bd_side::B, nb, dw::alpha(6))
+                          : dw::bd_lora(randm(g, out_, r, 0.4f), randm(g, r, in / nb, 0.4f), dw::bd_side::A, nb, dw::alpha(6));
+      a.add(l.name, u);
+      return MatF(dw::apply(dw::view(l.W) + u, h));
+    }, [&](const std::string& p) { io::write_peft_bdlora_adapter(p, a); });
+  }
+  {
+    io::peft_tinylora_adapter a;
+    a.config.weight_tying = 0.5;
+    const Eigen::VectorXf v0 = randm(g, 3, 1, 0.8f).col(0), v1 = randm(g, 3, 1, 0.8f).col(0);
+    forward_own("tinylora", [&](int k, const layer& l, const MatF& h) {
+      const auto u = dw::tinylora(randm(g, l.W.rows(), 2, 0.4f), dw::vview(k == 0 ? v0 : v1), randm(g, 3, 4, 0.6f),
+                                  randm(g, 2, l.W.cols(), 0.4f));
+      a.add(l.name, u, k == 0 ? 0 : 1);
+      return MatF(dw::apply(dw::view(l.W) + u, h));
+    }, [&](const std::string& p) { io::write_peft_tinylora_adapter(p, a, {"blocks.0.q", "blocks.0.v", "head"}); });
+  }
   out.write(dir + "/io.safetensors");
 }
 

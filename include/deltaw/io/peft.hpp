@@ -262,6 +262,11 @@ inline peft_lora_config parse_peft_config(std::string_view text, const std::stri
   for (const char* k : {"modules_to_save", "layer_replication", "target_parameters", "trainable_token_indices",
                         "alora_invocation_tokens", "megatron_config"})
     if (auto it = o.find(k); it != o.end() && detail::json_truthy(*it)) unsupported(std::string("\"") + k + "\"");
+  // LoRA variants read by their own readers (deltaw/io/peft_kasa_bdlora_tinylora.hpp).
+  for (const char* k : {"kasa_config", "use_bdlora"})
+    if (auto it = o.find(k); it != o.end() && detail::json_truthy(*it))
+      unsupported(std::string("\"") + k + "\" here (read it with deltaw::io::read_peft_" +
+                  (k[0] == 'k' ? "kasa" : "bdlora") + "_adapter, deltaw/io/peft_kasa_bdlora_tinylora.hpp)");
   return c;
 }
 

@@ -62,7 +62,8 @@ class peft_update {
                                     miss_update<float>, bone_bat_update<float, TW>, hadamard_update<float>,
                                     ia3_update<float, TW>, oft_update<float, TW>, hra_update<float, TW>,
                                     shira_update<float>, road_update<float, TW>, boft_update<float, TW>,
-                                    adalora_update<float>, hira_update<float, TW>, delora_update<float>>;
+                                    adalora_update<float>, hira_update<float, TW>, delora_update<float>,
+                                    vblora_update<float>>;
   /// The arithmetic type of materialize() (and of apply() for an input of type TW).
   using compute_type = compute_t<float, TW>;
 
@@ -136,7 +137,8 @@ class any_peft_module {
   using variant_type = std::variant<peft_lora_module, peft_lokr_module, peft_miss_module, peft_vera_module,
                                     peft_randlora_module, peft_loha_module, peft_ia3_module, peft_oft_module,
                                     peft_hra_module, peft_shira_module, peft_road_module, peft_boft_module,
-                                    peft_adalora_module, peft_hira_module, peft_delora_module>;
+                                    peft_adalora_module, peft_hira_module, peft_delora_module, peft_vblora_module,
+                                    peft_pvera_module>;
 
   explicit any_peft_module(variant_type m) : m_(std::move(m)) {}
 
@@ -163,6 +165,8 @@ class any_peft_module {
           else if constexpr (std::is_same_v<M, peft_road_module>) return "RoAd";
           else if constexpr (std::is_same_v<M, peft_hira_module>) return "HiRA";
           else if constexpr (std::is_same_v<M, peft_delora_module>) return "DeLoRA";
+          else if constexpr (std::is_same_v<M, peft_vblora_module>) return "VB-LoRA";
+          else if constexpr (std::is_same_v<M, peft_pvera_module>) return "PVeRA";
           else if constexpr (std::is_same_v<M, peft_boft_module>) return "BOFT";
           else if constexpr (std::is_same_v<M, peft_adalora_module>) return "AdaLoRA";
           else return "RandLoRA";
@@ -178,7 +182,8 @@ class any_peft_module {
           if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module> ||
                         std::is_same_v<M, peft_loha_module> || std::is_same_v<M, peft_boft_module> ||
                         std::is_same_v<M, peft_adalora_module> || std::is_same_v<M, peft_hira_module> ||
-                        std::is_same_v<M, peft_delora_module>)
+                        std::is_same_v<M, peft_delora_module> || std::is_same_v<M, peft_vblora_module> ||
+                        std::is_same_v<M, peft_pvera_module>)
             return m.out_features();
           else if constexpr (std::is_same_v<M, peft_ia3_module>) {
             if (m.side == ia3_side::output) return m.l.view.size();
@@ -205,7 +210,7 @@ class any_peft_module {
           if constexpr (std::is_same_v<M, peft_lora_module> || std::is_same_v<M, peft_lokr_module> ||
                         std::is_same_v<M, peft_loha_module> || std::is_same_v<M, peft_boft_module> ||
                         std::is_same_v<M, peft_adalora_module> || std::is_same_v<M, peft_hira_module> ||
-                        std::is_same_v<M, peft_delora_module>)
+                        std::is_same_v<M, peft_delora_module> || std::is_same_v<M, peft_vblora_module>)
             return m.in_features();
           else if constexpr (std::is_same_v<M, peft_ia3_module>) {
             if (m.side == ia3_side::input) return m.l.view.size();
@@ -409,7 +414,7 @@ inline any_peft_adapter parse_peft(std::string_view config_text, const safetenso
         std::move(adapter_name));
   if (type == "LOKR" || type == "MISS" || type == "BONE" || type == "VERA" || type == "RANDLORA" || type == "LOHA" ||
       type == "IA3" || type == "OFT" || type == "HRA" || type == "SHIRA" || type == "ROAD" || type == "BOFT" ||
-      type == "ADALORA" || type == "HIRA" || type == "DELORA")
+      type == "ADALORA" || type == "HIRA" || type == "DELORA" || type == "VBLORA" || type == "PVERA")
     return any_peft_adapter(peft_structured_adapter::from_safetensors(
                                 parse_peft_structured_config(config_text, config_source), tensors, tensors_source),
                             std::move(adapter_name));
@@ -417,9 +422,16 @@ inline any_peft_adapter parse_peft(std::string_view config_text, const safetenso
     throw unsupported_error("deltaw::io::peft (" + config_source + "): a " + type +
                             " adapter is read by deltaw::io::read_peft_fourier_adapter (deltaw/io/peft_fourier.hpp, "
                             "which needs FFTW: link deltaw::fft)");
+  if (type == "GRALORA" || type == "UNILORA")  // deltaw/io/peft_gralora.hpp, deltaw/io/peft_unilora.hpp
+    throw unsupported_error("deltaw::io::peft (" + config_source + "): a " + type + " adapter is read by deltaw::io::" +
+                            (type == "GRALORA" ? "read_peft_gralora_adapter (deltaw/io/peft_gralora.hpp)"
+                                               : "read_peft_unilora_adapter (deltaw/io/peft_unilora.hpp)"));
+  if (type == "TINYLORA")  // deltaw/io/peft_kasa_bdlora_tinylora.hpp (needs the model's module order)
+    throw unsupported_error("deltaw::io::peft (" + config_source + "): a TINYLORA adapter is read by "
+                            "deltaw::io::read_peft_tinylora_adapter (deltaw/io/peft_kasa_bdlora_tinylora.hpp)");
   throw unsupported_error("deltaw::io::peft (" + config_source + "): peft_type \"" + type +
                           "\" is not supported; deltaw reads LORA (with use_rslora / use_dora), LOKR, MISS, BONE, VERA, "
-                          "RANDLORA, LOHA, IA3, OFT, HRA, SHIRA, ROAD, BOFT, ADALORA, HIRA and DELORA");
+                          "RANDLORA, LOHA, IA3, OFT, HRA, SHIRA, ROAD, BOFT, ADALORA, HIRA, DELORA, VBLORA and PVERA");
 }
 
 /// The names of the adapters saved under `dir`: "default" when dir holds

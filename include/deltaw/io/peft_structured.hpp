@@ -48,6 +48,11 @@
 //             s = lora_alpha / (init_r + 1e-5) (r when lora_alpha is 0). rank_pattern maps
 //             "<module>.lora_E" to PEFT's mask over the init_r triplets; the saved tensors
 //             hold only the kept ones (r = the mask's count), and the scale keeps init_r.
+//   VBLORA    vblora_logits_A [r, in/L, n], vblora_logits_B [out/L, r, n] (or their
+//             _topk_indices / _topk_weights), shared base_model.vblora_vector_bank [n, L]:
+//             io/peft_vblora.hpp.
+//   PVERA     pvera_lambda_b [out], pvera_lambda_d [2r]; shared base_model.pvera_A [2r, in_max],
+//             pvera_B [out_max, r] (save_projection): io/peft_pvera.hpp.
 //
 // Documented choices:
 //  - VeRA and RandLoRA bases. PEFT draws them with torch's generator from
@@ -91,6 +96,8 @@
 #include "../expr/hira.hpp"
 #include "../expr/delora.hpp"
 #include "peft.hpp"
+#include "peft_pvera.hpp"
+#include "peft_vblora.hpp"
 
 DELTAW_NAMESPACE_BEGIN
 namespace io {
@@ -212,10 +219,10 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
   const std::string& t = c.peft_type;
   if (t != "LOKR" && t != "MISS" && t != "BONE" && t != "VERA" && t != "RANDLORA" && t != "LOHA" && t != "IA3" &&
       t != "OFT" && t != "HRA" && t != "SHIRA" && t != "ROAD" && t != "BOFT" && t != "ADALORA" &&
-      t != "HIRA" && t != "DELORA")
+      t != "HIRA" && t != "DELORA" && t != "VBLORA" && t != "PVERA")
     throw unsupported_error("deltaw::io::peft (" + source + "): peft_type \"" + t +
                             "\" is not a structured type deltaw reads (LOKR, MISS, BONE, VERA, RANDLORA, LOHA, IA3, OFT, HRA, SHIRA, ROAD, "
-                            "BOFT, ADALORA, HIRA, DELORA; "
+                            "BOFT, ADALORA, HIRA, DELORA, VBLORA, PVERA; "
                             "LORA is read by read_peft_adapter)");
   // PEFT's defaults where a field is absent.
   c.r = t == "VERA" ? 256 : t == "RANDLORA" || t == "SHIRA" || t == "HIRA" ? 32 : t == "LOKR" || t == "LOHA" || t == "HRA" ? 8 : t == "OFT" || t == "IA3" ? 0 : 64;
@@ -364,7 +371,7 @@ inline peft_structured_config parse_peft_structured_config(std::string_view text
     }
     if (auto it = o.find("mini_r"); it != o.end() && !it->is_null()) c.mini_r = detail::peft_rank(*it, "mini_r", source);
   }
-  if (t == "VERA" || t == "RANDLORA") {
+  if (t == "VERA" || t == "RANDLORA" || t == "PVERA") {
     auto it = o.find("save_projection");
     c.save_projection = it == o.end() || it->is_null() ? true : detail::peft_bool(o, "save_projection", source);
     if (auto k = o.find("projection_prng_key"); k != o.end() && k->is_number_integer())
@@ -480,7 +487,7 @@ inline json peft_structured_config_json(const peft_structured_config& c) {
     o["mini_r"] = c.mini_r;
     if (!o.contains("bias")) o["bias"] = "none";
     if (t == "MISS" && !o.contains("miss_dropout")) o["miss_dropout"] = 0.0;
-  } else if (t == "VERA" || t == "RANDLORA") {
+  } else if (t == "VERA" || t == "RANDLORA" || t == "PVERA") {
     if (t == "RANDLORA") {
       o["randlora_alpha"] = c.alpha;
       o["sparse"] = c.sparse;
@@ -907,10 +914,11 @@ class peft_structured_adapter {
   using module = std::variant<peft_lokr_module, peft_miss_module, peft_vera_module, peft_randlora_module,
                               peft_loha_module, peft_ia3_module, peft_oft_module, peft_hra_module,
                               peft_shira_module, peft_road_module, peft_boft_module, peft_adalora_module,
-                              peft_hira_module, peft_delora_module>;
+                              peft_hira_module, peft_delora_module, peft_vblora_module, peft_pvera_module>;
   peft_structured_config config;
   /// VeRA: vera_A [r, in_max], vera_B [out_max, r]. RandLoRA: randlora_A as [r, min_dim],
-  /// randlora_B as [max_dim, N·r]. Empty otherwise.
+  /// randlora_B as [max_dim, N·r]. PVeRA: pvera_A [2r, in_max], pvera_B [out_max, r].
+  /// VB-LoRA: basis_A is the vector bank [n, L]. Empty otherwise.
   held_matrix<float> basis_A, basis_B;
   index_t randlora_bases = 0;  ///< N of the shared randlora_B
 
@@ -1291,6 +1299,30 @@ class peft_structured_adapter {
                             u.variant(), u.group_size()});
   }
 
+  /// VB-LoRA (io/peft_vblora.hpp); every module must share one bank. With
+  /// save_only_topk_weights the file keeps only each row's top k and weights, as PEFT's option.
+  template <class T, class D>
+  void add_vblora(std::string name, const vblora_update<T, D>& u, bool save_only_topk_weights = false) {
+    begin("VBLORA", name);
+    if (size() > 0 && (u.rank() != config.r || u.topk() != std::get<peft_vblora_module>(modules_.front()).topk))
+      throw argument_error("deltaw::io::peft_structured_adapter::add_vblora: \"" + name + "\" has r = " +
+                           std::to_string(u.rank()) + ", topk = " + std::to_string(u.topk()) +
+                           " unlike the modules already added (PEFT's VBLoRAConfig has one r and one topk)");
+    config.r = u.rank();
+    auto m = detail::vblora_module_from(std::move(name), u, basis_A, size() == 0);
+    detail::vblora_config_fields(config.raw, m);
+    config.raw["save_only_topk_weights"] = save_only_topk_weights;
+    insert(std::move(m));
+  }
+  /// PVeRA from deltaw's seeded bases (io/peft_pvera.hpp); every module must share one vera_basis.
+  template <class T, class D>
+  void add_pvera(std::string name, const pvera_update<T, D>& u) {
+    begin("PVERA", name);
+    config.r = u.rank();
+    insert(detail::pvera_module_from(std::move(name), u, basis_A, basis_B, vera_seed_, size() == 0));
+    config.projection_prng_key = std::int64_t(vera_seed_);
+  }
+
   // ── files ────────────────────────────────────────────────────────────────────────────
 
   /// Builds from a parsed config and adapter_model.safetensors.
@@ -1335,6 +1367,15 @@ inline peft_structured_adapter peft_structured_adapter::from_safetensors(peft_st
   peft_structured_adapter a;
   a.config = std::move(cfg);
   const std::string& type = a.config.peft_type;
+  if (type == "VBLORA") {  // io/peft_vblora.hpp
+    detail::read_vblora_modules(a.config.raw, f, source, a.basis_A, [&](peft_vblora_module m) { a.insert(std::move(m)); });
+    return a;
+  }
+  if (type == "PVERA") {  // io/peft_pvera.hpp
+    detail::read_pvera_modules(a.config.raw, f, source, a.basis_A, a.basis_B,
+                               [&](peft_pvera_module m) { a.insert(std::move(m)); });
+    return a;
+  }
   const bool is_miss = type == "MISS" || type == "BONE";
   const std::string model_prefix = "base_model.model.", shared_prefix = "base_model.";
   std::vector<std::string_view> suffixes;
@@ -1922,6 +1963,10 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
       w.add(P + n + ".delora_B", m->B.view);
       w.add(P + n + ".delora_lambda", m->lambda.view);
       w.add(P + n + ".delora_w_norm", m->w_norm.view);
+    } else if (const auto* m = std::get_if<peft_vblora_module>(&mv)) {
+      detail::add_vblora_tensors(w, P + n, *m, detail::peft_bool(c.raw, "save_only_topk_weights", "config"));
+    } else if (const auto* m = std::get_if<peft_pvera_module>(&mv)) {
+      detail::add_pvera_tensors(w, P + n, *m);
     } else if (const auto* m = std::get_if<peft_road_module>(&mv)) {
       w.add(P + n + ".road_theta", m->theta.view);
       w.add(P + n + ".road_alpha", m->alpha.view);
@@ -1939,6 +1984,10 @@ inline std::pair<peft_structured_config, safetensors_writer> peft_structured_ada
   if (c.peft_type == "VERA") {
     w.add("base_model.vera_A", basis_A.view);
     w.add("base_model.vera_B", basis_B.view);
+  } else if (c.peft_type == "VBLORA" && !modules_.empty()) {
+    detail::add_vblora_bank(w, basis_A);
+  } else if (c.peft_type == "PVERA" && !modules_.empty()) {
+    detail::add_pvera_bases(w, basis_A, basis_B);
   } else if (c.peft_type == "RANDLORA") {
     const auto r = std::uint64_t(basis_A.view.rows());
     const std::vector<std::uint64_t> sa{r, 1, std::uint64_t(basis_A.view.cols())};

@@ -1,0 +1,27 @@
+# all-MiniLM-L6-v2 end to end against PyTorch + PEFT (docs/benchmarks.md, "MiniLM against
+# PyTorch + PEFT"): bench_minilm with Eigen's own products, bench_minilm_blas with
+# EIGEN_USE_BLAS / DELTAW_USE_BLAS (OpenBLAS sgemm). Driven by bench/compare/minilm_torch.py.
+# Needs nlohmann-json (deltaw/models.hpp reads config.json / tokenizer.json).
+find_package(nlohmann_json QUIET)
+if(nlohmann_json_FOUND)
+  set(_minilm_variants bench_minilm)
+  if(DELTAW_BENCH_HAVE_OPENBLAS)
+    list(APPEND _minilm_variants bench_minilm_blas)
+  endif()
+  foreach(_v IN LISTS _minilm_variants)
+    add_executable(${_v} ${CMAKE_CURRENT_SOURCE_DIR}/bench_minilm.cpp)
+    target_link_libraries(${_v} PRIVATE deltaw::deltaw nlohmann_json::nlohmann_json)
+    target_compile_options(${_v} PRIVATE -O3 -march=native)
+    if(OpenMP_CXX_FOUND)
+      target_link_libraries(${_v} PRIVATE OpenMP::OpenMP_CXX)
+    endif()
+  endforeach()
+  if(DELTAW_BENCH_HAVE_OPENBLAS)
+    deltaw_link_openblas(bench_minilm_blas)
+    target_compile_definitions(bench_minilm_blas PRIVATE EIGEN_USE_BLAS DELTAW_USE_BLAS)
+  else()
+    message(STATUS "deltaw: OpenBLAS (with cblas.h) not found; bench_minilm_blas is not built")
+  endif()
+else()
+  message(STATUS "deltaw: nlohmann_json not found; bench_minilm is not built")
+endif()
