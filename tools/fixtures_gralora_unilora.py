@@ -14,12 +14,11 @@ Every trainable adapter parameter is random (PEFT starts GraLoRA's B at zero).
 Usage: python3 tools/fixtures_gralora_unilora.py [--out tests/fixtures]"""
 import argparse
 import os
-import shutil
 
-import safetensors.torch
 import torch
-from peft import GraloraConfig, UniLoraConfig, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import GraloraConfig, UniLoraConfig
+
+from peft_fixture import write_fixture
 
 
 class Block(torch.nn.Module):
@@ -44,34 +43,7 @@ class Net(torch.nn.Module):
 
 
 def write(out, name, dims, config, seed):
-    d = os.path.join(out, name)
-    if os.path.isdir(d):
-        shutil.rmtree(d)
-    os.makedirs(d)
-    torch.manual_seed(seed)
-    model = Net(dims)
-    safetensors.torch.save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                                os.path.join(d, "model.safetensors"))
-    pm = get_peft_model(model, config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pm.eval()
-    x = torch.randn(5, dims[0], generator=torch.Generator().manual_seed(seed + 2))
-    with torch.no_grad():
-        io = {"x": x, "y": pm(x)}
-        for mname, mod in pm.base_model.model.named_modules():
-            if isinstance(mod, BaseTunerLayer):
-                xm = torch.randn(3, mod.in_features, generator=torch.Generator().manual_seed(seed + 3))
-                io["x." + mname] = xm
-                io["y." + mname] = mod(xm)
-    pm.save_pretrained(os.path.join(d, "adapter"))
-    readme = os.path.join(d, "adapter", "README.md")
-    if os.path.exists(readme):
-        os.remove(readme)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
+    write_fixture(out, name, lambda: Net(dims), config, seed, dims[0])
 
 
 def main():

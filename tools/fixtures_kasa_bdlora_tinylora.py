@@ -20,10 +20,11 @@ adapter files do not record.
 """
 import argparse
 import os
-import shutil
 
-import torch
 import safetensors.torch
+import torch
+
+from peft_fixture import write_fixture
 
 
 class Net(torch.nn.Module):
@@ -40,52 +41,20 @@ class Net(torch.nn.Module):
 MODULES = ["q", "v", "head"]
 
 
-def randomise(pm, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-
-
-def fixture(out, name, config, seed):
-    from peft import get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    d = os.path.join(out, name)
-    if os.path.isdir(d):
-        shutil.rmtree(d)
-    os.makedirs(d)
-    torch.manual_seed(seed)
-    model = Net()
-    safetensors.torch.save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                                os.path.join(d, "model.safetensors"))
-    pm = get_peft_model(model, config)
-    randomise(pm, seed + 1)
-    pm.eval()
-    x = torch.randn(5, 15, generator=torch.Generator().manual_seed(seed + 2))
-    io = {"x": x}
-    with torch.no_grad():
-        io["y"] = pm(x)
-    layers = {n: m for n, m in pm.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
-    for i, (n, m) in enumerate(layers.items()):
-        xm = torch.randn(3, m.get_base_layer().in_features, generator=torch.Generator().manual_seed(seed + 3 + i))
-        with torch.no_grad():
-            io["x." + n] = xm
-            io["y." + n] = m(xm)
-    meta = {"module_order": ",".join(layers.keys())}
-    if getattr(config, "kasa_config", None) is not None:
+def kasa_extras(pm, layers, d, io):
+    """The module order (TinyLoRA's groups follow it); for KaSA, PEFT's loss and truncated weights."""
+    if getattr(pm.peft_config["default"], "kasa_config", None) is not None:
         with torch.no_grad():
             io["kasa_loss"] = torch.tensor([float(pm.base_model._get_kasa_loss())], dtype=torch.float64)
         safetensors.torch.save_file(
             {n + ".weight": m.get_base_layer().weight.detach().clone().contiguous() for n, m in layers.items()},
             os.path.join(d, "truncated.safetensors"))
-    safetensors.torch.save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"),
-                                metadata=meta)
-    pm.save_pretrained(os.path.join(d, "adapter"))
-    readme = os.path.join(d, "adapter", "README.md")  # a model-card template, not a fixture
-    if os.path.exists(readme):
-        os.remove(readme)
+    return {"module_order": ",".join(layers.keys())}
+
+
+def fixture(out, name, config, seed):
+    write_fixture(out, name, Net, config, seed, 15, scale=lambda n: 0.4, module_seed=lambda i: 3 + i,
+                  finish=kasa_extras)
 
 
 def main():

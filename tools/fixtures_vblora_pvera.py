@@ -16,12 +16,11 @@ in eval). Every trainable adapter parameter is random (PEFT starts λ_b at zero)
 Usage: python3 tools/fixtures_vblora_pvera.py [--out tests/fixtures]"""
 import argparse
 import os
-import shutil
 
-import safetensors.torch
 import torch
-from peft import PveraConfig, VBLoRAConfig, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import PveraConfig, VBLoRAConfig
+
+from peft_fixture import write_fixture
 
 
 class Block(torch.nn.Module):
@@ -45,44 +44,23 @@ class Net(torch.nn.Module):
         return self.head(h)
 
 
+def sampled_output(seed):
+    """PEFT's sampled PVeRA forward: ε ~ N(0, 1) [3, r] from the adapter's generator."""
+    def on_module(name, mod, xm, io):
+        s = seed + 4
+        mod.sample_at_inference["default"] = True
+        mod.pvera_generator["default"] = torch.Generator().manual_seed(s)
+        io["eps." + name] = torch.randn((3, mod.r["default"]), generator=torch.Generator().manual_seed(s))
+        io["ys." + name] = mod(xm)
+        mod.sample_at_inference["default"] = False
+    return on_module
+
+
 def write(out, name, dims, config, seed, sampled=False):
-    d = os.path.join(out, name)
-    if os.path.isdir(d):
-        shutil.rmtree(d)
-    os.makedirs(d)
-    torch.manual_seed(seed)
-    model = Net(dims)
-    safetensors.torch.save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                                os.path.join(d, "model.safetensors"))
-    pm = get_peft_model(model, config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad:
-                # VB-LoRA's logits spread over ±2 (so the top k are well separated), the rest ±0.3.
-                p.copy_(torch.randn(p.shape, generator=g) * (2.0 if "logits" in n else 0.3))
-    pm.eval()
-    x = torch.randn(5, dims[0], generator=torch.Generator().manual_seed(seed + 2))
-    with torch.no_grad():
-        io = {"x": x, "y": pm(x)}
-        for mname, mod in pm.base_model.model.named_modules():
-            if isinstance(mod, BaseTunerLayer):
-                xm = torch.randn(3, mod.in_features, generator=torch.Generator().manual_seed(seed + 3))
-                io["x." + mname] = xm
-                io["y." + mname] = mod(xm)
-                if sampled:
-                    # PEFT's sampled forward: ε ~ N(0, 1) [3, r] from the adapter's generator.
-                    s = seed + 4
-                    mod.sample_at_inference["default"] = True
-                    mod.pvera_generator["default"] = torch.Generator().manual_seed(s)
-                    io["eps." + mname] = torch.randn((3, mod.r["default"]), generator=torch.Generator().manual_seed(s))
-                    io["ys." + mname] = mod(xm)
-                    mod.sample_at_inference["default"] = False
-    pm.save_pretrained(os.path.join(d, "adapter"))
-    readme = os.path.join(d, "adapter", "README.md")
-    if os.path.exists(readme):
-        os.remove(readme)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
+    # VB-LoRA's logits spread over ±2 (so the top k are well separated), the rest ±0.3.
+    write_fixture(out, name, lambda: Net(dims), config, seed, dims[0],
+                  scale=lambda n: 2.0 if "logits" in n else 0.3,
+                  on_module=sampled_output(seed) if sampled else None)
 
 
 def main():
