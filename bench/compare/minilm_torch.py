@@ -19,7 +19,11 @@ Token ids: Hugging Face's tokenizer on Debian package descriptions (/var/lib/dpk
 consecutive descriptions joined so that rows fill 128 tokens), padded / truncated to 128,
 written to --ids (default minilm_ids.txt) and read by bench_minilm.
 
-Usage: python3 bench/compare/minilm_torch.py --bin-dir build/h_minibench/bench [--threads 1 2] [--reps 3]
+--malloc-tuned sets glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ to 256 MiB for every
+process (deltaw's and PyTorch's alike): freed activation buffers stay in the heap instead of
+going back to the kernel and faulting in again, zeroed, on the next allocation.
+
+Usage: python3 bench/compare/minilm_torch.py --bin-dir build/h_minibench/bench [--threads 1 2] [--reps 3] [--malloc-tuned]
 Exits 0 with a "skipped" line when torch / transformers / peft or the model package is missing.
 """
 import argparse
@@ -160,8 +164,13 @@ def parse(line):
     return out
 
 
-def run(cmd, threads):
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def run(cmd, threads, malloc_tuned):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if malloc_tuned:
+        env.update(MALLOC_TUNED)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [l for l in p.stdout.splitlines() if l.startswith("mode=")]
     if p.returncode != 0 or not lines:
@@ -178,6 +187,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=MODES)
     ap.add_argument("--ids", default="minilm_ids.txt")
+    ap.add_argument("--malloc-tuned", action="store_true",
+                    help="glibc keeps freed blocks up to 256 MiB (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) "
+                         "instead of returning them to the kernel; set for every process, deltaw's and PyTorch's")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--mode", default="forward")
     ap.add_argument("--model", default=None)
@@ -193,7 +205,8 @@ def main():
         return
     mdir = args.model or model_dir()
     real = write_ids(args.ids, mdir)
-    print(f"all-MiniLM-L6-v2 from {mdir}; batch {BATCH} x {SEQ} tokens ({real} non-padding); ids in {args.ids}")
+    print(f"all-MiniLM-L6-v2 from {mdir}; batch {BATCH} x {SEQ} tokens ({real} non-padding); ids in {args.ids}; "
+          f"malloc: {'tuned ' + str(MALLOC_TUNED) if args.malloc_tuned else 'glibc defaults'}")
     sides = [("deltaw (OpenBLAS)", os.path.join(args.bin_dir, "bench_minilm_blas")),
              ("deltaw (Eigen)", os.path.join(args.bin_dir, "bench_minilm"))]
     sides = [(n, b) for n, b in sides if os.path.exists(b)]
@@ -204,9 +217,9 @@ def main():
         for mode in args.modes:
             res = {}
             for name, binary in sides:
-                res[name] = run([binary, "--model", mdir, "--ids", args.ids, "--mode", mode, "--reps", str(args.reps)], th)
+                res[name] = run([binary, "--model", mdir, "--ids", args.ids, "--mode", mode, "--reps", str(args.reps)], th, args.malloc_tuned)
             res["PyTorch + PEFT"] = run([sys.executable, __file__, "--worker", "--mode", mode, "--worker-threads", str(th),
-                                         "--reps", str(args.reps), "--ids", args.ids, "--model", mdir], th)
+                                         "--reps", str(args.reps), "--ids", args.ids, "--model", mdir], th, args.malloc_tuned)
             ref = res["PyTorch + PEFT"]
             unit = "tokens/s" if mode == "train" else "emb/s"
             for name, r in res.items():
