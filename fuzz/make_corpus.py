@@ -182,9 +182,12 @@ def to_bf16(raw):
     return b"".join(raw[i + 2:i + 4] for i in range(0, len(raw), 4))
 
 
-def peft_structured_seeds():
+def fixture_seeds(names):
+    """The fixture adapters `names` (tests/fixtures/<name>/adapter), packed as seeds, and edit(name, ...):
+    a fixture with config keys changed, tensors whose names end in one of `drop` removed, and change(t)
+    applied to its tensors {name: [dtype, shape, bytes]}, packed again."""
     s, fx = {}, {}
-    for name in STRUCTURED:
+    for name in names:
         d = os.path.join(FIXTURES, name, "adapter")
         with open(os.path.join(d, "adapter_config.json"), "rb") as f:
             cfg = f.read()
@@ -200,6 +203,13 @@ def peft_structured_seeds():
         if change:
             change(t)
         return pack(cfg, st_write(t, pad=pad))
+
+    edit.config = lambda name: fx[name][0]  # the fixture's parsed adapter_config.json
+    return s, edit
+
+
+def peft_structured_seeds():
+    s, edit = fixture_seeds(STRUCTURED)
 
     q = "base_model.model.blocks.0.q."
     s["lokr_r_mismatch"] = edit("peft_lokr", {"r": 3})
@@ -324,31 +334,15 @@ def peft_structured_seeds():
     s["pvera_no_projection"] = edit("peft_pvera", {"save_projection": False})
     s["pvera_r_mismatch"] = edit("peft_pvera", {"r": 3})
     s["unknown_key"] = edit("peft_miss", change=lambda t: t.update({"base_model.model.x.lora_A.weight": ["F32", [1], f32(1)]}))
-    s["length_past_end"] = struct.pack("<I", 2**32 - 1) + json.dumps(fx["peft_miss"][0]).encode()
-    s["config_only"] = pack(fx["peft_vera"][0], b"")
+    s["length_past_end"] = struct.pack("<I", 2**32 - 1) + json.dumps(edit.config("peft_miss")).encode()
+    s["config_only"] = pack(edit.config("peft_vera"), b"")
     return s
 
 
 def peft_fourier_seeds():
     """FourierFT, C3A and WaveFT directories (tests/fixtures/peft_fourierft*, peft_c3a, peft_waveft*), packed as for
     peft_structured, and edits that must be refused or read without a crash."""
-    s, fx = {}, {}
-    for name in ["peft_fourierft", "peft_fourierft_seed", "peft_c3a", "peft_waveft", "peft_waveft_direct", "peft_waveft_odd"]:
-        d = os.path.join(FIXTURES, name, "adapter")
-        with open(os.path.join(d, "adapter_config.json"), "rb") as f:
-            cfg = f.read()
-        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
-            blob = f.read()
-        s[name] = pack(cfg, blob)
-        fx[name] = (json.loads(cfg), st_read(blob))
-
-    def edit(name, cfg_changes=None, change=None):
-        cfg, t = fx[name]
-        cfg = dict(cfg, **(cfg_changes or {}))
-        t = {k: list(v) for k, v in t.items()}
-        if change:
-            change(t)
-        return pack(cfg, st_write(t))
+    s, edit = fixture_seeds(["peft_fourierft", "peft_fourierft_seed", "peft_c3a", "peft_waveft", "peft_waveft_direct", "peft_waveft_odd"])
 
     q = "base_model.model.blocks.0.q."
     s["fourierft_2d"] = edit("peft_fourierft", change=lambda t: t.update({q + "fourierft_spectrum": ["F32", [2, 3], f32(6)]}))
@@ -370,23 +364,7 @@ def peft_fourier_seeds():
 def peft_gralora_unilora_seeds():
     """GraLoRA and UniLoRA directories (tests/fixtures/peft_gralora*, peft_unilora*), packed as for
     peft_structured, and edits that must be refused or read without a crash."""
-    s, fx = {}, {}
-    for name in ["peft_gralora", "peft_gralora_k2", "peft_unilora", "peft_unilora_noidx"]:
-        d = os.path.join(FIXTURES, name, "adapter")
-        with open(os.path.join(d, "adapter_config.json"), "rb") as f:
-            cfg = f.read()
-        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
-            blob = f.read()
-        s[name] = pack(cfg, blob)
-        fx[name] = (json.loads(cfg), st_read(blob))
-
-    def edit(name, cfg_changes=None, change=None):
-        cfg, t = fx[name]
-        cfg = dict(cfg, **(cfg_changes or {}))
-        t = {k: list(v) for k, v in t.items()}
-        if change:
-            change(t)
-        return pack(cfg, st_write(t))
+    s, edit = fixture_seeds(["peft_gralora", "peft_gralora_k2", "peft_unilora", "peft_unilora_noidx"])
 
     q = "base_model.model.blocks.0.q."
     s["gralora_k_mismatch"] = edit("peft_gralora", {"gralora_k": 2})
@@ -414,24 +392,8 @@ def peft_gralora_unilora_seeds():
 def peft_kasa_bdlora_tinylora_seeds():
     """KaSA, BD-LoRA and TinyLoRA directories (tools/fixtures_kasa_bdlora_tinylora.py), packed as
     for peft_structured, and edits that must be refused or read without a crash."""
-    s, fx = {}, {}
-    for name in ["peft_kasa", "peft_kasa_rslora", "peft_bdlora", "peft_bdlora_mixed", "peft_tinylora",
-                 "peft_tinylora_tied"]:
-        d = os.path.join(FIXTURES, name, "adapter")
-        with open(os.path.join(d, "adapter_config.json"), "rb") as f:
-            cfg = f.read()
-        with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
-            blob = f.read()
-        s[name] = pack(cfg, blob)
-        fx[name] = (json.loads(cfg), st_read(blob))
-
-    def edit(name, cfg_changes=None, change=None):
-        cfg, t = fx[name]
-        cfg = dict(cfg, **(cfg_changes or {}))
-        t = {k: list(v) for k, v in t.items()}
-        if change:
-            change(t)
-        return pack(cfg, st_write(t))
+    s, edit = fixture_seeds(["peft_kasa", "peft_kasa_rslora", "peft_bdlora", "peft_bdlora_mixed", "peft_tinylora",
+                 "peft_tinylora_tied"])
 
     q = "base_model.model.q."
     s["kasa_diag_long"] = edit("peft_kasa", change=lambda t: t.update({q + "lora_diag": ["F32", [7], f32(7)]}))
