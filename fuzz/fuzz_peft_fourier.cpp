@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <array>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -31,28 +32,13 @@ constexpr dw::index_t max_weights = 1 << 14;
 
 [[noreturn]] void finding(const char* what) { deltaw_fuzz::finding("fuzz_peft_fourier", what); }
 
-using deltaw_fuzz::filled;
 
 template <class U>
 void exercise(const U& u) {
-  const dw::index_t out = u.rows(), in = u.cols();
-  if (out < 1 || in < 1 || out > max_weights || in > max_weights || out * in > max_weights) return;
-  const auto X = filled(3, in, 0.25f);
-  const auto G = filled(3, out, 0.5f);
-  const auto Y = dw::apply(u, X);
-  const auto O = dw::apply_transposed(u, G);
-  const auto D = dw::materialize(u);
-  if (Y.rows() != 3 || Y.cols() != out || O.rows() != 3 || O.cols() != in || D.rows() != out || D.cols() != in)
-    finding("apply / apply_transposed / materialize returned a wrongly shaped result");
-  auto W = filled(out, in, 0.125f);
-  dw::merge(W, u);
-  dw::unmerge(W, u);
-  dw::dense<float> g = dw::dense<float>::Zero(1, 1), dX = dw::dense<float>::Zero(3, in);
+  dw::dense<float> g;
   if constexpr (requires { u.kernel(); }) g = dw::dense<float>::Zero(u.kernel().rows(), u.kernel().cols());
   else g = dw::dense<float>::Zero(1, u.size());
-  std::array<dw::dense<float>*, 1> gs{&g};
-  dw::cpu::backward<float>(u, X, G, std::span<dw::dense<float>* const>(gs), &dX);
-  (void)dw::frobenius_norm(u);
+  deltaw_fuzz::exercise("fuzz_peft_fourier", u, std::array<dw::dense<float>, 1>{g}, max_weights);
 }
 
 }  // namespace

@@ -36,27 +36,10 @@ constexpr dw::index_t max_weights = 1 << 14;
 
 [[noreturn]] void finding(const char* what) { deltaw_fuzz::finding("fuzz_peft_gralora_unilora", what); }
 
-using deltaw_fuzz::filled;
 
 template <class U, std::size_t N>
 void exercise(const U& u, std::array<dw::dense<float>, N> grads) {
-  const dw::index_t out = u.rows(), in = u.cols();
-  if (out < 1 || in < 1 || out > max_weights || in > max_weights || out * in > max_weights) return;
-  const auto X = filled(3, in, 0.25f);
-  const auto G = filled(3, out, 0.5f);
-  const auto Y = dw::apply(u, X);
-  const auto O = dw::apply_transposed(u, G);
-  const auto D = dw::materialize(u);
-  if (Y.rows() != 3 || Y.cols() != out || O.rows() != 3 || O.cols() != in || D.rows() != out || D.cols() != in)
-    finding("apply / apply_transposed / materialize returned a wrongly shaped result");
-  auto W = filled(out, in, 0.125f);
-  dw::merge(W, u);
-  dw::unmerge(W, u);
-  (void)dw::frobenius_norm(u);
-  dw::dense<float> dX = dw::dense<float>::Zero(3, in);
-  std::array<dw::dense<float>*, N> gs;
-  for (std::size_t i = 0; i < N; ++i) gs[i] = &grads[i];
-  dw::cpu::backward<float>(u, X, G, std::span<dw::dense<float>* const>(gs), &dX);
+  deltaw_fuzz::exercise("fuzz_peft_gralora_unilora", u, std::move(grads), max_weights);
 }
 
 template <class A, class Parse, class Write>
