@@ -46,10 +46,10 @@ eva_model_result<T> eva_init(Comm& comm, const std::vector<nn::linear<T>*>& laye
   for (index_t b = 0; b < o.max_batches && !(state && state->done()); ++b) {
     // This rank's shards: per shard, per layer still wanting input, [rows, then the rows].
     std::vector<double> mine;
-    std::vector<index_t> nodes, first_nodes;
+    std::vector<index_t> nodes;  // batch 0, first shard: the layers' input nodes (the input groups)
     for (index_t s = comm.rank(); s < shards; s += comm.size()) {
-      const auto X = eva_collect_inputs<T>(layers, forward, data(b, s), b == 0 ? &nodes : nullptr);
-      if (b == 0 && first_nodes.empty()) first_nodes = nodes;
+      const bool first = b == 0 && s == comm.rank();
+      const auto X = eva_collect_inputs<T>(layers, forward, data(b, s), first ? &nodes : nullptr);
       for (std::size_t l = 0; l < L; ++l) {
         if (state && !state->needs_input(l)) continue;
         mine.push_back(double(X[l].rows()));
@@ -57,15 +57,8 @@ eva_model_result<T> eva_init(Comm& comm, const std::vector<nn::linear<T>*>& laye
           for (index_t j = 0; j < X[l].cols(); ++j) mine.push_back(double(X[l](i, j)));
       }
     }
-    if (b == 0) {  // input groups from the tape nodes (the same on every rank: same model, same forward)
-      std::vector<eva_layer> spec;
-      for (std::size_t l = 0; l < L; ++l) {
-        res.input_groups.push_back("node " + std::to_string(first_nodes[l]));
-        spec.push_back({layers[l]->name(), layers[l]->in_features(), layers[l]->out_features(),
-                        layers[l]->lora_A()->rows(), res.input_groups.back()});
-      }
-      state.emplace(std::move(spec), o.eva);
-    }
+    // The input groups from the tape nodes: the same on every rank (same model, same forward).
+    if (b == 0) state.emplace(deltaw::detail::eva_layer_spec(layers, nodes, res.input_groups), o.eva);
     const auto all = comm.allgather(std::uint64_t(b), mine);
     // Unpack every rank's message into per-shard, per-layer row blocks.
     std::vector<std::vector<dense<T>>> rows{std::size_t(shards), std::vector<dense<T>>(L)};

@@ -163,6 +163,21 @@ std::vector<dense<T>> eva_collect_inputs(nn::tiny_transformer<T>& model, const e
 }
 
 namespace detail {
+/// EVA's layer list: each layer's sizes and rank r_l, its input group named after the tape
+/// node its input came from (layers fed the same node share one PCA); the group names are
+/// also appended to `groups`.
+template <class T>
+std::vector<eva_layer> eva_layer_spec(const std::vector<nn::linear<T>*>& layers, const std::vector<index_t>& nodes,
+                                      std::vector<std::string>& groups) {
+  std::vector<eva_layer> spec;
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    groups.push_back("node " + std::to_string(nodes[l]));
+    spec.push_back({layers[l]->name(), layers[l]->in_features(), layers[l]->out_features(), layers[l]->lora_A()->rows(),
+                    groups.back()});
+  }
+  return spec;
+}
+
 /// Writes eva_init's result into the layers: A, B = 0 and the scale, or no adapter (rank 0).
 template <class T>
 void eva_apply(const std::vector<nn::linear<T>*>& layers, const eva_model_result<T>& res) {
@@ -210,15 +225,10 @@ eva_model_result<T> eva_init(const std::vector<nn::linear<T>*>& layers, Data&& d
     autograd::no_grad<T> ng(t);
     forward(t, b0);
   }
-  std::vector<eva_layer> spec;
-  eva_model_result<T> res;
-  for (std::size_t l = 0; l < L; ++l) {
+  for (std::size_t l = 0; l < L; ++l)
     if (node[l] < 0) throw argument_error(std::string(op) + ": layer '" + layers[l]->name() + "' was not run by the forward pass");
-    res.input_groups.push_back("node " + std::to_string(node[l]));
-    spec.push_back({layers[l]->name(), layers[l]->in_features(), layers[l]->out_features(), layers[l]->lora_A()->rows(),
-                    res.input_groups.back()});
-  }
-  eva_state state(std::move(spec), o.eva);
+  eva_model_result<T> res;
+  eva_state state(detail::eva_layer_spec(layers, node, res.input_groups), o.eva);
   for (std::size_t l = 0; l < L; ++l) state.observe(l, first[l], keep0);
   first.clear();
   state.end_batch();
