@@ -111,9 +111,7 @@ int main(int argc, char** argv) {
       o.mode = m;
       o.svd_rank = rank;
       o.seed = 1234;
-      const bool prunes = m != cp::merge_mode::linear && m != cp::merge_mode::linear_exact && m != cp::merge_mode::cat &&
-                          m != cp::merge_mode::svd;
-      if (prunes) o.density = density;
+      if (cp::needs_density(m)) o.density = density;
       io::peft_adapter merged;
       try {
         merged = cp::is_materializing(m) ? cp::merge_peft_materializing(ads, w, o) : cp::merge_peft(ads, w, o);
