@@ -142,17 +142,6 @@ void adalora_peft_strategy(benchmark::State& state) {
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(ada().flop_count(tokens)));
 }
 
-/// max |a − b| / max |b| of deltaw's apply against the PEFT strategy, on 16 tokens.
-template <class E, class F>
-double check(const E& e, F&& peft) {
-  auto& d = data();
-  const mat X16 = d.X.topRows(16);
-  mat Y(16, features), R(tokens, features);
-  dw::apply(e, X16, Y);
-  peft(d, R);
-  return max_rel_err(Y, R.topRows(16));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -160,8 +149,8 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   single_thread();
   if (!errors_below("bench_boft_adalora", {
-      {"boft_rel_err", check(dw::view(std::as_const(data().W)) + boft1(), boft_peft_into)},
-      {"adalora_rel_err", check(dw::view(std::as_const(data().W)) + ada(), adalora_peft_into)},
+      {"boft_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + boft1(), boft_peft_into)},
+      {"adalora_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + ada(), adalora_peft_into)},
   })) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   add("base_gemm/" + f + "/" + t, base_gemm);

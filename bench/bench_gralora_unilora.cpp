@@ -160,17 +160,6 @@ void unilora_peft_strategy(benchmark::State& state) {
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(unilora_u().flop_count(tokens)));
 }
 
-/// max |a − b| / max |b| of deltaw's apply against the PEFT strategy, on 16 tokens.
-template <class E, class F>
-double check(const E& e, F&& peft) {
-  auto& d = data();
-  const mat X16 = d.X.topRows(16);
-  mat Y(16, features), R(tokens, features);
-  dw::apply(e, X16, Y);
-  peft(d, R);
-  return max_rel_err(Y, R.topRows(16));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -178,8 +167,8 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   single_thread();
   if (!errors_below("bench_gralora_unilora", {
-      {"gralora_rel_err", check(dw::view(std::as_const(data().W)) + gralora_u(), gralora_peft_into)},
-      {"unilora_rel_err", check(dw::view(std::as_const(data().W)) + unilora_u(), unilora_peft_into)},
+      {"gralora_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + gralora_u(), gralora_peft_into)},
+      {"unilora_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + unilora_u(), unilora_peft_into)},
   })) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   const std::string g = "/k" + std::to_string(gra_k) + "/r" + std::to_string(gra_r) + "/hr" + std::to_string(gra_hr) + "/";

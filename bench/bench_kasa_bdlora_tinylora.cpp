@@ -144,16 +144,6 @@ void tinylora_peft_strategy(benchmark::State& state) {
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(tiny().flop_count(tokens)));
 }
 
-template <class E, class F>
-double check(const E& e, F&& peft) {
-  auto& d = data();
-  const mat X16 = d.X.topRows(16);
-  mat Y(16, features), R(tokens, features);
-  dw::apply(e, X16, Y);
-  peft(d, R);
-  return max_rel_err(Y, R.topRows(16));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -162,9 +152,9 @@ int main(int argc, char** argv) {
   single_thread();
   const auto W = dw::view(std::as_const(data().W));
   if (!errors_below("bench_kasa_bdlora_tinylora", {
-      {"kasa_rel_err", check(W + kasa_u(), kasa_peft_into)},
-      {"bdlora_a_rel_err", check(W + bd_a(), bdlora_a_dense_into)},
-      {"tinylora_rel_err", check(W + tiny(), tinylora_peft_into)},
+      {"kasa_rel_err", strategy_error(data(), W + kasa_u(), kasa_peft_into)},
+      {"bdlora_a_rel_err", strategy_error(data(), W + bd_a(), bdlora_a_dense_into)},
+      {"tinylora_rel_err", strategy_error(data(), W + tiny(), tinylora_peft_into)},
   })) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   add("base_gemm/" + f + "/" + t, base_gemm);

@@ -191,17 +191,6 @@ void delora_peft_strategy(benchmark::State& state) {
   set_flop_counter(state, gemm_flop(tokens, features, features) + double(delora_u().flop_count(tokens)));
 }
 
-/// max |a − b| / max |b| of deltaw's apply against the PEFT strategy, on 16 tokens.
-template <class E, class F>
-double check(const E& e, F&& peft) {
-  auto& d = data();
-  const mat X16 = d.X.topRows(16);
-  mat Y(16, features), R(tokens, features);
-  dw::apply(e, X16, Y);
-  peft(d, R);
-  return max_rel_err(Y, R.topRows(16));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -209,10 +198,10 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   single_thread();
   if (!errors_below("bench_peftb", {
-      {"shira_rel_err", check(dw::view(std::as_const(data().W)) + shira_u(), shira_peft_into)},
-      {"road_rel_err", check(dw::view(std::as_const(data().W)) + road_u(), road_peft_into)},
-      {"hira_rel_err", check(dw::view(std::as_const(data().W)) + hira_u(), hira_peft_into)},
-      {"delora_rel_err", check(dw::view(std::as_const(data().W)) + delora_u(), delora_peft_into)},
+      {"shira_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + shira_u(), shira_peft_into)},
+      {"road_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + road_u(), road_peft_into)},
+      {"hira_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + hira_u(), hira_peft_into)},
+      {"delora_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + delora_u(), delora_peft_into)},
   })) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   add("base_gemm/" + f + "/" + t, base_gemm);

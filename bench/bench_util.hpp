@@ -9,9 +9,11 @@
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
+#include <deltaw/deltaw.hpp>
 #include <cstdio>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 namespace deltaw_bench {
 
@@ -47,6 +49,18 @@ template <class A, class B>
 double max_rel_err(const A& y, const B& ref) {
   const Eigen::MatrixXd r = ref.template cast<double>();
   return (y.template cast<double>() - r).cwiseAbs().maxCoeff() / r.cwiseAbs().maxCoeff();
+}
+
+/// max |a − b| / max |b| of deltaw's apply of `e` against `strategy(d, R)` (the peer's way of
+/// computing the same output into R [tokens, out]), on the first 16 tokens of d.X.
+template <class Operands, class E, class F>
+double strategy_error(Operands& d, const E& e, F&& strategy) {
+  using M = std::remove_cvref_t<decltype(d.Y)>;
+  const M X16 = d.X.topRows(16);
+  M Y(16, d.Y.cols()), R(d.Y.rows(), d.Y.cols());
+  deltaw::apply(e, X16, Y);
+  strategy(d, R);
+  return max_rel_err(Y, R.topRows(16));
 }
 
 /// Eigen on one thread, said in the benchmark's context.

@@ -159,16 +159,6 @@ void pvera_peft_strategy(benchmark::State& state) {
   set_flop_counter(state, gemm_flop(tokens, features, features) + 2.0 * gemm_flop(tokens, 2 * pv_r, features));
 }
 
-template <class E, class F>
-double check(const E& e, F&& peft) {
-  auto& d = data();
-  const mat X16 = d.X.topRows(16);
-  mat Y(16, features), R(tokens, features);
-  dw::apply(e, X16, Y);
-  peft(d, R);
-  return max_rel_err(Y, R.topRows(16));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -176,8 +166,8 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   single_thread();
   if (!errors_below("bench_vblora_pvera", {
-      {"vblora_rel_err", check(dw::view(std::as_const(data().W)) + vblora_u(), vblora_peft_into)},
-      {"pvera_rel_err", check(dw::view(std::as_const(data().W)) + pvera_u(), pvera_peft_into)},
+      {"vblora_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + vblora_u(), vblora_peft_into)},
+      {"pvera_rel_err", strategy_error(data(), dw::view(std::as_const(data().W)) + pvera_u(), pvera_peft_into)},
   })) return 1;
   const std::string f = std::to_string(features), t = std::to_string(tokens);
   const std::string v = "/r" + std::to_string(vb_r) + "/n" + std::to_string(vb_n) + "/L" + std::to_string(vb_len) + "/k" +
