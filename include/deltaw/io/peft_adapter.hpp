@@ -33,6 +33,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <iterator>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -412,26 +413,30 @@ inline any_peft_adapter parse_peft(std::string_view config_text, const safetenso
     return any_peft_adapter(
         peft_adapter::from_safetensors(parse_peft_config(config_text, config_source), tensors, tensors_source),
         std::move(adapter_name));
-  if (type == "LOKR" || type == "MISS" || type == "BONE" || type == "VERA" || type == "RANDLORA" || type == "LOHA" ||
-      type == "IA3" || type == "OFT" || type == "HRA" || type == "SHIRA" || type == "ROAD" || type == "BOFT" ||
-      type == "ADALORA" || type == "HIRA" || type == "DELORA" || type == "VBLORA" || type == "PVERA")
+  // The types of peft_structured_adapter, and those read by readers of their own (with why).
+  static constexpr std::string_view structured[] = {"LOKR", "MISS",  "BONE", "VERA",    "RANDLORA", "LOHA",
+                                                    "IA3",  "OFT",   "HRA",  "SHIRA",   "ROAD",     "BOFT",
+                                                    "ADALORA", "HIRA", "DELORA", "VBLORA", "PVERA"};
+  static constexpr std::pair<std::string_view, std::string_view> elsewhere[] = {
+      {"FOURIERFT", "read_peft_fourier_adapter (deltaw/io/peft_fourier.hpp, which needs FFTW: link deltaw::fft)"},
+      {"C3A", "read_peft_fourier_adapter (deltaw/io/peft_fourier.hpp, which needs FFTW: link deltaw::fft)"},
+      {"WAVEFT", "read_peft_fourier_adapter (deltaw/io/peft_fourier.hpp, which needs FFTW: link deltaw::fft)"},
+      {"GRALORA", "read_peft_gralora_adapter (deltaw/io/peft_gralora.hpp)"},
+      {"UNILORA", "read_peft_unilora_adapter (deltaw/io/peft_unilora.hpp)"},
+      {"TINYLORA", "read_peft_tinylora_adapter (deltaw/io/peft_kasa_bdlora_tinylora.hpp)"}};
+  if (std::find(std::begin(structured), std::end(structured), type) != std::end(structured))
     return any_peft_adapter(peft_structured_adapter::from_safetensors(
                                 parse_peft_structured_config(config_text, config_source), tensors, tensors_source),
                             std::move(adapter_name));
-  if (type == "FOURIERFT" || type == "C3A" || type == "WAVEFT")  // deltaw/io/peft_fourier.hpp (FFTW)
-    throw unsupported_error("deltaw::io::peft (" + config_source + "): a " + type +
-                            " adapter is read by deltaw::io::read_peft_fourier_adapter (deltaw/io/peft_fourier.hpp, "
-                            "which needs FFTW: link deltaw::fft)");
-  if (type == "GRALORA" || type == "UNILORA")  // deltaw/io/peft_gralora.hpp, deltaw/io/peft_unilora.hpp
-    throw unsupported_error("deltaw::io::peft (" + config_source + "): a " + type + " adapter is read by deltaw::io::" +
-                            (type == "GRALORA" ? "read_peft_gralora_adapter (deltaw/io/peft_gralora.hpp)"
-                                               : "read_peft_unilora_adapter (deltaw/io/peft_unilora.hpp)"));
-  if (type == "TINYLORA")  // deltaw/io/peft_kasa_bdlora_tinylora.hpp (needs the model's module order)
-    throw unsupported_error("deltaw::io::peft (" + config_source + "): a TINYLORA adapter is read by "
-                            "deltaw::io::read_peft_tinylora_adapter (deltaw/io/peft_kasa_bdlora_tinylora.hpp)");
+  for (const auto& [t, reader] : elsewhere)
+    if (t == type)
+      throw unsupported_error("deltaw::io::peft (" + config_source + "): a " + type + " adapter is read by deltaw::io::" +
+                              std::string(reader));
+  std::string known = "LORA (with use_rslora / use_dora)";
+  for (std::size_t k = 0; k < std::size(structured); ++k)
+    known += (k + 1 == std::size(structured) ? " and " : ", ") + std::string(structured[k]);
   throw unsupported_error("deltaw::io::peft (" + config_source + "): peft_type \"" + type +
-                          "\" is not supported; deltaw reads LORA (with use_rslora / use_dora), LOKR, MISS, BONE, VERA, "
-                          "RANDLORA, LOHA, IA3, OFT, HRA, SHIRA, ROAD, BOFT, ADALORA, HIRA, DELORA, VBLORA and PVERA");
+                          "\" is not supported; deltaw reads " + known);
 }
 
 /// The names of the adapters saved under `dir`: "default" when dir holds
