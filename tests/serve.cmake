@@ -5,7 +5,7 @@ find_package(nlohmann_json 3.10 QUIET)
 # alloc_counter.cpp replaces malloc for the "no out × in allocation" check.
 set(_serve_sources serve/test_batch.cpp serve/test_masked.cpp alloc_counter.cpp)
 if(nlohmann_json_FOUND)
-  list(APPEND _serve_sources serve/test_pool.cpp)
+  list(APPEND _serve_sources serve/test_pool.cpp serve/test_pool_wait.cpp)
 else()
   message(STATUS "deltaw: nlohmann_json not found; the adapter pool's tests are left out of test_serve")
 endif()

@@ -17,6 +17,12 @@ Prints one line per case: median and min in ms and the ratio median / base media
 
 Usage: python3 bench/compare/peft_mixed_batch.py [--adapters 8 64 512] [--tokens 512]
                                                  [--size 4096] [--threads 2] [--reps 5]
+       [--requests R --tokens-per-request T] [--laws distinct uniform zipf identical]
+       [--no-serial] [--clock wall|thread]
+
+With --requests, the batch is R requests of T consecutive tokens each, every request on
+one adapter drawn by the laws of bench/bench_serve_regimes.cpp (distinct: request i on
+its own adapter; identical: all on adapter a1); --laws picks them (default uniform zipf).
 Exits 0 with a "skipped" line when torch or peft is not installed.
 """
 import argparse
@@ -44,13 +50,16 @@ class Net(torch.nn.Module):
         return self.lin(x)
 
 
+CLOCK = time.perf_counter  # --clock thread: time.thread_time (this thread's CPU time)
+
+
 def time_ms(fn, reps):
     fn()  # warm-up
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
+        ts.append((CLOCK() - t0) * 1e3)
     return statistics.median(ts), min(ts)
 
 
@@ -61,6 +70,18 @@ def assignment(tokens, n, zipf, seed=7):
     w = 1.0 / np.arange(1, n + 1)
     perm = g.permutation(n)
     return perm[g.choice(n, size=tokens, p=w / w.sum())]
+
+
+def request_assignment(requests, per_request, n, law, seed=11):
+    """Adapter of each token for `requests` requests of `per_request` tokens each."""
+    g = np.random.default_rng(seed)
+    if law == "distinct":
+        a = g.permutation(n)[:requests]
+    elif law == "identical":
+        a = np.full(requests, min(1, n - 1))
+    else:
+        a = assignment(requests, n, law == "zipf", seed)
+    return np.repeat(a, per_request)
 
 
 def build(n, size):
@@ -85,7 +106,19 @@ def main():
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=0)
+    ap.add_argument("--tokens-per-request", type=int, default=1)
+    ap.add_argument("--laws", nargs="*", default=["uniform", "zipf"],
+                    choices=["distinct", "uniform", "zipf", "identical"])
+    ap.add_argument("--no-serial", action="store_true")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="thread: the calling thread's CPU time (with --threads 1, all of torch's work)")
     a = ap.parse_args()
+    global CLOCK
+    if a.clock == "thread":
+        CLOCK = time.thread_time
+    if a.requests > 0:
+        a.tokens = a.requests * a.tokens_per_request
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, peft {peft.__version__}, threads {torch.get_num_threads()}, "
           f"Linear({a.size}, {a.size}), tokens {a.tokens}")
@@ -98,12 +131,20 @@ def main():
             with model.disable_adapter():
                 base, base_min = time_ms(lambda: model(x), a.reps)
             print(f"N={n:4d} base          median {base:9.2f} ms  min {base_min:9.2f} ms  1.00x")
-            for zipf in (False, True):
-                idx = assignment(a.tokens, n, zipf)
+            for dist in a.laws:
+                if dist == "distinct" and (a.requests or a.tokens) > n:
+                    continue
+                if a.requests > 0:
+                    idx = request_assignment(a.requests, a.tokens_per_request, n, dist)
+                elif dist in ("uniform", "zipf"):
+                    idx = assignment(a.tokens, n, dist == "zipf")
+                else:
+                    idx = request_assignment(a.tokens, 1, n, dist)
                 names = [f"a{i}" for i in idx]
-                dist = "zipf" if zipf else "uniform"
                 med, mn = time_ms(lambda: model(x, adapter_names=names), a.reps)
                 print(f"N={n:4d} {dist:7s} mixed  median {med:9.2f} ms  min {mn:9.2f} ms  {med / base:.2f}x")
+                if a.no_serial:
+                    continue
                 groups = {int(i): np.nonzero(idx == i)[0] for i in np.unique(idx)}
 
                 def serial():

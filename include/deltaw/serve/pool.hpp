@@ -19,8 +19,15 @@
 // is unknown, missing, malformed, of an unsupported type or larger than what the budget can
 // free throws adapter_error for that request only; the adapter stays registered and the next
 // request tries again.
+//
+// Waiting for pins: when the pages a request needs are pinned by in-flight requests,
+// acquire fails at once by default; with pool_options::pin_wait (or the wait argument of
+// acquire) it blocks on a condition variable until enough pins are released, and throws
+// pool_timeout_error when the wait runs out. A thread that waits while it holds pins can
+// deadlock against another doing the same: release a batch's pins before acquiring the next.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
@@ -49,6 +56,13 @@ class adapter_error : public error {
   using error::error;
 };
 
+/// acquire waited for pinned pages to be released (pool_options::pin_wait, or its wait
+/// argument) and the time ran out. The pool is unchanged; the request may be retried.
+class pool_timeout_error : public adapter_error {
+ public:
+  using adapter_error::adapter_error;
+};
+
 /// One module of an adapter as a loader yields it: its name and ΔW = s·B·A (views that may
 /// point into a mapped file, any storage layout; the pool copies them).
 struct adapter_module {
@@ -65,6 +79,10 @@ struct pool_options {
   std::size_t budget_bytes = std::size_t(256) << 20;
   /// Fixed page size; one page must hold a rank vector of every module (4·(in + out) bytes).
   std::size_t page_bytes = std::size_t(256) << 10;
+  /// How long acquire(name) waits for in-flight requests to unpin the pages it needs:
+  /// zero (the default) fails at once with adapter_error; wait_forever blocks until they do.
+  std::chrono::milliseconds pin_wait{0};
+  static constexpr std::chrono::milliseconds wait_forever = std::chrono::milliseconds::max();
 };
 
 /// Counters (a snapshot).
@@ -72,7 +90,10 @@ struct pool_stats {
   std::size_t hits = 0;       ///< acquires that found the adapter resident
   std::size_t misses = 0;     ///< acquires that loaded it (or waited for another's load)
   std::size_t evictions = 0;  ///< adapters evicted to make room
-  std::size_t failures = 0;   ///< acquires that threw adapter_error
+  std::size_t failures = 0;   ///< acquires that threw adapter_error (timeouts included)
+  std::size_t pin_waits = 0;  ///< acquires that waited for pinned pages to be released
+  std::size_t timeouts = 0;   ///< waits that ran out (pool_timeout_error)
+  std::size_t waiting = 0;    ///< acquires waiting for pinned pages now
   std::size_t registered = 0, resident = 0, pinned = 0;
   std::size_t pages_total = 0, pages_used = 0;
   std::size_t page_bytes = 0;
@@ -218,8 +239,14 @@ class adapter_pool {
   // ── requests ──────────────────────────────────────────────────────────────────────────
 
   /// The adapter `name`, resident and pinned. Loads it on a miss (evicting least recently
-  /// used unpinned adapters as needed); adapter_error when it cannot be served.
-  pinned_adapter acquire(std::string_view name) {
+  /// used unpinned adapters as needed); adapter_error when it cannot be served. When the
+  /// pages it needs are pinned, waits up to pool_options::pin_wait for them.
+  pinned_adapter acquire(std::string_view name) { return acquire(name, opt_.pin_wait); }
+
+  /// The same, waiting up to `wait` (wait_forever, or a year or more: without limit) for
+  /// in-flight requests to unpin the pages it needs; pool_timeout_error when they do not in
+  /// time. An adapter larger than the whole pool fails at once whatever `wait` says.
+  pinned_adapter acquire(std::string_view name, std::chrono::milliseconds wait) {
     std::unique_lock lk(m_);
     auto it = entries_.find(std::string(name));
     if (it == entries_.end()) {
@@ -266,15 +293,45 @@ class adapter_pool {
                           " cannot be loaded: " + ex.what());
     }
     lk.lock();
-    if (!reserve(need, e->pages)) {
+    const bool fits = std::size_t(need) <= pages_total_;
+    bool got = fits && reserve(need, e->pages);
+    bool timed_out = false;
+    if (!got && fits && wait > std::chrono::milliseconds::zero()) {
+      // Wait for unpins (unpin notifies while someone waits); the entry stays `loading`, so
+      // other requests for this adapter wait for this one.
+      ++pin_waits_;
+      ++waiting_;
+      const bool forever = wait >= std::chrono::hours(24 * 365);  // wait_forever, or as good as
+      const auto deadline = forever ? std::chrono::steady_clock::time_point::max() : std::chrono::steady_clock::now() + wait;
+      while (!(got = reserve(need, e->pages))) {
+        if (forever) {
+          cv_.wait(lk);
+        } else if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
+          got = reserve(need, e->pages);
+          timed_out = !got;
+          break;
+        }
+      }
+      --waiting_;
+    }
+    if (!got) {
       const std::size_t pinned_pages = pinned_pages_locked();
       e->st = detail::pool_entry::state::unloaded;
       ++failures_;
+      if (timed_out) ++timeouts_;
       cv_.notify_all();
-      throw adapter_error("deltaw::serve::adapter_pool::acquire: adapter \"" + e->name + "\" needs " +
-                          std::to_string(need) + " pages of " + std::to_string(opt_.page_bytes) + " bytes but only " +
-                          std::to_string(pages_total_ - pinned_pages) + " of the pool's " + std::to_string(pages_total_) +
-                          " can be freed (" + std::to_string(pinned_pages) + " are pinned by in-flight requests)");
+      const std::string head = "deltaw::serve::adapter_pool::acquire: adapter \"" + e->name + "\" needs " +
+                               std::to_string(need) + " pages of " + std::to_string(opt_.page_bytes) + " bytes";
+      if (!fits)
+        throw adapter_error(head + " but the pool has only " + std::to_string(pages_total_) + " (a budget of " +
+                            std::to_string(opt_.budget_bytes) + " bytes; raise pool_options::budget_bytes)");
+      const std::string tail = "only " + std::to_string(pages_total_ - pinned_pages) + " of the pool's " +
+                               std::to_string(pages_total_) + " can be freed (" + std::to_string(pinned_pages) +
+                               " are pinned by in-flight requests)";
+      if (timed_out)
+        throw pool_timeout_error(head + "; waited " + std::to_string(wait.count()) +
+                                 " ms for pinned adapters to be released, but " + tail);
+      throw adapter_error(head + " but " + tail);
     }
     lk.unlock();
     // Fill the reserved pages (no other thread reads or writes them now).
@@ -317,6 +374,9 @@ class adapter_pool {
     s.misses = misses_;
     s.evictions = evictions_;
     s.failures = failures_;
+    s.pin_waits = pin_waits_;
+    s.timeouts = timeouts_;
+    s.waiting = waiting_;
     s.registered = entries_.size();
     for (const auto& [_, e] : entries_) {
       if (e->st == detail::pool_entry::state::resident) ++s.resident;
@@ -412,6 +472,7 @@ class adapter_pool {
       lru_.push_front(e);
       e->lru = lru_.begin();
       e->in_lru = true;
+      if (waiting_ > 0) cv_.notify_all();  // its pages can be evicted now
     }
   }
   void fail_load(detail::pool_entry* e, std::unique_lock<std::mutex>& lk) {
@@ -457,6 +518,7 @@ class adapter_pool {
   std::vector<index_t> free_;
   std::list<detail::pool_entry*> lru_;  // unpinned resident adapters, most recent first
   std::size_t hits_ = 0, misses_ = 0, evictions_ = 0, failures_ = 0;
+  std::size_t pin_waits_ = 0, timeouts_ = 0, waiting_ = 0;
 };
 
 inline void pinned_adapter::release() {
