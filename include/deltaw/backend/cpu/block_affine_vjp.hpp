@@ -105,7 +105,7 @@ struct vjp<bone_bat_update<T, TW, D>> {
     const bool dx_direct = !want_x || bad::rows_packed(dX);
     if (!dx_direct) {
       dxs = kernels::make_scratch<C>(ctx, Tn, in);
-      kernels::fill(ctx, dxs.view(), C(0));
+      fill(ctx, dxs.view(), C(0));
       dXp = dxs.view();
     }
     auto Ti = kernels::make_scratch<C>(ctx, Tn, in);
@@ -151,7 +151,7 @@ struct vjp<miss_update<T, D>> {
         gemm<C>(ctx, C(1), S.cview(), trans, dY, none, C(1), grads[0]);
       } else {
         auto fold = kernels::make_scratch<C>(ctx, Tn, m);
-        kernels::fill(ctx, fold.view(), C(0));
+        fill(ctx, fold.view(), C(0));
         for (index_t k = 0; k < u.repeats(); ++k) axpy<C>(ctx, C(1), dY.middle_cols(k * m, m), fold.view());
         gemm<C>(ctx, C(1), S.cview(), trans, fold.cview(), none, C(1), grads[0]);
       }

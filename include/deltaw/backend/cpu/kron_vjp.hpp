@@ -159,7 +159,7 @@ class factor_grad {
     if (!want) return;
     if constexpr (F::is_low_rank) {
       G_ = kernels::make_scratch<C>(ctx, f.rows(), f.cols());
-      kernels::fill(ctx, G_.view(), C(0));
+      fill(ctx, G_.view(), C(0));
       view_ = G_.view();
     } else {
       (void)ctx;

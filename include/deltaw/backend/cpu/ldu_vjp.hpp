@@ -30,15 +30,17 @@
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
-template <class T>
-struct vjp<ldu<T, device::cpu>> {
-  using U = ldu<T, device::cpu>;
+template <class T, class D>
+struct vjp<ldu<T, D>> {
+  using U = ldu<T, D>;
   static constexpr int factor_count = 2;
   static const char* factor_name(int i) { return i == 0 ? "z" : "sigma"; }
 
   /// The frozen parts of `u` with z = views[0] ([1, r] or [r, 1], viewed, not copied) and
-  /// σ = views[1](0, 0) ([1, 1]).
-  static U rebind(const U& u, const std::array<matrix_view<const T>, 2>& views) {
+  /// σ = views[1](0, 0) ([1, 1]). On the CPU (σ is read on the host).
+  static U rebind(const U& u, const std::array<matrix_view<const T>, 2>& views)
+    requires std::is_same_v<D, device::cpu>
+  {
     constexpr const char* op = "deltaw::cpu::vjp<ldu>::rebind";
     const auto& z = views[0];
     const auto& s = views[1];
@@ -54,15 +56,15 @@ struct vjp<ldu<T, device::cpu>> {
 
   /// grads = {dz ([1, r] or [r, 1]), dσ ([1, 1])}; see vjp.hpp.
   template <class C, class Ctx>
-  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
-                       std::span<const mview<C>> grads, const mview<C>& dX) {
+  static void backward(const Ctx& ctx, const U& u, const cview<C, D>& X, const cview<C, D>& dY,
+                       std::span<const mview<C, D>> grads, const mview<C, D>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<ldu>::backward";
     using enum kernels::op;
     detail::check_grad_slots(grads, factor_count, op);
     detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
     const index_t r = u.rank();
-    const mview<C>& gz = grads[0];
-    const mview<C> gs = u.options().train_sigma ? grads[1] : mview<C>();
+    const mview<C, D>& gz = grads[0];
+    const mview<C, D> gs = u.options().train_sigma ? grads[1] : mview<C, D>();
     if (present(gz) && ((gz.rows() != 1 && gz.cols() != 1) || gz.size() != r))
       throw shape_error(std::string(op) + ": the gradient of z is " + deltaw::detail::shape_str(gz.rows(), gz.cols()) +
                         " but z has " + std::to_string(r) + " entries");
@@ -70,7 +72,7 @@ struct vjp<ldu<T, device::cpu>> {
       throw shape_error(std::string(op) + ": the gradient of sigma is " +
                         deltaw::detail::shape_str(grads[1].rows(), grads[1].cols()) + "; expected [1, 1]");
 
-    const auto c = detail::ldu_coefficients<C>(u);
+    const auto c = detail::ldu_coefficients<C>(ctx, u);
     const bool need_dc = present(gz) || present(gs);
     const bool need_dx = present(dX) && !detail::all_zero(c);  // ΔW = 0 exactly: no dX contribution
     if (!need_dc && !need_dx) return;
@@ -78,7 +80,7 @@ struct vjp<ldu<T, device::cpu>> {
     // Rows of P·L_r (row o is row perm[o] of L_r), then G = dY·(P·L_r).
     auto PL = kernels::make_scratch<C>(ctx, u.rows(), r);
     detail::ldu_gather(ctx, u, 0, PL.view());
-    const kernels::operand<C> Ur(ctx, u.U());
+    const kernels::operand<C, D> Ur(ctx, u.U());
     auto G = kernels::make_scratch<C>(ctx, dY.rows(), r);
     gemm<C>(ctx, C(1), dY, none, PL.cview(), none, C(0), G.view());
 
@@ -86,18 +88,21 @@ struct vjp<ldu<T, device::cpu>> {
       // dc_j = ⟨G[:, j], Z[:, j]⟩ with Z = X·U_rᵀ (Z is overwritten by G ∘ Z).
       auto Z = kernels::make_scratch<C>(ctx, X.rows(), r);
       gemm<C>(ctx, C(1), X, none, Ur, trans, C(0), Z.view());
-      transform(ctx, G.cview(), Z.view(), [](C g, C z) { return g * z; });
+      // dc is summed on the device and read on the host (r values; a download on a device).
+      transform(ctx, G.cview(), Z.view(), detail::product_map{});
       std::vector<C> dc(static_cast<std::size_t>(r));
-      reduce_cols(ctx, Z.cview(), vector_view<C>(dc.data(), r), [](C x) { return x; });
+      reduce_cols(ctx, Z.cview(), vector_view<C>(dc.data(), r), detail::identity_map{});
       if (present(gz)) {
         const C sigma = C(u.sigma());
-        const bool row = gz.rows() == 1;
-        transform(ctx, gz, [&](index_t i, index_t j, C y) { return y + sigma * dc[std::size_t(row ? j : i)]; });
+        std::vector<C> add(dc.size());
+        for (std::size_t j = 0; j < dc.size(); ++j) add[j] = sigma * dc[j];
+        detail::add_from_host(ctx, add, gz);  // gz [1, r] or [r, 1]: the same packed order
       }
       if (present(gs)) {
+        const std::vector<C> z = to_host_vector<C>(ctx, u.z());
         C acc(0);
-        for (index_t j = 0; j < r; ++j) acc += convert<C>(u.z()[j]) * dc[std::size_t(j)];
-        transform(ctx, gs, [acc](index_t, index_t, C y) { return y + acc; });
+        for (index_t j = 0; j < r; ++j) acc += z[std::size_t(j)] * dc[std::size_t(j)];
+        detail::add_from_host(ctx, std::vector<C>{acc}, gs);
       }
     }
     if (need_dx) {

@@ -98,6 +98,32 @@ template <class C>
 matrix_view<C> grad_view(dense<C>* g) {
   return g ? dense_view(*g) : matrix_view<C>();
 }
+
+/// a·b and x: the maps of the backward passes that multiply or sum element-wise, as
+/// host-device functors so that the same passes run on any device.
+struct product_map {
+  template <class C>
+  DELTAW_HOST_DEVICE C operator()(C a, C b) const {
+    return a * b;
+  }
+};
+struct identity_map {
+  template <class C>
+  DELTAW_HOST_DEVICE C operator()(C x) const {
+    return x;
+  }
+};
+
+/// g += v for a gradient slot g ([1, n] or [n, 1], or any shape packed row-major in v)
+/// on ctx's device and v computed on the host: v is copied to the device (a plain copy on
+/// the CPU) and added with one axpy. For the few values a backward pass sums on the host.
+template <class C, class D, class Ctx>
+void add_from_host(const Ctx& ctx, const std::vector<C>& v, const matrix_view<C, D>& g) {
+  if (g.rows() == 0 || g.cols() == 0) return;
+  auto s = kernels::make_scratch<C>(ctx, g.rows(), g.cols());
+  copy_from_host(ctx, matrix_view<const C>(v.data(), g.rows(), g.cols(), g.cols(), 1), s.view());
+  axpy<C>(ctx, C(1), s.cview(), g);
+}
 }  // namespace detail
 
 /// vjp<U>::backward from Eigen matrices (any layout or storage type, converted to C when
