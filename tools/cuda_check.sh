@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Configures, builds and runs deltaw's CUDA tests (every update type on the device, and the
+# Configures, builds and runs deltaw's CUDA tests (every update type on the device, the cuSOLVER
+# linear algebra of linalg.cuh, spectral.cuh and init.cuh, and the
 # NCCL communicator where MPI and NCCL exist; with --bench, the CUDA LoRA benchmark) in
 # build/cuda-check. Meant for a machine with a GPU; without one the
 # CUDA test reports "Skipped" and the benchmark says why it measured nothing.

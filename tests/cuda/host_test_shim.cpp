@@ -10,6 +10,9 @@
 
 #include <deltaw/core/dtype.hpp>
 
+#include <Eigen/QR>
+#include <Eigen/SVD>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -331,4 +334,149 @@ TEST_CASE("cuda host shim: runtime memory, copies, streams, events and the last 
   CHECK(cudaStreamDestroy(s) == cudaErrorInvalidResourceHandle);
   CHECK(cudaStreamSynchronize(s) == cudaErrorInvalidResourceHandle);
   CHECK(cudaGetLastError() == cudaErrorInvalidResourceHandle);
+}
+
+namespace shim_solver_test {
+
+/// A column-major m × n matrix with leading dimension ld (padding NaN) from uniform values.
+template <class T>
+std::vector<T> padded(int m, int n, int ld, std::uint64_t seed) {
+  const std::vector<double> v = uniform(std::size_t(m) * std::size_t(n), seed);
+  std::vector<T> a(std::size_t(ld) * std::size_t(n), T(std::numeric_limits<double>::quiet_NaN()));
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < m; ++i) a[std::size_t(j) * ld + i] = T(v[std::size_t(j) * m + i]);
+  return a;
+}
+
+/// The m × n block of a column-major vector with leading dimension ld, in double.
+template <class T>
+Eigen::MatrixXd block_of(const std::vector<T>& a, int m, int n, int ld) {
+  Eigen::MatrixXd out(m, n);
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < m; ++i) out(i, j) = double(a[std::size_t(j) * ld + i]);
+  return out;
+}
+
+struct solver {
+  cusolverDnHandle_t h = nullptr;
+  solver() { REQUIRE(cusolverDnCreate(&h) == CUSOLVER_STATUS_SUCCESS); }
+  ~solver() { cusolverDnDestroy(h); }
+};
+
+template <class T>
+cusolverStatus_t geqrf_bs(cusolverDnHandle_t h, int m, int n, T* A, int lda, int* lw) {
+  if constexpr (std::is_same_v<T, float>) return cusolverDnSgeqrf_bufferSize(h, m, n, A, lda, lw);
+  else return cusolverDnDgeqrf_bufferSize(h, m, n, A, lda, lw);
+}
+template <class T>
+cusolverStatus_t geqrf(cusolverDnHandle_t h, int m, int n, T* A, int lda, T* tau, T* w, int lw, int* info) {
+  if constexpr (std::is_same_v<T, float>) return cusolverDnSgeqrf(h, m, n, A, lda, tau, w, lw, info);
+  else return cusolverDnDgeqrf(h, m, n, A, lda, tau, w, lw, info);
+}
+template <class T>
+cusolverStatus_t orgqr_bs(cusolverDnHandle_t h, int m, int n, int k, const T* A, int lda, const T* tau, int* lw) {
+  if constexpr (std::is_same_v<T, float>) return cusolverDnSorgqr_bufferSize(h, m, n, k, A, lda, tau, lw);
+  else return cusolverDnDorgqr_bufferSize(h, m, n, k, A, lda, tau, lw);
+}
+template <class T>
+cusolverStatus_t orgqr(cusolverDnHandle_t h, int m, int n, int k, T* A, int lda, const T* tau, T* w, int lw, int* info) {
+  if constexpr (std::is_same_v<T, float>) return cusolverDnSorgqr(h, m, n, k, A, lda, tau, w, lw, info);
+  else return cusolverDnDorgqr(h, m, n, k, A, lda, tau, w, lw, info);
+}
+template <class T>
+cusolverStatus_t gesvd_bs(cusolverDnHandle_t h, int m, int n, int* lw) {
+  if constexpr (std::is_same_v<T, float>) return cusolverDnSgesvd_bufferSize(h, m, n, lw);
+  else return cusolverDnDgesvd_bufferSize(h, m, n, lw);
+}
+template <class T>
+cusolverStatus_t gesvd(cusolverDnHandle_t h, signed char ju, signed char jv, int m, int n, T* A, int lda, T* S, T* U,
+                       int ldu, T* VT, int ldvt, T* w, int lw, int* info) {
+  if constexpr (std::is_same_v<T, float>)
+    return cusolverDnSgesvd(h, ju, jv, m, n, A, lda, S, U, ldu, VT, ldvt, w, lw, nullptr, info);
+  else
+    return cusolverDnDgesvd(h, ju, jv, m, n, A, lda, S, U, ldu, VT, ldvt, w, lw, nullptr, info);
+}
+
+}  // namespace shim_solver_test
+
+TEST_CASE_TEMPLATE("cuda host shim: cuSOLVER geqrf, orgqr and gesvd match Eigen on padded column-major operands", T,
+                   float, double) {
+  namespace st = shim_solver_test;
+  const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
+  st::solver s;
+  const int m = 9, n = 5, lda = 11;
+  const std::vector<T> a0 = st::padded<T>(m, n, lda, 91);
+  const Eigen::MatrixXd A = st::block_of(a0, m, n, lda);
+  dev<T> A_d(a0), tau{std::size_t(n)};
+  dev<int> info_d{1};
+
+  // QR: R and Q as Eigen's Householder QR (the same sign convention), Q·R = A.
+  int lw = -1;
+  REQUIRE(st::geqrf_bs<T>(s.h, m, n, A_d.p, lda, &lw) == CUSOLVER_STATUS_SUCCESS);
+  REQUIRE(lw >= 1);
+  dev<T> work{std::size_t(lw)};
+  REQUIRE(st::geqrf<T>(s.h, m, n, A_d.p, lda, tau.p, work.p, lw, info_d.p) == CUSOLVER_STATUS_SUCCESS);
+  CHECK(info_d.get()[0] == 0);
+  const Eigen::HouseholderQR<Eigen::MatrixXd> qr(A);
+  const Eigen::MatrixXd R = st::block_of(A_d.get(), n, n, lda).template triangularView<Eigen::Upper>();
+  const Eigen::MatrixXd Rref = qr.matrixQR().topRows(n).triangularView<Eigen::Upper>();
+  CHECK((R - Rref).cwiseAbs().maxCoeff() <= tol * 10);
+  int lq = -1;
+  REQUIRE(st::orgqr_bs<T>(s.h, m, n, n, A_d.p, lda, tau.p, &lq) == CUSOLVER_STATUS_SUCCESS);
+  dev<T> qwork{std::size_t(lq)};
+  REQUIRE(st::orgqr<T>(s.h, m, n, n, A_d.p, lda, tau.p, qwork.p, lq, info_d.p) == CUSOLVER_STATUS_SUCCESS);
+  const std::vector<T> q = A_d.get();
+  const Eigen::MatrixXd Q = st::block_of(q, m, n, lda);
+  const Eigen::MatrixXd Qref = qr.householderQ() * Eigen::MatrixXd::Identity(m, n);
+  CHECK((Q - Qref).cwiseAbs().maxCoeff() <= tol * 10);
+  CHECK((Q * R - A).cwiseAbs().maxCoeff() <= tol * 10);
+  for (int j = 0; j < n; ++j)  // the padding rows are untouched
+    for (int i = m; i < lda; ++i) CHECK(std::isnan(double(q[std::size_t(j) * lda + i])));
+
+  // SVD with padded U and VT: singular values as Eigen's, U·S·VT = A, orthonormal vectors.
+  dev<T> B_d(a0), S{std::size_t(n)}, U{std::size_t(10 * n)}, VT{std::size_t(6 * n)};
+  int lsv = -1;
+  REQUIRE(st::gesvd_bs<T>(s.h, m, n, &lsv) == CUSOLVER_STATUS_SUCCESS);
+  dev<T> svwork{std::size_t(lsv)};
+  REQUIRE(st::gesvd<T>(s.h, 'S', 'S', m, n, B_d.p, lda, S.p, U.p, 10, VT.p, 6, svwork.p, lsv, info_d.p) ==
+          CUSOLVER_STATUS_SUCCESS);
+  CHECK(info_d.get()[0] == 0);
+  const Eigen::JacobiSVD<Eigen::MatrixXd> ref(A);
+  const std::vector<T> sv = S.get();
+  for (int i = 0; i < n; ++i) CHECK(std::abs(double(sv[std::size_t(i)]) - ref.singularValues()(i)) <= tol * 10);
+  const Eigen::MatrixXd Um = st::block_of(U.get(), m, n, 10), Vt = st::block_of(VT.get(), n, n, 6);
+  Eigen::VectorXd sd(n);
+  for (int i = 0; i < n; ++i) sd(i) = double(sv[std::size_t(i)]);
+  CHECK((Um * sd.asDiagonal() * Vt - A).cwiseAbs().maxCoeff() <= tol * 10);
+  CHECK((Um.transpose() * Um - Eigen::MatrixXd::Identity(n, n)).cwiseAbs().maxCoeff() <= tol * 10);
+  CHECK((Vt * Vt.transpose() - Eigen::MatrixXd::Identity(n, n)).cwiseAbs().maxCoeff() <= tol * 10);
+  dev<T> C_d(a0), S2{std::size_t(n)};  // values only: U and VT unreferenced (null)
+  REQUIRE(st::gesvd<T>(s.h, 'N', 'N', m, n, C_d.p, lda, S2.p, nullptr, 1, nullptr, 1, svwork.p, lsv, info_d.p) ==
+          CUSOLVER_STATUS_SUCCESS);
+  CHECK(max_rel(S2.get(), std::vector<double>(sv.begin(), sv.end())) <= tol);
+
+  // cuSOLVER's argument checks and statuses.
+  CHECK(st::gesvd_bs<T>(s.h, n, m, &lsv) == CUSOLVER_STATUS_INVALID_VALUE);  // gesvd needs m >= n
+  CHECK(st::gesvd<T>(s.h, 'S', 'S', n, m, C_d.p, lda, S2.p, U.p, 10, VT.p, 6, svwork.p, lsv, info_d.p) ==
+        CUSOLVER_STATUS_INVALID_VALUE);
+  CHECK(st::gesvd<T>(s.h, 'X', 'S', m, n, C_d.p, lda, S2.p, U.p, 10, VT.p, 6, svwork.p, lsv, info_d.p) ==
+        CUSOLVER_STATUS_INVALID_VALUE);
+  CHECK(st::gesvd<T>(s.h, 'S', 'S', m, n, C_d.p, lda, S2.p, U.p, m - 1, VT.p, 6, svwork.p, lsv, info_d.p) ==
+        CUSOLVER_STATUS_INVALID_VALUE);  // ldu < m
+  CHECK(st::gesvd<T>(s.h, 'S', 'S', m, n, C_d.p, lda, S2.p, U.p, 10, VT.p, 6, svwork.p, 0, info_d.p) ==
+        CUSOLVER_STATUS_INVALID_VALUE);  // workspace below the query's answer (stricter than cuSOLVER)
+  CHECK(st::geqrf<T>(s.h, m, n, C_d.p, m - 1, tau.p, work.p, lw, info_d.p) == CUSOLVER_STATUS_INVALID_VALUE);
+  CHECK(st::geqrf_bs<T>(s.h, m, n, C_d.p, lda, nullptr) == CUSOLVER_STATUS_INVALID_VALUE);
+  CHECK(st::orgqr_bs<T>(s.h, n, m, n, C_d.p, lda, tau.p, &lq) == CUSOLVER_STATUS_INVALID_VALUE);  // n > m
+  CHECK(st::orgqr_bs<T>(s.h, m, n, n + 1, C_d.p, lda, tau.p, &lq) == CUSOLVER_STATUS_INVALID_VALUE);  // k > n
+  std::vector<T> host(a0);  // a host pointer: a GPU would fault
+  CHECK(st::geqrf<T>(s.h, m, n, host.data(), lda, tau.p, work.p, lw, info_d.p) == CUSOLVER_STATUS_EXECUTION_FAILED);
+  int host_info = 0;
+  CHECK(st::geqrf<T>(s.h, m, n, C_d.p, lda, tau.p, work.p, lw, &host_info) == CUSOLVER_STATUS_EXECUTION_FAILED);
+  cusolverDnHandle_t gone = nullptr;
+  REQUIRE(cusolverDnCreate(&gone) == CUSOLVER_STATUS_SUCCESS);
+  REQUIRE(cusolverDnDestroy(gone) == CUSOLVER_STATUS_SUCCESS);
+  CHECK(st::geqrf_bs<T>(gone, m, n, C_d.p, lda, &lw) == CUSOLVER_STATUS_NOT_INITIALIZED);
+  CHECK(st::gesvd<T>(gone, 'S', 'S', m, n, C_d.p, lda, S2.p, U.p, 10, VT.p, 6, svwork.p, lsv, info_d.p) ==
+        CUSOLVER_STATUS_NOT_INITIALIZED);
 }
