@@ -37,6 +37,7 @@ endif()
 # the file is generated once per enabled language and the script reads the CXX one.
 file(GENERATE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/config_$<COMPILE_LANGUAGE>.cmake CONTENT
 "set(CXX [==[${CMAKE_CXX_COMPILER}]==])
+set(COMPILER_ID [==[${CMAKE_CXX_COMPILER_ID}]==])
 set(FLAGS [==[${_hdr_std};${_hdr_flags}]==])
 set(INCLUDES [==[$<TARGET_PROPERTY:deltaw,INTERFACE_INCLUDE_DIRECTORIES>;$<TARGET_PROPERTY:Eigen3::Eigen,INTERFACE_INCLUDE_DIRECTORIES>]==])
 set(DEFINITIONS [==[$<TARGET_PROPERTY:deltaw,INTERFACE_COMPILE_DEFINITIONS>]==])

@@ -18,7 +18,7 @@ MatD mat_of(const deltaw::matrix_view<const T>& v) {
     for (int j = 0; j < m.cols(); ++j) m(i, j) = v(i, j);
   return m;
 }
-MatD dense(const deltaw::low_rank<double>& l) { return l.scale() * mat_of(l.B()) * mat_of(l.A()); }
+MatD lego_dense(const deltaw::low_rank<double>& l) { return l.scale() * mat_of(l.B()) * mat_of(l.A()); }
 }  // namespace
 
 TEST_CASE("compose: LoRA-LEGO with one cluster per unit is the exact weighted sum") {
@@ -34,8 +34,8 @@ TEST_CASE("compose: LoRA-LEGO with one cluster per unit is the exact weighted su
     const auto r = cp::lora_lego(a, w, o);
     CHECK(r.lora.rank() == 5);
     CHECK(r.inertia == doctest::Approx(0.0));
-    const MatD ref = 0.6 * dense(a[0]) + -1.5 * dense(a[1]);
-    CHECK(dwt::rel_err(dense(r.lora), ref) < 1e-13);
+    const MatD ref = 0.6 * lego_dense(a[0]) + -1.5 * lego_dense(a[1]);
+    CHECK(dwt::rel_err(lego_dense(r.lora), ref) < 1e-13);
   }
 }
 
@@ -83,7 +83,7 @@ TEST_CASE("compose: LoRA-LEGO centroids, parameter and output reweighting agains
       CHECK(dwt::rel_err(Bm.col(c), cb) < 1e-12);
     }
     // Close to the adapters' common update.
-    CHECK((dense(r.lora) - dense(a[0])).norm() < 0.05 * dense(a[0]).norm());
+    CHECK((lego_dense(r.lora) - lego_dense(a[0])).norm() < 0.05 * lego_dense(a[0]).norm());
   }
   cp::lego_options o;
   o.k = 2;
@@ -101,7 +101,7 @@ TEST_CASE("compose: LoRA-LEGO canonical signs pair (b, a) with (−b, −a)") {
   o.norm = cp::lego_norm::none;
   o.kmeans.restarts = 4;
   o.canonical_sign = true;
-  CHECK(dwt::rel_err(dense(cp::lora_lego(a, w, o).lora), dense(a[0])) < 1e-12);
+  CHECK(dwt::rel_err(lego_dense(cp::lora_lego(a, w, o).lora), lego_dense(a[0])) < 1e-12);
 }
 
 TEST_CASE("compose: FedAvg, FFA and LoRA-FAIR aggregation against the dense sums") {

@@ -30,12 +30,12 @@ namespace {
 using dwcuda::twin;
 
 template <class C>
-constexpr double cpu_tol() {
+constexpr double upd_cpu_tol() {
   return std::is_same_v<C, double> ? 1e-12 : 1e-6;
 }
 /// Against X·Dᵀ with D the CPU's materialised ΔW (a different order of the products).
 template <class C>
-constexpr double ref_tol() {
+constexpr double upd_ref_tol() {
   return std::is_same_v<C, double> ? 1e-12 : 2e-5;
 }
 
@@ -87,8 +87,8 @@ void check_update(dw::cuda::context& ctx, const UG& ug, const UC& uc, index_t to
   auto Yg = dwcuda::nan_output<T>(tokens, out, cm), Yc = dwcuda::nan_output<T>(tokens, out, cm);
   dw::apply(ctx, ug, X.gpu(), Yg.gpu());
   dw::apply(uc, X.cpu(), Yc.cpu());
-  CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= cpu_tol<T>());
-  CHECK(dwt::rel_err(Yg.dev_d(), MatD(X.host_d() * D.transpose())) <= ref_tol<T>());
+  CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= upd_cpu_tol<T>());
+  CHECK(dwt::rel_err(Yg.dev_d(), MatD(X.host_d() * D.transpose())) <= upd_ref_tol<T>());
 
   // W + ΔW, output in the other layout.
   twin<T> fresh(dwt::random(out, in, seed + 3), cm);
@@ -97,55 +97,55 @@ void check_update(dw::cuda::context& ctx, const UG& ug, const UC& uc, index_t to
   auto Sg = dwcuda::nan_output<T>(tokens, out, !cm), Sc = dwcuda::nan_output<T>(tokens, out, !cm);
   dw::apply(ctx, W.gpu() + ug, X.gpu(), Sg.gpu());
   dw::apply(W.cpu() + uc, X.cpu(), Sc.cpu());
-  CHECK(dwt::rel_err(Sg.dev_d(), Sc.host_d()) <= cpu_tol<T>());
-  CHECK(dwt::rel_err(Sg.dev_d(), MatD(X.host_d() * (W0 + D).transpose())) <= ref_tol<T>());
+  CHECK(dwt::rel_err(Sg.dev_d(), Sc.host_d()) <= upd_cpu_tol<T>());
+  CHECK(dwt::rel_err(Sg.dev_d(), MatD(X.host_d() * (W0 + D).transpose())) <= upd_ref_tol<T>());
 
   // O = G·ΔW.
   auto Og = dwcuda::nan_output<T>(tokens, in, cm), Oc = dwcuda::nan_output<T>(tokens, in, cm);
   dw::apply_transposed(ctx, ug, G.gpu(), Og.gpu());
   dw::apply_transposed(uc, G.cpu(), Oc.cpu());
-  CHECK(dwt::rel_err(Og.dev_d(), Oc.host_d()) <= cpu_tol<T>());
-  CHECK(dwt::rel_err(Og.dev_d(), MatD(G.host_d() * D)) <= ref_tol<T>());
+  CHECK(dwt::rel_err(Og.dev_d(), Oc.host_d()) <= upd_cpu_tol<T>());
+  CHECK(dwt::rel_err(Og.dev_d(), MatD(G.host_d() * D)) <= upd_ref_tol<T>());
 
   // materialize into a caller's view.
   auto Mg = dwcuda::nan_output<T>(out, in, !cm);
   dw::materialize(ctx, ug, Mg.gpu());
-  CHECK(dwt::rel_err(Mg.dev_d(), D) <= cpu_tol<T>());
+  CHECK(dwt::rel_err(Mg.dev_d(), D) <= upd_cpu_tol<T>());
 
   // ‖ΔW‖_F (panels on the device; closed forms or panels on the CPU).
   const double fg = dw::frobenius_norm(ctx, ug), fc = dw::frobenius_norm(uc);
-  CHECK(std::abs(fg - fc) <= cpu_tol<T>() * std::max(1.0, fc));
-  CHECK(std::abs(fg - D.norm()) <= ref_tol<T>() * std::max(1.0, fc));
+  CHECK(std::abs(fg - fc) <= upd_cpu_tol<T>() * std::max(1.0, fc));
+  CHECK(std::abs(fg - D.norm()) <= upd_ref_tol<T>() * std::max(1.0, fc));
 
   // merge, unmerge, merge_checked, unmerge: in place on both sides.
   dw::merge(ctx, W.gpu(), ug);
   dw::merge(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= cpu_tol<T>());
-  CHECK(dwt::rel_err(W.dev_d(), MatD(W0 + D)) <= ref_tol<T>());
+  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
+  CHECK(dwt::rel_err(W.dev_d(), MatD(W0 + D)) <= upd_ref_tol<T>());
   dw::unmerge(ctx, W.gpu(), ug);
   dw::unmerge(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= cpu_tol<T>());
-  CHECK(dwt::rel_err(W.dev_d(), W0) <= ref_tol<T>());
+  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
+  CHECK(dwt::rel_err(W.dev_d(), W0) <= upd_ref_tol<T>());
   dw::merge_checked(ctx, W.gpu(), ug);
   dw::merge_checked(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= cpu_tol<T>());
+  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
   dw::unmerge(ctx, W.gpu(), ug);
   dw::unmerge(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= cpu_tol<T>());
+  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
 }
 
-struct shape {
+struct upd_shape {
   index_t out, in, r, tokens;
 };
 // Odd sizes, r = 1, tokens = 0 and 1, more tokens than r (Bone bat's merged-weight path).
-const shape shapes[] = {{12, 8, 4, 5}, {6, 10, 2, 0}, {9, 9, 3, 1}, {16, 24, 4, 33}, {5, 7, 1, 3}};
+const upd_shape upd_shapes[] = {{12, 8, 4, 5}, {6, 10, 2, 0}, {9, 9, 3, 1}, {16, 24, 4, 33}, {5, 7, 1, 3}};
 
 }  // namespace
 
 TEST_CASE_TEMPLATE("cuda: B·R·A, Block-LoRA and MiSS match the CPU backend", T, float, double) {
   dw::cuda::context ctx;
   std::uint64_t seed = 100;
-  for (const shape& s : shapes) {
+  for (const upd_shape& s : upd_shapes) {
     for (bool cm : {false, true}) {
       seed += 20;
       {  // core_low_rank with r1 ≠ r2
@@ -180,8 +180,8 @@ TEST_CASE_TEMPLATE("cuda: B·R·A, Block-LoRA and MiSS match the CPU backend", T
 TEST_CASE_TEMPLATE("cuda: Bone bat and DoRA (updates over their own weight) match the CPU backend", T, float, double) {
   dw::cuda::context ctx;
   std::uint64_t seed = 300;
-  const shape bat_shapes[] = {{12, 8, 4, 5}, {6, 9, 3, 0}, {16, 24, 4, 33}, {8, 8, 2, 2}};
-  for (const shape& s : bat_shapes) {
+  const upd_shape bat_shapes[] = {{12, 8, 4, 5}, {6, 9, 3, 0}, {16, 24, 4, 33}, {8, 8, 2, 2}};
+  for (const upd_shape& s : bat_shapes) {
     for (bool cm : {false, true}) {
       seed += 20;
       twin<T> W(dwt::random(s.out, s.in, seed + 1), cm), b(MatD(0.3 * dwt::random(s.out, s.r, seed + 2)), !cm);
@@ -191,7 +191,7 @@ TEST_CASE_TEMPLATE("cuda: Bone bat and DoRA (updates over their own weight) matc
       check_update<T>(ctx, ug, uc, s.tokens, cm, seed, &W);
     }
   }
-  for (const shape& s : shapes) {
+  for (const upd_shape& s : upd_shapes) {
     for (bool cm : {false, true}) {
       seed += 20;
       twin<T> W(dwt::random(s.out, s.in, seed + 1), cm), B(dwt::random(s.out, s.r, seed + 2), !cm),
@@ -201,7 +201,7 @@ TEST_CASE_TEMPLATE("cuda: Bone bat and DoRA (updates over their own weight) matc
       const auto ug = dw::cuda::dora(ctx, W.gpu(), dw::lora(B.gpu(), A.gpu(), dw::alpha(2.0)), m.gpu());
       const auto uc = dw::dora(W.cpu(), dw::lora(B.cpu(), A.cpu(), dw::alpha(2.0)), m.cpu());
       for (index_t o = 0; o < s.out; ++o)
-        CHECK(std::abs(ug.norms()[std::size_t(o)] - uc.norms()[std::size_t(o)]) <= cpu_tol<T>() * uc.norms()[std::size_t(o)]);
+        CHECK(std::abs(ug.norms()[std::size_t(o)] - uc.norms()[std::size_t(o)]) <= upd_cpu_tol<T>() * uc.norms()[std::size_t(o)]);
       check_update<T>(ctx, ug, uc, s.tokens, cm, seed, &W);
     }
   }
@@ -210,7 +210,7 @@ TEST_CASE_TEMPLATE("cuda: Bone bat and DoRA (updates over their own weight) matc
 TEST_CASE_TEMPLATE("cuda: LoLDU matches the CPU backend", T, float, double) {
   dw::cuda::context ctx;
   std::uint64_t seed = 500;
-  for (const shape& s : shapes) {
+  for (const upd_shape& s : upd_shapes) {
     for (bool cm : {false, true}) {
       seed += 20;
       const MatD Wf = dwt::random(s.out, s.in, seed + 1);
@@ -242,7 +242,7 @@ TEST_CASE_TEMPLATE("cuda: NOLA, VeRA and RandLoRA (bases regenerated on the devi
                    double) {
   dw::cuda::context ctx;
   std::uint64_t seed = 700;
-  for (const shape& s : shapes) {
+  for (const upd_shape& s : upd_shapes) {
     for (bool cm : {false, true}) {
       seed += 20;
       {
@@ -296,7 +296,7 @@ TEST_CASE_TEMPLATE("cuda: lazy sums of mixed update types match the CPU backend"
                     dw::block_lora(Bb.cpu(), A.cpu(), dw::scale(0.25)) + dw::miss(Dm.cpu(), in) +
                     dw::vera(vb, out, in, ld.cpu(), lb.cpu()) + dw::randlora(rb, out, in, lam.cpu(), gam.cpu(), dw::alpha(2.0)),
                 X.cpu(), Yc.cpu());
-      CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= cpu_tol<T>());
+      CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= upd_cpu_tol<T>());
       // DoRA over W plus a LoRA and a NOLA: the CPU uses DoRA's base hook, CUDA adds its ΔW.
       const vtwin<T> na(random_vec(3, seed + 12)), nb(random_vec(2, seed + 13));
       twin<T> A2(dwt::random(2 * r, in, seed + 14), cm);
@@ -309,7 +309,7 @@ TEST_CASE_TEMPLATE("cuda: lazy sums of mixed update types match the CPU backend"
       dw::apply(W.cpu() + dc + dw::lora(Bb.cpu(), A2.cpu(), dw::scale(0.1)) +
                     dw::nola(out, in, r, seed, na.cpu(), nb.cpu()),
                 X.cpu(), Zc.cpu());
-      CHECK(dwt::rel_err(Zg.dev_d(), Zc.host_d()) <= cpu_tol<T>());
+      CHECK(dwt::rel_err(Zg.dev_d(), Zc.host_d()) <= upd_cpu_tol<T>());
     }
   }
 }

@@ -36,10 +36,10 @@ MatD reference_miss_delta(const MatD& D, Eigen::Index out, Eigen::Index in) {
   return dW;
 }
 
-double inner(const MatD& a, const MatD& b) { return a.cwiseProduct(b).sum(); }
+double ba_inner(const MatD& a, const MatD& b) { return a.cwiseProduct(b).sum(); }
 
 template <class T>
-double tolerance() {
+double ba_tolerance() {
   return std::is_same_v<T, float> ? 2e-5 : 1e-12;
 }
 
@@ -49,8 +49,8 @@ template <class T, class U>
 void check_apply(const U& u, const dwt::RowMat<T>& W, const MatD& Dref, Eigen::Index tokens, std::uint64_t seed) {
   using M = dwt::RowMat<T>;
   const auto out = Dref.rows(), in = Dref.cols();
-  const double tol = tolerance<T>() * std::max<double>(1, in + out);
-  CHECK(dwt::rel_err(dw::materialize(u), Dref) <= tolerance<T>());
+  const double tol = ba_tolerance<T>() * std::max<double>(1, in + out);
+  CHECK(dwt::rel_err(dw::materialize(u), Dref) <= ba_tolerance<T>());
   CHECK(dw::frobenius_norm(u) == doctest::Approx(Dref.norm()).epsilon(std::is_same_v<T, float> ? 1e-5 : 1e-12));
 
   const M X = dwt::random<M>(tokens, in, seed), G = dwt::random<M>(tokens, out, seed + 1);
@@ -59,7 +59,7 @@ void check_apply(const U& u, const dwt::RowMat<T>& W, const MatD& Dref, Eigen::I
   const MatD O = dw::apply_transposed(u, G).template cast<double>();
   CHECK(dwt::rel_err(Y, Xd * Dref.transpose()) <= tol);
   CHECK(dwt::rel_err(O, Gd * Dref) <= tol);
-  CHECK(inner(Y, Gd) == doctest::Approx(inner(Xd, O)).epsilon(std::is_same_v<T, float> ? 1e-4 : 1e-10).scale(1.0));
+  CHECK(ba_inner(Y, Gd) == doctest::Approx(ba_inner(Xd, O)).epsilon(std::is_same_v<T, float> ? 1e-4 : 1e-10).scale(1.0));
 
   const auto e = dw::view(W) + u;
   const MatD Wp = W.template cast<double>() + Dref;
@@ -67,8 +67,8 @@ void check_apply(const U& u, const dwt::RowMat<T>& W, const MatD& Dref, Eigen::I
   const MatD Oe = dw::apply_transposed(e, G).template cast<double>();
   CHECK(dwt::rel_err(Ye, Xd * Wp.transpose()) <= tol);
   CHECK(dwt::rel_err(Oe, Gd * Wp) <= tol);
-  CHECK(inner(Ye, Gd) == doctest::Approx(inner(Xd, Oe)).epsilon(std::is_same_v<T, float> ? 1e-4 : 1e-10).scale(1.0));
-  CHECK(dwt::rel_err(dw::materialize(e), Wp) <= tolerance<T>());
+  CHECK(ba_inner(Ye, Gd) == doctest::Approx(ba_inner(Xd, Oe)).epsilon(std::is_same_v<T, float> ? 1e-4 : 1e-10).scale(1.0));
+  CHECK(dwt::rel_err(dw::materialize(e), Wp) <= ba_tolerance<T>());
 
   // Column-major activations and output.
   const dwt::ColMat<T> Xc = X;
@@ -117,13 +117,13 @@ TEST_CASE_TEMPLATE("Bone bat merge and unmerge round trip", T, float, double) {
   const auto u = dw::bone_bat(W, b);
   const MatD Wp = W0.template cast<double>() + reference_bat_delta(W0.template cast<double>(), b.template cast<double>());
   dw::merge(W, u);
-  CHECK(dwt::rel_err(W, Wp) <= tolerance<T>() * 10);
+  CHECK(dwt::rel_err(W, Wp) <= ba_tolerance<T>() * 10);
   dw::unmerge(W, u);
   // ‖b_i‖ ≤ 0.2·r·… keeps I + b_i well conditioned; the bound is a few ulps times cond.
   const double bound = std::is_same_v<T, float> ? 1e-5 : 1e-13;
   CHECK(dwt::rel_err(W, W0) <= bound);
   dw::merge_checked(W, u);
-  CHECK(dwt::rel_err(W, Wp) <= tolerance<T>() * 10);
+  CHECK(dwt::rel_err(W, Wp) <= ba_tolerance<T>() * 10);
 }
 
 TEST_CASE("Bone bat round trip on a bf16 weight, panel boundaries not aligned to r") {
@@ -195,7 +195,7 @@ TEST_CASE_TEMPLATE("Bone bat over another weight than the sum's base adds its ow
   for (Eigen::Index tokens : {2, 9}) {
     const M X = dwt::random<M>(tokens, 8, 4);
     const MatD ref = X.template cast<double>() * (Wother.template cast<double>() + Dref).transpose();
-    CHECK(dwt::rel_err(dw::apply(dw::view(Wother) + u, X), ref) <= tolerance<T>() * 20);
+    CHECK(dwt::rel_err(dw::apply(dw::view(Wother) + u, X), ref) <= ba_tolerance<T>() * 20);
   }
 }
 
@@ -211,7 +211,7 @@ TEST_CASE_TEMPLATE("lazy sum W + LoRA + Bone bat and W + LoRA + MiSS", T, float,
   const MatD miss_ref = Wd + Ld + reference_miss_delta(D.template cast<double>(), out, in);
   const auto e_bat = dw::view(W) + dw::lora(B, A, dw::alpha(2)) + dw::bone_bat(W, b);
   const auto e_miss = dw::view(W) + dw::lora(B, A, dw::alpha(2)) + dw::miss(D, in);
-  const double tol = tolerance<T>() * 40;
+  const double tol = ba_tolerance<T>() * 40;
   for (Eigen::Index tokens : {0, 2, 7}) {
     const M X = dwt::random<M>(tokens, in, 6), G = dwt::random<M>(tokens, out, 7);
     CHECK(dwt::rel_err(dw::apply(e_bat, X), X.template cast<double>() * bat_ref.transpose()) <= tol);
@@ -258,14 +258,14 @@ TEST_CASE_TEMPLATE("MiSS matches its definition, including in % r != 0 and mini"
     M Wm = W;
     if (sh.mini) {
       dw::merge(Wm, dw::miss_mini(D, sh.out, sh.in));
-      CHECK(dwt::rel_err(Wm, W.template cast<double>() + Dref) <= tolerance<T>());
+      CHECK(dwt::rel_err(Wm, W.template cast<double>() + Dref) <= ba_tolerance<T>());
       dw::unmerge(Wm, dw::miss_mini(D, sh.out, sh.in));
     } else {
       dw::merge(Wm, dw::miss(D, sh.in));
-      CHECK(dwt::rel_err(Wm, W.template cast<double>() + Dref) <= tolerance<T>());
+      CHECK(dwt::rel_err(Wm, W.template cast<double>() + Dref) <= ba_tolerance<T>());
       dw::unmerge(Wm, dw::miss(D, sh.in));
     }
-    CHECK(dwt::rel_err(Wm, W) <= 2 * tolerance<T>());
+    CHECK(dwt::rel_err(Wm, W) <= 2 * ba_tolerance<T>());
     seed += 3;
   }
 }

@@ -58,7 +58,7 @@ MatD boft_rotation_ref(const MatD& Rp, Eigen::Index in) {
 }
 
 template <class U>
-void check_against_dense(const U& u, const MatD& dW, std::uint64_t seed, const char* what) {
+void boft_check_against_dense(const U& u, const MatD& dW, std::uint64_t seed, const char* what) {
   INFO(what);
   dwt::check_update_ops(u, dW, seed);
 }
@@ -108,7 +108,7 @@ TEST_CASE("BOFT: W' = diag(s)·W·Rᵀ with m butterfly factors, every operation
       CHECK(u.block() == c.b);
       CHECK(u.blocks() == c.nb);
       CHECK(u.factors() == c.m);
-      check_against_dense(u, dW, 330 + trial, "boft");
+      boft_check_against_dense(u, dW, 330 + trial, "boft");
       const MatD X = dwt::random<MatD>(5, in, 340 + trial), G = dwt::random<MatD>(5, c.out, 350 + trial);
       CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), X * Wp.transpose()) < 1e-12);
       // PEFT's forward: (x @ R) through the layer, then the output scale.
@@ -179,7 +179,7 @@ TEST_CASE("AdaLoRA: ΔW = s·B·diag(E)·A, every operation against dense") {
     const double s = alpha / (ranknum + 1e-5);
     CHECK(u.scale() == doctest::Approx(s).epsilon(1e-15));
     const MatD dW = s * B * E.asDiagonal() * A;
-    check_against_dense(u, dW, 430 + trial, "adalora");
+    boft_check_against_dense(u, dW, 430 + trial, "adalora");
     MatD W = dwt::random<MatD>(out, in, 440 + trial);
     const MatD W0 = W;
     dw::merge(W, u);

@@ -15,7 +15,7 @@ using dwt::RowMat;
 namespace {
 
 template <class T>
-double tol() {
+double core_tol() {
   return std::is_same_v<T, double> ? 1e-11 : 2e-5;
 }
 
@@ -29,24 +29,24 @@ void check_against_dense(const U& u, const MatD& ref, Eigen::Index tokens, std::
   const RowMat<T> G = dwt::random<RowMat<T>>(tokens, out, seed + 2);
   const MatD Wd = W.template cast<double>(), Xd = X.template cast<double>(), Gd = G.template cast<double>();
 
-  CHECK(dwt::rel_err(dw::materialize(u), ref) < tol<T>());
-  CHECK(dw::frobenius_norm(u) == doctest::Approx(ref.norm()).epsilon(tol<T>()));
-  CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), MatD(Xd * (Wd + ref).transpose())) < tol<T>());
-  CHECK(dwt::rel_err(dw::apply_transposed(dw::view(W) + u, G), MatD(Gd * (Wd + ref))) < tol<T>());
+  CHECK(dwt::rel_err(dw::materialize(u), ref) < core_tol<T>());
+  CHECK(dw::frobenius_norm(u) == doctest::Approx(ref.norm()).epsilon(core_tol<T>()));
+  CHECK(dwt::rel_err(dw::apply(dw::view(W) + u, X), MatD(Xd * (Wd + ref).transpose())) < core_tol<T>());
+  CHECK(dwt::rel_err(dw::apply_transposed(dw::view(W) + u, G), MatD(Gd * (Wd + ref))) < core_tol<T>());
   const MatD YX = dw::apply(u, X).template cast<double>();
   const MatD OG = dw::apply_transposed(u, G).template cast<double>();
-  CHECK(dwt::rel_err(YX, MatD(Xd * ref.transpose())) < tol<T>());
+  CHECK(dwt::rel_err(YX, MatD(Xd * ref.transpose())) < core_tol<T>());
   const double lhs = YX.cwiseProduct(Gd).sum(), rhs = Xd.cwiseProduct(OG).sum();
-  CHECK(std::abs(lhs - rhs) <= tol<T>() * (1.0 + std::abs(lhs)) * double(1 + tokens * (in + out)));
+  CHECK(std::abs(lhs - rhs) <= core_tol<T>() * (1.0 + std::abs(lhs)) * double(1 + tokens * (in + out)));
 
   RowMat<T> Wm = W;
   dw::merge(Wm, u);
-  CHECK(dwt::rel_err(Wm, MatD(Wd + ref)) < tol<T>());
+  CHECK(dwt::rel_err(Wm, MatD(Wd + ref)) < core_tol<T>());
   dw::unmerge(Wm, u);
-  CHECK(dwt::rel_err(Wm, W) < tol<T>());
+  CHECK(dwt::rel_err(Wm, W) < core_tol<T>());
   RowMat<T> Wc = W;
   dw::merge_checked(Wc, u);
-  CHECK(dwt::rel_err(Wc, MatD(Wd + ref)) < tol<T>());
+  CHECK(dwt::rel_err(Wc, MatD(Wd + ref)) < core_tol<T>());
 }
 
 struct core_shape {

@@ -27,7 +27,7 @@ void check_throws_containing(F&& f, const std::string& fragment) {
 
 namespace {
 
-MatD add_bias(MatD y, const std::vector<double>& b) {
+MatD adapter_add_bias(MatD y, const std::vector<double>& b) {
   for (Eigen::Index i = 0; i < y.rows(); ++i)
     for (Eigen::Index j = 0; j < y.cols(); ++j) y(i, j) += b[std::size_t(j)];
   return y;
@@ -42,7 +42,7 @@ MatF weight_of(const io::safetensors_file& f, const std::string& module, bool tr
 // Every module of a PEFT-written fixture through the unified interface, three ways against
 // PEFT's per-layer outputs: apply over W; merge into a copy of W then a plain product;
 // unmerge restores W.
-void check_fixture(const std::string& name, const std::string& type, const std::string& adapter_sub = "adapter",
+void adapter_check_fixture(const std::string& name, const std::string& type, const std::string& adapter_sub = "adapter",
                    const std::string& y_prefix = "y.") {
   CAPTURE(name);
   const fs::path dir = dwio::fixtures() / name;
@@ -65,15 +65,15 @@ void check_fixture(const std::string& name, const std::string& type, const std::
     const auto b = w.values<double>(m.name() + ".bias");
     const auto u = m.update(W0);
     CHECK(u.module() == m.name());
-    CHECK(dwt::rel_err(add_bias(u.apply(MatF(X.cast<float>())).cast<double>(), b), Y) < 1e-5);
-    CHECK(dwt::rel_err(add_bias(m.apply(W0, MatF(X.cast<float>())).cast<double>(), b), Y) < 1e-5);
+    CHECK(dwt::rel_err(adapter_add_bias(u.apply(MatF(X.cast<float>())).cast<double>(), b), Y) < 1e-5);
+    CHECK(dwt::rel_err(adapter_add_bias(m.apply(W0, MatF(X.cast<float>())).cast<double>(), b), Y) < 1e-5);
     // ΔW in double against the same outputs: an independent path through materialize().
     const MatD Wd = W0.cast<double>() + u.materialize().cast<double>();
-    CHECK(dwt::rel_err(add_bias(X * Wd.transpose(), b), Y) < 1e-5);
+    CHECK(dwt::rel_err(adapter_add_bias(X * Wd.transpose(), b), Y) < 1e-5);
     // merge / unmerge in place (DoRA and Bone bat read W: the update is built on W1 itself).
     MatF W1 = W0;
     const auto merged = m.merge(W1);
-    CHECK(dwt::rel_err(add_bias(X * W1.cast<double>().transpose(), b), Y) < 1e-5);
+    CHECK(dwt::rel_err(adapter_add_bias(X * W1.cast<double>().transpose(), b), Y) < 1e-5);
     merged.unmerge(W1);
     CHECK(dwt::rel_err(W1.cast<double>(), W0.cast<double>()) < 1e-5);
     CHECK(m.reads_weight() == (std::string(m.method()) == "DoRA" || std::string(m.method()) == "Bone bat"));
@@ -100,19 +100,19 @@ std::set<std::string> entries(const fs::path& d) {
 }  // namespace
 
 TEST_CASE("peft adapter: read_peft detects every type and its modules reproduce PEFT (apply, merge, unmerge)") {
-  check_fixture("peft_lora", "LORA");
-  check_fixture("peft_rslora", "LORA");
-  check_fixture("peft_dora", "LORA");
-  check_fixture("peft_fan_in_fan_out", "LORA");
-  check_fixture("peft_lokr", "LOKR");
-  check_fixture("peft_lokr_both", "LOKR");
-  check_fixture("peft_lokr_dense", "LOKR");
-  check_fixture("peft_miss", "MISS");
-  check_fixture("peft_miss_mini", "MISS");
-  check_fixture("peft_miss_bat", "MISS");
-  check_fixture("peft_vera", "VERA");
-  check_fixture("peft_randlora", "RANDLORA");
-  check_fixture("peft_randlora_sparse", "RANDLORA");
+  adapter_check_fixture("peft_lora", "LORA");
+  adapter_check_fixture("peft_rslora", "LORA");
+  adapter_check_fixture("peft_dora", "LORA");
+  adapter_check_fixture("peft_fan_in_fan_out", "LORA");
+  adapter_check_fixture("peft_lokr", "LOKR");
+  adapter_check_fixture("peft_lokr_both", "LOKR");
+  adapter_check_fixture("peft_lokr_dense", "LOKR");
+  adapter_check_fixture("peft_miss", "MISS");
+  adapter_check_fixture("peft_miss_mini", "MISS");
+  adapter_check_fixture("peft_miss_bat", "MISS");
+  adapter_check_fixture("peft_vera", "VERA");
+  adapter_check_fixture("peft_randlora", "RANDLORA");
+  adapter_check_fixture("peft_randlora_sparse", "RANDLORA");
 
   const auto a = io::read_peft(dwio::fixtures() / "peft_dora" / "adapter");
   CHECK(std::string(a.at("head").method()) == "DoRA");
@@ -131,7 +131,7 @@ TEST_CASE("peft adapter: read_peft detects every type and its modules reproduce 
 TEST_CASE("peft adapter: PEFT's named-adapter layout, a look-ahead target_modules regex") {
   const fs::path dir = dwio::fixtures() / "peft_named";
   CHECK(io::list_peft_adapters(dir / "adapter") == std::vector<std::string>{"default", "second"});
-  check_fixture("peft_named", "LORA", "adapter", "y.default.");
+  adapter_check_fixture("peft_named", "LORA", "adapter", "y.default.");
 
   const auto def = io::read_peft(dir / "adapter", "default");
   const auto second = io::read_peft(dir / "adapter", "second");
@@ -157,7 +157,7 @@ TEST_CASE("peft adapter: PEFT's named-adapter layout, a look-ahead target_module
     CAPTURE(m.name());
     const MatF W = weight_of(w, m.name());
     const MatD X = dwio::load_matd(x, "x." + m.name());
-    CHECK(dwt::rel_err(add_bias(m.apply(W, MatF(X.cast<float>())).cast<double>(), w.values<double>(m.name() + ".bias")),
+    CHECK(dwt::rel_err(adapter_add_bias(m.apply(W, MatF(X.cast<float>())).cast<double>(), w.values<double>(m.name() + ".bias")),
                        dwio::load_matd(x, "y.second." + m.name())) < 1e-5);
   }
   auto layer = [&](const io::any_peft_adapter& a, const std::string& mod, const MatF& h) {

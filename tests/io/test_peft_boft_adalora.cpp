@@ -22,7 +22,7 @@ namespace {
 
 /// PEFT's outputs for every adapted module (lazy and dense paths), the whole model (an
 /// unadapted layer is the plain Linear), and merge / unmerge round trips.
-void check_fixture(const std::string& name, const char* type, std::size_t n_modules) {
+void boft_check_fixture(const std::string& name, const char* type, std::size_t n_modules) {
   CAPTURE(name);
   const auto weights = io::safetensors_file::open(dwio::fixtures() / name / "model.safetensors");
   const auto iof = io::safetensors_file::open(dwio::fixtures() / name / "io.safetensors");
@@ -68,10 +68,10 @@ void check_fixture(const std::string& name, const char* type, std::size_t n_modu
 }  // namespace
 
 TEST_CASE("peft BOFT (m = 1 as PEFT runs on a CPU, 2 and 3 butterfly factors) reproduces PEFT 0.21.2") {
-  check_fixture("peft_boft", "BOFT", 3);
-  check_fixture("peft_boft_cpu_forced", "BOFT", 2);
-  check_fixture("peft_boft_butterfly", "BOFT", 2);
-  check_fixture("peft_boft_num", "BOFT", 2);
+  boft_check_fixture("peft_boft", "BOFT", 3);
+  boft_check_fixture("peft_boft_cpu_forced", "BOFT", 2);
+  boft_check_fixture("peft_boft_butterfly", "BOFT", 2);
+  boft_check_fixture("peft_boft_num", "BOFT", 2);
   const auto a = io::read_peft(dwio::fixtures() / "peft_boft_butterfly" / "adapter");
   const auto* m = a.at("blocks.0.v").get_if<io::peft_boft_module>();
   REQUIRE(m);
@@ -89,8 +89,8 @@ TEST_CASE("peft BOFT (m = 1 as PEFT runs on a CPU, 2 and 3 butterfly factors) re
 }
 
 TEST_CASE("peft AdaLoRA (PEFT's rank_pattern, a layer pruned to rank 0; lora_alpha = 0) reproduces PEFT 0.21.2") {
-  check_fixture("peft_adalora", "ADALORA", 3);
-  check_fixture("peft_adalora_plain", "ADALORA", 3);
+  boft_check_fixture("peft_adalora", "ADALORA", 3);
+  boft_check_fixture("peft_adalora_plain", "ADALORA", 3);
   const auto a = io::read_peft(dwio::fixtures() / "peft_adalora" / "adapter");
   const auto& c = a.structured()->config;
   CHECK(c.init_r == 4);

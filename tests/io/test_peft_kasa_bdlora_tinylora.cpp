@@ -25,10 +25,10 @@ using dwt::MatF;
 namespace {
 const std::vector<std::string> kModules{"q", "v", "head"};  // the model's order
 
-struct fixture {
+struct kbt_fixture {
   io::safetensors_file weights, ios;
   std::map<std::string, MatF> W;  // the base weights the adapter applies to
-  explicit fixture(const std::string& name)
+  explicit kbt_fixture(const std::string& name)
       : weights(io::safetensors_file::open(dwio::fixtures() / name / "model.safetensors")),
         ios(io::safetensors_file::open(dwio::fixtures() / name / "io.safetensors")) {
     for (const auto& m : kModules) W[m] = load_matd(weights, m + ".weight").cast<float>();
@@ -73,7 +73,7 @@ struct fixture {
 TEST_CASE("peft KaSA reproduces PEFT 0.21.2 (truncated base, ΔW = s·B·diag(ΔΣ)·A, regulariser)") {
   for (const char* name : {"peft_kasa", "peft_kasa_rslora"}) {
     CAPTURE(name);
-    fixture f(name);
+    kbt_fixture f(name);
     const auto a = io::read_peft_kasa_adapter(dwio::fixtures() / name / "adapter");
     REQUIRE(a.size() == 3);
     const auto trunc = io::safetensors_file::open(dwio::fixtures() / name / "truncated.safetensors");
@@ -84,7 +84,7 @@ TEST_CASE("peft KaSA reproduces PEFT 0.21.2 (truncated base, ΔW = s·B·diag(Δ
       const auto& km = a.at(m);
       CHECK(km.layer_mismatch(f.W[m].rows(), f.W[m].cols()).empty());
       dw::kasa_truncate_base_dense(f.W[m], km.rank());
-      CHECK(dwt::rel_err(f.W[m].cast<double>(), fixture::load_matd(trunc, m + ".weight")) < 1e-5);
+      CHECK(dwt::rel_err(f.W[m].cast<double>(), kbt_fixture::load_matd(trunc, m + ".weight")) < 1e-5);
       reg += dw::train::kasa_regularizer(km.B.view, km.diag.view, km.A.view, o).value;
     }
     if (std::string(name) == "peft_kasa") {
@@ -97,7 +97,7 @@ TEST_CASE("peft KaSA reproduces PEFT 0.21.2 (truncated base, ΔW = s·B·diag(Δ
       CHECK(a.at("v").scale == doctest::Approx(7.0 / std::sqrt(3.0)));
       CHECK(a.at("head").scale == doctest::Approx(5.0 / std::sqrt(2.0)));
     }
-    CHECK(reg == doctest::Approx(fixture::load_matd(f.ios, "kasa_loss")(0, 0)).epsilon(1e-5));
+    CHECK(reg == doctest::Approx(kbt_fixture::load_matd(f.ios, "kasa_loss")(0, 0)).epsilon(1e-5));
     f.check_outputs([&](const std::string& m, const MatD& X) { return f.apply_checked(m, a.at(m).update(), X); });
 
     // deltaw writes, deltaw reads: same updates, same config fields.
@@ -119,7 +119,7 @@ TEST_CASE("peft KaSA reproduces PEFT 0.21.2 (truncated base, ΔW = s·B·diag(Δ
 
 TEST_CASE("peft BD-LoRA reproduces PEFT 0.21.2 (block-diagonal A or B, mixed with plain LoRA)") {
   {
-    fixture f("peft_bdlora");
+    kbt_fixture f("peft_bdlora");
     const auto a = io::read_peft_bdlora_adapter(dwio::fixtures() / "peft_bdlora" / "adapter");
     REQUIRE(a.size() == 3);
     CHECK(a.nblocks == 3);
@@ -132,7 +132,7 @@ TEST_CASE("peft BD-LoRA reproduces PEFT 0.21.2 (block-diagonal A or B, mixed wit
     f.check_outputs([&](const std::string& m, const MatD& X) { return f.apply_checked(m, a.at(m).update(), X); });
   }
   {
-    fixture f("peft_bdlora_mixed");
+    kbt_fixture f("peft_bdlora_mixed");
     const auto a = io::read_peft_bdlora_adapter(dwio::fixtures() / "peft_bdlora_mixed" / "adapter");
     CHECK_FALSE(a.match_strict);
     CHECK(a.at("q").b_blocks == 3);
@@ -162,7 +162,7 @@ TEST_CASE("peft BD-LoRA reproduces PEFT 0.21.2 (block-diagonal A or B, mixed wit
 
 TEST_CASE("peft TinyLoRA reproduces PEFT 0.21.2 (Σ vᵢPᵢ, weight-tying groups by module order)") {
   {
-    fixture f("peft_tinylora");
+    kbt_fixture f("peft_tinylora");
     const auto& meta = f.ios.metadata();
     REQUIRE(meta.count("module_order"));
     CHECK(meta.at("module_order") == "q,v,head");
@@ -192,7 +192,7 @@ TEST_CASE("peft TinyLoRA reproduces PEFT 0.21.2 (Σ vᵢPᵢ, weight-tying group
       CHECK(dwt::rel_err(dw::materialize(b.at(m).update()), dw::materialize(a.at(m).update())) == 0);
   }
   {
-    fixture f("peft_tinylora_tied");
+    kbt_fixture f("peft_tinylora_tied");
     const auto a = io::read_peft_tinylora_adapter(dwio::fixtures() / "peft_tinylora_tied" / "adapter");  // one group
     CHECK(a.at("head").rank() == 3);
     // PEFT's frozen factors are the √S-split truncated SVD of the original W: deltaw's

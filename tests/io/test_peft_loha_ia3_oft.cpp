@@ -18,7 +18,7 @@ using dwt::MatF;
 
 namespace {
 
-void check_fixture(const std::string& name, const std::string& type, const char* method) {
+void loha_check_fixture(const std::string& name, const std::string& type, const char* method) {
   CAPTURE(name);
   const dwio::peft_model_fixture m(name);
   CHECK(m.adapter.peft_type() == type);
@@ -30,7 +30,7 @@ void check_fixture(const std::string& name, const std::string& type, const char*
 }  // namespace
 
 TEST_CASE("peft LoHa (rank / alpha patterns) reproduces PEFT 0.21.2") {
-  check_fixture("peft_loha", "LOHA", "LoHa");
+  loha_check_fixture("peft_loha", "LOHA", "LoHa");
   const dwio::peft_model_fixture m("peft_loha");
   const auto& h = *m.adapter.at("head").get_if<io::peft_loha_module>();
   CHECK(h.rank == 2);
@@ -41,7 +41,7 @@ TEST_CASE("peft LoHa (rank / alpha patterns) reproduces PEFT 0.21.2") {
 }
 
 TEST_CASE("peft IA3 (output scaling with the bias, feed-forward input scaling) reproduces PEFT 0.21.2") {
-  check_fixture("peft_ia3", "IA3", "IA3");
+  loha_check_fixture("peft_ia3", "IA3", "IA3");
   const dwio::peft_model_fixture m("peft_ia3");
   CHECK(m.adapter.at("blocks.0.v").get_if<io::peft_ia3_module>()->side == dw::ia3_side::input);
   CHECK(m.adapter.at("blocks.0.q").get_if<io::peft_ia3_module>()->side == dw::ia3_side::output);
@@ -50,9 +50,9 @@ TEST_CASE("peft IA3 (output scaling with the bias, feed-forward input scaling) r
 }
 
 TEST_CASE("peft OFT (Cayley–Neumann, exact Cayley with COFT, block_share) reproduces PEFT 0.21.2") {
-  check_fixture("peft_oft", "OFT", "OFT");
-  check_fixture("peft_oft_cayley", "OFT", "OFT");
-  check_fixture("peft_oft_share", "OFT", "OFT");
+  loha_check_fixture("peft_oft", "OFT", "OFT");
+  loha_check_fixture("peft_oft_cayley", "OFT", "OFT");
+  loha_check_fixture("peft_oft_share", "OFT", "OFT");
   const dwio::peft_model_fixture c("peft_oft_cayley");
   CHECK(c.adapter.at("blocks.0.v").get_if<io::peft_oft_module>()->block() == 12);
   CHECK_FALSE(c.adapter.at("blocks.0.v").get_if<io::peft_oft_module>()->options.cayley_neumann);

@@ -24,7 +24,7 @@ template class deltaw::train::lisa<double, deltaw::optim::sgd<double>>;
 
 namespace {
 template <class M>
-bool same_bits(const M& a, const M& b) {
+bool fl_same_bits(const M& a, const M& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
          std::memcmp(a.data(), b.data(), sizeof(typename M::Scalar) * std::size_t(a.size())) == 0;
 }
@@ -48,7 +48,7 @@ struct weight_watch : tr::method<T> {
     min_changed = std::min(min_changed, double(changed) / double(total));
   }
   void after_step(const tr::step_context&) override {
-    for (std::size_t i = 0; i < ws.size(); ++i) all_restored = all_restored && same_bits(*ws[i], orig[i]);
+    for (std::size_t i = 0; i < ws.size(); ++i) all_restored = all_restored && fl_same_bits(*ws[i], orig[i]);
   }
 };
 
@@ -117,7 +117,7 @@ void run_exactness(tr::restore_mode mode, bool ggpo, double rho, const char* lab
   CHECK(watch.min_changed > 0.9);  // the perturbation was really applied
   CHECK(watch.all_restored);       // and removed to the last bit after each full step
   CHECK_FALSE(flat.perturbed());
-  for (std::size_t i = 0; i < watch.ws.size(); ++i) CHECK(same_bits(*watch.ws[i], watch.orig[i]));
+  for (std::size_t i = 0; i < watch.ws.size(); ++i) CHECK(fl_same_bits(*watch.ws[i], watch.orig[i]));
   if (mode == tr::restore_mode::patch) {
     // Subtracting the noise alone would not restore these entries: the patches are needed.
     CHECK(patched > 0);
@@ -189,18 +189,18 @@ TEST_CASE("Flat-LoRA: sigma_i = c(t)*rho/sqrt(n)*||W'_i|| and the per-row std of
   CHECK(worst_std < 5.5 / std::sqrt(2.0 * double(n)));
   CHECK(std::abs(psd - 1) < 5 / std::sqrt(2 * pooled_n));
   flat.after_backward(ctx);
-  CHECK(same_bits(W, W0));
+  CHECK(fl_same_bits(W, W0));
 
   // c(0) = 0: nothing is perturbed at the first step; the same step regenerates the same noise.
   ctx.step = 0;
   flat.before_forward(ctx);
-  CHECK(same_bits(W, W0));
+  CHECK(fl_same_bits(W, W0));
   flat.after_backward(ctx);
   ctx.step = 7;
   flat.before_forward(ctx);
-  CHECK(same_bits(MatD(W - W0), eps));
+  CHECK(fl_same_bits(MatD(W - W0), eps));
   flat.restore();
-  CHECK(same_bits(W, W0));
+  CHECK(fl_same_bits(W, W0));
 }
 
 TEST_CASE("LoRA-GGPO: sigma_i mixes the weight row norm and the EMA of the gradient row norms (dense check)") {
@@ -233,7 +233,7 @@ TEST_CASE("LoRA-GGPO: sigma_i mixes the weight row norm and the EMA of the gradi
     const MatD G = layer.lora_B()->grad() * layer.lora_A()->value() + layer.lora_B()->value() * layer.lora_A()->grad();
     for (index_t i = 0; i < m; ++i) gn(i, 0) = k == 0 ? G.row(i).norm() : 0.6 * gn(i, 0) + 0.4 * G.row(i).norm();
     flat.after_backward(ctx);
-    CHECK(same_bits(W, W0));
+    CHECK(fl_same_bits(W, W0));
     flat.before_forward(ctx);
   }
   double wf = 0;
@@ -248,7 +248,7 @@ TEST_CASE("LoRA-GGPO: sigma_i mixes the weight row norm and the EMA of the gradi
   std::printf("LoRA-GGPO sigma_i vs dense reference: max rel err %.2e\n", worst);
   CHECK(worst < 1e-12);
   flat.restore();
-  CHECK(same_bits(W, W0));
+  CHECK(fl_same_bits(W, W0));
 }
 
 TEST_CASE("LISA: exactly gamma blocks per period, each block in about gamma/L of the periods, pairs uniform") {
@@ -360,7 +360,7 @@ struct lisa_watch : tr::method<double> {
     const double b1 = 0.9, b2 = 0.999;
     for (std::size_t b = 0; b < g.blocks.size(); ++b) {
       if (!active[b]) {
-        for (std::size_t k = 0; k < g.blocks[b].size(); ++k) frozen_moved += !same_bits(g.blocks[b][k]->value(), values[b][k]);
+        for (std::size_t k = 0; k < g.blocks[b].size(); ++k) frozen_moved += !fl_same_bits(g.blocks[b][k]->value(), values[b][k]);
         continue;
       }
       if (ctx.step % K != 0) continue;
