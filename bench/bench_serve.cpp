@@ -29,6 +29,8 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.hpp"
+
 namespace dw = deltaw;
 namespace sv = deltaw::serve;
 
@@ -38,20 +40,11 @@ using mat = dw::dense<float>;
 constexpr int features = 4096;
 constexpr int ranks[] = {8, 16, 32, 64};
 
-/// Fast deterministic fill in [-a, a) (mt19937 over 10⁹ floats would dominate set-up).
-void fill(mat& m, std::uint64_t seed, float a) {
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (Eigen::Index i = 0; i < m.size(); ++i) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    m.data()[i] = a * (float((s >> 40) & 0xFFFFFF) / float(1 << 23) - 1.0f);
-  }
-}
-
 struct base_data {
   mat W, X;
   base_data() : W(features, features), X(512, features) {
-    fill(W, 1, 1.0f / std::sqrt(float(features)));
-    fill(X, 2, 1.0f);
+    deltaw_bench::fill_uniform(W, 1, 1.0f / std::sqrt(float(features)));
+    deltaw_bench::fill_uniform(X, 2, 1.0f);
   }
 };
 base_data& base() {
@@ -70,8 +63,8 @@ const std::vector<dw::low_rank<float>>& adapters(int n) {
     const int i = int(s.u.size()), r = ranks[i % 4];
     s.B.push_back(std::make_unique<mat>(features, r));
     s.A.push_back(std::make_unique<mat>(r, features));
-    fill(*s.B.back(), 100 + 2 * std::uint64_t(i), 0.01f);
-    fill(*s.A.back(), 101 + 2 * std::uint64_t(i), 1.0f / std::sqrt(float(features)));
+    deltaw_bench::fill_uniform(*s.B.back(), 100 + 2 * std::uint64_t(i), 0.01f);
+    deltaw_bench::fill_uniform(*s.A.back(), 101 + 2 * std::uint64_t(i), 1.0f / std::sqrt(float(features)));
     s.u.push_back(dw::lora(*s.B.back(), *s.A.back(), dw::alpha(2.0 * r)));
   }
   static std::map<int, std::vector<dw::low_rank<float>>> prefix;
@@ -225,9 +218,9 @@ void BM_crossover(benchmark::State& st) {
   std::vector<dw::low_rank<float>> ad;
   for (int i = 0; i < n; ++i) {
     keep.push_back(std::make_unique<mat>(features, 16));
-    fill(*keep.back(), 5000 + std::uint64_t(2 * i), 0.01f);
+    deltaw_bench::fill_uniform(*keep.back(), 5000 + std::uint64_t(2 * i), 0.01f);
     keep.push_back(std::make_unique<mat>(16, features));
-    fill(*keep.back(), 5001 + std::uint64_t(2 * i), 0.015f);
+    deltaw_bench::fill_uniform(*keep.back(), 5001 + std::uint64_t(2 * i), 0.015f);
     ad.push_back(dw::lora(*keep[keep.size() - 2], *keep.back(), dw::alpha(32)));
   }
   std::vector<dw::index_t> idx(static_cast<std::size_t>(tokens));

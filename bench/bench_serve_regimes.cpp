@@ -47,6 +47,8 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.hpp"
+
 namespace dw = deltaw;
 namespace sv = deltaw::serve;
 
@@ -70,19 +72,11 @@ enum popularity { distinct, uniform, zipf, identical };
 constexpr int requests_of[] = {64, 256, 8};
 constexpr int tokens_per_request[] = {1, 1, 64};
 
-void fill(mat& m, std::uint64_t seed, float a) {
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (Eigen::Index i = 0; i < m.size(); ++i) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    m.data()[i] = a * (float((s >> 40) & 0xFFFFFF) / float(1 << 23) - 1.0f);
-  }
-}
-
 struct base_data {
   mat W, X;
   base_data() : W(features, features), X(512, features) {
-    fill(W, 1, 1.0f / std::sqrt(float(features)));
-    fill(X, 2, 1.0f);
+    deltaw_bench::fill_uniform(W, 1, 1.0f / std::sqrt(float(features)));
+    deltaw_bench::fill_uniform(X, 2, 1.0f);
   }
 };
 base_data& base() {
@@ -100,8 +94,8 @@ const factors& factors_of(int i) {
   if (!f) {
     const int r = ranks[i % 4];
     f = std::make_unique<factors>(factors{mat(features, r), mat(r, features)});
-    fill(f->B, 100 + 2 * std::uint64_t(i), 0.01f);
-    fill(f->A, 101 + 2 * std::uint64_t(i), 1.0f / std::sqrt(float(features)));
+    deltaw_bench::fill_uniform(f->B, 100 + 2 * std::uint64_t(i), 0.01f);
+    deltaw_bench::fill_uniform(f->A, 101 + 2 * std::uint64_t(i), 1.0f / std::sqrt(float(features)));
   }
   return *f;
 }

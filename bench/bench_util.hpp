@@ -10,12 +10,24 @@
 
 #include <Eigen/Core>
 #include <deltaw/deltaw.hpp>
+#include <cstdint>
 #include <cstdio>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
 
 namespace deltaw_bench {
+
+/// A fast deterministic fill of a float matrix with values in [-a, a): mt19937 over the 10⁹
+/// floats of the 4096-wide serving benchmarks would dominate their set-up.
+template <class M>
+void fill_uniform(M& m, std::uint64_t seed, float a) {
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (Eigen::Index i = 0; i < m.size(); ++i) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    m.data()[i] = a * (float((s >> 40) & 0xFFFFFF) / float(1 << 23) - 1.0f);
+  }
+}
 
 inline double gemm_flop(double m, double n, double k) { return 2.0 * m * n * k; }
 
