@@ -6,6 +6,7 @@
 #include <deltaw/cuda/cuda.hpp>
 #include <deltaw/deltaw.hpp>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -46,6 +47,31 @@ struct twin {
       for (index_t j = 0; j < cols; ++j) m(i, j) = dw::convert<double>(v[std::size_t(i * rs() + j * cs())]);
     return m;
   }
+};
+
+/// A vector of n values on the host and the device (a column twin).
+template <class T>
+struct vtwin {
+  twin<T> m;
+  explicit vtwin(const MatD& v) : m(v) {}
+  dw::vector_view<const T> cpu() const { return dw::vector_view<const T>(m.host.data(), m.rows); }
+  dw::vector_view<const T, dw::device::cuda> gpu() const {
+    return dw::vector_view<const T, dw::device::cuda>(m.dev.data(), m.rows);
+  }
+};
+
+/// Integer indices in device memory (buffer<T> holds storage types only).
+struct dev_indices {
+  index_t* p = nullptr;
+  index_t n = 0;
+  explicit dev_indices(const std::vector<index_t>& h) : n(index_t(h.size())) {
+    DELTAW_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(1, h.size()) * sizeof(index_t)));
+    if (!h.empty()) DELTAW_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(index_t), cudaMemcpyHostToDevice));
+  }
+  dev_indices(const dev_indices&) = delete;
+  dev_indices& operator=(const dev_indices&) = delete;
+  ~dev_indices() { (void)cudaFree(p); }
+  dw::vector_view<const index_t, dw::device::cuda> gpu() const { return {p, n}; }
 };
 
 /// An output filled with NaN, so that a product that reads C when β = 0 shows up.

@@ -27,7 +27,9 @@ using dwt::MatD;
 
 namespace {
 
+using dwcuda::dev_indices;
 using dwcuda::twin;
+using dwcuda::vtwin;
 
 template <class C>
 constexpr double upd_cpu_tol() {
@@ -38,31 +40,6 @@ template <class C>
 constexpr double upd_ref_tol() {
   return std::is_same_v<C, double> ? 1e-12 : 2e-5;
 }
-
-/// A vector of n values on the host and the device (a column twin).
-template <class T>
-struct vtwin {
-  twin<T> m;
-  explicit vtwin(const Eigen::VectorXd& v) : m(MatD(v)) {}
-  dw::vector_view<const T> cpu() const { return dw::vector_view<const T>(m.host.data(), m.rows); }
-  dw::vector_view<const T, dw::device::cuda> gpu() const {
-    return dw::vector_view<const T, dw::device::cuda>(m.dev.data(), m.rows);
-  }
-};
-
-/// Integer indices in device memory (buffer<T> holds storage types only).
-struct dev_indices {
-  dw::index_t* p = nullptr;
-  index_t n = 0;
-  explicit dev_indices(const std::vector<index_t>& h) : n(index_t(h.size())) {
-    DELTAW_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(1, h.size()) * sizeof(index_t)));
-    if (!h.empty()) DELTAW_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(index_t), cudaMemcpyHostToDevice));
-  }
-  dev_indices(const dev_indices&) = delete;
-  dev_indices& operator=(const dev_indices&) = delete;
-  ~dev_indices() { (void)cudaFree(p); }
-  dw::vector_view<const index_t, dw::device::cuda> gpu() const { return {p, n}; }
-};
 
 Eigen::VectorXd random_vec(index_t n, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
   const MatD m = dwt::random(n, 1, seed);

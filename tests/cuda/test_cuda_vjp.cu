@@ -28,7 +28,9 @@ namespace dw = deltaw;
 namespace cuda_vjp_test {
 
 using dw::index_t;
+using dwcuda::dev_indices;
 using dwcuda::twin;
+using dwcuda::vtwin;
 using dwt::MatD;
 
 template <class C>
@@ -43,29 +45,6 @@ constexpr double ref_tol() {
 
 struct slot {
   index_t rows, cols;
-};
-
-/// A vector of n values on both sides (a column twin).
-template <class T>
-struct vec {
-  twin<T> m;
-  explicit vec(const MatD& v) : m(v) {}
-  dw::vector_view<const T> cpu() const { return {m.host.data(), m.rows}; }
-  dw::vector_view<const T, dw::device::cuda> gpu() const { return {m.dev.data(), m.rows}; }
-};
-
-/// Indices in device memory.
-struct indices {
-  index_t* p = nullptr;
-  index_t n = 0;
-  explicit indices(const std::vector<index_t>& h) : n(index_t(h.size())) {
-    DELTAW_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(1, h.size()) * sizeof(index_t)));
-    if (!h.empty()) DELTAW_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(index_t), cudaMemcpyHostToDevice));
-  }
-  indices(const indices&) = delete;
-  indices& operator=(const indices&) = delete;
-  ~indices() { (void)cudaFree(p); }
-  dw::vector_view<const index_t, dw::device::cuda> gpu() const { return {p, n}; }
 };
 
 /// backward of ug (CUDA) and uc (CPU) from the same X, dY and starting gradients: every
@@ -155,9 +134,9 @@ void bone_bat_cases(dw::cuda::context& ctx, std::uint64_t seed) {
 template <class T>
 struct ldu_factors {
   twin<T> L, U;
-  vec<T> z, z0;
+  vtwin<T> z, z0;
   std::vector<index_t> perm;
-  indices pd;
+  dev_indices pd;
   static MatD lower(index_t out, index_t r, std::uint64_t seed) {
     MatD L = dwt::random(out, r, seed);
     for (index_t j = 0; j < r; ++j) {
@@ -261,7 +240,7 @@ TEST_CASE("cuda backward: B·R·A, Block-LoRA and MiSS gradients match the CPU b
 TEST_CASE("cuda backward: LoLDU, DoRA, NOLA, VeRA, RandLoRA and Kronecker gradients match the CPU backend (double)") {
   using T = double;
   using cuda_vjp_test::twin;
-  using cuda_vjp_test::vec;
+  using cuda_vjp_test::vtwin;
   using dwt::MatD;
   dw::cuda::context ctx;
   std::uint64_t seed = 5000;
@@ -277,14 +256,14 @@ TEST_CASE("cuda backward: LoLDU, DoRA, NOLA, VeRA, RandLoRA and Kronecker gradie
       {
         twin<T> W(dwt::random(s.out, s.in, seed + 1), cm), B(dwt::random(s.out, s.r, seed + 2), !cm),
             A(dwt::random(s.r, s.in, seed + 3), cm);
-        const vec<T> m(MatD((1.25 + 0.5 * dwt::random(s.out, 1, seed + 4).array()).matrix()));
+        const vtwin<T> m(MatD((1.25 + 0.5 * dwt::random(s.out, 1, seed + 4).array()).matrix()));
         INFO("dora");
         const auto ug = dw::cuda::dora(ctx, W.gpu(), dw::lora(B.gpu(), A.gpu(), dw::alpha(2.0)), m.gpu());
         const auto uc = dw::dora(W.cpu(), dw::lora(B.cpu(), A.cpu(), dw::alpha(2.0)), m.cpu());
         cuda_vjp_test::check_vjp<T>(ctx, ug, uc, {{s.out, s.r}, {s.r, s.in}, {1, s.out}}, s.tokens, cm, seed + 1);
       }
       {
-        const vec<T> a(dwt::random(5, 1, seed + 5)), b(dwt::random(4, 1, seed + 6));
+        const vtwin<T> a(dwt::random(5, 1, seed + 5)), b(dwt::random(4, 1, seed + 6));
         INFO("nola");
         cuda_vjp_test::check_vjp<T>(ctx, dw::nola(s.out, s.in, s.r, seed, a.gpu(), b.gpu(), dw::scale(0.9)),
                                     dw::nola(s.out, s.in, s.r, seed, a.cpu(), b.cpu(), dw::scale(0.9)), {{1, 5}, {1, 4}},
@@ -292,7 +271,7 @@ TEST_CASE("cuda backward: LoLDU, DoRA, NOLA, VeRA, RandLoRA and Kronecker gradie
       }
       {
         const auto basis = dw::vera_shared_basis(seed, s.r + 1, s.out + 3, s.in + 2);
-        const vec<T> ld(dwt::random(s.r + 1, 1, seed + 7)), lb(dwt::random(s.out, 1, seed + 8));
+        const vtwin<T> ld(dwt::random(s.r + 1, 1, seed + 7)), lb(dwt::random(s.out, 1, seed + 8));
         INFO("vera");
         cuda_vjp_test::check_vjp<T>(ctx, dw::vera(basis, s.out, s.in, ld.gpu(), lb.gpu()),
                                     dw::vera(basis, s.out, s.in, ld.cpu(), lb.cpu()), {{1, s.r + 1}, {1, s.out}},
@@ -401,18 +380,18 @@ TEST_CASE("cuda backward: no update type takes an out × in scratch") {
     using T = double;
     dw::cuda::context c;
     twin<T> B(dwt::random(out, r, 1)), A(dwt::random(r, in, 2)), W(dwt::random(out, in, 6));
-    const cuda_vjp_test::vec<T> m(MatD((1.0 + 0.5 * dwt::random(out, 1, 13).array()).matrix()));
+    const cuda_vjp_test::vtwin<T> m(MatD((1.0 + 0.5 * dwt::random(out, 1, 13).array()).matrix()));
     check("dora",
           backward_scratch<T>(dw::cuda::dora(c, W.gpu(), dw::lora(B.gpu(), A.gpu(), dw::alpha(2.0)), m.gpu()),
                               {{out, r}, {r, in}, {1, out}}, tokens, 14),
           8);
     cuda_vjp_test::ldu_factors<T> f(out, in, r, false, 15);
     check("ldu", backward_scratch<T>(f.gpu(), {{1, r}, {1, 1}}, tokens, 16), 8);
-    const cuda_vjp_test::vec<T> na(dwt::random(8, 1, 17)), nb(dwt::random(8, 1, 18));
+    const cuda_vjp_test::vtwin<T> na(dwt::random(8, 1, 17)), nb(dwt::random(8, 1, 18));
     check("nola", backward_scratch<T>(dw::nola(out, in, r, 5, na.gpu(), nb.gpu(), dw::scale(0.5)), {{1, 8}, {1, 8}}, tokens, 19),
           8);
     const auto vb = dw::vera_shared_basis(6, 32, out, in);
-    const cuda_vjp_test::vec<T> ld(dwt::random(32, 1, 20)), lb(dwt::random(out, 1, 21));
+    const cuda_vjp_test::vtwin<T> ld(dwt::random(32, 1, 20)), lb(dwt::random(out, 1, 21));
     check("vera (r = 32)", backward_scratch<T>(dw::vera(vb, out, in, ld.gpu(), lb.gpu()), {{1, 32}, {1, out}}, tokens, 22), 8);
     // RandLoRA works in tiles of at most 256 lines of N·r ≥ min_dim entries (half of ΔW at
     // this size, 1/16 at 4096²): bounded by four tiles, as its forward.
