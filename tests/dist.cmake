@@ -7,7 +7,7 @@ if(NOT TARGET deltaw::mpi)
   return()
 endif()
 add_executable(test_dist_mpi dist/test_dist_mpi.cpp)
-target_link_libraries(test_dist_mpi PRIVATE deltaw::mpi)
+target_link_libraries(test_dist_mpi PRIVATE deltaw::mpi deltaw::eigen_instances)
 target_compile_options(test_dist_mpi PRIVATE -Wall -Wextra)
 # mpirun refuses root without these (CI containers run as root); harmless otherwise.
 set(_dist_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1)
@@ -33,7 +33,7 @@ if(DELTAW_HAS_CUDA_HOST)
   add_library(deltaw_cuda_host_nccl STATIC ${PROJECT_SOURCE_DIR}/cuda/host/src/nccl.cpp)
   target_link_libraries(deltaw_cuda_host_nccl PUBLIC deltaw::cuda_host MPI::MPI_CXX)
   add_executable(test_dist_nccl_host dist/test_dist_nccl.cpp)
-  target_link_libraries(test_dist_nccl_host PRIVATE deltaw::mpi deltaw_cuda_host_nccl)
+  target_link_libraries(test_dist_nccl_host PRIVATE deltaw::mpi deltaw_cuda_host_nccl deltaw::eigen_instances)
   target_compile_options(test_dist_nccl_host PRIVATE -Wall -Wextra)
   add_test(NAME dist_nccl_host_np2 COMMAND ${_dist_run} 2 --oversubscribe $<TARGET_FILE:test_dist_nccl_host> equal)
   add_test(NAME dist_nccl_host_step COMMAND ${_dist_run} 2 --oversubscribe $<TARGET_FILE:test_dist_nccl_host> step)
@@ -44,7 +44,7 @@ if(TARGET deltaw::nccl)
   # Needs a GPU to run (exit 77 without one), so the default build leaves it out (CI time: the
   # same source is compiled and run against the shim above); tools/cuda_check.sh builds it.
   add_executable(test_dist_nccl_cuda EXCLUDE_FROM_ALL dist/test_dist_nccl.cpp)
-  target_link_libraries(test_dist_nccl_cuda PRIVATE deltaw::mpi deltaw::nccl)
+  target_link_libraries(test_dist_nccl_cuda PRIVATE deltaw::mpi deltaw::nccl deltaw::eigen_instances)
   add_test(NAME dist_nccl_cuda
            COMMAND sh -c "if [ ! -x \"$0\" ]; then echo 'SKIPPED: test_dist_nccl_cuda is built by tools/cuda_check.sh (a GPU run), not by the default build'; exit 77; fi; exec \"$@\""
                    $<TARGET_FILE:test_dist_nccl_cuda> ${_dist_run} 1 $<TARGET_FILE:test_dist_nccl_cuda> equal)

@@ -20,7 +20,7 @@ endif()
 # without python3, torch or peft).
 if(TARGET deltaw_fft AND nlohmann_json_FOUND)
   add_executable(peft_fourier_writer fourier/peft_fourier_writer.cpp)
-  target_link_libraries(peft_fourier_writer PRIVATE deltaw::fft nlohmann_json::nlohmann_json)
+  target_link_libraries(peft_fourier_writer PRIVATE deltaw::fft deltaw::eigen_instances nlohmann_json::nlohmann_json)
   target_compile_options(peft_fourier_writer PRIVATE -Wall -Wextra)
   find_package(Python3 COMPONENTS Interpreter QUIET)
   if(Python3_Interpreter_FOUND)

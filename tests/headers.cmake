@@ -6,8 +6,7 @@
 # them those headers are skipped, and configure and the test output say so; likewise the
 # Fourier headers (deltaw/fourier.hpp, io/peft_fourier.hpp, their backend/cpu/ headers) need
 # FFTW3's fftw3.h (DELTAW_HAS_FFTW). Headers with a
-# compiled mode (DELTAW_PRECOMPILED) are checked in both modes. JOBS compilers run at a
-# time. GCC and Clang only.
+# compiled mode (DELTAW_PRECOMPILED) are checked in both modes. GCC and Clang only.
 if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   message(STATUS "deltaw: headers_self_contained skipped (needs GCC or Clang for -fsyntax-only)")
   return()
@@ -49,13 +48,14 @@ set(FFTW_FOUND [==[${DELTAW_HAS_FFTW}]==])
 set(FFTW_INCLUDE [==[${DELTAW_FFTW_INCLUDE_DIR}]==])
 set(IMPLICIT_INCLUDES [==[${CMAKE_CXX_IMPLICIT_INCLUDE_DIRECTORIES}]==])
 ")
-cmake_host_system_information(RESULT _hdr_jobs QUERY NUMBER_OF_LOGICAL_CORES)
-if(_hdr_jobs GREATER 8)
-  set(_hdr_jobs 8)  # about 1 GiB per compiler run for the heaviest headers
-endif()
-add_test(NAME headers_self_contained
-  COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR}
-          -DCONFIG=${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/config_CXX.cmake
-          -DWORK_DIR=${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained -DJOBS=${_hdr_jobs}
-          -P ${CMAKE_CURRENT_SOURCE_DIR}/headers/self_contained.cmake)
-set_tests_properties(headers_self_contained PROPERTIES PROCESSORS ${_hdr_jobs})
+# Four shards, each a sequential test (one compiler at a time): CTest runs them beside the
+# other tests, where one test running JOBS compilers in lock-step batches held every core and
+# waited on the slowest header of each batch.
+foreach(_shard RANGE 3)
+  add_test(NAME headers_self_contained_${_shard}
+    COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR}
+            -DCONFIG=${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/config_CXX.cmake
+            -DWORK_DIR=${CMAKE_CURRENT_BINARY_DIR}/headers_self_contained/shard_${_shard} -DJOBS=1
+            -DSHARD=${_shard} -DSHARDS=4
+            -P ${CMAKE_CURRENT_SOURCE_DIR}/headers/self_contained.cmake)
+endforeach()

@@ -4,7 +4,7 @@ deltaw_add_test(init_data init/test_init_data.cpp init/test_init_data_factor.cpp
 # PEFT as the second reference (LoRA-GA, incremental PCA, CorDA): deltaw writes, Python
 # compares. Skipped (exit 77) when python3, torch or peft is missing.
 add_executable(init_peft_writer init/init_peft_writer.cpp)
-target_link_libraries(init_peft_writer PRIVATE deltaw::deltaw)
+target_link_libraries(init_peft_writer PRIVATE deltaw::deltaw deltaw::eigen_instances)
 target_compile_options(init_peft_writer PRIVATE -Wall -Wextra)
 find_package(Python3 COMPONENTS Interpreter QUIET)
 if(Python3_Interpreter_FOUND)

@@ -77,7 +77,7 @@ target_compile_definitions(test_io_peft_structured PRIVATE DELTAW_IO_FIXTURES="$
 # Round trip through the Python packages: deltaw writes, safetensors / gguf / PEFT read.
 # Skipped (exit 77) when python3 or the packages are missing.
 add_executable(io_roundtrip_writer io/roundtrip_writer.cpp)
-target_link_libraries(io_roundtrip_writer PRIVATE deltaw::deltaw nlohmann_json::nlohmann_json)
+target_link_libraries(io_roundtrip_writer PRIVATE deltaw::deltaw deltaw::eigen_instances nlohmann_json::nlohmann_json)
 if(TARGET deltaw::precompiled)
   target_link_libraries(io_roundtrip_writer PRIVATE deltaw::precompiled)
 endif()
@@ -106,7 +106,7 @@ endforeach()
 set(DELTAW_LLAMA_CPP_PYTHON "" CACHE PATH "unpacked llama-cpp-python sdist for the io_llama_cpp check")
 set(DELTAW_LLAMA_CPP_LIB "" CACHE PATH "directory with libllama built from DELTAW_LLAMA_CPP_PYTHON's vendor/llama.cpp")
 add_executable(io_llama_cpp_writer io/llama_cpp_writer.cpp)
-target_link_libraries(io_llama_cpp_writer PRIVATE deltaw::deltaw nlohmann_json::nlohmann_json)
+target_link_libraries(io_llama_cpp_writer PRIVATE deltaw::deltaw deltaw::eigen_instances nlohmann_json::nlohmann_json)
 target_compile_options(io_llama_cpp_writer PRIVATE -Wall -Wextra)
 if(Python3_Interpreter_FOUND)
   add_test(NAME io_llama_cpp

@@ -38,7 +38,7 @@ if(NOT _deltaw_minilm_ok)
 endif()
 
 add_executable(test_models_minilm models/test_minilm.cpp)
-target_link_libraries(test_models_minilm PRIVATE deltaw::deltaw doctest::doctest nlohmann_json::nlohmann_json)
+target_link_libraries(test_models_minilm PRIVATE deltaw::deltaw deltaw::eigen_instances doctest::doctest nlohmann_json::nlohmann_json)
 target_include_directories(test_models_minilm PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
 target_compile_options(test_models_minilm PRIVATE -Wall -Wextra)
 if(TARGET deltaw::precompiled)

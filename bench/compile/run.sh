@@ -12,7 +12,8 @@ out="$(mktemp -d)"; trap 'rm -rf "$out"' EXIT
 printf '%-28s %8s %10s %8s\n' "TU" "user s" "peak MB" "ratio"
 base=""
 # name  source  extra flags (the precompiled row is the same source in deltaw::precompiled's
-# mode: the adapter reader is declared, its definition lives in the library)
+# mode: the adapter reader is declared, its definition lives in the library; likewise the
+# eigen_instances row in deltaw::eigen_instances' mode: Eigen's SVD is declared, not compiled)
 rows=(
   "plain_eigen plain_eigen"
   "deltaw_empty deltaw_empty"
@@ -20,6 +21,8 @@ rows=(
   "readme_use readme_use"
   "deltaw_io_apply deltaw_io_apply"
   "deltaw_io_apply_precompiled deltaw_io_apply -DDELTAW_PRECOMPILED"
+  "deltaw_intruders deltaw_intruders"
+  "deltaw_intruders_eigen_instances deltaw_intruders -DDELTAW_EIGEN_INSTANCES"
 )
 for row in "${rows[@]}"; do
   read -r name tu extra <<< "$row"

@@ -19,7 +19,7 @@ that no snippet escapes it. `#line` directives make the compiler's messages poin
 Markdown file and line. The compile flags are deltaw::deltaw's (CONFIG, a JSON file written
 by tests/repo.cmake); templates are instantiated, so -fsyntax-only catches what a build would.
 """
-import argparse, concurrent.futures, glob, json, os, re, subprocess, sys
+import argparse, concurrent.futures, glob, json, os, re, subprocess, sys, time
 
 MARK = re.compile(r"<!--\s*compile:\s*(cuda\s+)?([A-Za-z0-9_-]+)\s*-->")
 
@@ -117,13 +117,20 @@ def main():
 
     def run(job):
         where, cmd = job
+        t0 = time.monotonic()
         p = subprocess.run(cmd, capture_output=True, text=True)
-        return where, p.returncode, p.stdout + p.stderr
+        return where, p.returncode, p.stdout + p.stderr, time.monotonic() - t0
 
+    timings = []
+    # The slowest first, so that the pool does not end waiting on one long compile.
+    jobs.sort(key=lambda j: j[1][0] != cfg.get("cuda_compiler"))
     with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as ex:
-        for where, rc, out in ex.map(run, jobs):
+        for where, rc, out, secs in ex.map(run, jobs):
+            timings.append((secs, where))
             if rc != 0:
                 problems.append(f"{where}: does not compile\n{out}")
+    for secs, where in sorted(timings, reverse=True)[:5]:
+        print(f"{secs:6.1f} s  {where}")
     for s in skipped:
         print(f"skipped: {s}")
     failed = sum(1 for p in problems if "does not compile" in p)

@@ -15,8 +15,7 @@
 // p_k are the given client weights normalised to sum 1 (sample counts, say).
 #pragma once
 
-#include <Eigen/Cholesky>
-#include <Eigen/QR>
+#include <deltaw/core/eigen_dense.hpp>
 #include <string>
 #include <vector>
 

@@ -12,9 +12,7 @@
 //  * factored_error(): ‖result − Σ w_i·ΔW_i‖_F from Gram matrices of the factors.
 #pragma once
 
-#include <Eigen/Dense>
-#include <Eigen/QR>
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

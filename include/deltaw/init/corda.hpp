@@ -17,8 +17,7 @@
 // with an LDLᵀ factorisation and a non-positive-definite C̃ is an error.
 #pragma once
 
-#include <Eigen/Cholesky>
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 #include <cmath>
 #include <string>
 

@@ -5,7 +5,7 @@
 // s = 1 they vanish from W_res).
 #pragma once
 
-#include <Eigen/QR>
+#include <deltaw/core/eigen_dense.hpp>
 #include <cmath>
 #include <string>
 

@@ -8,9 +8,7 @@
 // factorizations copy anyway) and writes the factors into caller views of any layout.
 #pragma once
 
-#include <Eigen/Eigenvalues>
-#include <Eigen/QR>
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 #include <string>
 
 #include "context.hpp"

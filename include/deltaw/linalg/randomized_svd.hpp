@@ -16,8 +16,7 @@
 #pragma once
 
 #include <Eigen/Core>
-#include <Eigen/QR>
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 #include <algorithm>
 #include <cstdint>
 #include <string>

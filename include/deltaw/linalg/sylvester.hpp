@@ -17,7 +17,7 @@
 #pragma once
 
 #include <Eigen/Core>
-#include <Eigen/Eigenvalues>
+#include <deltaw/core/eigen_dense.hpp>
 #include <algorithm>
 #include <cmath>
 #include <limits>

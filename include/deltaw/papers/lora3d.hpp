@@ -44,8 +44,7 @@
 #include <vector>
 
 #include <Eigen/Geometry>
-#include <Eigen/LU>
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 
 #include "../nn/layers.hpp"
 #include "../optim/optim.hpp"

@@ -10,8 +10,7 @@
 #pragma once
 
 #include <Eigen/Core>
-#include <Eigen/QR>
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 #include <algorithm>
 #include <cmath>
 #include <string>

@@ -13,7 +13,7 @@
 // fine-tuned weight, then re-factor (W_mit − W₀)/s to rank r by SVD.
 #pragma once
 
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 #include <cmath>
 #include <string>
 #include <type_traits>

@@ -14,7 +14,7 @@
 #pragma once
 
 #include <Eigen/Core>
-#include <Eigen/SVD>
+#include <deltaw/core/eigen_dense.hpp>
 #include <algorithm>
 #include <cmath>
 #include <string>

@@ -17,7 +17,7 @@
 // the transposed apply tiles G·Dᵀ along the input.
 #pragma once
 
-#include <Eigen/LU>
+#include <deltaw/core/eigen_dense.hpp>
 #include <algorithm>
 #include <cmath>
 #include <string>

@@ -14,7 +14,7 @@
 // in × in R, the permutation matrices and W' are never formed.
 #pragma once
 
-#include <Eigen/LU>
+#include <deltaw/core/eigen_dense.hpp>
 #include <memory>
 #include <string>
 #include <type_traits>

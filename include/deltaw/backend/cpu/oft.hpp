@@ -10,7 +10,7 @@
 // are never formed. Scratch: tokens × in, and at most panel_rows × in for merge.
 #pragma once
 
-#include <Eigen/LU>
+#include <deltaw/core/eigen_dense.hpp>
 #include <cmath>
 #include <memory>
 #include <string>
