@@ -1,2 +1,2 @@
-# k-means, k-NN, LoDD boundary scores and the spectrum report.
-deltaw_add_test(spectral_extra spectral/test_lodd_kmeans.cpp)
+# k-means, k-NN, LoDD boundary scores (fixed and adaptive ratio, aLoDD) and the spectrum report.
+deltaw_add_test(spectral_extra spectral/test_lodd_kmeans.cpp spectral/test_alodd.cpp)

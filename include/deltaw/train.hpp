@@ -22,5 +22,6 @@
 #include "train/diffora.hpp"
 #include "train/o3.hpp"
 #include "train/cbq_rounding.hpp"
+#include "train/cbq_cross_block.hpp"
 #include "train/lora_prune.hpp"
 #include "train/kasa.hpp"

@@ -24,9 +24,12 @@
 // [qmin, qmax] pass the gradient where their argument lies inside the closed interval and
 // give zero strictly outside (PyTorch's clamp convention); at ⌊W/s⌋ + z = qmax with
 // 0 < h, the clamp saturates and the entry gets no gradient.
+//
+// CBQ's learnable step sizes and its cross-block reconstruction windows build on this file:
+// train/cbq_cross_block.hpp (cbq_linear_lsq, cbq_stack, cbq_reconstruct_blocks).
 #pragma once
 
-#include <Eigen/Cholesky>
+#include <deltaw/core/eigen_dense.hpp>
 
 #include <algorithm>
 #include <cmath>
