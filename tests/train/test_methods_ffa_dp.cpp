@@ -23,7 +23,7 @@ template class deltaw::train::ffa_lora<float>;
 template class deltaw::train::dp_sgd<float>;
 
 namespace {
-bool same_bits(const MatD& a, const MatD& b) {
+bool ffa_same_bits(const MatD& a, const MatD& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
          std::memcmp(a.data(), b.data(), sizeof(double) * std::size_t(a.size())) == 0;
 }
@@ -38,9 +38,9 @@ TEST_CASE("FFA-LoRA: A regenerated from the seed and frozen, B zero; A never cha
   layer.lora_B()->value() = dwt::random<MatD>(5, 3, 2);  // ffa_init must zero it
   tr::ffa_lora<double> ffa({&layer}, {42, 0});
   const MatD A = layer.lora_A()->value();
-  CHECK(same_bits(A, tr::ffa_random_A<double>(3, 7, 42, 0)));
-  CHECK_FALSE(same_bits(A, tr::ffa_random_A<double>(3, 7, 43, 0)));
-  CHECK_FALSE(same_bits(A, tr::ffa_random_A<double>(3, 7, 42, 1)));
+  CHECK(ffa_same_bits(A, tr::ffa_random_A<double>(3, 7, 42, 0)));
+  CHECK_FALSE(ffa_same_bits(A, tr::ffa_random_A<double>(3, 7, 43, 0)));
+  CHECK_FALSE(ffa_same_bits(A, tr::ffa_random_A<double>(3, 7, 42, 1)));
   CHECK(A.cwiseAbs().maxCoeff() < 1 / std::sqrt(7.0));
   CHECK(A.cwiseAbs().maxCoeff() > 0.5 / std::sqrt(7.0));
   CHECK(layer.lora_B()->value().norm() == 0);
@@ -57,7 +57,7 @@ TEST_CASE("FFA-LoRA: A regenerated from the seed and frozen, B zero; A never cha
       [&](ag::tape<double>& t, index_t) { return ag::mse(layer(t, t.frozen(X)), t.frozen(Y)); }, opt, {&ffa}, o);
   CHECK(r.final_loss < r.first_loss);
   CHECK(layer.lora_B()->value().norm() > 0);
-  CHECK(same_bits(layer.lora_A()->value(), A));
+  CHECK(ffa_same_bits(layer.lora_A()->value(), A));
   CHECK(ffa.a_unchanged());
 }
 
@@ -260,13 +260,13 @@ TEST_CASE("DP-SGD noise: mean 0 and standard deviation sigma*C/N per entry, inde
   bool same = true;
   for (int k = 0; k < steps; ++k) {
     b.privatise(zero);
-    same = same && same_bits(layer.lora_B()->grad(), draws[std::size_t(k)]);
+    same = same && ffa_same_bits(layer.lora_B()->grad(), draws[std::size_t(k)]);
   }
   CHECK(same);
   o.seed = 2025;
   tr::dp_sgd<double> c({&layer}, o);
   c.privatise(zero);
-  CHECK_FALSE(same_bits(layer.lora_B()->grad(), draws[0]));
+  CHECK_FALSE(ffa_same_bits(layer.lora_B()->grad(), draws[0]));
 }
 
 TEST_CASE("FFA-LoRA + DP-SGD through train::fit: learns a rank-r target update under small noise") {
