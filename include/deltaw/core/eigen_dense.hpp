@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 #pragma once
-// Eigen's dense modules (the decompositions: LU, Cholesky, QR, SVD, eigenvalues), included by
-// every deltaw header that factorises a matrix.
+// Eigen's decomposition modules (LU, Cholesky, QR, SVD, eigenvalues: Eigen/Dense without
+// Geometry), included by every deltaw header that factorises a matrix.
 //
 // Compile cost. Instantiating Eigen's decompositions dominates the compile time of a file that
 // uses them: one BDCSVD<MatrixXd> costs about 23 s of GCC 12 at -O3 (-O0 about the same, it is
@@ -17,7 +17,12 @@
 // within one CMake build it is. Under nvcc, Eigen is another configuration unless its CUDA
 // support is off: the declarations are seen by nvcc's host pass only with EIGEN_NO_CUDA
 // (as deltaw's CUDA tests compile), never by a device pass.
-#include <Eigen/Dense>
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <Eigen/Eigenvalues>
+#include <Eigen/LU>
+#include <Eigen/QR>
+#include <Eigen/SVD>
 
 // X is `template` (the definitions, in src/) or `extern template` (the declarations, here).
 // The list: what deltaw's headers and its tests instantiate in more than one file: every
