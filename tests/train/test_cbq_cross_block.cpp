@@ -8,6 +8,7 @@
 // steps), and the errors for bad options. Double throughout.
 #include <deltaw/autograd/gradcheck.hpp>
 #include <deltaw/train/cbq_cross_block.hpp>
+#include "../test_util.hpp"
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -61,19 +62,6 @@ inline Mat log_steps(const Mat& W, const Mat& theta, int bits) {
   Mat s(W.rows(), 1);
   for (index_t i = 0; i < W.rows(); ++i) s(i, 0) = (sym_step(W, i, bits) == 0 ? 1.0 : sym_step(W, i, bits)) * std::exp(theta(i, 0));
   return s;
-}
-template <class E, class F>
-void throws_with(F&& f, const std::string& frag) {
-  bool thrown = false;
-  try {
-    f();
-  } catch (const E& e) {
-    thrown = true;
-    const std::string msg = e.what();
-    INFO("message: " << msg << " expected: " << frag);
-    CHECK(std::string(e.what()).find(frag) != std::string::npos);
-  }
-  CHECK_MESSAGE(thrown, "expected exception not thrown: " << frag);
 }
 
 // A 3-block stack: 8 → 12 (GELU, bias), 12 → 12 (GELU, residual, bias), 12 → 6 (linear).
@@ -393,44 +381,44 @@ TEST_CASE("cbq cross-block: bad options and shapes give specific errors") {
   auto rec = [&](const tr::cbq_cross_block_options& o) {
     return [&d, &X, o] { tr::cbq_reconstruct_blocks<double>(d.blocks(), deltaw::view(X), o); };
   };
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.window = 0; })), "window must be ≥ 1; got 0");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.overlap = 2; })),
-                                      "overlap must lie in [0, window) = [0, 2); got 2");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.overlap = -1; })), "got -1");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.bits = 1; })), "bits must lie in [2, 16]; got 1");
-  ct::throws_with<deltaw::rank_error>(rec(with([](auto& o) { o.rank = 0; })), "rank must be ≥ 1; got 0");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.lr = 0; })), "lr must be finite and > 0");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.step.min_ratio = 0; })),
-                                      "step.min_ratio must lie in (0, 1]");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.step.min_ratio = 2; })), "step.min_ratio");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.step.lr_scale = 0; })),
-                                      "step.lr_scale must be finite and > 0");
-  ct::throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.beta_end = 0.5; })), "the betas ≥ 1");
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.window = 0; })), {"window must be ≥ 1; got 0"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.overlap = 2; })),
+                                      {"overlap must lie in [0, window) = [0, 2); got 2"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.overlap = -1; })), {"got -1"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.bits = 1; })), {"bits must lie in [2, 16]; got 1"});
+  dwt::check_throws_with<deltaw::rank_error>(rec(with([](auto& o) { o.rank = 0; })), {"rank must be ≥ 1; got 0"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.lr = 0; })), {"lr must be finite and > 0"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.step.min_ratio = 0; })),
+                                      {"step.min_ratio must lie in (0, 1]"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.step.min_ratio = 2; })), {"step.min_ratio"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.step.lr_scale = 0; })),
+                                      {"step.lr_scale must be finite and > 0"});
+  dwt::check_throws_with<deltaw::argument_error>(rec(with([](auto& o) { o.beta_end = 0.5; })), {"the betas ≥ 1"});
   const auto ok = with([](auto&) {});
   const Mat X7 = ct::uniform(6, 7, 471);
-  ct::throws_with<deltaw::shape_error>(
+  dwt::check_throws_with<deltaw::shape_error>(
       [&] { tr::cbq_reconstruct_blocks<double>(d.blocks(), deltaw::view(X7), ok); },
-      "cbq_reconstruct_blocks: X is [6, 7] but the first block takes 8 features");
-  ct::throws_with<deltaw::argument_error>(
+      {"cbq_reconstruct_blocks: X is [6, 7] but the first block takes 8 features"});
+  dwt::check_throws_with<deltaw::argument_error>(
       [&] { tr::cbq_reconstruct_blocks<double>(std::vector<tr::cbq_block<double>>{}, deltaw::view(X), ok); },
-      "there must be at least one block");
+      {"there must be at least one block"});
   {
     auto b = d.blocks();
     std::swap(b[1], b[2]);
     b[2].residual = false;
-    ct::throws_with<deltaw::shape_error>([&] { (void)tr::cbq_stack<double>(b, ok); },
-                                     "block 2 has W [12, 12] but block 1 outputs 6 features");
+    dwt::check_throws_with<deltaw::shape_error>([&] { (void)tr::cbq_stack<double>(b, ok); },
+                                     {"block 2 has W [12, 12] but block 1 outputs 6 features"});
   }
   {
     auto b = d.blocks();
     b[0].residual = true;
-    ct::throws_with<deltaw::shape_error>([&] { (void)tr::cbq_stack<double>(b, ok); },
-                                     "block 0 is residual but W is [12, 8]; a residual block needs out == in");
+    dwt::check_throws_with<deltaw::shape_error>([&] { (void)tr::cbq_stack<double>(b, ok); },
+                                     {"block 0 is residual but W is [12, 8]; a residual block needs out == in"});
   }
   {
     auto b = d.blocks();
     b[1].bias = Mat::Zero(1, 5);
-    ct::throws_with<deltaw::shape_error>([&] { (void)tr::cbq_stack<double>(b, ok); }, "block 1: the bias is [1, 5]; expected [1, 12]");
+    dwt::check_throws_with<deltaw::shape_error>([&] { (void)tr::cbq_stack<double>(b, ok); }, {"block 1: the bias is [1, 5]; expected [1, 12]"});
   }
   // the op and the stack's objective
   tr::cbq_stack<double> st(d.blocks(), ok);
@@ -439,18 +427,18 @@ TEST_CASE("cbq cross-block: bad options and shapes give specific errors") {
   ct::Par th_bad("th", Mat::Zero(12, 2)), th_big("th", Mat::Constant(12, 1, 1e4));
   auto x = t.frozen(X);
   auto a1 = t.param(st.A1(0)), a2 = t.param(st.A2(0));
-  ct::throws_with<deltaw::shape_error>([&] { tr::cbq_linear_lsq(x, a1, a2, t.param(th_bad), q); },
-                                   "cbq_linear_lsq: the step parameter θ is [12, 2]; expected [12, 1]");
-  ct::throws_with<deltaw::non_finite_error>([&] { tr::cbq_linear_lsq(x, a1, a2, t.param(th_big), q); },
-                                        "the step of channel 0 is inf");
-  ct::throws_with<deltaw::argument_error>([&] { st.window_objective(t, X, Mat::Zero(6, 12), 1, 0, 0.0); },
-                                      "blocks [1, 0] are not a range of the 3 blocks");
-  ct::throws_with<deltaw::argument_error>([&] { st.window_objective(t, X, Mat::Zero(6, 12), 0, 3, 0.0); },
-                                      "blocks [0, 3] are not a range of the 3 blocks");
-  ct::throws_with<deltaw::shape_error>([&] { st.window_objective(t, X, Mat::Zero(6, 6), 0, 1, 0.0); },
-                                   "x is [6, 8] and y is [6, 6]; expected [n ≥ 1, 8] and [n, 12]");
-  ct::throws_with<deltaw::argument_error>([&] { st.window_objective(t, X, Mat::Zero(6, 12), 0, 1, 0.5); },
-                                      "beta must be 0 (off) or ≥ 1; got 0.5");
-  ct::throws_with<deltaw::shape_error>([&] { (void)st.forward_hard(Mat::Zero(6, 12), 0, 1); },
-                                   "forward_hard: x is [6, 12] but block 0 takes 8 features");
+  dwt::check_throws_with<deltaw::shape_error>([&] { tr::cbq_linear_lsq(x, a1, a2, t.param(th_bad), q); },
+                                   {"cbq_linear_lsq: the step parameter θ is [12, 2]; expected [12, 1]"});
+  dwt::check_throws_with<deltaw::non_finite_error>([&] { tr::cbq_linear_lsq(x, a1, a2, t.param(th_big), q); },
+                                        {"the step of channel 0 is inf"});
+  dwt::check_throws_with<deltaw::argument_error>([&] { st.window_objective(t, X, Mat::Zero(6, 12), 1, 0, 0.0); },
+                                      {"blocks [1, 0] are not a range of the 3 blocks"});
+  dwt::check_throws_with<deltaw::argument_error>([&] { st.window_objective(t, X, Mat::Zero(6, 12), 0, 3, 0.0); },
+                                      {"blocks [0, 3] are not a range of the 3 blocks"});
+  dwt::check_throws_with<deltaw::shape_error>([&] { st.window_objective(t, X, Mat::Zero(6, 6), 0, 1, 0.0); },
+                                   {"x is [6, 8] and y is [6, 6]; expected [n ≥ 1, 8] and [n, 12]"});
+  dwt::check_throws_with<deltaw::argument_error>([&] { st.window_objective(t, X, Mat::Zero(6, 12), 0, 1, 0.5); },
+                                      {"beta must be 0 (off) or ≥ 1; got 0.5"});
+  dwt::check_throws_with<deltaw::shape_error>([&] { (void)st.forward_hard(Mat::Zero(6, 12), 0, 1); },
+                                   {"forward_hard: x is [6, 12] but block 0 takes 8 features"});
 }

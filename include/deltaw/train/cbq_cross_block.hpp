@@ -441,36 +441,25 @@ class cbq_stack {
 
   /// Blocks [first, last] in full precision (first = last + 1: x itself).
   dense<T> forward_full_precision(const dense<T>& x, index_t first, index_t last) const {
-    check_span(x, first, last, "forward_full_precision");
-    dense<T> h = x, ws;
-    for (index_t l = first; l <= last; ++l) {
-      dense<T> y = h * autograd::detail::map_view(block(l).weight, ws).transpose();
-      h = finish(h, y, block(l));
-    }
-    return h;
+    dense<T> ws;
+    return forward_span(x, first, last, "forward_full_precision", [&](const dense<T>& h, index_t l) {
+      return dense<T>(h * autograd::detail::map_view(block(l).weight, ws).transpose());
+    });
   }
   /// Blocks [first, last] with the hard-rounded weights of the current factors and steps.
   dense<T> forward_hard(const dense<T>& x, index_t first, index_t last) const {
-    check_span(x, first, last, "forward_hard");
-    dense<T> h = x;
-    for (index_t l = first; l <= last; ++l) {
-      dense<T> y = cbq_detail::hard_apply(quantizer(l), steps(l), o_.step.grad, &A1(l).value(), &A2(l).value(), h,
-                                          o_.row_block, false);
-      h = finish(h, y, block(l));
-    }
-    return h;
+    return forward_span(x, first, last, "forward_hard", [&](const dense<T>& h, index_t l) {
+      return cbq_detail::hard_apply(quantizer(l), steps(l), o_.step.grad, &A1(l).value(), &A2(l).value(), h,
+                                    o_.row_block, false);
+    });
   }
   /// Blocks [first, last] rounded to nearest at the initial steps s₀ (the baseline).
   dense<T> forward_rtn(const dense<T>& x, index_t first, index_t last) const {
-    check_span(x, first, last, "forward_rtn");
-    dense<T> h = x;
-    for (index_t l = first; l <= last; ++l) {
-      dense<T> y = cbq_detail::hard_apply(quantizer(l), quantizer(l).scales(), o_.step.grad,
-                                          static_cast<const dense<T>*>(nullptr), static_cast<const dense<T>*>(nullptr),
-                                          h, o_.row_block, true);
-      h = finish(h, y, block(l));
-    }
-    return h;
+    return forward_span(x, first, last, "forward_rtn", [&](const dense<T>& h, index_t l) {
+      return cbq_detail::hard_apply(quantizer(l), quantizer(l).scales(), o_.step.grad,
+                                    static_cast<const dense<T>*>(nullptr), static_cast<const dense<T>*>(nullptr), h,
+                                    o_.row_block, true);
+    });
   }
   /// The hard codes [out, in] of layer l (dense, by name): clamp(b(s) + [h ≥ ½]).
   cbq_codes codes_dense(index_t l) const {
@@ -511,6 +500,18 @@ class cbq_stack {
     if (b.act == cbq_activation::gelu) y = autograd::gelu(y);
     if (b.residual) y = autograd::add(x, y);
     return y;
+  }
+  /// Blocks [first, last] through `linear(h, l)` (the layer's product), then each block's bias,
+  /// activation and residual.
+  template <class Linear>
+  dense<T> forward_span(const dense<T>& x, index_t first, index_t last, const char* what, Linear&& linear) const {
+    check_span(x, first, last, what);
+    dense<T> h = x;
+    for (index_t l = first; l <= last; ++l) {
+      dense<T> y = linear(h, l);
+      h = finish(h, y, block(l));
+    }
+    return h;
   }
   static dense<T> finish(const dense<T>& x, dense<T>& y, const cbq_block<T>& b) {
     if (b.bias.size() != 0) y.rowwise() += b.bias.row(0);
