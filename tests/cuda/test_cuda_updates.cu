@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cuda_test_util.cuh"
+#include "cuda_update_check.cuh"
 #include "test_util.hpp"
 
 namespace dw = deltaw;
@@ -30,86 +31,10 @@ namespace {
 using dwcuda::dev_indices;
 using dwcuda::twin;
 using dwcuda::vtwin;
-
-template <class C>
-constexpr double upd_cpu_tol() {
-  return std::is_same_v<C, double> ? 1e-12 : 1e-6;
-}
-/// Against X·Dᵀ with D the CPU's materialised ΔW (a different order of the products).
-template <class C>
-constexpr double upd_ref_tol() {
-  return std::is_same_v<C, double> ? 1e-12 : 2e-5;
-}
-
-Eigen::VectorXd random_vec(index_t n, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  const MatD m = dwt::random(n, 1, seed);
-  return (lo + (hi - lo) * (m.col(0).array() + 1.0) / 2.0).matrix();
-}
-
-/// Every operation of one update on both backends. W: the update's own weight (DoRA, Bone
-/// bat) or null, in which case a fresh weight is used.
-template <class T, class UG, class UC>
-void check_update(dw::cuda::context& ctx, const UG& ug, const UC& uc, index_t tokens, bool cm, std::uint64_t seed,
-                  twin<T>* own_W = nullptr) {
-  static_assert(std::is_same_v<dw::device_of<UG>, dw::device::cuda>);
-  const index_t out = uc.rows(), in = uc.cols();
-  CAPTURE(out);
-  CAPTURE(in);
-  CAPTURE(tokens);
-  CAPTURE(cm);
-  const MatD D = dw::materialize(uc).template cast<double>();
-  twin<T> X(dwt::random(tokens, in, seed + 1), cm), G(dwt::random(tokens, out, seed + 2), !cm);
-
-  // ΔW alone (outputs NaN first: apply must not read them).
-  auto Yg = dwcuda::nan_output<T>(tokens, out, cm), Yc = dwcuda::nan_output<T>(tokens, out, cm);
-  dw::apply(ctx, ug, X.gpu(), Yg.gpu());
-  dw::apply(uc, X.cpu(), Yc.cpu());
-  CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= upd_cpu_tol<T>());
-  CHECK(dwt::rel_err(Yg.dev_d(), MatD(X.host_d() * D.transpose())) <= upd_ref_tol<T>());
-
-  // W + ΔW, output in the other layout.
-  twin<T> fresh(dwt::random(out, in, seed + 3), cm);
-  twin<T>& W = own_W ? *own_W : fresh;
-  const MatD W0 = W.host_d();
-  auto Sg = dwcuda::nan_output<T>(tokens, out, !cm), Sc = dwcuda::nan_output<T>(tokens, out, !cm);
-  dw::apply(ctx, W.gpu() + ug, X.gpu(), Sg.gpu());
-  dw::apply(W.cpu() + uc, X.cpu(), Sc.cpu());
-  CHECK(dwt::rel_err(Sg.dev_d(), Sc.host_d()) <= upd_cpu_tol<T>());
-  CHECK(dwt::rel_err(Sg.dev_d(), MatD(X.host_d() * (W0 + D).transpose())) <= upd_ref_tol<T>());
-
-  // O = G·ΔW.
-  auto Og = dwcuda::nan_output<T>(tokens, in, cm), Oc = dwcuda::nan_output<T>(tokens, in, cm);
-  dw::apply_transposed(ctx, ug, G.gpu(), Og.gpu());
-  dw::apply_transposed(uc, G.cpu(), Oc.cpu());
-  CHECK(dwt::rel_err(Og.dev_d(), Oc.host_d()) <= upd_cpu_tol<T>());
-  CHECK(dwt::rel_err(Og.dev_d(), MatD(G.host_d() * D)) <= upd_ref_tol<T>());
-
-  // materialize into a caller's view.
-  auto Mg = dwcuda::nan_output<T>(out, in, !cm);
-  dw::materialize(ctx, ug, Mg.gpu());
-  CHECK(dwt::rel_err(Mg.dev_d(), D) <= upd_cpu_tol<T>());
-
-  // ‖ΔW‖_F (panels on the device; closed forms or panels on the CPU).
-  const double fg = dw::frobenius_norm(ctx, ug), fc = dw::frobenius_norm(uc);
-  CHECK(std::abs(fg - fc) <= upd_cpu_tol<T>() * std::max(1.0, fc));
-  CHECK(std::abs(fg - D.norm()) <= upd_ref_tol<T>() * std::max(1.0, fc));
-
-  // merge, unmerge, merge_checked, unmerge: in place on both sides.
-  dw::merge(ctx, W.gpu(), ug);
-  dw::merge(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
-  CHECK(dwt::rel_err(W.dev_d(), MatD(W0 + D)) <= upd_ref_tol<T>());
-  dw::unmerge(ctx, W.gpu(), ug);
-  dw::unmerge(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
-  CHECK(dwt::rel_err(W.dev_d(), W0) <= upd_ref_tol<T>());
-  dw::merge_checked(ctx, W.gpu(), ug);
-  dw::merge_checked(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
-  dw::unmerge(ctx, W.gpu(), ug);
-  dw::unmerge(W.cpu(), uc);
-  CHECK(dwt::rel_err(W.dev_d(), W.host_d()) <= upd_cpu_tol<T>());
-}
+using dwcuda::check_update;
+using dwcuda::random_vec;
+using dwcuda::upd_cpu_tol;
+using dwcuda::upd_ref_tol;
 
 struct upd_shape {
   index_t out, in, r, tokens;

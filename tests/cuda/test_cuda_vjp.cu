@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cuda_test_util.cuh"
+#include "cuda_update_check.cuh"
 #include "test_util.hpp"
 
 namespace dw = deltaw;
@@ -31,69 +32,9 @@ using dw::index_t;
 using dwcuda::dev_indices;
 using dwcuda::twin;
 using dwcuda::vtwin;
+using dwcuda::check_vjp;
+using dwcuda::slot;
 using dwt::MatD;
-
-template <class C>
-constexpr double tol() {
-  return std::is_same_v<C, double> ? 1e-12 : 1e-6;
-}
-/// dX against dX₀ + dY·D (D the CPU's materialised ΔW: another order of the products).
-template <class C>
-constexpr double ref_tol() {
-  return std::is_same_v<C, double> ? 1e-11 : 2e-5;
-}
-
-struct slot {
-  index_t rows, cols;
-};
-
-/// backward of ug (CUDA) and uc (CPU) from the same X, dY and starting gradients: every
-/// slot and dX agree, and dX = dX₀ + dY·ΔW. mode 0: every slot and dX; mode 1: only the
-/// last slot (no dX); mode 2: only dX.
-template <class T, class UG, class UC>
-void check_vjp(dw::cuda::context& ctx, const UG& ug, const UC& uc, const std::vector<slot>& slots, index_t tokens,
-               bool cm, std::uint64_t seed) {
-  static_assert(std::is_same_v<dw::device_of<UG>, dw::device::cuda>);
-  using V = dw::cpu::vjp<UC>;
-  REQUIRE(int(slots.size()) == V::factor_count);
-  const index_t out = uc.rows(), in = uc.cols();
-  CAPTURE(out);
-  CAPTURE(in);
-  CAPTURE(tokens);
-  CAPTURE(cm);
-  const MatD D = dw::materialize(uc).template cast<double>();
-  twin<T> X(dwt::random(tokens, in, seed + 1), cm), dY(dwt::random(tokens, out, seed + 2), !cm);
-  const dw::kernels::cpu_context cpu;
-  for (int mode = 0; mode < 3; ++mode) {
-    CAPTURE(mode);
-    std::vector<std::unique_ptr<twin<T>>> gg, gc;
-    std::vector<dw::matrix_view<T, dw::device::cuda>> vg;
-    std::vector<dw::matrix_view<T>> vc;
-    for (std::size_t i = 0; i < slots.size(); ++i) {
-      const bool on = mode == 0 || (mode == 1 && i + 1 == slots.size());
-      const MatD g0 = dwt::random(slots[i].rows, slots[i].cols, seed + 10 + i);
-      gg.push_back(std::make_unique<twin<T>>(g0, (i % 2 == 0) == cm));
-      gc.push_back(std::make_unique<twin<T>>(g0, (i % 2 == 0) == cm));
-      vg.push_back(on ? gg.back()->gpu() : dw::matrix_view<T, dw::device::cuda>());
-      vc.push_back(on ? gc.back()->cpu() : dw::matrix_view<T>());
-    }
-    const bool want_x = mode != 1;
-    const MatD dX0 = dwt::random(tokens, in, seed + 5);
-    twin<T> dXg(dX0, cm), dXc(dX0, cm);
-    dw::cuda::backward<T>(ctx, ug, X.gpu(), dY.gpu(), std::span<const dw::matrix_view<T, dw::device::cuda>>(vg),
-                          want_x ? dXg.gpu() : dw::matrix_view<T, dw::device::cuda>());
-    V::template backward<T>(cpu, uc, X.cpu(), dY.cpu(), std::span<const dw::matrix_view<T>>(vc),
-                            want_x ? dXc.cpu() : dw::matrix_view<T>());
-    for (std::size_t i = 0; i < slots.size(); ++i) {
-      INFO("the gradient of " << V::factor_name(int(i)));
-      CHECK(dwt::rel_err(gg[i]->dev_d(), gc[i]->host_d()) <= tol<T>());
-    }
-    CHECK(dwt::rel_err(dXg.dev_d(), dXc.host_d()) <= tol<T>());
-    // dXg.host holds dX₀ as stored (the device copy is the one written).
-    if (want_x) CHECK(dwt::rel_err(dXg.dev_d(), MatD(dXg.host_d() + dY.host_d() * D)) <= ref_tol<T>());
-    else CHECK((dXg.dev_d().array() == dXg.host_d().array()).all());
-  }
-}
 
 /// Odd sizes, r = 1, tokens = 0 and 1, more tokens than r.
 struct shape {
