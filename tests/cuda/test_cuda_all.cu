@@ -9,3 +9,4 @@
 #include "test_cuda_updates.cu"
 #include "test_cuda_vjp.cu"
 #include "test_cuda_linalg.cu"
+#include "test_cuda_serve.cu"

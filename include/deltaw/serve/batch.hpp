@@ -239,10 +239,12 @@ void visit_update(const U& u, F&& f) {
   else f(u);
 }
 
-/// Shape and aliasing checks shared by the batch operations.
-template <class U, class TW, class C>
-void check_batch(const char* op, const matrix_view<const TW>& W, std::span<const U> adapters,
-                 std::span<const index_t> adapter_of_token, index_t x_rows, index_t x_cols, const matrix_view<C>& Y) {
+/// Shape and aliasing checks shared by the batch operations (also the CUDA ones:
+/// cuda/include/deltaw/cuda/serve.cuh).
+template <class U, class TW, class C, class D>
+void check_batch(const char* op, const matrix_view<const TW, D>& W, std::span<const U> adapters,
+                 std::span<const index_t> adapter_of_token, index_t x_rows, index_t x_cols,
+                 const matrix_view<C, D>& Y) {
   if (x_cols != W.cols())
     throw shape_error(std::string(op) + ": X is " + deltaw::detail::shape_str(x_rows, x_cols) + " but W is " +
                       deltaw::detail::shape_str(W.rows(), W.cols()) + "; X·Wᵀ needs X to have " +

@@ -1,0 +1,274 @@
+// SPDX-License-Identifier: MIT
+// Heterogeneous batches on CUDA (docs/serving.md): Y = X·Wᵀ + ΔY where row t of ΔY is
+// X(t, :)·ΔW_aᵀ for the adapter a = adapter_of_token[t] (none when serve::no_adapter), the
+// device counterpart of deltaw/serve/batch.hpp with the same grouping, strategies and
+// options. The adapter index of each token is host data (what a scheduler holds); the
+// grouping (a stable counting sort, serve::group_tokens) runs on the host and its result
+// reaches the device once per batch, copied into the context's scratch.
+//
+//   apply_lora_batch(ctx, W, adapters, adapter_of_token, X, Y[, options])
+//       LoRA/rsLoRA adapters (low_rank<T, device::cuda>) of any ranks and scales.
+//       segments (SGMV): per adapter in use, Z = X_g·Aᵀ and Y_g += s·Z·Bᵀ with cuBLAS; a
+//         group of consecutive rows is read and written in place, another is gathered
+//         into scratch and its result scatter-added (one thread per entry: each token
+//         belongs to one group, so no two threads write one entry).
+//       gather (BGMV): every token's rank-r_a intermediate in one map over Σ_t r_a(t)
+//         entries (z = s·A_a·x, a dot product of length in per entry), then one map over
+//         Y's entries adding B_a(o, :)·z_t: two launches per batch whatever the number of
+//         adapters, nothing padded to the largest rank.
+//   apply_grouped(ctx, W, updates, adapter_of_token, X, Y)
+//       Any CUDA update type (or a std::variant of several): the base product once, then
+//       per adapter in use its CUDA evaluator on its rows (gathered when not consecutive)
+//       into a group × out scratch, scatter-added.
+//
+// Scratch: the token order and offsets (index_t per token), then per group at most
+// group × (in + r + out) values (segments, apply_grouped) or Σ_t r_a(t) values plus one
+// adapter table (gather); never out × in. Everything is issued on ctx's stream.
+#pragma once
+
+#include <algorithm>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+#include <deltaw/serve/batch.hpp>
+
+#include "context.cuh"
+#include "elementwise.cuh"
+#include "evaluator.cuh"
+#include "for_each.cuh"
+#include "gemm.cuh"
+#include "low_rank.cuh"
+#include "vector_ops.cuh"
+
+DELTAW_NAMESPACE_BEGIN
+namespace cuda::serve {
+
+using ::deltaw::serve::batch_options;
+using ::deltaw::serve::choose_strategy;
+using ::deltaw::serve::group_tokens;
+using ::deltaw::serve::no_adapter;
+using ::deltaw::serve::strategy;
+using ::deltaw::serve::token_groups;
+
+namespace detail {
+
+/// Y(rows[i], j) += P(i, j): one thread per entry of P (the rows are distinct).
+template <class C>
+struct scatter_add_rows_fn {
+  matrix_view<const C, device::cuda> P;
+  matrix_view<C, device::cuda> Y;
+  const index_t* rows;
+  DELTAW_HOST_DEVICE void operator()(index_t k) const {
+    const index_t i = k / P.cols(), j = k % P.cols();
+    Y(rows[i], j) += P(i, j);
+  }
+};
+
+/// One adapter as the gather maps read it: its factors' views and its scale.
+template <class T>
+struct lora_entry {
+  matrix_view<const T, device::cuda> B, A;
+  double scale;
+};
+
+/// z[f] = s_a·Σ_j A_a(k, j)·X(t, j) for the f-th rank entry of the batch: token t =
+/// owner[f], a its adapter, k = f − zoff[t].
+template <class T, class TX, class C>
+struct gather_down_fn {
+  matrix_view<const TX, device::cuda> X;
+  const lora_entry<T>* adapters;
+  const index_t* adapter_of_token;
+  const index_t* owner;
+  const index_t* zoff;
+  C* z;
+  DELTAW_HOST_DEVICE void operator()(index_t f) const {
+    const index_t t = owner[f];
+    const lora_entry<T>& e = adapters[adapter_of_token[t]];
+    const index_t k = f - zoff[t];
+    C s(0);
+    for (index_t j = 0; j < X.cols(); ++j) s += convert<C>(e.A(k, j)) * convert<C>(X(t, j));
+    z[f] = C(e.scale) * s;
+  }
+};
+
+/// y(t, o) += Σ_k B_a(o, k)·z[zoff[t] + k] for the tokens with an adapter.
+template <class T, class C>
+struct gather_up_fn {
+  const lora_entry<T>* adapters;
+  const index_t* adapter_of_token;
+  const index_t* zoff;
+  const C* z;
+  DELTAW_HOST_DEVICE C operator()(index_t t, index_t o, C y) const {
+    const index_t a = adapter_of_token[t];
+    if (a < 0) return y;
+    const lora_entry<T>& e = adapters[a];
+    const C* zt = z + zoff[t];
+    C s(0);
+    for (index_t k = 0; k < e.B.cols(); ++k) s += convert<C>(e.B(o, k)) * zt[k];
+    return y + s;
+  }
+};
+
+template <class V>
+void check_view(const V& v, const char* what, const char* op) {
+  if (!v.is_row_major() && !v.is_col_major())
+    throw layout_error(std::string(op) + ": " + what + " " + ::deltaw::detail::shape_str(v.rows(), v.cols()) +
+                       " needs a unit stride in one dimension (row-major or column-major, padding allowed)");
+}
+
+/// Shapes (batch.hpp's checks: W, X, Y, the adapters, their own weights, Y against the
+/// adapters' memory), layouts, Y against X; returns the token groups.
+template <class TW, class TX, class C, class U>
+token_groups check_and_group(const char* op, const matrix_view<TW, device::cuda>& W, std::span<const U> updates,
+                             std::span<const index_t> adapter_of_token, const matrix_view<TX, device::cuda>& X,
+                             const matrix_view<C, device::cuda>& Y) {
+  const matrix_view<const std::remove_const_t<TW>, device::cuda> Wc(W);
+  ::deltaw::serve::detail::check_batch(op, Wc, updates, adapter_of_token, X.rows(), X.cols(), Y);
+  check_view(W, "W", op);
+  check_view(X, "X", op);
+  check_view(Y, "the output", op);
+  ::deltaw::detail::check_no_overlap(op, "the output Y", Y, "the input X", X);
+  ::deltaw::detail::check_no_overlap(op, "the output Y", Y, "the weight W", W);
+  return group_tokens(adapter_of_token, index_t(updates.size()), op);
+}
+
+}  // namespace detail
+
+/// Y = X·Wᵀ + ΔY on ctx's stream, ΔY's row t = X(t, :)·ΔW_aᵀ for a = adapter_of_token[t]
+/// (host memory; −1 for none), ΔW_a = s_a·B_a·A_a a CUDA LoRA of rank r_a. W [out, in] and X
+/// [tokens, in]: CUDA views of any storage type; Y [tokens, out]: a writable float or double
+/// CUDA view (the arithmetic type). Returns the strategy used (options.how, or the rule of
+/// batch_options::segments_min_tokens). Never forms out × in.
+template <class TW, class T, class TX, class C>
+strategy apply_lora_batch(context& ctx, const matrix_view<TW, device::cuda>& W,
+                          std::span<const low_rank<T, device::cuda>> adapters,
+                          std::span<const index_t> adapter_of_token, const matrix_view<TX, device::cuda>& X,
+                          const matrix_view<C, device::cuda>& Y, const batch_options& options = {}) {
+  static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>,
+                "deltaw::cuda::serve::apply_lora_batch: the output is float or double (16-bit types are storage)");
+  constexpr const char* op = "deltaw::cuda::serve::apply_lora_batch";
+  using L = low_rank<T, device::cuda>;
+  const token_groups g = detail::check_and_group<TW, TX, C, L>(op, W, adapters, adapter_of_token, X, Y);
+  const strategy how = choose_strategy(g, options);
+  if (Y.rows() == 0 || Y.cols() == 0) return how;
+  device_guard guard(ctx.device());
+  ctx.begin_operation();
+  const context& c = ctx;
+  const matrix_view<const TX, device::cuda> Xc(X);
+  gemm(c, Y, Xc, matrix_view<const TW, device::cuda>(W).transpose(), 1.0, 0.0, op);
+  if (g.order.empty() || X.cols() == 0) return how;
+  const index_t in = X.cols(), out = Y.cols();
+
+  if (how == strategy::gather) {
+    // Per token: the offset of its rank entries; per rank entry: its token.
+    std::vector<index_t> zoff(std::size_t(X.rows()) + 1, 0), owner, aot(adapter_of_token.begin(), adapter_of_token.end());
+    for (index_t t = 0; t < X.rows(); ++t) {
+      const index_t a = aot[std::size_t(t)];
+      const index_t r = a >= 0 ? adapters[std::size_t(a)].rank() : 0;
+      zoff[std::size_t(t) + 1] = zoff[std::size_t(t)] + r;
+      owner.insert(owner.end(), std::size_t(r), t);
+    }
+    std::vector<detail::lora_entry<T>> table;
+    table.reserve(adapters.size());
+    for (const L& l : adapters) table.push_back({l.B(), l.A(), l.scale()});
+    const auto* dt = ::deltaw::cuda::detail::upload_to_scratch(c, table.data(), table.size());
+    const auto* da = ::deltaw::cuda::detail::upload_to_scratch(c, aot.data(), aot.size());
+    const auto* dz = ::deltaw::cuda::detail::upload_to_scratch(c, zoff.data(), zoff.size());
+    const auto* dn = ::deltaw::cuda::detail::upload_to_scratch(c, owner.data(), owner.size());
+    C* z = c.allocate<C>(std::max<std::size_t>(1, owner.size()));
+    ::deltaw::cuda::detail::for_each_index(c, index_t(owner.size()),
+                                           detail::gather_down_fn<T, TX, C>{Xc, dt, da, dn, dz, z},
+                                           "deltaw::cuda::serve::apply_lora_batch (gather: z = s·A·x)");
+    transform(c, Y, detail::gather_up_fn<T, C>{dt, da, dz, z});
+    return how;
+  }
+
+  const auto* order = ::deltaw::cuda::detail::upload_to_scratch(c, g.order.data(), g.order.size());
+  for (const index_t a : g.used) {
+    const L& l = adapters[std::size_t(a)];
+    const index_t n = g.size(a), r = l.rank(), first = g.contiguous_start(a);
+    const auto mark = c.position();
+    const device_view<C> Z(c.allocate<C>(std::size_t(n * r)), n, r, 1, std::max<index_t>(1, n));
+    if (first >= 0) {  // consecutive rows: read and write in place
+      gemm(c, Z, Xc.middle_rows(first, n), l.A().transpose(), 1.0, 0.0, op);
+      gemm(c, Y.middle_rows(first, n), device_view<const C>(Z), l.B().transpose(), l.scale(), 1.0, op);
+    } else {
+      const index_t* rows = order + g.offsets[std::size_t(a)];
+      const device_view<C> Xg(c.allocate<C>(std::size_t(n * in)), n, in, in, 1);
+      gather_rows(c, Xc, vector_view<const index_t, device::cuda>(rows, n), Xg);
+      gemm(c, Z, device_view<const C>(Xg), l.A().transpose(), 1.0, 0.0, op);
+      const device_view<C> P(c.allocate<C>(std::size_t(n * out)), n, out, out, 1);
+      gemm(c, P, device_view<const C>(Z), l.B().transpose(), l.scale(), 0.0, op);
+      ::deltaw::cuda::detail::for_each_index(c, n * out, detail::scatter_add_rows_fn<C>{P, Y, rows},
+                                             "deltaw::cuda::serve::apply_lora_batch (scatter-add)");
+    }
+    c.release(mark);
+  }
+  return how;
+}
+
+/// The same with the adapters in a std::vector.
+template <class TW, class T, class TX, class C>
+strategy apply_lora_batch(context& ctx, const matrix_view<TW, device::cuda>& W,
+                          const std::vector<low_rank<T, device::cuda>>& adapters,
+                          std::span<const index_t> adapter_of_token, const matrix_view<TX, device::cuda>& X,
+                          const matrix_view<C, device::cuda>& Y, const batch_options& options = {}) {
+  return apply_lora_batch(ctx, W, std::span<const low_rank<T, device::cuda>>(adapters), adapter_of_token, X, Y,
+                          options);
+}
+
+/// Y = X·Wᵀ + ΔY for CUDA updates of any type U (or a std::variant of CUDA update types):
+/// the base product once, then per adapter in use its CUDA evaluator on its tokens' rows.
+/// Updates whose ΔW reads a base weight (DoRA, Bone bat) must have been built over W.
+template <class TW, class U, class TX, class C>
+void apply_grouped(context& ctx, const matrix_view<TW, device::cuda>& W, std::span<const U> updates,
+                   std::span<const index_t> adapter_of_token, const matrix_view<TX, device::cuda>& X,
+                   const matrix_view<C, device::cuda>& Y) {
+  static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>,
+                "deltaw::cuda::serve::apply_grouped: the output is float or double (16-bit types are storage)");
+  constexpr const char* op = "deltaw::cuda::serve::apply_grouped";
+  const token_groups g = detail::check_and_group<TW, TX, C, U>(op, W, updates, adapter_of_token, X, Y);
+  if (Y.rows() == 0 || Y.cols() == 0) return;
+  device_guard guard(ctx.device());
+  ctx.begin_operation();
+  const context& c = ctx;
+  const matrix_view<const TX, device::cuda> Xc(X);
+  gemm(c, Y, Xc, matrix_view<const TW, device::cuda>(W).transpose(), 1.0, 0.0, op);
+  if (g.order.empty()) return;
+  const index_t in = X.cols(), out = Y.cols();
+  const auto* order = ::deltaw::cuda::detail::upload_to_scratch(c, g.order.data(), g.order.size());
+  for (const index_t a : g.used) {
+    const index_t n = g.size(a), first = g.contiguous_start(a);
+    const index_t* rows = order + g.offsets[std::size_t(a)];
+    const auto mark = c.position();
+    const device_view<C> Xg(c.allocate<C>(std::size_t(n * in)), n, in, in, 1);
+    if (first >= 0) copy(c, Xc.middle_rows(first, n), Xg);
+    else gather_rows(c, Xc, vector_view<const index_t, device::cuda>(rows, n), Xg);
+    const device_view<C> P(c.allocate<C>(std::size_t(n * out)), n, out, out, 1);
+    ::deltaw::serve::detail::visit_update(updates[std::size_t(a)], [&](const auto& v) {
+      using V = std::remove_cvref_t<decltype(v)>;
+      static_assert(std::is_same_v<device_of<V>, device::cuda>,
+                    "deltaw::cuda::serve::apply_grouped: the updates must be CUDA updates (built over cuda::view)");
+      evaluator<V>::template apply<C, C>(ctx, v, device_view<const C>(Xg), P, 0.0);
+    });
+    if (first >= 0) axpy(c, C(1), device_view<const C>(P), Y.middle_rows(first, n));
+    else
+      ::deltaw::cuda::detail::for_each_index(c, n * out, detail::scatter_add_rows_fn<C>{P, Y, rows},
+                                             "deltaw::cuda::serve::apply_grouped (scatter-add)");
+    c.release(mark);
+  }
+}
+
+/// The same with the updates in a std::vector.
+template <class TW, class U, class TX, class C>
+void apply_grouped(context& ctx, const matrix_view<TW, device::cuda>& W, const std::vector<U>& updates,
+                   std::span<const index_t> adapter_of_token, const matrix_view<TX, device::cuda>& X,
+                   const matrix_view<C, device::cuda>& Y) {
+  apply_grouped(ctx, W, std::span<const U>(updates), adapter_of_token, X, Y);
+}
+
+}  // namespace cuda::serve
+DELTAW_NAMESPACE_END
