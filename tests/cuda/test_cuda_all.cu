@@ -10,3 +10,4 @@
 #include "test_cuda_vjp.cu"
 #include "test_cuda_linalg.cu"
 #include "test_cuda_serve.cu"
+#include "test_cuda_sums.cu"

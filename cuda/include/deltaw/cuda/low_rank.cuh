@@ -2,8 +2,11 @@
 // CUDA evaluator of LoRA/rsLoRA (ΔW = s·B·A): two cuBLAS products through a tokens × r
 // scratch, Z = X·Aᵀ then Y = β·Y + s·Z·Bᵀ, so the extra cost over the base GEMM is
 // 2·tokens·r·(in + out) flops and the dense ΔW is never formed. Merge is one product
-// W ← W ± s·B·A accumulated into W (β = 1).
+// W ← W ± s·B·A accumulated into W (β = 1); apply_transposed O = G·ΔW likewise through
+// G·B; materialize one product into the caller's view.
 #pragma once
+
+#include <algorithm>
 
 #include <deltaw/expr/low_rank.hpp>
 
@@ -29,6 +32,27 @@ struct evaluator<low_rank<T, device::cuda>> {
     gemm(ctx, Z, X, u.A().transpose(), 1.0, 0.0, "deltaw::apply (LoRA: Z = X·Aᵀ)");
     gemm(ctx, Y, device_view<const C>(Z), u.B().transpose(), u.scale(), beta, "deltaw::apply (LoRA: Y += s·Z·Bᵀ)");
     ctx.release(mk);  // stream order makes the scratch reusable by the next operation
+  }
+
+  /// O = β·O + s·(G·B)·A: the transposed product through a tokens × r scratch.
+  template <class C, class TG>
+  static void apply_transposed(context& ctx, const U& u, const device_view<const TG>& G, const device_view<C>& O,
+                               double beta) {
+    const index_t tokens = G.rows();
+    const index_t r = u.rank();
+    if (tokens == 0 || O.cols() == 0) return;
+    const auto mk = ctx.position();
+    C* z = ctx.allocate<C>(std::size_t(tokens * r));
+    const device_view<C> Z(z, tokens, r, 1, std::max<index_t>(1, tokens));
+    gemm(ctx, Z, G, u.B(), 1.0, 0.0, "deltaw::apply_transposed (LoRA: Z = G·B)");
+    gemm(ctx, O, device_view<const C>(Z), u.A(), u.scale(), beta, "deltaw::apply_transposed (LoRA: O += s·Z·A)");
+    ctx.release(mk);
+  }
+
+  /// M = s·B·A into the caller's out × in view (one product, β = 0).
+  template <class C>
+  static void materialize(context& ctx, const U& u, const device_view<C>& M) {
+    gemm(ctx, M, u.B(), u.A(), u.scale(), 0.0, "deltaw::materialize (LoRA)");
   }
 
   template <class TW>

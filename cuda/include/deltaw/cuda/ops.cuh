@@ -162,6 +162,43 @@ void apply_transposed(const U& u, const GV& G, const OV& O) {
   apply_transposed(cuda::default_context(), u, G, O);
 }
 
+/// O = G·(W + ΔW₁ + … + ΔW_n) for a lazy sum on CUDA, on ctx's stream: the base product G·W,
+/// then each update's transposed apply added (the input gradient of apply through the sum).
+/// G: [tokens, out] CUDA view of any storage type; O: [tokens, in] writable float or double.
+template <class TW, class... Us, class GV, class OV>
+void apply_transposed(cuda::context& ctx, const sum<TW, device::cuda, Us...>& e, const GV& G, const OV& O) {
+  constexpr const char* op = "deltaw::apply_transposed";
+  static_assert(cuda::detail::is_cuda_view_v<GV> && cuda::detail::is_cuda_view_v<OV>,
+                "deltaw::apply_transposed: the sum lives on CUDA, so G and O must be CUDA views "
+                "(deltaw::cuda::view(ptr, rows, cols))");
+  using TG = std::remove_const_t<typename GV::element_type>;
+  using C = typename OV::element_type;
+  static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>,
+                "deltaw::apply_transposed: the output is a writable float or double view");
+  if (G.cols() != e.rows())
+    throw shape_error(std::string(op) + ": G is " + detail::shape_str(G.rows(), G.cols()) + " but W is " +
+                      detail::shape_str(e.rows(), e.cols()) + "; G·W needs G to have " + std::to_string(e.rows()) +
+                      " columns");
+  if (O.rows() != G.rows() || O.cols() != e.cols())
+    throw shape_error(std::string(op) + ": the output is " + detail::shape_str(O.rows(), O.cols()) + " but G·W is " +
+                      detail::shape_str(G.rows(), e.cols()));
+  cuda::detail::check_unit_stride(e.base(), "W", op);
+  ::deltaw::detail::check_no_overlap(op, "the output O", O, "the upstream gradient G", G);
+  ::deltaw::detail::check_no_overlap(op, "the output O", O, "the weight W", e.base());
+  if (O.rows() == 0 || O.cols() == 0) return;
+  cuda::device_guard g(ctx.device());
+  ctx.begin_operation();
+  const matrix_view<const TG, device::cuda> Gc(G);
+  cuda::gemm(ctx, O, Gc, e.base(), 1.0, 0.0, op);
+  std::apply([&](const auto&... u) {
+    (cuda::evaluator<std::remove_cvref_t<decltype(u)>>::template apply_transposed<C, TG>(ctx, u, Gc, O, 1.0), ...);
+  }, e.deltas());
+}
+template <class TW, class... Us, class GV, class OV>
+void apply_transposed(const sum<TW, device::cuda, Us...>& e, const GV& G, const OV& O) {
+  apply_transposed(cuda::default_context(), e, G, O);
+}
+
 /// M = ΔW, dense, into the caller's writable float or double CUDA view [out, in] (any
 /// layout), on ctx's stream. Only M is out × in: no scratch of that size is taken.
 template <update U, class MV>

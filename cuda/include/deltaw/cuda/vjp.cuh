@@ -208,5 +208,42 @@ void backward(const U& u, const matrix_view<TX, device::cuda>& X, const matrix_v
   backward<C>(default_context(), u, X, dY, grads, dX, std::forward<Extra>(extra)...);
 }
 
+/// The VJP through a lazy sum W + ΔW₁ + … + ΔW_n on CUDA (W frozen): `grads` holds every
+/// update's slots in order (update 1's cpu::vjp slots, then update 2's, …; absent slots
+/// are skipped) and dX += dY·W + Σ_k dY·ΔW_k (skipped when absent). Updates over their
+/// own weight (DoRA, Bone bat) count ΔW as W' − W, so the sum is still W'.
+template <class C, class TW, class... Us, class TX, class TG>
+void backward(context& ctx, const sum<TW, device::cuda, Us...>& e, const matrix_view<TX, device::cuda>& X,
+              const matrix_view<TG, device::cuda>& dY, std::span<const matrix_view<C, device::cuda>> grads,
+              const matrix_view<C, device::cuda>& dX) {
+  constexpr const char* op = "deltaw::cuda::backward";
+  constexpr int slots = (0 + ... + cpu::vjp<Us>::factor_count);
+  if (int(grads.size()) != slots)
+    throw argument_error(std::string(op) + ": a sum of " + std::to_string(sizeof...(Us)) + " updates has " +
+                         std::to_string(slots) + " gradient slots (each update's factors in order); got " +
+                         std::to_string(grads.size()));
+  if (cpu::present(dX) && views_overlap(dX, e.base()))
+    ::deltaw::detail::throw_overlap(op, "the input gradient dX", "", "the weight W", "");
+  std::size_t first = 0;
+  std::apply([&](const auto&... u) {
+    ((backward<C>(ctx, u, X, dY, grads.subspan(first, std::size_t(cpu::vjp<std::remove_cvref_t<decltype(u)>>::factor_count)),
+                  dX),
+      first += std::size_t(cpu::vjp<std::remove_cvref_t<decltype(u)>>::factor_count)),
+     ...);
+  }, e.deltas());
+  if (!cpu::present(dX) || dX.rows() == 0 || dX.cols() == 0) return;
+  detail::check_unit_stride(e.base(), "W", op);
+  device_guard guard(ctx.device());
+  ctx.begin_operation();
+  gemm(ctx, dX, matrix_view<const std::remove_const_t<TG>, device::cuda>(dY), e.base(), 1.0, 1.0,
+       "deltaw::cuda::backward (dX += dY·W)");
+}
+template <class C, class TW, class... Us, class TX, class TG>
+void backward(const sum<TW, device::cuda, Us...>& e, const matrix_view<TX, device::cuda>& X,
+              const matrix_view<TG, device::cuda>& dY, std::span<const matrix_view<C, device::cuda>> grads,
+              const matrix_view<C, device::cuda>& dX) {
+  backward<C>(default_context(), e, X, dY, grads, dX);
+}
+
 }  // namespace cuda
 DELTAW_NAMESPACE_END
