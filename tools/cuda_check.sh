@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Configures, builds and runs deltaw's CUDA tests (every update type on the device, the cuSOLVER
 # linear algebra of linalg.cuh, spectral.cuh and init.cuh, and the
-# NCCL communicator where MPI and NCCL exist; with --bench, the CUDA LoRA benchmark) in
+# NCCL communicator where MPI and NCCL exist; with --bench, the CUDA benchmarks: LoRA, the
+# structured types and heterogeneous batches against the base GEMM) in
 # build/cuda-check. Meant for a machine with a GPU; without one the
 # CUDA test reports "Skipped" and the benchmark says why it measured nothing.
 #
@@ -39,7 +40,7 @@ nvcc --version | tail -2
 cmake "${args[@]}"
 
 targets=(test_cuda_lora)
-[[ ${bench} == 1 ]] && targets+=(bench_cuda_lora)
+[[ ${bench} == 1 ]] && targets+=(bench_cuda_lora bench_cuda_updates)
 # The NCCL communicator's test (one rank on this GPU), where MPI and NCCL were found.
 if cmake --build "${build}" --target help | grep -q "test_dist_nccl_cuda"; then
   targets+=(test_dist_nccl_cuda)
@@ -53,8 +54,10 @@ ctest --test-dir "${build}" -L cuda --output-on-failure
 "${build}/tests/cuda/test_cuda_lora" || { rc=$?; [[ ${rc} == 77 ]] || exit ${rc}; }
 
 if [[ ${bench} == 1 ]]; then
-  rc=0
-  "${build}/bench/bench_cuda_lora" --benchmark_counters_tabular=true \
-    --benchmark_out="${build}/bench_cuda_lora.json" --benchmark_out_format=json || rc=$?
-  if [[ ${rc} == 0 ]]; then echo "JSON: ${build}/bench_cuda_lora.json"; elif [[ ${rc} != 77 ]]; then exit ${rc}; fi
+  for b in bench_cuda_lora bench_cuda_updates; do
+    rc=0
+    "${build}/bench/${b}" --benchmark_counters_tabular=true \
+      --benchmark_out="${build}/${b}.json" --benchmark_out_format=json || rc=$?
+    if [[ ${rc} == 0 ]]; then echo "JSON: ${build}/${b}.json"; elif [[ ${rc} != 77 ]]; then exit ${rc}; fi
+  done
 fi
