@@ -136,7 +136,7 @@ void bm_serve(benchmark::State& st) {
     As.push_back(random_buffer(std::size_t(r * n), unsigned(11 + 2 * a)));
     adapters.push_back(dw::lora(Bs.back().view(n, r), As.back().view(r, n), dw::alpha(double(r))));
   }
-  std::vector<index_t> aot(std::size_t(tokens));
+  std::vector<index_t> aot(static_cast<std::size_t>(tokens));
   for (index_t t = 0; t < tokens; ++t) aot[std::size_t(t)] = (t / per) % 64;  // request i → adapter i mod 64
   dw::serve::batch_options o;
   const int s = int(st.range(2));
