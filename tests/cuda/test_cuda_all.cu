@@ -11,3 +11,4 @@
 #include "test_cuda_linalg.cu"
 #include "test_cuda_serve.cu"
 #include "test_cuda_sums.cu"
+#include "test_cuda_pool.cu"

@@ -50,11 +50,14 @@ inline const char* strategy_name(strategy s) {
 /// A LoRA update ΔW = s·Σ_i B_i·A_i held as rank slices (B_i [out, r_i], A_i [r_i, in]):
 /// how the adapter pool (pool.hpp) hands out an adapter whose rank vectors live in
 /// several pages. Equal to one low_rank of rank Σ r_i with B = [B_1 … B_n], A = [A_1; …].
-template <class T>
+/// D: the device of the slices (device::cuda for the CUDA pool's mirror, cuda/serve.cuh).
+template <class T, class D = device::cpu>
 class sliced_lora {
  public:
+  using value_type = T;
+  using device_type = D;
   sliced_lora() = default;
-  explicit sliced_lora(std::vector<low_rank<T>> parts) : parts_(std::move(parts)) {
+  explicit sliced_lora(std::vector<low_rank<T, D>> parts) : parts_(std::move(parts)) {
     if (parts_.empty()) throw argument_error("deltaw::serve::sliced_lora: no slices (a LoRA has rank ≥ 1)");
     for (const auto& p : parts_) {
       if (p.rows() != parts_[0].rows() || p.cols() != parts_[0].cols())
@@ -70,14 +73,14 @@ class sliced_lora {
   index_t cols() const { return parts_.empty() ? 0 : parts_[0].cols(); }
   index_t rank() const { return rank_; }
   double scale() const { return parts_.empty() ? 0.0 : parts_[0].scale(); }
-  const std::vector<low_rank<T>>& parts() const { return parts_; }
+  const std::vector<low_rank<T, D>>& parts() const { return parts_; }
   template <class F>
   void for_each_operand(F&& f) const {
     for (const auto& p : parts_) p.for_each_operand(f);
   }
 
  private:
-  std::vector<low_rank<T>> parts_;
+  std::vector<low_rank<T, D>> parts_;
   index_t rank_ = 0;
 };
 

@@ -29,6 +29,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -36,6 +37,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -111,6 +113,7 @@ struct pool_entry {
   state st = state::unloaded;
   std::vector<index_t> pages;
   std::map<std::string, sliced_lora<float>, std::less<>> modules;
+  std::uint64_t load_id = 0;  // which load filled `pages` (ids grow; 0: never loaded)
   index_t pins = 0;
   bool in_lru = false;
   std::list<pool_entry*>::iterator lru;
@@ -155,6 +158,11 @@ class pinned_adapter {
     for (const auto& [n, _] : e_->modules) out.push_back(n);
     return out;
   }
+  /// The arena pages the adapter occupies (indices; see adapter_pool::arena()) and the id of
+  /// the load that filled them: a page's contents change only when a later load (a larger
+  /// id) reuses it, never while it is pinned. What a mirror (the CUDA pool) copies.
+  std::span<const index_t> pages() const { return e_->pages; }
+  std::uint64_t load_id() const { return e_->load_id; }
   /// Unpins now (the handle becomes empty).
   inline void release();
 
@@ -359,6 +367,7 @@ class adapter_pool {
     mods.clear();  // drops the file mappings
     lk.lock();
     e->modules = std::move(built);
+    e->load_id = ++loads_;
     e->st = detail::pool_entry::state::resident;
     pin(e);
     cv_.notify_all();
@@ -366,6 +375,13 @@ class adapter_pool {
   }
 
   // ── inspection ────────────────────────────────────────────────────────────────────────
+
+  /// The arena: page p holds page_bytes() bytes from arena() + p·page_bytes()/4 (floats),
+  /// page_count() pages. A pinned adapter's pages (pinned_adapter::pages()) may be read
+  /// without the pool's lock while the pin lasts.
+  const float* arena() const { return arena_.get(); }
+  std::size_t page_bytes() const { return page_floats_ * sizeof(float); }
+  std::size_t page_count() const { return pages_total_; }
 
   pool_stats stats() const {
     std::lock_guard lk(m_);
@@ -517,6 +533,7 @@ class adapter_pool {
   std::unordered_map<std::string, std::unique_ptr<detail::pool_entry>> entries_;
   std::vector<index_t> free_;
   std::list<detail::pool_entry*> lru_;  // unpinned resident adapters, most recent first
+  std::uint64_t loads_ = 0;
   std::size_t hits_ = 0, misses_ = 0, evictions_ = 0, failures_ = 0;
   std::size_t pin_waits_ = 0, timeouts_ = 0, waiting_ = 0;
 };
