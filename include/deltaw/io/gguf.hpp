@@ -910,21 +910,21 @@ void write_gguf_lora(const std::filesystem::path& path, const std::string& archi
 /// GGUF base tensor name for a Hugging Face Llama-family module (the names llama.cpp's
 /// converter uses), e.g. "model.layers.3.self_attn.q_proj" → "blk.3.attn_q.weight".
 /// Returns nullopt for modules outside the table.
-inline std::optional<std::string> llama_gguf_tensor_name(std::string_view module) {
-  if (module.ends_with(".weight")) module.remove_suffix(7);
+inline std::optional<std::string> llama_gguf_tensor_name(std::string_view name) {
+  if (name.ends_with(".weight")) name.remove_suffix(7);
   static const std::pair<std::string_view, std::string_view> table[] = {
       {"self_attn.q_proj", "attn_q"},  {"self_attn.k_proj", "attn_k"}, {"self_attn.v_proj", "attn_v"},
       {"self_attn.o_proj", "attn_output"}, {"mlp.gate_proj", "ffn_gate"}, {"mlp.up_proj", "ffn_up"},
       {"mlp.down_proj", "ffn_down"}};
   constexpr std::string_view pre = "model.layers.";
-  if (module == "lm_head") return "output.weight";
-  if (!module.starts_with(pre)) return std::nullopt;
-  module.remove_prefix(pre.size());
-  const auto dot = module.find('.');
+  if (name == "lm_head") return "output.weight";
+  if (!name.starts_with(pre)) return std::nullopt;
+  name.remove_prefix(pre.size());
+  const auto dot = name.find('.');
   if (dot == std::string_view::npos || dot == 0) return std::nullopt;
-  const auto layer = module.substr(0, dot);
+  const auto layer = name.substr(0, dot);
   if (layer.find_first_not_of("0123456789") != std::string_view::npos) return std::nullopt;
-  const auto rest = module.substr(dot + 1);
+  const auto rest = name.substr(dot + 1);
   for (const auto& [hf, gg] : table)
     if (rest == hf) return "blk." + std::string(layer) + "." + std::string(gg) + ".weight";
   return std::nullopt;
