@@ -12,3 +12,6 @@
 #include "test_cuda_serve.cu"
 #include "test_cuda_sums.cu"
 #include "test_cuda_pool.cu"
+#include "test_cuda_lowrank.cu"
+#include "test_cuda_spectral.cu"
+#include "test_cuda_structured.cu"

@@ -15,6 +15,7 @@
 #include <deltaw/serve/pool.hpp>
 
 #include <atomic>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -120,15 +121,19 @@ TEST_CASE("cuda pool: mirrored adapters serve like the host pool's; hits copy no
 
 TEST_CASE("cuda pool: concurrent acquires and batches from four threads give the serial results") {
   using namespace cuda_pool_test;
-  sv::adapter_pool host({.budget_bytes = 10 * 256, .page_bytes = 256});
+  // 14 pages: four threads pin at most 4 × 3 while the six adapters need 15, so adapters
+  // are still evicted and their pages reused while others are in flight.
+  sv::adapter_pool host({.budget_bytes = 14 * 256, .page_bytes = 256});
   for (int i = 0; i < 6; ++i) host.register_loader(name_of(i), loader(rank_of(i), 100 + 10 * std::uint64_t(i)));
   dw::cuda::serve::device_pool dp(host);
   std::atomic<int> bad{0};
+  std::mutex first_error_mutex;
+  std::string first_error;
   std::vector<std::thread> threads;
   for (int th = 0; th < 4; ++th)
     threads.emplace_back([&, th] {
       dw::cuda::context ctx;
-      for (int it = 0; it < 20; ++it) {
+      for (int it = 0; it < 20; ++it) try {
         const int i = (th * 7 + it * 3) % 6;
         auto a = dp.acquire(name_of(i));
         const auto& l = a.at("layer");
@@ -139,10 +144,16 @@ TEST_CASE("cuda pool: concurrent acquires and batches from four threads give the
         dw::cuda::serve::apply_lora_batch(ctx, W.gpu(), one, aot, X.gpu(), Y.gpu());
         const MatD ref = X.host_d() * (W.host_d() + delta_of(rank_of(i), 100 + 10 * std::uint64_t(i))).transpose();
         if (!(dwt::rel_err(Y.dev_d(), ref) <= 2e-5)) ++bad;
+      } catch (const std::exception& e) {
+        ++bad;
+        const std::lock_guard lk(first_error_mutex);
+        if (first_error.empty()) first_error = e.what();
       }
     });
   for (auto& t : threads) t.join();
+  INFO("first error: " << first_error);
   CHECK(bad.load() == 0);
   CHECK(dp.stats().acquires == 80);
+  CHECK(host.stats().evictions > 0);
 }
 #endif

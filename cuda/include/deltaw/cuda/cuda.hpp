@@ -18,3 +18,6 @@
 #include "ops.cuh"
 #include "vector_ops.cuh"
 #include "updates.cuh"
+#include "updates_lowrank.cuh"
+#include "updates_spectral.cuh"
+#include "updates_structured.cuh"

@@ -11,7 +11,9 @@
 //
 // Types: LoRA/rsLoRA, B·R·A (core_lora, lora_xs, lora_sb, lamda), Block-LoRA, MiSS (+ mini),
 // Bone bat, LoLDU (z, σ), DoRA (B, A, m), NOLA, VeRA, RandLoRA, Kronecker (kron, lokr,
-// diffusekrona; dense and low-rank factors). The factor order and the slot shapes are
+// diffusekrona; dense and low-rank factors), and the types of updates_lowrank.cuh,
+// updates_structured.cuh and updates_spectral.cuh (their cpu::vjp, written once or
+// specialised for device::cuda there); lazy sums W + Δ₁ + … (below). The factor order and the slot shapes are
 // cpu::vjp<U>'s (factor_name(i)). Nothing out × in is allocated.
 //
 // Also the primitives those passes need beyond the evaluators' (the CPU side is

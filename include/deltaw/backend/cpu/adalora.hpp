@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 
 #include "../../expr/adalora.hpp"
 #include "evaluator.hpp"
@@ -54,6 +55,7 @@ struct evaluator<adalora_update<T, D>> : additive_rows<evaluator<adalora_update<
   }
   /// |s|·√tr((Bᵀ·B)·diag(E)·(A·Aᵀ)·diag(E)).
   template <class C>
+    requires std::same_as<D, device::cpu>  // CUDA forms ΔW by panels (add_delta_rows)
   static double frobenius_norm(const U& u) {
     const kernels::cpu_context ctx;
     const index_t r = u.rank();

@@ -3,7 +3,7 @@
 // V = dY·B (tokens × r):
 //   dB = s·dYᵀ·(Z·diag(E)),   dE_i = s·Σ_t V(t, i)·Z(t, i),   dA = s·(V·diag(E))ᵀ·X,
 //   dX (update part) = s·(V·diag(E))·A.
-// The gradient of E is [r, 1] (PEFT's lora_E) or [1, r].
+// The gradient of E is [r, 1] (PEFT's lora_E) or [1, r]. Any device: the primitives only.
 #pragma once
 
 #include <string>
@@ -48,13 +48,10 @@ struct vjp<adalora_update<T, D>> {
     auto V = kernels::make_scratch<C>(ctx, T_, r);
     gemm<C>(ctx, C(1), X, none, A.view(), trans, C(0), Z.view());
     gemm<C>(ctx, C(1), dY, none, B.view(), none, C(0), V.view());
-    if (present(gE)) {
-      for (index_t i = 0; i < r; ++i) {
-        C acc = C(0);
-        for (index_t t = 0; t < T_; ++t) acc += V.cview()(t, i) * Z.cview()(t, i);
-        if (gE.cols() == 1) gE(i, 0) += s * acc;
-        else gE(0, i) += s * acc;
-      }
+    if (present(gE)) {  // dE += s·(column sums of V ⊙ Z), formed on ctx's device
+      auto acc = kernels::make_scratch<C>(ctx, gE.rows(), gE.cols());
+      dot_rows(ctx, V.cview().transpose(), Z.cview().transpose(), vector_view<C, D>(acc.view().data(), r));
+      axpy<C>(ctx, s, acc.cview(), gE);
     }
     if (present(grads[0])) {
       scale_cols(ctx, Z.view(), ev);

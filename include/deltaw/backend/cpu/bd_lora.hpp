@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 
 #include "../../expr/bd_lora.hpp"
 #include "evaluator.hpp"
@@ -98,6 +99,7 @@ struct evaluator<bd_lora_update<T, D>> : additive_rows<evaluator<bd_lora_update<
   /// ‖s·BD(B)·BD(A)‖_F = |s|·√tr((BᵀB)(AAᵀ)) from the two r × r Gram matrices of the
   /// full factors (block-diagonal Grams for a block-diagonal factor), in double.
   template <class C>
+    requires std::same_as<D, device::cpu>  // CUDA forms ΔW by panels (add_delta_rows)
   static double frobenius_norm(const U& u) {
     using enum kernels::op;
     const kernels::cpu_context ctx;

@@ -8,6 +8,8 @@
 //   ∂B[:, i] −= ∂c_i·c_i·B[:, i]/‖B^i‖²
 //   dX += ((dHc·diag(c))·A)·diag(w)
 // Scratch tokens × in and tokens × r; no out × in matrix.
+// Templated on the device: ∂c [r] is formed where the factors live (dot_rows) and read on
+// the host; the norm terms are a column (row) scaling of a copy of B (A) and one axpy.
 #pragma once
 
 #include <string>
@@ -19,16 +21,15 @@
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
-template <class T>
-struct vjp<delora_update<T, device::cpu>> {
-  using D = device::cpu;
+template <class T, class D>
+struct vjp<delora_update<T, D>> {
   using U = delora_update<T, D>;
   static constexpr int factor_count = 3;
   static const char* factor_name(int i) { return i == 0 ? "B" : i == 1 ? "A" : "lambda"; }
 
   template <class C, class Ctx>
-  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
-                       std::span<const mview<C>> grads, const mview<C>& dX) {
+  static void backward(const Ctx& ctx, const U& u, const cview<C, D>& X, const cview<C, D>& dY,
+                       std::span<const mview<C, D>> grads, const mview<C, D>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<delora>::backward";
     detail::check_grad_slots(grads, factor_count, op);
     detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
@@ -39,8 +40,8 @@ struct vjp<delora_update<T, device::cpu>> {
                         deltaw::detail::shape_str(grads[2].rows(), grads[2].cols()) + "; expected [1, 1]");
     using enum kernels::op;
     const index_t r = u.rank(), T_ = X.rows();
-    const auto k = delora_detail::coeffs(u);
-    const kernels::operand<C> A(ctx, u.A()), B(ctx, u.B());
+    const auto k = delora_detail::coeffs(ctx, u);
+    const kernels::operand<C, D> A(ctx, u.A()), B(ctx, u.B());
     const auto c = delora_detail::row_scratch<C>(ctx, k.c);
     const auto w = kernels::vector_scratch<C>(ctx, u.w_norm());
     auto dHc = kernels::make_scratch<C>(ctx, T_, r);
@@ -60,36 +61,45 @@ struct vjp<delora_update<T, device::cpu>> {
     scale_cols(ctx, Xw.view(), kernels::as_vector(w));
     auto H = kernels::make_scratch<C>(ctx, T_, r);
     gemm<C>(ctx, C(1), Xw.cview(), none, A.view(), trans, C(0), H.view());
-    std::vector<double> dc(static_cast<std::size_t>(r), 0.0);
-    for (index_t i = 0; i < r; ++i)
-      for (index_t t = 0; t < T_; ++t) dc[std::size_t(i)] += double(dHc.cview()(t, i)) * double(H.cview()(t, i));
+    // dc_i = Σ_t dHc[t, i]·H[t, i] in double, on the device (r values read back).
+    auto dcs = kernels::make_scratch<double>(ctx, 1, r);
+    dot_rows(ctx, dHc.cview().transpose(), H.cview().transpose(), vector_view<double, D>(dcs.data(), r));
+    const std::vector<double> dc = to_host_vector<double>(ctx, vector_view<const double, D>(dcs.data(), r));
+    // Through the norms (where not clamped): ∂B[:, i] −= ∂c_i·c_i·B[:, i]/‖B^i‖² (likewise A's
+    // rows), as one column (row) scaling of a copy of the factor and one axpy.
+    const auto through_norm = [&](const std::vector<double>& norms) {
+      std::vector<double> f(static_cast<std::size_t>(r), 0.0);
+      for (index_t i = 0; i < r; ++i) {
+        const double n = norms[std::size_t(i)];
+        if (n > delora_norm_floor) f[std::size_t(i)] = double(C(-dc[std::size_t(i)] * k.c[std::size_t(i)] / (n * n)));
+      }
+      return delora_detail::row_scratch<C>(ctx, f);
+    };
     if (present(grads[0])) {
       auto Hc = kernels::make_scratch<C>(ctx, T_, r);
       copy(ctx, H.cview(), Hc.view());
       scale_cols(ctx, Hc.view(), kernels::as_vector(c));
       gemm<C>(ctx, C(1), dY, trans, Hc.cview(), none, C(1), grads[0]);
-      for (index_t i = 0; i < r; ++i) {
-        const double n = k.bn[std::size_t(i)];
-        if (!(n > delora_norm_floor)) continue;  // clamped: no gradient through the norm
-        const C f = C(-dc[std::size_t(i)] * k.c[std::size_t(i)] / (n * n));
-        for (index_t o = 0; o < u.rows(); ++o) grads[0](o, i) += f * B.view()(o, i);
-      }
+      const auto f = through_norm(k.bn);
+      auto Bf = kernels::make_scratch<C>(ctx, u.rows(), r);
+      copy(ctx, B.view(), Bf.view());
+      scale_cols(ctx, Bf.view(), kernels::as_vector(f));
+      axpy<C>(ctx, C(1), Bf.cview(), grads[0]);
     }
     if (present(grads[1])) {
       gemm<C>(ctx, C(1), dH.cview(), trans, Xw.cview(), none, C(1), grads[1]);
-      for (index_t i = 0; i < r; ++i) {
-        const double n = k.an[std::size_t(i)];
-        if (!(n > delora_norm_floor)) continue;
-        const C f = C(-dc[std::size_t(i)] * k.c[std::size_t(i)] / (n * n));
-        for (index_t j = 0; j < u.cols(); ++j) grads[1](i, j) += f * A.view()(i, j);
-      }
+      const auto f = through_norm(k.an);
+      auto Af = kernels::make_scratch<C>(ctx, r, u.cols());
+      copy(ctx, A.view(), Af.view());
+      scale_rows(ctx, Af.view(), kernels::as_vector(f));
+      axpy<C>(ctx, C(1), Af.cview(), grads[1]);
     }
     if (present(grads[2])) {
       double dl = 0;
       for (index_t i = 0; i < r; ++i)
         dl += dc[std::size_t(i)] / (double(r) * std::max(k.an[std::size_t(i)], delora_norm_floor) *
                                     std::max(k.bn[std::size_t(i)], delora_norm_floor));
-      grads[2](0, 0) += C(dl);
+      detail::add_from_host(ctx, std::vector<C>{C(dl)}, grads[2]);
     }
   }
 };

@@ -15,9 +15,8 @@
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
-template <class T>
-struct vjp<gralora_update<T, device::cpu>> {
-  using D = device::cpu;
+template <class T, class D>
+struct vjp<gralora_update<T, D>> {
   using U = gralora_update<T, D>;
   static constexpr int factor_count = 4;
   static const char* factor_name(int i) {
@@ -25,8 +24,8 @@ struct vjp<gralora_update<T, device::cpu>> {
   }
 
   template <class C, class Ctx>
-  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
-                       std::span<const mview<C>> grads, const mview<C>& dX) {
+  static void backward(const Ctx& ctx, const U& u, const cview<C, D>& X, const cview<C, D>& dY,
+                       std::span<const mview<C, D>> grads, const mview<C, D>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<gralora>::backward";
     detail::check_grad_slots(grads, factor_count, op);
     detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
@@ -38,7 +37,7 @@ struct vjp<gralora_update<T, device::cpu>> {
     const index_t k = u.k(), r = u.rank(), q = u.block_rank(), ib = u.cols() / k, ob = u.rows() / k, T_ = X.rows();
     if (T_ == 0) return;
     const C s = C(u.scale());
-    const kernels::operand<C> A(ctx, u.A()), B(ctx, u.B());
+    const kernels::operand<C, D> A(ctx, u.A()), B(ctx, u.B());
     if (present(grads[1])) {  // ∂B_j = s·U_jᵀ·dY_j
       auto Z = kernels::make_scratch<C>(ctx, T_, k * r);
       for (index_t n = 0; n < k; ++n)
@@ -66,7 +65,7 @@ struct vjp<gralora_update<T, device::cpu>> {
     }
     if (u.hybrid_rank() == 0) return;
     const index_t hr = u.hybrid_rank();
-    const kernels::operand<C> Ah(ctx, u.hybrid_A()), Bh(ctx, u.hybrid_B());
+    const kernels::operand<C, D> Ah(ctx, u.hybrid_A()), Bh(ctx, u.hybrid_B());
     if (present(grads[3])) {
       auto H = kernels::make_scratch<C>(ctx, T_, hr);
       gemm<C>(ctx, C(1), X, none, Ah.view(), trans, C(0), H.view());

@@ -9,7 +9,9 @@
 //   merge:  rows of W ← rows·H;  unmerge: rows ← rows·Hᵀ (H orthogonal: exact)
 // with P·H = P − ((P·N)·Tm)·Nᵀ and P·Hᵀ = P − ((P·N)·Tmᵀ)·Nᵀ (4·rows·in·r + 2·rows·r²
 // flops); neither the in × in H nor W' is formed. Scratch: tokens × in (or panel_rows × in)
-// and rows × r.
+// and rows × r. The evaluator is templated on the device (the cached factors are copied to
+// it per call: copy_from_host); deltaw::hra builds CPU updates, cuda::hra CUDA ones
+// (cuda/updates_structured.cuh).
 #pragma once
 
 #include <cmath>
@@ -27,20 +29,21 @@ namespace cpu {
 namespace hra_detail {
 
 /// N [in, r] and Tm [r, r] in type C.
+/// (host values, copied to ctx's device: on a GPU an upload of in·r + r² values per call).
 template <class C, class Ctx, class U>
 struct factors_in {
   decltype(kernels::make_scratch<C>(std::declval<const Ctx&>(), index_t(0), index_t(0))) N, Tm;
   factors_in(const Ctx& ctx, const U& u)
       : N(kernels::make_scratch<C>(ctx, u.cols(), u.rank())), Tm(kernels::make_scratch<C>(ctx, u.rank(), u.rank())) {
     const auto& f = *u.factors();
-    copy(ctx, matrix_view<const double>(f.N.data(), f.in, f.r, f.r, 1), N.view());
-    copy(ctx, matrix_view<const double>(f.Tm.data(), f.r, f.r, f.r, 1), Tm.view());
+    copy_from_host(ctx, matrix_view<const double>(f.N.data(), f.in, f.r, f.r, 1), N.view());
+    copy_from_host(ctx, matrix_view<const double>(f.Tm.data(), f.r, f.r, f.r, 1), Tm.view());
   }
 };
 
 /// Out = beta·Out − ((In·N)·op(Tm))·Nᵀ. In and Out may be the same rows (In·N is formed first).
-template <class C, class Ctx, class F>
-void reflect_delta(const Ctx& ctx, const F& f, const cview<C>& In, const mview<C>& Out, kernels::op o, C beta) {
+template <class C, class Ctx, class F, class D>
+void reflect_delta(const Ctx& ctx, const F& f, const cview<C, D>& In, const mview<C, D>& Out, kernels::op o, C beta) {
   using enum kernels::op;
   const index_t r = f.Tm.cview().rows();
   auto A = kernels::make_scratch<C>(ctx, In.rows(), r), B = kernels::make_scratch<C>(ctx, In.rows(), r);
@@ -50,21 +53,20 @@ void reflect_delta(const Ctx& ctx, const F& f, const cview<C>& In, const mview<C
 }
 
 /// Rows of P ← P·op(H) in place (op = none: P·H, trans: P·Hᵀ).
-template <class C, class Ctx, class F>
-void reflect_rows_in_place(const Ctx& ctx, const F& f, const mview<C>& P, kernels::op o) {
-  reflect_delta<C>(ctx, f, cview<C>(P), P, o, C(1));
+template <class C, class Ctx, class F, class D>
+void reflect_rows_in_place(const Ctx& ctx, const F& f, const mview<C, D>& P, kernels::op o) {
+  reflect_delta<C>(ctx, f, cview<C, D>(P), P, o, C(1));
 }
 
 }  // namespace hra_detail
 
-template <class T, class TW>
-struct evaluator<hra_update<T, TW, device::cpu>> {
-  using D = device::cpu;
+template <class T, class TW, class D>
+struct evaluator<hra_update<T, TW, D>> {
   using U = hra_update<T, TW, D>;
 
   /// Y = (X·Hᵀ)·Wᵀ: replaces the base product in a lazy sum over u's own W.
   template <class C, class Ctx>
-  static void apply_with_base(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_with_base(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     const hra_detail::factors_in<C, Ctx, U> f(ctx, u);
     auto Z = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
     copy(ctx, X, Z.view());
@@ -73,24 +75,24 @@ struct evaluator<hra_update<T, TW, device::cpu>> {
   }
   /// O = (G·W)·H.
   template <class C, class Ctx>
-  static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     const hra_detail::factors_in<C, Ctx, U> f(ctx, u);
     base_apply_transposed<C>(ctx, u.W(), G, O);
     hra_detail::reflect_rows_in_place<C>(ctx, f, O, kernels::op::none);
   }
   /// Y += (X·Hᵀ − X)·Wᵀ = −(((X·N)·Tmᵀ)·Nᵀ)·Wᵀ.
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     const hra_detail::factors_in<C, Ctx, U> f(ctx, u);
     auto Dx = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
     hra_detail::reflect_delta<C>(ctx, f, X, Dx.view(), kernels::op::trans, C(0));
-    for_row_panels<C>(ctx, u.W(), [&](index_t r0, const cview<C>& P) {
+    for_row_panels<C>(ctx, u.W(), [&](index_t r0, const cview<C, D>& P) {
       gemm<C>(ctx, C(1), Dx.cview(), kernels::op::none, P, kernels::op::trans, C(1), Y.middle_cols(r0, P.rows()));
     });
   }
   /// O += (G·W)·H − G·W.
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     const hra_detail::factors_in<C, Ctx, U> f(ctx, u);
     auto GW = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
     base_apply_transposed<C>(ctx, u.W(), G, GW.view());
@@ -99,24 +101,24 @@ struct evaluator<hra_update<T, TW, device::cpu>> {
 
   /// P += ΔW[r0 : r0 + P.rows()] = −((W_rows·N)·Tm)·Nᵀ, panel_rows rows at a time.
   template <class C, class Ctx>
-  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     const hra_detail::factors_in<C, Ctx, U> f(ctx, u);
     auto w = kernels::make_scratch<C>(ctx, std::min(panel_rows, panel.rows()), u.cols());
     for (index_t r = 0; r < panel.rows(); r += panel_rows) {
       const index_t n = std::min(panel_rows, panel.rows() - r);
       const auto wv = w.view().middle_rows(0, n);
       copy(ctx, u.W().middle_rows(r0 + r, n), wv);
-      hra_detail::reflect_delta<C>(ctx, f, cview<C>(wv), panel.middle_rows(r, n), kernels::op::none, C(1));
+      hra_detail::reflect_delta<C>(ctx, f, cview<C, D>(wv), panel.middle_rows(r, n), kernels::op::none, C(1));
     }
   }
   /// Rows of W ← rows·H (W must be u's own weight: checked by merge).
   template <class C, class Ctx>
-  static void merge_rows(const Ctx& ctx, const U& u, index_t, const mview<C>& panel) {
+  static void merge_rows(const Ctx& ctx, const U& u, index_t, const mview<C, D>& panel) {
     hra_detail::reflect_rows_in_place<C>(ctx, hra_detail::factors_in<C, Ctx, U>(ctx, u), panel, kernels::op::none);
   }
   /// Rows of W' ← rows·Hᵀ = rows·H⁻¹.
   template <class C, class Ctx>
-  static void unmerge_rows(const Ctx& ctx, const U& u, index_t, const mview<C>& panel) {
+  static void unmerge_rows(const Ctx& ctx, const U& u, index_t, const mview<C, D>& panel) {
     hra_detail::reflect_rows_in_place<C>(ctx, hra_detail::factors_in<C, Ctx, U>(ctx, u), panel, kernels::op::trans);
   }
   template <class C>

@@ -8,9 +8,12 @@
 // normalisation ∂u = (∂n − n·(nᵀ·∂n))/‖u‖; Gram–Schmidt (Tm = 2I fixed), back through
 // v_k = u_k − Q_{<k}·(Q_{<k}ᵀ·u_k), q_k = v_k/‖v_k‖ (k from r − 1 down), the same function
 // as PEFT's modified Gram–Schmidt. Scratch: tokens × in, in × r, r × r.
+// Templated on the device: ∂N, ∂Tm and U are read on the host through to_host_vector (a
+// download on a device) and ∂U is added back with add_from_host.
 #pragma once
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../../expr/hra.hpp"
@@ -78,16 +81,15 @@ inline std::vector<double> pullback(const hra_factors& f, const std::vector<doub
 }
 }  // namespace hra_detail
 
-template <class T, class TW>
-struct vjp<hra_update<T, TW, device::cpu>> {
-  using D = device::cpu;
+template <class T, class TW, class D>
+struct vjp<hra_update<T, TW, D>> {
   using U = hra_update<T, TW, D>;
   static constexpr int factor_count = 1;
   static const char* factor_name(int) { return "U"; }
 
   template <class C, class Ctx>
-  static void backward(const Ctx& ctx, const U& u, const cview<C>& X, const cview<C>& dY,
-                       std::span<const mview<C>> grads, const mview<C>& dX) {
+  static void backward(const Ctx& ctx, const U& u, const cview<C, D>& X, const cview<C, D>& dY,
+                       std::span<const mview<C, D>> grads, const mview<C, D>& dX) {
     constexpr const char* op = "deltaw::cpu::vjp<hra>::backward";
     detail::check_grad_slots(grads, factor_count, op);
     detail::check_backward_no_overlap(u, X, dY, grads, dX, factor_name, op);
@@ -110,18 +112,20 @@ struct vjp<hra_update<T, TW, device::cpu>> {
     gemm<C>(ctx, C(-1), X, trans, BT.cview(), none, C(0), gN.view());
     gemm<C>(ctx, C(-1), V.cview(), trans, AT.cview(), none, C(1), gN.view());
     gemm<C>(ctx, C(-1), B.cview(), trans, A.cview(), none, C(0), gT.view());
-    std::vector<double> dN(static_cast<std::size_t>(in * r)), dT(static_cast<std::size_t>(r * r)), Ud(static_cast<std::size_t>(in * r));
-    for (index_t i = 0; i < in; ++i)
-      for (index_t k = 0; k < r; ++k) {
-        dN[std::size_t(i * r + k)] = double(gN.cview()(i, k));
-        Ud[std::size_t(i * r + k)] = convert<double>(u.U()(i, k));
-      }
-    for (index_t a = 0; a < r; ++a)
-      for (index_t k = 0; k < r; ++k) dT[std::size_t(a * r + k)] = double(gT.cview()(a, k));
+    // ∂N, ∂Tm and U read on the host (on a device: a download of 2·in·r + r² values), the
+    // pullback through the factors there, ∂U added back on ctx's device.
+    auto Us = kernels::make_scratch<double>(ctx, in, r);
+    copy(ctx, u.U(), Us.view());
+    const auto packed = [](const auto& S) {  // a dense row-major scratch as one vector
+      const auto v = S.cview();
+      return vector_view<const typename std::remove_cvref_t<decltype(v)>::value_type, D>(v.data(), v.rows() * v.cols());
+    };
+    std::vector<double> dN = to_host_vector<double>(ctx, packed(gN)), dT = to_host_vector<double>(ctx, packed(gT));
+    const std::vector<double> Ud = to_host_vector<double>(ctx, packed(Us));
     const auto dU = hra_detail::pullback(*u.factors(), Ud, dN, dT, u.options().gram_schmidt);
-    const auto& g = grads[0];
-    for (index_t i = 0; i < in; ++i)
-      for (index_t k = 0; k < r; ++k) g(i, k) += C(dU[std::size_t(i * r + k)]);
+    std::vector<C> add(dU.size());
+    for (std::size_t i = 0; i < dU.size(); ++i) add[i] = C(dU[i]);
+    detail::add_from_host(ctx, add, grads[0]);
   }
 };
 

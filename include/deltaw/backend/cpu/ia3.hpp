@@ -5,11 +5,16 @@
 // (input IA³) — W' is never formed. Alone, ΔW = diag(l − 1)·W or W·diag(l − 1) is applied
 // the same way into a tokens × out scratch. Merge scales rows or columns of W in place;
 // unmerge divides by l (exact inverse up to rounding; an entry l = 0 makes it impossible and
-// is refused).
+// is refused). Written against the primitive layer for any device (CUDA runs it through
+// cuda/include/deltaw/cuda/updates_lowrank.cuh): its maps are host-device functors, and the
+// one value unmerge reads on the host (whether l has a zero) is downloaded explicitly.
 #pragma once
 
 #include <cmath>
+#include <concepts>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "../../expr/ia3.hpp"
 #include "ops.hpp"
@@ -18,19 +23,41 @@ DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
 namespace ia3_detail {
+/// y − shift (host and device).
+template <class C>
+struct minus {
+  C shift;
+  DELTAW_HOST_DEVICE C operator()(index_t, index_t, C y) const { return y - shift; }
+};
+/// y / l[j]: the input side's unmerge (l a contiguous vector on the map's device).
+template <class C>
+struct over_col {
+  const C* l;
+  DELTAW_HOST_DEVICE C operator()(index_t, index_t j, C y) const { return y / l[j]; }
+};
 /// l − shift in type C, as a [1, n] scratch (kernels::as_vector views it).
 template <class C, class Ctx, class U>
 auto vector_in(const Ctx& ctx, const U& u, double shift) {
   auto s = kernels::vector_scratch<C>(ctx, u.l());
-  if (shift != 0.0 && u.l().size() > 0)
-    transform(ctx, s.view(), [shift](index_t, index_t, C y) { return y - C(shift); });
+  if (shift != 0.0 && u.l().size() > 0) transform(ctx, s.view(), minus<C>{C(shift)});
   return s;
+}
+/// The first i in [lo, lo + n) with l[i] = 0 once converted to C, or −1: read on the host
+/// (a copy on the CPU; on a device, a synchronising download of those n values).
+template <class C, class Ctx, class U>
+index_t first_zero(const Ctx& ctx, const U& u, index_t lo, index_t n) {
+  if (n <= 0) return -1;
+  using V = std::remove_cvref_t<decltype(u.l())>;
+  const auto& l = u.l();
+  const std::vector<C> h = to_host_vector<C>(ctx, V(l.data() + lo * l.stride(), n, l.stride()));
+  for (index_t i = 0; i < n; ++i)
+    if (h[std::size_t(i)] == C(0)) return lo + i;
+  return -1;
 }
 }  // namespace ia3_detail
 
-template <class T, class TW>
-struct evaluator<ia3_update<T, TW, device::cpu>> {
-  using D = device::cpu;
+template <class T, class TW, class D>
+struct evaluator<ia3_update<T, TW, D>> {
   using U = ia3_update<T, TW, D>;
 
   /// Y = X·W'ᵀ: replaces the base product in a lazy sum over u's own W.
@@ -116,21 +143,20 @@ struct evaluator<ia3_update<T, TW, device::cpu>> {
   /// entry of l that the rows need is 0.
   template <class C, class Ctx>
   static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
-    const auto ls = ia3_detail::vector_in<C>(ctx, u, 0.0);
-    const auto l = kernels::as_vector(ls);
     const bool out = u.side() == ia3_side::output;
     const index_t lo = out ? r0 : 0, n = out ? panel.rows() : panel.cols();
-    for (index_t i = lo; i < lo + n; ++i)
-      if (l[i] == C(0))
-        throw argument_error("deltaw::unmerge (IA³): l[" + std::to_string(i) +
-                             "] = 0, so the merged weight lost that " + (out ? "row" : "column") +
-                             " and cannot be unmerged");
-    if (out) transform(ctx, panel, [&](index_t i, index_t, C y) { return y / l[r0 + i]; });
-    else transform(ctx, panel, [&](index_t, index_t j, C y) { return y / l[j]; });
+    if (const index_t i = ia3_detail::first_zero<C>(ctx, u, lo, n); i >= 0)
+      throw argument_error("deltaw::unmerge (IA³): l[" + std::to_string(i) + "] = 0, so the merged weight lost that " +
+                           (out ? "row" : "column") + " and cannot be unmerged");
+    const auto ls = ia3_detail::vector_in<C>(ctx, u, 0.0);
+    if (out) divide_rows(ctx, panel, kernels::as_vector(ls), r0);
+    else transform(ctx, panel, ia3_detail::over_col<C>{ls.cview().data()});
   }
 
-  /// ‖ΔW‖²_F = Σ_oj (l − 1)²·W², in double, one pass over W.
+  /// ‖ΔW‖²_F = Σ_oj (l − 1)²·W², in double, one pass over W. CPU only (CUDA's
+  /// frobenius_norm forms ΔW by panels through add_delta_rows).
   template <class C>
+    requires std::same_as<D, device::cpu>
   static double frobenius_norm(const U& u) {
     const kernels::cpu_context ctx;
     const auto& l = u.l();

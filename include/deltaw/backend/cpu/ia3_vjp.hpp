@@ -3,7 +3,8 @@
 // [1, n] or [n, 1] (PEFT's ia3_l is [out, 1] / [1, in]).
 //   output:  P = X·Wᵀ,  dl_o = Σ_t dY[t, o]·P[t, o],  dX += (dY·diag(l − 1))·W
 //   input:   Q = dY·W,  dl_i = Σ_t Q[t, i]·X[t, i],   dX += Q·diag(l − 1)
-// One product with W either way, tokens × out / in scratch; no out × in matrix.
+// One product with W either way, tokens × out / in scratch; no out × in matrix. Any device
+// (the primitives only; dl's sums over tokens are dot_rows into the device slot).
 #pragma once
 
 #include <string>
@@ -15,9 +16,8 @@
 DELTAW_NAMESPACE_BEGIN
 namespace cpu {
 
-template <class T, class TW>
-struct vjp<ia3_update<T, TW, device::cpu>> {
-  using D = device::cpu;
+template <class T, class TW, class D>
+struct vjp<ia3_update<T, TW, D>> {
   using U = ia3_update<T, TW, D>;
   static constexpr int factor_count = 1;
   static const char* factor_name(int) { return "l"; }

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 
 #include "../../expr/loha.hpp"
 #include "evaluator.hpp"
@@ -107,6 +108,7 @@ struct evaluator<hadamard_update<T, D>> : additive_rows<evaluator<hadamard_updat
 
   /// ‖s·K_B·K_A‖_F = |s|·√tr((K_BᵀK_B)(K_AK_Aᵀ)), two r₁r₂ × r₁r₂ Gram matrices in double.
   template <class C>
+    requires std::same_as<D, device::cpu>  // CUDA forms ΔW by panels (add_delta_rows)
   static double frobenius_norm(const U& u) {
     const kernels::cpu_context ctx;
     const index_t k = u.kr_rank();

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <string>
 
 #include "../../expr/pvera.hpp"
@@ -33,6 +34,7 @@ struct evaluator<pvera_update<T, D>> : additive_rows<evaluator<pvera_update<T, D
     E::template add_scaled_rows<C>(ctx, u.mean(), r0, P, factor);
   }
   template <class C>
+    requires std::same_as<D, device::cpu>  // CUDA forms ΔW by panels (add_delta_rows)
   static double frobenius_norm(const U& u) {
     return E::template frobenius_norm<C>(u.mean());
   }

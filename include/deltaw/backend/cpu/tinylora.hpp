@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 
 #include "../../expr/tinylora.hpp"
 #include "evaluator.hpp"
@@ -79,6 +80,7 @@ struct evaluator<tinylora_update<T, D>> : additive_rows<evaluator<tinylora_updat
 
   /// ‖s·B·R·A‖_F² = s²·tr(Rᵀ·(BᵀB)·R·(AAᵀ)), in double.
   template <class C>
+    requires std::same_as<D, device::cpu>  // CUDA forms ΔW by panels (add_delta_rows)
   static double frobenius_norm(const U& u) {
     using enum kernels::op;
     const kernels::cpu_context ctx;
