@@ -117,6 +117,13 @@ constexpr double vjp_ref_tol() {
 struct slot {
   index_t rows, cols;
 };
+/// The slot of a vector factor of n values: [n, 1] (column) or [1, n]. A function, not
+/// `c ? slot{n, 1} : slot{1, n}` in a braced list: nvcc 13.0's cicc crashes (SIGSEGV) on a
+/// conditional of two braced temporaries there.
+inline slot vector_slot(index_t n, bool column) {
+  if (column) return slot{n, 1};
+  return slot{1, n};
+}
 
 /// backward of ug (CUDA) and uc (CPU) from the same X, dY and starting gradients: every
 /// slot and dX agree, and dX = dX₀ + dY·ΔW. mode 0: every slot and dX; mode 1: only the

@@ -15,3 +15,4 @@
 #include "test_cuda_lowrank.cu"
 #include "test_cuda_spectral.cu"
 #include "test_cuda_structured.cu"
+#include "test_cuda_orth.cu"

@@ -101,7 +101,7 @@ struct adalora_f {
         E(e_values(r, seed + 3, v)), column_slot(cm) {}
   auto gpu() { return dw::adalora(B.gpu(), E.gpu(), A.gpu(), dw::alpha(8.0), r + 2); }
   auto cpu() { return dw::adalora(B.cpu(), E.cpu(), A.cpu(), dw::alpha(8.0), r + 2); }
-  std::vector<slot> slots() const { return {{out, r}, column_slot ? slot{r, 1} : slot{1, r}, {r, in}}; }
+  std::vector<slot> slots() const { return {{out, r}, dwcuda::vector_slot(r, column_slot), {r, in}}; }
   twin<T>* own() { return nullptr; }
 };
 
@@ -138,7 +138,7 @@ struct tinylora_f {
         A(dwt::random(r, in, seed + 3), cm), v(vec<T>(u, seed + 4)), column_slot(!cm) {}
   auto gpu() { return dw::tinylora(B.gpu(), v.gpu(), P.gpu(), A.gpu(), dw::scale(0.8)); }
   auto cpu() { return dw::tinylora(B.cpu(), v.cpu(), P.cpu(), A.cpu(), dw::scale(0.8)); }
-  std::vector<slot> slots() const { return {{out, r}, column_slot ? slot{u, 1} : slot{1, u}, {r, in}}; }
+  std::vector<slot> slots() const { return {{out, r}, dwcuda::vector_slot(u, column_slot), {r, in}}; }
   twin<T>* own() { return nullptr; }
 };
 

@@ -101,7 +101,7 @@ void sparse_cases(dw::cuda::context& ctx, std::uint64_t seed) {
         const auto ug = p.gpu(uc, 0.7);
         INFO("shira");
         check_update<T>(ctx, ug, uc, s.tokens, cm, seed);
-        check_vjp<T>(ctx, ug, uc, {cm ? slot{nnz, 1} : slot{1, nnz}}, s.tokens, cm, seed + 1);
+        check_vjp<T>(ctx, ug, uc, {dwcuda::vector_slot(nnz, cm)}, s.tokens, cm, seed + 1);
       }
       for (bool idwt : {true, false}) {
         // A third of the grid: atoms of the four quadrants overlap at many (i, j).
@@ -112,7 +112,7 @@ void sparse_cases(dw::cuda::context& ctx, std::uint64_t seed) {
         const auto ug = dw::waveft(c.gpu(), idx, s.out, s.in, dw::scale(0.8), idwt);
         INFO("waveft, use_idwt = " << idwt);
         check_update<T>(ctx, ug, uc, s.tokens, cm, seed + 4);
-        check_vjp<T>(ctx, ug, uc, {cm ? slot{1, n} : slot{n, 1}}, s.tokens, cm, seed + 5);
+        check_vjp<T>(ctx, ug, uc, {dwcuda::vector_slot(n, !cm)}, s.tokens, cm, seed + 5);
       }
     }
   }
@@ -133,7 +133,7 @@ void fourier_cases(dw::cuda::context& ctx, std::uint64_t seed) {
         const auto ug = dw::fourierft(c.gpu(), idx, s.out, s.in, dw::scale(20.0));
         INFO("fourierft");
         check_update<T>(ctx, ug, uc, s.tokens, cm, seed + 3);
-        check_vjp<T>(ctx, ug, uc, {cm ? slot{1, n} : slot{n, 1}}, s.tokens, cm, seed + 4);
+        check_vjp<T>(ctx, ug, uc, {dwcuda::vector_slot(n, !cm)}, s.tokens, cm, seed + 4);
       }
       {
         const index_t b = s.b, out = s.out / b * b, in = s.in / b * b;

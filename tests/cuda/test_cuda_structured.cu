@@ -178,7 +178,7 @@ void vjp_cases(dw::cuda::context& ctx, std::uint64_t seed) {
       {
         INFO("unilora");
         check_vjp<T>(ctx, o.pat.update(s.out, s.in, s.r, o.theta.gpu()), o.pat.update(s.out, s.in, s.r, o.theta.cpu()),
-                     {cm ? slot{1, o.d} : slot{o.d, 1}}, s.tokens, cm, seed + 4);
+                     {dwcuda::vector_slot(o.d, !cm)}, s.tokens, cm, seed + 4);
       }
       if (tiled(s)) {
         INFO("vblora");

@@ -21,3 +21,4 @@
 #include "updates_lowrank.cuh"
 #include "updates_spectral.cuh"
 #include "updates_structured.cuh"
+#include "updates_orth.cuh"

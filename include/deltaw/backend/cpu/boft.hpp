@@ -12,6 +12,11 @@
 //           inverted, b × b; exact Cayley blocks are orthogonal and R⁻ᵀ = R up to rounding)
 // Scratch: two tokens × in buffers (and at most panel_rows × in for merge); the dense
 // in × in R, the permutation matrices and W' are never formed.
+// Written against the primitive layer, for any device: each factor's nb block products are
+// one strided batch; the rotations (host values, computed once in double by deltaw::boft or
+// deltaw::cuda::boft) are uploaded into scratch, the permutations reach the device as host
+// indices of gather_rows (range-checked and copied into scratch), and unmerge inverts the
+// b × b blocks on the host (Eigen) and reads s on the host to refuse a zero.
 #pragma once
 
 #include <deltaw/core/eigen_dense.hpp>
@@ -39,13 +44,14 @@ dense<double> skew(const matrix_view<const T, D>& P, index_t blk, index_t b) {
   return S;
 }
 
-/// A block table [m·nb·b, b] in type C: the cached rotations, or (inverse) their inverses.
+/// A block table [m·nb·b, b] in type C on ctx's device: the cached rotations, or
+/// (inverse) their inverses, computed on the host and uploaded.
 template <class C, class Ctx, class U>
 auto blocks_in(const Ctx& ctx, const U& u, bool inverse) {
   const index_t b = u.block(), n = u.factors() * u.blocks();
   auto R = kernels::make_scratch<C>(ctx, n * b, b);
   if (!inverse) {
-    copy(ctx, matrix_view<const double>(u.rotations()->data(), n * b, b, b, 1), R.view());
+    copy_from_host(ctx, matrix_view<const double>(u.rotations()->data(), n * b, b, b, 1), R.view());
     return R;
   }
   for (index_t q = 0; q < n; ++q) {
@@ -55,29 +61,40 @@ auto blocks_in(const Ctx& ctx, const U& u, bool inverse) {
       throw argument_error("deltaw::unmerge (BOFT): the rotation block " + std::to_string(q) +
                            " is singular (a truncated Cayley–Neumann series), so the merge cannot be undone");
     const dense<double> Ri = lu.inverse();
-    copy(ctx, matrix_view<const double>(Ri.data(), b, b, b, 1), R.view().middle_rows(q * b, b));
+    copy_from_host(ctx, matrix_view<const double>(Ri.data(), b, b, b, 1), R.view().middle_rows(q * b, b));
   }
   return R;
 }
 
-/// Out(:, j) = In(:, idx[j]) (a column gather: row gathers of the transposed views).
-template <class C, class Ctx>
-void gather_cols(const Ctx& ctx, const cview<C>& In, const std::vector<index_t>& idx, const mview<C>& Out) {
+/// Out(:, j) = In(:, idx[j]) (a column gather: row gathers of the transposed views; the
+/// host indices are copied to the device by gather_rows).
+template <class C, class Ctx, class D>
+void gather_cols(const Ctx& ctx, const cview<C, D>& In, const std::vector<index_t>& idx, const mview<C, D>& Out) {
   gather_rows(ctx, In.transpose(), std::span<const index_t>(idx), Out.transpose());
+}
+
+/// Out[:, block k] = In[:, block k]·op(R_{i,k}) for the nb blocks of factor i: one strided batch.
+template <class C, class Ctx, class U, class S, class D>
+void block_products(const Ctx& ctx, const U& u, const S& Bk, index_t i, const cview<C, D>& In, kernels::op o,
+                    const mview<C, D>& Out) {
+  const index_t b = u.block();
+  gemm_strided_batched<C>(ctx, C(1), In.middle_cols(0, b), b * In.col_stride(), kernels::op::none,
+                          Bk.cview().middle_rows(i * u.blocks() * b, b), b * b, o, C(0), Out.middle_cols(0, b),
+                          b * Out.col_stride(), u.blocks());
 }
 
 /// Out = In·op(M_{i₁})·op(M_{i₂})⋯ for the factors in `descending` (m−1 … 0) or ascending
 /// order; op(M_i) = P_i·op(BD_i)·P_iᵀ with the blocks of Bk [m·nb·b, b]. Out must not
 /// overlap In.
-template <class C, class Ctx, class U, class S>
-void butterfly(const Ctx& ctx, const U& u, const S& Bk, const cview<C>& In, const mview<C>& Out, bool descending,
+template <class C, class Ctx, class U, class S, class D>
+void butterfly(const Ctx& ctx, const U& u, const S& Bk, const cview<C, D>& In, const mview<C, D>& Out, bool descending,
                kernels::op o) {
-  const index_t m = u.factors(), nb = u.blocks(), b = u.block();
+  const index_t m = u.factors();
   if (In.rows() == 0 || In.cols() == 0) return;
   auto s0 = kernels::make_scratch<C>(ctx, In.rows(), In.cols());
   auto s1 = kernels::make_scratch<C>(ctx, In.rows(), In.cols());
-  cview<C> cur = In;
-  auto free_buf = [&]() -> mview<C> { return cur.data() == s0.view().data() ? s1.view() : s0.view(); };
+  cview<C, D> cur = In;
+  auto free_buf = [&]() -> mview<C, D> { return cur.data() == s0.view().data() ? s1.view() : s0.view(); };
   for (index_t step = 0; step < m; ++step) {
     const index_t i = descending ? m - 1 - step : step;
     const bool last = step == m - 1;
@@ -85,30 +102,29 @@ void butterfly(const Ctx& ctx, const U& u, const S& Bk, const cview<C>& In, cons
     if (!p.empty()) {
       const auto g = free_buf();
       gather_cols<C>(ctx, cur, u.inverse_permutation(i), g);
-      cur = cview<C>(g);
+      cur = cview<C, D>(g);
     }
-    const mview<C> h = last && p.empty() ? Out : free_buf();
-    for (index_t k = 0; k < nb; ++k)
-      gemm<C>(ctx, C(1), cur.middle_cols(k * b, b), kernels::op::none, Bk.cview().middle_rows((i * nb + k) * b, b), o, C(0),
-              h.middle_cols(k * b, b));
-    cur = cview<C>(h);
+    const mview<C, D> h = last && p.empty() ? Out : free_buf();
+    block_products<C>(ctx, u, Bk, i, cur, o, h);
+    cur = cview<C, D>(h);
     if (!p.empty()) {
-      const mview<C> d = last ? Out : free_buf();
+      const mview<C, D> d = last ? Out : free_buf();
       gather_cols<C>(ctx, cur, p, d);
-      cur = cview<C>(d);
+      cur = cview<C, D>(d);
     }
   }
 }
 
 /// Rows of P ← rows·Rᵀ·(row scale s from r0) (merge), or rows ← (rows / s)·R⁻ᵀ (unmerge).
-template <class C, class Ctx, class U>
-void transform_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, bool inverse) {
+template <class C, class Ctx, class U, class D>
+void transform_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& P, bool inverse) {
   const auto Bk = blocks_in<C>(ctx, u, inverse);
   const auto sv = kernels::vector_scratch<C>(ctx, u.s());
   const auto s = kernels::as_vector(sv);
   if (inverse) {
+    const std::vector<C> sh = to_host_vector<C>(ctx, u.s());  // read on the host (a download on a device)
     for (index_t i = 0; i < P.rows(); ++i)
-      if (s[r0 + i] == C(0))
+      if (sh[std::size_t(r0 + i)] == C(0))
         throw argument_error("deltaw::unmerge (BOFT): s[" + std::to_string(r0 + i) +
                              "] = 0, so the merged weight lost that row and cannot be unmerged");
   }
@@ -117,12 +133,12 @@ void transform_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, b
     const index_t n = std::min(panel_rows, P.rows() - r);
     const auto rows = P.middle_rows(r, n);
     const auto t = tmp.view().middle_rows(0, n);
-    copy(ctx, cview<C>(rows), t);
+    copy(ctx, cview<C, D>(rows), t);
     if (inverse) {
-      transform(ctx, t, [&](index_t i, index_t, C y) { return y / s[r0 + r + i]; });
-      butterfly<C>(ctx, u, Bk, cview<C>(t), rows, true, kernels::op::trans);
+      divide_rows(ctx, t, s, r0 + r);
+      butterfly<C>(ctx, u, Bk, cview<C, D>(t), rows, true, kernels::op::trans);
     } else {
-      butterfly<C>(ctx, u, Bk, cview<C>(t), rows, false, kernels::op::trans);
+      butterfly<C>(ctx, u, Bk, cview<C, D>(t), rows, false, kernels::op::trans);
       scale_rows(ctx, rows, s, r0 + r);
     }
   }
@@ -130,14 +146,13 @@ void transform_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& P, b
 
 }  // namespace boft_detail
 
-template <class T, class TW>
-struct evaluator<boft_update<T, TW, device::cpu>> {
-  using D = device::cpu;
+template <class T, class TW, class D>
+struct evaluator<boft_update<T, TW, D>> {
   using U = boft_update<T, TW, D>;
 
   /// Y = ((X·R)·Wᵀ)·diag(s): replaces the base product in a lazy sum over u's own W.
   template <class C, class Ctx>
-  static void apply_with_base(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_with_base(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     const auto Bk = boft_detail::blocks_in<C>(ctx, u, false);
     auto Xr = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
     boft_detail::butterfly<C>(ctx, u, Bk, X, Xr.view(), true, kernels::op::none);
@@ -147,7 +162,7 @@ struct evaluator<boft_update<T, TW, device::cpu>> {
   }
   /// O = ((G·diag(s))·W)·Rᵀ.
   template <class C, class Ctx>
-  static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     const auto Bk = boft_detail::blocks_in<C>(ctx, u, false);
     const auto s = kernels::vector_scratch<C>(ctx, u.s());
     auto Gs = kernels::make_scratch<C>(ctx, G.rows(), G.cols());
@@ -159,17 +174,17 @@ struct evaluator<boft_update<T, TW, device::cpu>> {
   }
   /// Y += ((X·R)·Wᵀ)·diag(s) − X·Wᵀ.
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     auto P = kernels::make_scratch<C>(ctx, X.rows(), u.rows());
     apply_with_base<C>(ctx, u, X, P.view());
     axpy<C>(ctx, C(1), P.cview(), Y);
-    for_row_panels<C>(ctx, u.W(), [&](index_t r0, const cview<C>& Wp) {
+    for_row_panels<C>(ctx, u.W(), [&](index_t r0, const cview<C, D>& Wp) {
       gemm<C>(ctx, C(-1), X, kernels::op::none, Wp, kernels::op::trans, C(1), Y.middle_cols(r0, Wp.rows()));
     });
   }
   /// O += ((G·diag(s))·W)·Rᵀ − G·W.
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     auto P = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
     apply_transposed_with_base<C>(ctx, u, G, P.view());
     axpy<C>(ctx, C(1), P.cview(), O);
@@ -179,28 +194,28 @@ struct evaluator<boft_update<T, TW, device::cpu>> {
 
   /// P += ΔW[r0 : r0 + P.rows()] = rows of diag(s)·W·Rᵀ − W, panel_rows rows at a time.
   template <class C, class Ctx>
-  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     auto w = kernels::make_scratch<C>(ctx, std::min(panel_rows, panel.rows()), u.cols());
     auto t = kernels::make_scratch<C>(ctx, std::min(panel_rows, panel.rows()), u.cols());
     for (index_t r = 0; r < panel.rows(); r += panel_rows) {
       const index_t n = std::min(panel_rows, panel.rows() - r);
       const auto wv = w.view().middle_rows(0, n), tv = t.view().middle_rows(0, n);
       copy(ctx, u.W().middle_rows(r0 + r, n), wv);
-      copy(ctx, cview<C>(wv), tv);
+      copy(ctx, cview<C, D>(wv), tv);
       boft_detail::transform_rows<C>(ctx, u, r0 + r, tv, false);
       const auto Pr = panel.middle_rows(r, n);
-      axpy<C>(ctx, C(1), cview<C>(tv), Pr);
-      axpy<C>(ctx, C(-1), cview<C>(wv), Pr);
+      axpy<C>(ctx, C(1), cview<C, D>(tv), Pr);
+      axpy<C>(ctx, C(-1), cview<C, D>(wv), Pr);
     }
   }
   /// Rows of W ← s_o·rows·Rᵀ (W must be u's own weight: checked by merge).
   template <class C, class Ctx>
-  static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+  static void merge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     boft_detail::transform_rows<C>(ctx, u, r0, panel, false);
   }
   /// Rows of W' ← (rows / s_o)·R⁻ᵀ; argument_error when an s_o is 0 or a block is singular.
   template <class C, class Ctx>
-  static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+  static void unmerge_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     boft_detail::transform_rows<C>(ctx, u, r0, panel, true);
   }
   template <class C>
@@ -212,21 +227,30 @@ struct evaluator<boft_update<T, TW, device::cpu>> {
 }  // namespace cpu
 
 namespace detail {
-/// boft() from held operands: computes and caches the rotation blocks.
-template <class TW, class T, class D>
-auto make_boft(held_matrix<TW, D> hw, held_matrix<T, D> hp, held_vector<T, D> hs, oft_options o) {
-  static_assert(std::is_same_v<D, device::cpu>, "deltaw::boft: the rotation blocks are computed on the host (CPU views)");
+/// The rotation blocks of the parameters P [m·nb·b, b] (a host view), in double, row-major;
+/// empty for a shape the update rejects (its constructor reports it).
+template <class T>
+std::shared_ptr<std::vector<double>> boft_rotations(const matrix_view<const T>& P, const oft_options& o) {
   auto R = std::make_shared<std::vector<double>>();
-  const index_t b = hp.view.cols(), rows = hp.view.rows();
-  // Only for a shape the update accepts (its constructor reports the others).
+  const index_t b = P.cols(), rows = P.rows();
   if (b >= 1 && rows % b == 0) {
     R->resize(std::size_t(rows * b));
     for (index_t q = 0; q < rows / b; ++q) {
-      const dense<double> Rq = cpu::oft_detail::rotation(cpu::boft_detail::skew(hp.view, q, b), o);
+      const dense<double> Rq = cpu::oft_detail::rotation(cpu::boft_detail::skew(P, q, b), o);
       for (index_t i = 0; i < b; ++i)
         for (index_t j = 0; j < b; ++j) (*R)[std::size_t((q * b + i) * b + j)] = Rq(i, j);
     }
   }
+  return R;
+}
+
+/// boft() from held operands: computes and caches the rotation blocks.
+template <class TW, class T, class D>
+auto make_boft(held_matrix<TW, D> hw, held_matrix<T, D> hp, held_vector<T, D> hs, oft_options o) {
+  static_assert(std::is_same_v<D, device::cpu>,
+                "deltaw::boft: the rotation blocks are computed on the host (CPU views; deltaw::cuda::boft(ctx, W, R, s) "
+                "for CUDA views)");
+  auto R = boft_rotations(hp.view, o);
   return boft_update<T, TW, D>(std::move(hw), std::move(hp), std::move(hs), o, std::move(R));
 }
 }  // namespace detail

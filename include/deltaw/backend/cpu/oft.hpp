@@ -6,8 +6,11 @@
 //   transposed:                                                   O = (G·W)·Rᵀ
 //   alone:  Y += (X·R − X)·Wᵀ,  O += (G·W)·Rᵀ − G·W
 //   merge:  rows of W ← rows·Rᵀ;  unmerge: rows ← rows·R⁻ᵀ (each R_k inverted, b × b)
-// X·R is one b-column product per block (2·tokens·in·b flops); the dense in × in R and W'
-// are never formed. Scratch: tokens × in, and at most panel_rows × in for merge.
+// X·R is one strided batch of b-column products (2·tokens·in·b flops); the dense in × in R
+// and W' are never formed. Scratch: tokens × in, and at most panel_rows × in for merge.
+// Written against the primitive layer, for any device: the rotations are host values
+// (computed once, in double, by deltaw::oft or deltaw::cuda::oft) uploaded into scratch
+// (copy_from_host); unmerge inverts the b × b blocks on the host (Eigen) and uploads them.
 #pragma once
 
 #include <deltaw/core/eigen_dense.hpp>
@@ -91,47 +94,59 @@ dense<Real> pullback(const dense<Real>& S, const dense<Real>& R, const dense<Rea
   return out;
 }
 
-/// The cached rotations in type C, [nq·b, b].
+/// The cached rotations (host values) in type C, [nq·b, b], on ctx's device.
 template <class C, class Ctx, class U>
 auto rotations_in(const Ctx& ctx, const U& u) {
   const index_t b = u.block(), nq = u.Q().rows();
   auto R = kernels::make_scratch<C>(ctx, nq * b, b);
-  copy(ctx, matrix_view<const double>(u.rotations()->data(), nq * b, b, b, 1), R.view());
+  copy_from_host(ctx, matrix_view<const double>(u.rotations()->data(), nq * b, b, b, 1), R.view());
   return R;
 }
 
-/// Out[:, block k] = In[:, block k]·op(R_k) + beta·Out[:, block k] for every block.
-template <class C, class Ctx, class U, class S>
-void rotate(const Ctx& ctx, const U& u, const S& R, const cview<C>& In, const mview<C>& Out, kernels::op o, C beta) {
+/// M (on ctx's device, any layout) in host memory, row-major, in double: one download
+/// (a synchronisation on a device). For the small parameter matrices whose b × b blocks
+/// are transformed on the host (OFT's Q, BOFT's R).
+template <class Ctx, class T, class D>
+std::vector<double> to_host_matrix(const Ctx& ctx, const matrix_view<const T, D>& M) {
+  const index_t n = M.rows() * M.cols();
+  if (n == 0) return {};
+  auto s = kernels::make_scratch<double>(ctx, M.rows(), M.cols());
+  copy(ctx, M, s.view());
+  return to_host_vector<double>(ctx, vector_view<const double, D>(s.cview().data(), n));
+}
+
+/// Out[:, block k] = In[:, block k]·op(R_k) + beta·Out[:, block k] for every block: one
+/// strided batch of nb products (R's stride 0 when one block is shared).
+template <class C, class Ctx, class U, class S, class D>
+void rotate(const Ctx& ctx, const U& u, const S& R, const cview<C, D>& In, const mview<C, D>& Out, kernels::op o, C beta) {
   const index_t b = u.block();
-  for (index_t k = 0; k < u.blocks(); ++k)
-    gemm<C>(ctx, C(1), In.middle_cols(k * b, b), kernels::op::none, R.cview().middle_rows((u.shared() ? 0 : k) * b, b), o,
-            beta, Out.middle_cols(k * b, b));
+  gemm_strided_batched<C>(ctx, C(1), In.middle_cols(0, b), b * In.col_stride(), kernels::op::none,
+                          R.cview().middle_rows(0, b), u.shared() ? 0 : b * b, o, beta, Out.middle_cols(0, b),
+                          b * Out.col_stride(), u.blocks());
 }
 
 /// Rows of P ← rows·op(M)ᵀ blockwise (M: R for merge, R⁻¹ for unmerge), panel_rows rows at a time.
-template <class C, class Ctx, class U, class S>
-void rotate_rows_in_place(const Ctx& ctx, const U& u, const S& M, const mview<C>& P) {
+template <class C, class Ctx, class U, class S, class D>
+void rotate_rows_in_place(const Ctx& ctx, const U& u, const S& M, const mview<C, D>& P) {
   auto tmp = kernels::make_scratch<C>(ctx, std::min(panel_rows, P.rows()), P.cols());
   for (index_t r = 0; r < P.rows(); r += panel_rows) {
     const index_t n = std::min(panel_rows, P.rows() - r);
     const auto rows = P.middle_rows(r, n);
     const auto t = tmp.view().middle_rows(0, n);
-    copy(ctx, cview<C>(rows), t);
-    rotate<C>(ctx, u, M, cview<C>(t), rows, kernels::op::trans, C(0));
+    copy(ctx, cview<C, D>(rows), t);
+    rotate<C>(ctx, u, M, cview<C, D>(t), rows, kernels::op::trans, C(0));
   }
 }
 
 }  // namespace oft_detail
 
-template <class T, class TW>
-struct evaluator<oft_update<T, TW, device::cpu>> {
-  using D = device::cpu;
+template <class T, class TW, class D>
+struct evaluator<oft_update<T, TW, D>> {
   using U = oft_update<T, TW, D>;
 
   /// Y = (X·R)·Wᵀ: replaces the base product in a lazy sum over u's own W.
   template <class C, class Ctx>
-  static void apply_with_base(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_with_base(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     const auto R = oft_detail::rotations_in<C>(ctx, u);
     auto Xr = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
     oft_detail::rotate<C>(ctx, u, R, X, Xr.view(), kernels::op::none, C(0));
@@ -139,7 +154,7 @@ struct evaluator<oft_update<T, TW, device::cpu>> {
   }
   /// O = (G·W)·Rᵀ.
   template <class C, class Ctx>
-  static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_with_base(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     const auto R = oft_detail::rotations_in<C>(ctx, u);
     auto GW = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
     base_apply_transposed<C>(ctx, u.W(), G, GW.view());
@@ -147,18 +162,18 @@ struct evaluator<oft_update<T, TW, device::cpu>> {
   }
   /// Y += (X·R − X)·Wᵀ.
   template <class C, class Ctx>
-  static void apply_add(const Ctx& ctx, const U& u, const cview<C>& X, const mview<C>& Y) {
+  static void apply_add(const Ctx& ctx, const U& u, const cview<C, D>& X, const mview<C, D>& Y) {
     const auto R = oft_detail::rotations_in<C>(ctx, u);
     auto Xr = kernels::make_scratch<C>(ctx, X.rows(), X.cols());
     oft_detail::rotate<C>(ctx, u, R, X, Xr.view(), kernels::op::none, C(0));
     axpy<C>(ctx, C(-1), X, Xr.view());
-    for_row_panels<C>(ctx, u.W(), [&](index_t r0, const cview<C>& P) {
+    for_row_panels<C>(ctx, u.W(), [&](index_t r0, const cview<C, D>& P) {
       gemm<C>(ctx, C(1), Xr.cview(), kernels::op::none, P, kernels::op::trans, C(1), Y.middle_cols(r0, P.rows()));
     });
   }
   /// O += (G·W)·Rᵀ − G·W.
   template <class C, class Ctx>
-  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C>& G, const mview<C>& O) {
+  static void apply_transposed_add(const Ctx& ctx, const U& u, const cview<C, D>& G, const mview<C, D>& O) {
     const auto R = oft_detail::rotations_in<C>(ctx, u);
     auto GW = kernels::make_scratch<C>(ctx, G.rows(), u.cols());
     base_apply_transposed<C>(ctx, u.W(), G, GW.view());
@@ -168,7 +183,7 @@ struct evaluator<oft_update<T, TW, device::cpu>> {
 
   /// P += ΔW[r0 : r0 + P.rows()] = rows of W·(Rᵀ − I), panel_rows rows at a time.
   template <class C, class Ctx>
-  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C>& panel) {
+  static void add_delta_rows(const Ctx& ctx, const U& u, index_t r0, const mview<C, D>& panel) {
     const auto R = oft_detail::rotations_in<C>(ctx, u);
     auto w = kernels::make_scratch<C>(ctx, std::min(panel_rows, panel.rows()), u.cols());
     for (index_t r = 0; r < panel.rows(); r += panel_rows) {
@@ -176,19 +191,19 @@ struct evaluator<oft_update<T, TW, device::cpu>> {
       const auto wv = w.view().middle_rows(0, n);
       copy(ctx, u.W().middle_rows(r0 + r, n), wv);
       const auto Pr = panel.middle_rows(r, n);
-      oft_detail::rotate<C>(ctx, u, R, cview<C>(wv), Pr, kernels::op::trans, C(1));
-      axpy<C>(ctx, C(-1), cview<C>(wv), Pr);
+      oft_detail::rotate<C>(ctx, u, R, cview<C, D>(wv), Pr, kernels::op::trans, C(1));
+      axpy<C>(ctx, C(-1), cview<C, D>(wv), Pr);
     }
   }
   /// Rows of W ← rows·Rᵀ (W must be u's own weight: checked by merge).
   template <class C, class Ctx>
-  static void merge_rows(const Ctx& ctx, const U& u, index_t, const mview<C>& panel) {
+  static void merge_rows(const Ctx& ctx, const U& u, index_t, const mview<C, D>& panel) {
     oft_detail::rotate_rows_in_place<C>(ctx, u, oft_detail::rotations_in<C>(ctx, u), panel);
   }
   /// Rows of W' ← rows·R⁻ᵀ; argument_error when some R_k is singular (possible only for
   /// a truncated Cayley–Neumann series far from the identity).
   template <class C, class Ctx>
-  static void unmerge_rows(const Ctx& ctx, const U& u, index_t, const mview<C>& panel) {
+  static void unmerge_rows(const Ctx& ctx, const U& u, index_t, const mview<C, D>& panel) {
     const index_t b = u.block(), nq = u.Q().rows();
     auto inv = kernels::make_scratch<C>(ctx, nq * b, b);
     for (index_t q = 0; q < nq; ++q) {
@@ -198,7 +213,7 @@ struct evaluator<oft_update<T, TW, device::cpu>> {
         throw argument_error("deltaw::unmerge (OFT): the rotation block " + std::to_string(q) +
                              " is singular (a truncated Cayley–Neumann series), so the merge cannot be undone");
       const dense<double> Ri = lu.inverse();
-      copy(ctx, matrix_view<const double>(Ri.data(), b, b, b, 1), inv.view().middle_rows(q * b, b));
+      copy_from_host(ctx, matrix_view<const double>(Ri.data(), b, b, b, 1), inv.view().middle_rows(q * b, b));
     }
     oft_detail::rotate_rows_in_place<C>(ctx, u, inv, panel);
   }
@@ -230,22 +245,31 @@ auto oft_coft_project(const QL& Q, double eps) {
 }
 
 namespace detail {
-/// oft() from held operands: computes and caches the rotation blocks.
-template <class TW, class T, class D>
-auto make_oft(held_matrix<TW, D> hw, held_matrix<T, D> hq, oft_options o) {
-  static_assert(std::is_same_v<D, device::cpu>, "deltaw::oft: the rotation blocks are computed on the host (CPU views)");
-  const index_t b = detail::oft_block_from_elements(hq.view.cols());
+/// The rotation blocks of Q (a host view) for a weight of `in` columns, in double,
+/// row-major [nq·b, b]; empty for a shape the update rejects (its constructor reports it).
+template <class T>
+std::shared_ptr<std::vector<double>> oft_rotations(const matrix_view<const T>& Q, index_t in, const oft_options& o) {
+  const index_t b = detail::oft_block_from_elements(Q.cols());
   auto R = std::make_shared<std::vector<double>>();
-  const index_t nq = hq.view.rows(), in = hw.view.cols();
-  // Only for a shape the update accepts (its constructor reports the others).
+  const index_t nq = Q.rows();
   if (b >= 1 && nq >= 1 && (nq * b == in || (nq == 1 && in % b == 0))) {
-    R->resize(std::size_t(hq.view.rows() * b * b));
-    for (index_t q = 0; q < hq.view.rows(); ++q) {
-      const dense<double> Rq = cpu::oft_detail::rotation(cpu::oft_detail::skew(hq.view, q, b), o);
+    R->resize(std::size_t(nq * b * b));
+    for (index_t q = 0; q < nq; ++q) {
+      const dense<double> Rq = cpu::oft_detail::rotation(cpu::oft_detail::skew(Q, q, b), o);
       for (index_t i = 0; i < b; ++i)
         for (index_t j = 0; j < b; ++j) (*R)[std::size_t((q * b + i) * b + j)] = Rq(i, j);
     }
   }
+  return R;
+}
+
+/// oft() from held operands: computes and caches the rotation blocks.
+template <class TW, class T, class D>
+auto make_oft(held_matrix<TW, D> hw, held_matrix<T, D> hq, oft_options o) {
+  static_assert(std::is_same_v<D, device::cpu>,
+                "deltaw::oft: the rotation blocks are computed on the host (CPU views; deltaw::cuda::oft(ctx, W, Q) "
+                "for CUDA views)");
+  auto R = oft_rotations(hq.view, hw.view.cols(), o);
   return oft_update<T, TW>(std::move(hw), std::move(hq), o, std::move(R));
 }
 }  // namespace detail
