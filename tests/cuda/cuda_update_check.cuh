@@ -10,10 +10,12 @@
 #include <deltaw/cuda/vjp.cuh>
 #include <deltaw/deltaw.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -171,6 +173,58 @@ void check_vjp(dw::cuda::context& ctx, const UG& ug, const UC& uc, const std::ve
     if (want_x) CHECK(dwt::rel_err(dXg.dev_d(), MatD(dXg.host_d() + dY.host_d() * D)) <= vjp_ref_tol<T>());
     else CHECK((dXg.dev_d().array() == dXg.host_d().array()).all());
   }
+}
+
+/// The scratch of every operation of one CUDA update, each measured alone (statistics
+/// reset before it) on a fresh context: apply of ΔW alone and of W + ΔW, apply_transposed,
+/// merge, unmerge, merge_checked (then unmerge), materialize, frobenius_norm and, when
+/// `slots` are given, cuda::backward with every slot and dX. W is the update's own weight
+/// (DoRA, Bone bat, IA³, …) or any out × in weight; it is restored.
+struct scratch_use {
+  std::size_t per_call = 0;  ///< the largest high-water mark of the per-call operations (backward included)
+  std::size_t whole = 0;     ///< … of merge_checked, materialize and frobenius_norm (panels of ΔW)
+  std::size_t largest = 0;   ///< the largest single request of any operation
+  std::string per_op;        ///< "op bytes …", for the test's message
+};
+template <class T, class U>
+scratch_use measure_scratch(const U& u, twin<T>& W, index_t tokens, const std::vector<slot>* slots = nullptr) {
+  const index_t out = u.rows(), in = u.cols();
+  twin<T> X(dwt::random(tokens, in, 1)), G(dwt::random(tokens, out, 2)), dX(MatD::Zero(tokens, in));
+  auto Y = nan_output<T>(tokens, out, false);
+  auto O = nan_output<T>(tokens, in, false);
+  auto M = nan_output<T>(out, in, false);
+  dw::cuda::context ctx;
+  scratch_use r;
+  const auto step = [&](const char* op, bool whole, auto&& f) {
+    ctx.reset_scratch_statistics();
+    f();
+    std::size_t& high = whole ? r.whole : r.per_call;
+    high = std::max(high, ctx.scratch_high_water_bytes());
+    r.largest = std::max(r.largest, ctx.largest_scratch_request_bytes());
+    r.per_op += std::string(" ") + op + " " + std::to_string(ctx.scratch_high_water_bytes());
+  };
+  step("apply", false, [&] { dw::apply(ctx, u, X.gpu(), Y.gpu()); });
+  step("W+u", false, [&] { dw::apply(ctx, W.gpu() + u, X.gpu(), Y.gpu()); });
+  step("apply_transposed", false, [&] { dw::apply_transposed(ctx, u, G.gpu(), O.gpu()); });
+  step("merge", false, [&] { dw::merge(ctx, W.gpu(), u); });
+  step("unmerge", false, [&] { dw::unmerge(ctx, W.gpu(), u); });
+  step("merge_checked", true, [&] { dw::merge_checked(ctx, W.gpu(), u); });
+  step("unmerge", false, [&] { dw::unmerge(ctx, W.gpu(), u); });
+  step("materialize", true, [&] { dw::materialize(ctx, u, M.gpu()); });
+  step("frobenius_norm", true, [&] { (void)dw::frobenius_norm(ctx, u); });
+  if (slots) {
+    std::vector<std::unique_ptr<twin<T>>> g;
+    std::vector<dw::matrix_view<T, dw::device::cuda>> v;
+    for (const slot& sl : *slots) {
+      g.push_back(std::make_unique<twin<T>>(MatD::Zero(sl.rows, sl.cols)));
+      v.push_back(g.back()->gpu());
+    }
+    step("backward", false, [&] {
+      dw::cuda::backward<T>(ctx, u, X.gpu(), G.gpu(), std::span<const dw::matrix_view<T, dw::device::cuda>>(v),
+                            dX.gpu());
+    });
+  }
+  return r;
 }
 
 }  // namespace dwcuda

@@ -259,53 +259,19 @@ TEST_CASE("cuda: LoHa, IA³, AdaLoRA, BD-LoRA, TinyLoRA and PVeRA take no out ×
   using T = float;
   const index_t out = 512, in = 512, r = 16, tokens = 8;
   const std::size_t dense_bytes = std::size_t(out * in) * sizeof(T);
-  twin<T> X(dwt::random(tokens, in, 1)), G(dwt::random(tokens, out, 2)), dY(dwt::random(tokens, out, 3));
-  auto Y = dwcuda::nan_output<T>(tokens, out, false);
-  auto O = dwcuda::nan_output<T>(tokens, in, false);
-  auto M = dwcuda::nan_output<T>(out, in, false);
-  twin<T> W(dwt::random(out, in, 4)), dX(MatD::Zero(tokens, in));
+  twin<T> W(dwt::random(out, in, 4));
   const auto run = [&](const std::string& name, const auto& u, const std::vector<slot>& slots,
                        std::size_t limit = 0) {
     if (limit == 0) limit = dense_bytes / 4;
     CAPTURE(name);
-    dw::cuda::context ctx;
-    std::string per_op;
-    std::size_t high = 0, high_whole = 0, largest = 0;
-    const auto step = [&](const char* op, auto&& f) {
-      ctx.reset_scratch_statistics();
-      f();
-      const bool whole = std::string(op) == "merge_checked" || std::string(op) == "materialize" ||
-                         std::string(op) == "frobenius_norm";
-      (whole ? high_whole : high) = std::max(whole ? high_whole : high, ctx.scratch_high_water_bytes());
-      largest = std::max(largest, ctx.largest_scratch_request_bytes());
-      per_op += std::string(" ") + op + " " + std::to_string(ctx.scratch_high_water_bytes());
-    };
-    std::vector<std::unique_ptr<twin<T>>> g;
-    std::vector<dw::matrix_view<T, dw::device::cuda>> gv;
-    for (const slot& s : slots) {
-      g.push_back(std::make_unique<twin<T>>(MatD::Zero(s.rows, s.cols)));
-      gv.push_back(g.back()->gpu());
-    }
-    step("apply", [&] { dw::apply(ctx, u, X.gpu(), Y.gpu()); });
-    step("W+u", [&] { dw::apply(ctx, W.gpu() + u, X.gpu(), Y.gpu()); });
-    step("apply_transposed", [&] { dw::apply_transposed(ctx, u, G.gpu(), O.gpu()); });
-    step("merge", [&] { dw::merge(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("merge_checked", [&] { dw::merge_checked(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("backward", [&] {
-      dw::cuda::backward<T>(ctx, u, X.gpu(), dY.gpu(), std::span<const dw::matrix_view<T, dw::device::cuda>>(gv),
-                            dX.gpu());
-    });
-    step("materialize", [&] { dw::materialize(ctx, u, M.gpu()); });
-    step("frobenius_norm", [&] { (void)dw::frobenius_norm(ctx, u); });
-    MESSAGE(name << ": scratch high-water (B):" << per_op << "; dense ΔW " << dense_bytes << " B");
-    CAPTURE(per_op);
-    CHECK(largest < dense_bytes);  // no single request of an out × in matrix
-    CHECK(high > 0);
-    CHECK(high < limit);  // apply, W + ΔW, apply_transposed, merge, unmerge, backward
+    const auto s = dwcuda::measure_scratch<T>(u, W, tokens, &slots);
+    MESSAGE(name << ": scratch high-water (B):" << s.per_op << "; dense ΔW " << dense_bytes << " B");
+    CAPTURE(s.per_op);
+    CHECK(s.largest < dense_bytes);  // no single request of an out × in matrix
+    CHECK(s.per_call > 0);
+    CHECK(s.per_call < limit);  // apply, W + ΔW, apply_transposed, merge, unmerge, backward
     // The whole-ΔW operations work on panels of 32 K or 64 K entries: never one out × in.
-    CHECK(high_whole < dense_bytes);
+    CHECK(s.whole < dense_bytes);
   };
   {
     // PEFT's default r = 8: the Khatri–Rao factors K_A [r², in] and K_B [out, r²] have

@@ -230,37 +230,15 @@ TEST_CASE("cuda: OFT, BOFT and RoAd take no out × in scratch") {
   // entries; the whole-ΔW operations panels of 32 K or 64 K entries.
   const index_t out = 4096, in = 512, tokens = 8;
   const std::size_t dense_bytes = std::size_t(out * in) * sizeof(T);
-  twin<T> X(dwt::random(tokens, in, 1)), G(dwt::random(tokens, out, 2));
-  auto Y = dwcuda::nan_output<T>(tokens, out, false);
-  auto O = dwcuda::nan_output<T>(tokens, in, false);
-  auto M = dwcuda::nan_output<T>(out, in, false);
   twin<T> W(dwt::random(out, in, 3));
   const auto run = [&](const std::string& name, const auto& u, std::size_t limit) {
     CAPTURE(name);
-    dw::cuda::context ctx;
-    std::string per_op;
-    std::size_t high = 0, largest = 0;
-    const auto step = [&](const char* op, auto&& f) {
-      ctx.reset_scratch_statistics();
-      f();
-      high = std::max(high, ctx.scratch_high_water_bytes());
-      largest = std::max(largest, ctx.largest_scratch_request_bytes());
-      per_op += std::string(" ") + op + " " + std::to_string(ctx.scratch_high_water_bytes());
-    };
-    step("apply", [&] { dw::apply(ctx, u, X.gpu(), Y.gpu()); });
-    step("W+u", [&] { dw::apply(ctx, W.gpu() + u, X.gpu(), Y.gpu()); });
-    step("apply_transposed", [&] { dw::apply_transposed(ctx, u, G.gpu(), O.gpu()); });
-    step("merge", [&] { dw::merge(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("merge_checked", [&] { dw::merge_checked(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("materialize", [&] { dw::materialize(ctx, u, M.gpu()); });
-    step("frobenius_norm", [&] { (void)dw::frobenius_norm(ctx, u); });
-    MESSAGE(name << ": scratch high-water (B):" << per_op << "; dense ΔW " << dense_bytes << " B");
-    CAPTURE(per_op);
-    CHECK(high > 0);
-    CHECK(largest < dense_bytes / 8);
-    CHECK(high < limit);
+    const auto s = dwcuda::measure_scratch<T>(u, W, tokens);
+    MESSAGE(name << ": scratch high-water (B):" << s.per_op << "; dense ΔW " << dense_bytes << " B");
+    CAPTURE(s.per_op);
+    CHECK(s.per_call > 0);
+    CHECK(s.largest < dense_bytes / 8);
+    CHECK(std::max(s.per_call, s.whole) < limit);
   };
   const auto check_backward = [&](const std::string& name, std::pair<std::size_t, std::size_t> s) {
     MESSAGE(name << " backward: largest scratch request " << s.first << " B, high-water " << s.second << " B; dense ΔW "

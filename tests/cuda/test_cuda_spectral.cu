@@ -163,47 +163,22 @@ void fourier_cases(dw::cuda::context& ctx, std::uint64_t seed) {
 }
 #endif
 
-/// The scratch of every operation of u at out = in = 512, tokens = 8 (see the test below).
+/// The scratch of every operation of u at tokens = 8 (see the test below).
 template <class T, class U>
 void scratch_of(const std::string& name, const U& u, std::size_t limit, std::size_t whole_limit, std::size_t vjp_slots_rows,
                 std::size_t vjp_slots_cols) {
-  const index_t out = u.rows(), in = u.cols(), tokens = 8;
+  const index_t out = u.rows(), in = u.cols();
   const std::size_t dense_bytes = std::size_t(out * in) * sizeof(T);
-  twin<T> X(dwt::random(tokens, in, 1)), G(dwt::random(tokens, out, 2)), W(dwt::random(out, in, 3));
-  auto Y = dwcuda::nan_output<T>(tokens, out, false);
-  auto O = dwcuda::nan_output<T>(tokens, in, false);
-  auto M = dwcuda::nan_output<T>(out, in, false);
-  twin<T> g(MatD::Zero(index_t(vjp_slots_rows), index_t(vjp_slots_cols))), dX(MatD::Zero(tokens, in));
+  twin<T> W(dwt::random(out, in, 3));
+  const std::vector<dwcuda::slot> slots = {{index_t(vjp_slots_rows), index_t(vjp_slots_cols)}};
   CAPTURE(name);
-  dw::cuda::context ctx;
-  std::string per_op;
-  std::size_t high = 0, high_whole = 0, largest = 0;
-  const auto step = [&](const char* op, bool whole, auto&& f) {
-    ctx.reset_scratch_statistics();
-    f();
-    (whole ? high_whole : high) = std::max(whole ? high_whole : high, ctx.scratch_high_water_bytes());
-    largest = std::max(largest, ctx.largest_scratch_request_bytes());
-    per_op += std::string(" ") + op + " " + std::to_string(ctx.scratch_high_water_bytes());
-  };
-  const std::vector<dw::matrix_view<T, dw::device::cuda>> slots{g.gpu()};
-  step("apply", false, [&] { dw::apply(ctx, u, X.gpu(), Y.gpu()); });
-  step("W+u", false, [&] { dw::apply(ctx, W.gpu() + u, X.gpu(), Y.gpu()); });
-  step("apply_transposed", false, [&] { dw::apply_transposed(ctx, u, G.gpu(), O.gpu()); });
-  step("merge", false, [&] { dw::merge(ctx, W.gpu(), u); });
-  step("unmerge", false, [&] { dw::unmerge(ctx, W.gpu(), u); });
-  step("backward", false, [&] {
-    dw::cuda::backward<T>(ctx, u, X.gpu(), G.gpu(), std::span<const dw::matrix_view<T, dw::device::cuda>>(slots), dX.gpu());
-  });
-  step("merge_checked", true, [&] { dw::merge_checked(ctx, W.gpu(), u); });
-  step("unmerge", false, [&] { dw::unmerge(ctx, W.gpu(), u); });
-  step("materialize", true, [&] { dw::materialize(ctx, u, M.gpu()); });
-  step("frobenius_norm", true, [&] { (void)dw::frobenius_norm(ctx, u); });
-  MESSAGE(name << ": scratch high-water (B):" << per_op << "; dense ΔW " << dense_bytes << " B");
-  CAPTURE(per_op);
-  CHECK(largest < dense_bytes);  // no single request of an out × in matrix
-  CHECK(high > 0);
-  CHECK(high < limit);
-  CHECK(high_whole < whole_limit);
+  const auto s = dwcuda::measure_scratch<T>(u, W, 8, &slots);
+  MESSAGE(name << ": scratch high-water (B):" << s.per_op << "; dense ΔW " << dense_bytes << " B");
+  CAPTURE(s.per_op);
+  CHECK(s.largest < dense_bytes);  // no single request of an out × in matrix
+  CHECK(s.per_call > 0);
+  CHECK(s.per_call < limit);
+  CHECK(s.whole < whole_limit);
 }
 
 }  // namespace cuda_spectral_test

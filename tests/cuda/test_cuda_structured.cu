@@ -278,53 +278,17 @@ TEST_CASE("cuda: HRA, DeLoRA, GraLoRA, UniLoRA, VB-LoRA and HiRA take no out × 
   // of them (W's rows, their modulation B·A, the gradient's rows), a fixed number of rows: a
   // quarter of ΔW each at this size, 1/16 at 4096 × 4096.
   const std::size_t panel_bytes = std::size_t(dw::cpu::panel_rows * in) * sizeof(T);
-  twin<T> X(dwt::random(tokens, in, 1)), G(dwt::random(tokens, out, 2));
-  auto Y = dwcuda::nan_output<T>(tokens, out, false);
-  auto O = dwcuda::nan_output<T>(tokens, in, false);
-  auto M = dwcuda::nan_output<T>(out, in, false);
   const auto run = [&](const std::string& name, const auto& u, twin<T>& W, std::size_t limit,
                        const std::vector<dwcuda::slot>& slots) {
     CAPTURE(name);
-    dw::cuda::context ctx;
-    std::string per_op;
-    std::size_t high = 0, high_whole = 0, largest = 0;
-    const auto step = [&](const char* op, auto&& f) {
-      ctx.reset_scratch_statistics();
-      f();
-      const bool whole = std::string(op) == "merge_checked" || std::string(op) == "materialize" ||
-                         std::string(op) == "frobenius_norm";
-      (whole ? high_whole : high) = std::max(whole ? high_whole : high, ctx.scratch_high_water_bytes());
-      largest = std::max(largest, ctx.largest_scratch_request_bytes());
-      per_op += std::string(" ") + op + " " + std::to_string(ctx.scratch_high_water_bytes());
-    };
-    step("apply", [&] { dw::apply(ctx, u, X.gpu(), Y.gpu()); });
-    step("W+u", [&] { dw::apply(ctx, W.gpu() + u, X.gpu(), Y.gpu()); });
-    step("apply_transposed", [&] { dw::apply_transposed(ctx, u, G.gpu(), O.gpu()); });
-    step("merge", [&] { dw::merge(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("merge_checked", [&] { dw::merge_checked(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("materialize", [&] { dw::materialize(ctx, u, M.gpu()); });
-    step("frobenius_norm", [&] { (void)dw::frobenius_norm(ctx, u); });
-    {
-      std::vector<std::unique_ptr<twin<T>>> g;
-      std::vector<dw::matrix_view<T, dw::device::cuda>> v;
-      for (const auto& s : slots) {
-        g.push_back(std::make_unique<twin<T>>(MatD::Zero(s.rows, s.cols)));
-        v.push_back(g.back()->gpu());
-      }
-      twin<T> dX(MatD::Zero(tokens, in));
-      step("backward", [&] {
-        dw::cuda::backward<T>(ctx, u, X.gpu(), G.gpu(), std::span<const dw::matrix_view<T, dw::device::cuda>>(v), dX.gpu());
-      });
-    }
-    MESSAGE(name << ": scratch high-water (B):" << per_op << "; largest request " << largest << "; dense ΔW " << dense_bytes
-                 << " B");
-    CAPTURE(per_op);
-    CHECK(largest < dense_bytes);  // no single request of an out × in matrix
-    CHECK(high > 0);
-    CHECK(high < limit);
-    CHECK(high_whole < std::max(limit, dense_bytes));
+    const auto s = dwcuda::measure_scratch<T>(u, W, tokens, &slots);
+    MESSAGE(name << ": scratch high-water (B):" << s.per_op << "; largest request " << s.largest << "; dense ΔW "
+                 << dense_bytes << " B");
+    CAPTURE(s.per_op);
+    CHECK(s.largest < dense_bytes);  // no single request of an out × in matrix
+    CHECK(s.per_call > 0);
+    CHECK(s.per_call < limit);
+    CHECK(s.whole < std::max(limit, dense_bytes));
   };
   operands<T> o(out, in, r, 2, 4, 16, false, 3);
   const dw::index_t d = 7, nv = 5;

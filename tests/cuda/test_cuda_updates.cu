@@ -282,44 +282,19 @@ TEST_CASE_TEMPLATE("cuda: no update type takes an out × in scratch", T, float, 
   // out = in = 512, tokens = 8: a dense ΔW is 1 MiB (float) or 2 MiB (double).
   const index_t out = 512, in = 512, r = 16, tokens = 8;
   const std::size_t dense_bytes = std::size_t(out * in) * sizeof(T);
-  twin<T> X(dwt::random(tokens, in, 1)), G(dwt::random(tokens, out, 2));
-  auto Y = dwcuda::nan_output<T>(tokens, out, false);
-  auto O = dwcuda::nan_output<T>(tokens, in, false);
-  auto M = dwcuda::nan_output<T>(out, in, false);
   const auto run = [&](const std::string& name, const auto& u, twin<T>& W, std::size_t limit,
                        std::size_t largest_limit = 0) {
     if (largest_limit == 0) largest_limit = dense_bytes - 1;
     CAPTURE(name);
-    dw::cuda::context ctx;
-    std::string per_op;
-    std::size_t high = 0, high_whole = 0, largest = 0;
-    const auto step = [&](const char* op, auto&& f) {
-      ctx.reset_scratch_statistics();
-      f();
-      const bool whole = std::string(op) == "merge_checked" || std::string(op) == "materialize" ||
-                         std::string(op) == "frobenius_norm";
-      (whole ? high_whole : high) = std::max(whole ? high_whole : high, ctx.scratch_high_water_bytes());
-      largest = std::max(largest, ctx.largest_scratch_request_bytes());
-      per_op += std::string(" ") + op + " " + std::to_string(ctx.scratch_high_water_bytes());
-    };
-    ctx.reset_scratch_statistics();
-    step("apply", [&] { dw::apply(ctx, u, X.gpu(), Y.gpu()); });
-    step("W+u", [&] { dw::apply(ctx, W.gpu() + u, X.gpu(), Y.gpu()); });
-    step("apply_transposed", [&] { dw::apply_transposed(ctx, u, G.gpu(), O.gpu()); });
-    step("merge", [&] { dw::merge(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("merge_checked", [&] { dw::merge_checked(ctx, W.gpu(), u); });
-    step("unmerge", [&] { dw::unmerge(ctx, W.gpu(), u); });
-    step("materialize", [&] { dw::materialize(ctx, u, M.gpu()); });
-    step("frobenius_norm", [&] { (void)dw::frobenius_norm(ctx, u); });
-    MESSAGE(name << ": scratch high-water (B):" << per_op << "; dense ΔW " << dense_bytes << " B");
-    CAPTURE(per_op);
-    CHECK(largest <= largest_limit);  // no single request of an out × in matrix
-    CHECK(high > 0);
-    CHECK(high < limit);
+    const auto s = dwcuda::measure_scratch<T>(u, W, tokens);
+    MESSAGE(name << ": scratch high-water (B):" << s.per_op << "; dense ΔW " << dense_bytes << " B");
+    CAPTURE(s.per_op);
+    CHECK(s.largest <= largest_limit);  // no single request of an out × in matrix
+    CHECK(s.per_call > 0);
+    CHECK(s.per_call < limit);
     // The whole-ΔW operations work on panels of 32 K or 64 K entries (an eighth or a
     // quarter of ΔW at this size): never one out × in.
-    CHECK(high_whole < std::max(limit, dense_bytes));
+    CHECK(s.whole < std::max(limit, dense_bytes));
   };
   twin<T> W(dwt::random(out, in, 3));
   twin<T> B(dwt::random(out, r, 4)), R(dwt::random(r, r, 5)), A(dwt::random(r, in, 6)), Bb(dwt::random(out, 4 * r, 7));
