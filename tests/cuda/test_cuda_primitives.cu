@@ -3,7 +3,7 @@
 // primitives (deltaw/kernels/) on the same values and layouts: gemm with op flags over
 // row-major, column-major, padded and non-unit-stride views, the strided batched GEMM
 // (including a broadcast operand), fill, scale, axpy, the converting copy and transform by
-// a host-device functor. fp32 within 1e-6 and fp64 within 1e-12 of the CPU, relative to
+// a host-device functor; gemm_grouped and scatter_add_rows (repeated rows). fp32 within 1e-6 and fp64 within 1e-12 of the CPU, relative to
 // max(1, max |CPU|); elements outside the views must keep their sentinel.
 #include <deltaw/cuda/cuda.hpp>
 #include <deltaw/deltaw.hpp>
@@ -16,6 +16,8 @@
 #include <vector>
 
 #include <doctest/doctest.h>
+
+#include "cuda_test_util.cuh"
 
 namespace dw = deltaw;
 using dw::index_t;
@@ -203,4 +205,46 @@ TEST_CASE_TEMPLATE("cuda primitives: fill, scale, axpy, copy and transform match
   }
   pair<T> A(3, 4, layout::row_major, 1), B(4, 3, layout::row_major, 2);
   CHECK_THROWS_AS(dw::cuda::axpy<T>(ctx, T(1), A.cgpu(), B.gpu()), dw::shape_error);
+}
+
+TEST_CASE_TEMPLATE("cuda primitives: gemm_grouped and scatter_add_rows match the CPU primitives", T, float, double) {
+  using dwcuda::twin;
+  const double tol = std::is_same_v<T, double> ? 1e-12 : 1e-6;
+  dw::cuda::context ctx;
+  const kn::cpu_context cpu;
+  // Three problems of different shapes, op flags and β: adapters of different ranks.
+  twin<T> A0(dwt::random(5, 3, 1)), B0(dwt::random(3, 7, 2)), C0(dwt::random(5, 7, 3), true);
+  twin<T> A1(dwt::random(4, 6, 4), true), B1(dwt::random(2, 4, 5)), C1(dwt::random(6, 2, 6));
+  twin<T> A2(dwt::random(1, 8, 7)), B2(dwt::random(8, 1, 8)), C2(dwt::random(1, 1, 9));
+  const dwt::MatD C1r = C1.host_d();
+  std::vector<kn::gemm_problem<T, dw::device::cuda>> pg = {
+      {T(1.5), A0.gpu(), kn::op::none, B0.gpu(), kn::op::none, T(0), C0.gpu()},
+      {T(-0.5), A1.gpu(), kn::op::trans, B1.gpu(), kn::op::trans, T(1), C1.gpu()},
+      {T(2), A2.gpu(), kn::op::none, B2.gpu(), kn::op::none, T(0.5), C2.gpu()}};
+  std::vector<kn::gemm_problem<T>> pc = {{T(1.5), A0.cpu(), kn::op::none, B0.cpu(), kn::op::none, T(0), C0.cpu()},
+                                         {T(-0.5), A1.cpu(), kn::op::trans, B1.cpu(), kn::op::trans, T(1), C1.cpu()},
+                                         {T(2), A2.cpu(), kn::op::none, B2.cpu(), kn::op::none, T(0.5), C2.cpu()}};
+  dw::cuda::gemm_grouped<T>(ctx, pg);
+  kn::gemm_grouped<T>(cpu, pc);
+  CHECK(dwt::rel_err(C0.dev_d(), C0.host_d()) <= tol);
+  CHECK(dwt::rel_err(C1.dev_d(), C1.host_d()) <= tol);
+  CHECK(dwt::rel_err(C2.dev_d(), C2.host_d()) <= tol);
+  CHECK(dwt::rel_err(C0.dev_d(), dwt::MatD(1.5 * A0.host_d() * B0.host_d())) <= tol);
+  CHECK(dwt::rel_err(C1.dev_d(), dwt::MatD(C1r - 0.5 * A1.host_d().transpose() * B1.host_d().transpose())) <= tol);
+
+  // Scatter-add with repeated rows (they add up), rows left alone, both layouts.
+  for (bool cm : {false, true}) {
+    twin<T> X(dwt::random(6, 5, 10), cm), Yg(dwt::random(7, 5, 11), !cm), Yc(dwt::random(7, 5, 11), !cm);
+    const std::vector<index_t> rows = {3, 0, 3, 6, 3, 1};
+    dwt::MatD ref = Yc.host_d();
+    for (std::size_t i = 0; i < rows.size(); ++i) ref.row(rows[i]) += 0.75 * X.host_d().row(index_t(i));
+    dw::cuda::scatter_add_rows<T>(ctx, T(0.75), X.gpu(), rows, Yg.gpu());
+    kn::scatter_add_rows<T>(cpu, T(0.75), X.cpu(), rows, Yc.cpu());
+    CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= tol);
+    CHECK(dwt::rel_err(Yg.dev_d(), ref) <= tol);
+    const std::vector<index_t> bad = {3, 0, 7, 6, 3, 1};
+    CHECK_THROWS_WITH_AS(dw::cuda::scatter_add_rows<T>(ctx, T(1), X.gpu(), bad, Yg.gpu()),
+                         doctest::Contains("row index 7 outside [0, 7)"), dw::shape_error);
+    CHECK(dwt::rel_err(Yg.dev_d(), ref) <= tol);  // nothing written
+  }
 }

@@ -8,6 +8,7 @@
 
 #include <cublas_v2.h>
 
+#include <span>
 #include <string>
 #include <type_traits>
 
@@ -133,6 +134,14 @@ void gemm_strided_batched(const context& ctx, std::type_identity_t<C> alpha, dev
       ctx.cublas(), p.op, q.op, detail::to_int(Cc.rows(), "a dimension", op), detail::to_int(Cc.cols(), "a dimension", op),
       detail::to_int(P.cols(), "a dimension", op), &a_, static_cast<const C*>(p.ptr), p.ld, sp,
       static_cast<const C*>(q.ptr), q.ld, sq, &b_, Cc.data(), ldc, stride_c, int(count)));
+}
+
+/// Independent GEMMs of different shapes (kernels::gemm_grouped on the CPU): one cuBLAS
+/// product per problem, issued in order on ctx's stream. (cublasGemmGroupedBatchedEx, one
+/// launch for all, is not used yet: the host-device shim does not implement it.)
+template <class C>
+void gemm_grouped(const context& ctx, std::span<const kernels::gemm_problem<C, device::cuda>> problems) {
+  for (const auto& p : problems) gemm<C>(ctx, p.alpha, p.A, p.oa, p.B, p.ob, p.beta, p.Cv);
 }
 
 }  // namespace cuda

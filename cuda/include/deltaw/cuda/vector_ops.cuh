@@ -348,5 +348,61 @@ index_t count_non_finite_as(const context& ctx, const matrix_view<const C, devic
   }
 }
 
+namespace detail {
+
+/// Y(target[g], j) += α·Σ_k X(src[k], j) over k in [first[g], first[g + 1]): one thread per
+/// entry of the distinct target rows, its sources summed in their order (no atomics).
+template <class C>
+struct scatter_add_fn {
+  matrix_view<const C, device::cuda> X;
+  matrix_view<C, device::cuda> Y;
+  const index_t* target;
+  const index_t* first;
+  const index_t* src;
+  C alpha;
+  DELTAW_HOST_DEVICE void operator()(index_t k) const {
+    const index_t g = k / Y.cols(), j = k % Y.cols();
+    C s(0);
+    for (index_t i = first[g]; i < first[g + 1]; ++i) s += X(src[i], j);
+    Y(target[g], j) += alpha * s;
+  }
+};
+
+}  // namespace detail
+
+/// Y(rows[i], :) += α·X(i, :) (kernels::scatter_add_rows on the CPU): rows in host memory,
+/// range-checked; repeated indices add up. The rows are grouped by target on the host and
+/// the groups uploaded; each entry of a target row is summed by one thread.
+template <class C>
+void scatter_add_rows(const context& ctx, std::type_identity_t<C> alpha, const device_view<const C>& X,
+                      std::span<const index_t> rows, const device_view<C>& Y) {
+  if (index_t(rows.size()) != X.rows() || X.cols() != Y.cols())
+    throw shape_error("deltaw::cuda::scatter_add_rows: " + std::to_string(rows.size()) + " rows of " +
+                      ::deltaw::detail::shape_str(X.rows(), X.cols()) + " into " + ::deltaw::detail::shape_str(Y.rows(), Y.cols()));
+  std::vector<index_t> count(std::size_t(Y.rows()) + 1, 0);
+  for (const index_t r : rows) {
+    if (r < 0 || r >= Y.rows())
+      throw shape_error("deltaw::cuda::scatter_add_rows: row index " + std::to_string(r) + " outside [0, " +
+                        std::to_string(Y.rows()) + ")");
+    ++count[std::size_t(r) + 1];
+  }
+  if (rows.empty() || X.cols() == 0) return;
+  std::vector<index_t> target, first{0}, src(rows.size()), next(std::size_t(Y.rows()), -1);
+  for (index_t r = 0; r < Y.rows(); ++r)
+    if (count[std::size_t(r) + 1] > 0) {
+      next[std::size_t(r)] = first.back();
+      target.push_back(r);
+      first.push_back(first.back() + count[std::size_t(r) + 1]);
+    }
+  for (std::size_t i = 0; i < rows.size(); ++i) src[std::size_t(next[std::size_t(rows[i])]++)] = index_t(i);
+  const auto mark = ctx.position();
+  const auto* dt = detail::upload_to_scratch(ctx, target.data(), target.size());
+  const auto* df = detail::upload_to_scratch(ctx, first.data(), first.size());
+  const auto* ds = detail::upload_to_scratch(ctx, src.data(), src.size());
+  detail::for_each_index(ctx, index_t(target.size()) * Y.cols(), detail::scatter_add_fn<C>{X, Y, dt, df, ds, C(alpha)},
+                 "deltaw::cuda::scatter_add_rows");
+  ctx.release(mark);
+}
+
 }  // namespace cuda
 DELTAW_NAMESPACE_END
