@@ -442,3 +442,95 @@ TEST_CASE("cbq cross-block: bad options and shapes give specific errors") {
   dwt::check_throws_with<deltaw::shape_error>([&] { (void)st.forward_hard(Mat::Zero(6, 12), 0, 1); },
                                    {"forward_hard: x is [6, 12] but block 0 takes 8 features"});
 }
+
+TEST_CASE("cbq cross-block: the KL term of the window objective and CFP's outlier truncation") {
+  namespace ct = cbq_cross_test;
+  namespace ag = deltaw::autograd;
+  namespace tr = deltaw::train;
+  using ct::Mat;
+  using deltaw::index_t;
+  const ct::stack_data d;
+  // KL term: the objective with κ, τ minus the objective without is κ·τ²·mean KL of the
+  // row softmaxes of the window's output and its target, the output recomputed densely.
+  tr::cbq_cross_block_options o;
+  o.bits = 3;
+  o.rank = 3;
+  o.init_iters = 2;
+  o.step.grad = tr::cbq_step_grad::frozen_base;
+  tr::cbq_cross_block_options ok = o;
+  ok.kl_weight = 0.5;
+  ok.kl_temperature = 2.0;
+  tr::cbq_stack<double> plain(d.blocks(), o), kl(d.blocks(), ok);
+  for (auto* st : {&plain, &kl})
+    for (index_t l = 0; l < 3; ++l) {
+      const auto& q = st->quantizer(l);
+      st->A1(l).value() = ct::uniform(q.rows(), 3, 520 + l, 0.3);
+      st->A2(l).value() = ct::uniform(3, q.cols(), 530 + l, 0.3);
+      st->step_parameter(l).value() = ct::uniform(q.rows(), 1, 540 + l, 0.08);
+    }
+  const Mat x = ct::uniform(9, 8, 550), y = ct::uniform(9, 12, 552);
+  std::vector<Mat> Wq;
+  for (index_t l = 0; l < 3; ++l)
+    Wq.push_back(ct::soft_weight(d.W(l), kl.A1(l).value() * kl.A2(l).value(),
+                                 ct::log_steps(d.W(l), kl.step_parameter(l).value(), 3), 3, false));
+  const Mat h = ct::dense_forward(d, Wq, x, 0, 1);
+  double kl_ref = 0;
+  for (index_t i = 0; i < h.rows(); ++i) {
+    const Eigen::RowVectorXd p = (y.row(i) / 2.0).array().exp() / (y.row(i) / 2.0).array().exp().sum();
+    const Eigen::RowVectorXd q = (h.row(i) / 2.0).array().exp() / (h.row(i) / 2.0).array().exp().sum();
+    kl_ref += (p.array() * (p.array().log() - q.array().log())).sum();
+  }
+  kl_ref *= 4.0 / double(h.rows());  // τ² / n
+  {
+    ag::tape<double> t;
+    const double with = kl.window_objective(t, x, y, 0, 1, 3.0).value()(0, 0);
+    const double without = plain.window_objective(t, x, y, 0, 1, 3.0).value()(0, 0);
+    std::printf("cbq window objective KL term: %.12f vs formula %.12f\n", with - without, 0.5 * kl_ref);
+    CHECK(with - without == doctest::Approx(0.5 * kl_ref).epsilon(1e-10));
+  }
+  std::vector<ct::Par*> ps{&kl.A1(0), &kl.A2(0), &kl.step_parameter(0), &kl.A1(1), &kl.A2(1), &kl.step_parameter(1)};
+  const auto rep = ag::gradcheck([&](ag::tape<double>& t) { return kl.window_objective(t, x, y, 0, 1, 3.0); }, ps);
+  std::printf("gradcheck cbq window with KL: entries %3td max rel err %.2e (%s)\n", rep.entries, rep.max_rel_error,
+              rep.worst.c_str());
+  CHECK(rep.max_rel_error < 1e-6);
+  CHECK(rep.min_grad_norm > 0);
+
+  // CFP on a weight with known outliers. Row 0: magnitudes 0.1 … 1.0 and two outliers 8, −9
+  // (coarse bound Q3 + 1.5·IQR = 1.75; the two-means split keeps 0.1 … 1.0): both become
+  // ±1.0. Row 1: 0.1 … 1.2 evenly, no candidate: unchanged. Row 2: 0.1 … 1.1 and 3: 3 → 1.1.
+  Mat W(3, 12);
+  for (index_t j = 0; j < 10; ++j) W(0, j) = (j % 2 ? -1.0 : 1.0) * 0.1 * double(j + 1);
+  W(0, 10) = 8.0;
+  W(0, 11) = -9.0;
+  for (index_t j = 0; j < 12; ++j) W(1, j) = (j % 3 ? 1.0 : -1.0) * 0.1 * double(j + 1);
+  for (index_t j = 0; j < 11; ++j) W(2, j) = (j % 2 ? 1.0 : -1.0) * 0.1 * double(j + 1);
+  W(2, 11) = 3.0;
+  Mat expect = W;
+  expect(0, 10) = 1.0;
+  expect(0, 11) = -1.0;
+  expect(2, 11) = 1.1;
+  const Mat Wt = tr::cbq_cfp_truncate(deltaw::matrix_view<const double>(deltaw::view(W)));
+  CHECK((Wt - expect).cwiseAbs().maxCoeff() < 1e-15);
+  dwt::check_throws_with<deltaw::argument_error>([&] { (void)tr::cbq_cfp_truncate(deltaw::matrix_view<const double>(deltaw::view(W)), 0.0); },
+                                                 {"IQR factor must be finite and > 0"});
+
+  // In a stack: the quantiser sees the truncated weight (smaller scales where a channel had
+  // outliers), the full-precision target does not.
+  tr::cbq_cross_block_options oc = o;
+  oc.cfp = true;
+  oc.cfp_iqr_factor = 0.5;
+  tr::cbq_stack<double> with_cfp(d.blocks(), oc);
+  bool smaller = false;
+  for (index_t l = 0; l < 3; ++l) {
+    const Mat Wl = tr::cbq_cfp_truncate(deltaw::matrix_view<const double>(deltaw::view(d.W(l))), 0.5);
+    const tr::cbq_quantizer<double> ref(deltaw::view(Wl), {3, true});
+    CHECK((with_cfp.quantizer(l).scales() - ref.scales()).cwiseAbs().maxCoeff() == 0.0);
+    CHECK((with_cfp.quantizer(l).scales().array() <= plain.quantizer(l).scales().array()).all());
+    smaller = smaller || (with_cfp.quantizer(l).scales().array() < plain.quantizer(l).scales().array()).any();
+  }
+  CHECK(smaller);  // the stack's weights have channels that CFP truncates at k = 0.5
+  CHECK((with_cfp.forward_full_precision(x, 0, 2) - plain.forward_full_precision(x, 0, 2)).norm() == 0.0);
+  oc.cfp_iqr_factor = -1;
+  dwt::check_throws_with<deltaw::argument_error>([&] { tr::cbq_stack<double> bad(d.blocks(), oc); },
+                                                 {"cfp_iqr_factor must be finite and > 0"});
+}

@@ -1,15 +1,18 @@
 // SPDX-License-Identifier: MIT
 // Differentiable ops on tape variables: arithmetic, matmul, activations, normalisation,
-// embedding, causal attention and the losses. Each records its value and a closure with
-// its analytic VJP; tests/autograd checks every one against central differences.
+// embedding, causal attention and the losses (MSE, cross-entropy, the softmax KL). Each
+// records its value and a closure with its analytic VJP; each is checked against central
+// differences (tests/autograd; the softmax KL in tests/papers/test_trans_lora.cpp).
 //
 // Shapes are 2-D, row-major: activations [tokens, features]; a sequence batch is
 // [batch·seq, features] (attention takes batch and seq explicitly); vectors (bias,
 // LayerNorm γ/β) are [1, features].
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <numbers>
 #include <string>
@@ -373,6 +376,52 @@ var<T> mse(const var<T>& pred, const var<T>& target) {
 
 /// Label that cross_entropy skips (PyTorch's ignore_index default).
 inline constexpr std::int64_t ignore_label = -100;
+
+/// τ²·(1/n)·Σᵢ KL(pᵢ ‖ qᵢ) with p = softmax(teacher/τ), q = softmax(student/τ), rows of
+/// the logits [n, classes]; teacher logits are constants. ∂/∂student = τ·(q − p)/n.
+template <class T>
+var<T> softmax_kl(const var<T>& student, const dense<T>& teacher, double temperature = 1.0) {
+  constexpr const char* op = "deltaw::autograd::softmax_kl";
+  auto& t = detail::tape_of(student, "softmax_kl");
+  const auto S = student.value();
+  if (S.rows() != teacher.rows() || S.cols() != teacher.cols())
+    throw shape_error(std::string(op) + ": the student logits are " + deltaw::detail::shape_str(S.rows(), S.cols()) +
+                      " but the teacher logits are " + deltaw::detail::shape_str(teacher.rows(), teacher.cols()) +
+                      "; they must have the same shape");
+  if (!(temperature > 0) || !std::isfinite(temperature))
+    throw argument_error(std::string(op) + ": the temperature must be finite and > 0; got " + std::to_string(temperature));
+  const index_t n = S.rows(), V = S.cols();
+  auto diff = std::make_shared<dense<T>>(n, V);  // q − p
+  double total = 0;
+  std::vector<double> lp(static_cast<std::size_t>(V)), lq(static_cast<std::size_t>(V));
+  for (index_t i = 0; i < n; ++i) {
+    double mt = -std::numeric_limits<double>::infinity(), ms = mt;
+    for (index_t v = 0; v < V; ++v) {
+      mt = std::max(mt, double(teacher(i, v)) / temperature);
+      ms = std::max(ms, double(S(i, v)) / temperature);
+    }
+    double zt = 0, zs = 0;
+    for (index_t v = 0; v < V; ++v) {
+      zt += std::exp(double(teacher(i, v)) / temperature - mt);
+      zs += std::exp(double(S(i, v)) / temperature - ms);
+    }
+    for (index_t v = 0; v < V; ++v) {
+      lp[std::size_t(v)] = double(teacher(i, v)) / temperature - mt - std::log(zt);
+      lq[std::size_t(v)] = double(S(i, v)) / temperature - ms - std::log(zs);
+      const double p = std::exp(lp[std::size_t(v)]);
+      total += p * (lp[std::size_t(v)] - lq[std::size_t(v)]);
+      (*diff)(i, v) = T(std::exp(lq[std::size_t(v)]) - p);
+    }
+  }
+  dense<T> y(1, 1);
+  y(0, 0) = n == 0 ? T(0) : T(temperature * temperature * total / double(n));
+  const index_t is = student.id();
+  return t.record(op, std::move(y), t.requires_grad(student), [is, diff, temperature, n](tape<T>& t, index_t self) {
+    if (n == 0) return;
+    const T c = T(double(t.upstream(self)(0, 0)) * temperature / double(n));
+    detail::accumulate(t, is, c * (*diff));
+  });
+}
 
 /// Softmax cross-entropy: logits [n, classes], labels [n]; the mean over the rows whose
 /// label is not −100 (ignored rows get no gradient). All rows ignored gives 0.

@@ -314,50 +314,11 @@ std::vector<std::int64_t> filter_synthetic(const discriminator<T>& d, const std:
 // Knowledge-distillation loss
 // ---------------------------------------------------------------------------------------
 
-/// τ²·(1/n)·Σᵢ KL(pᵢ ‖ qᵢ) with p = softmax(teacher/τ), q = softmax(student/τ), rows of
-/// the logits [n, classes]; teacher logits are constants. ∂/∂student = τ·(q − p)/n.
+/// τ²·(1/n)·Σᵢ KL(pᵢ ‖ qᵢ) with p = softmax(teacher/τ), q = softmax(student/τ):
+/// autograd::softmax_kl (the op moved there, shared with CBQ's window objective).
 template <class T>
 var<T> kd_kl_loss(const var<T>& student, const dense<T>& teacher, double temperature = 1.0) {
-  constexpr const char* op = "deltaw::papers::trans_lora::kd_kl_loss";
-  auto& t = autograd::detail::tape_of(student, op);
-  const auto S = student.value();
-  if (S.rows() != teacher.rows() || S.cols() != teacher.cols())
-    throw shape_error(std::string(op) + ": the student logits are " + deltaw::detail::shape_str(S.rows(), S.cols()) +
-                      " but the teacher logits are " + deltaw::detail::shape_str(teacher.rows(), teacher.cols()) +
-                      "; the vocabularies must match (use kd_target::teacher_argmax otherwise)");
-  if (!(temperature > 0) || !std::isfinite(temperature))
-    throw argument_error(std::string(op) + ": the temperature must be finite and > 0; got " + std::to_string(temperature));
-  const index_t n = S.rows(), V = S.cols();
-  auto diff = std::make_shared<dense<T>>(n, V);  // q − p
-  double total = 0;
-  std::vector<double> lp(static_cast<std::size_t>(V)), lq(static_cast<std::size_t>(V));
-  for (index_t i = 0; i < n; ++i) {
-    double mt = -std::numeric_limits<double>::infinity(), ms = mt;
-    for (index_t v = 0; v < V; ++v) {
-      mt = std::max(mt, double(teacher(i, v)) / temperature);
-      ms = std::max(ms, double(S(i, v)) / temperature);
-    }
-    double zt = 0, zs = 0;
-    for (index_t v = 0; v < V; ++v) {
-      zt += std::exp(double(teacher(i, v)) / temperature - mt);
-      zs += std::exp(double(S(i, v)) / temperature - ms);
-    }
-    for (index_t v = 0; v < V; ++v) {
-      lp[std::size_t(v)] = double(teacher(i, v)) / temperature - mt - std::log(zt);
-      lq[std::size_t(v)] = double(S(i, v)) / temperature - ms - std::log(zs);
-      const double p = std::exp(lp[std::size_t(v)]);
-      total += p * (lp[std::size_t(v)] - lq[std::size_t(v)]);
-      (*diff)(i, v) = T(std::exp(lq[std::size_t(v)]) - p);
-    }
-  }
-  dense<T> y(1, 1);
-  y(0, 0) = n == 0 ? T(0) : T(temperature * temperature * total / double(n));
-  const index_t is = student.id();
-  return t.record(op, std::move(y), t.requires_grad(student), [is, diff, temperature, n](tape<T>& t, index_t self) {
-    if (n == 0) return;
-    const T c = T(double(t.upstream(self)(0, 0)) * temperature / double(n));
-    autograd::detail::accumulate(t, is, c * (*diff));
-  });
+  return autograd::softmax_kl(student, teacher, temperature);
 }
 
 /// The teacher's argmax of each row (labels for kd_target::teacher_argmax).

@@ -48,8 +48,16 @@
 // an overlap is optimised again in the next window, starting from where the previous window
 // left its factors and steps (fresh AdamW moments per window); its hard codes are final
 // after the last window containing it. The regulariser schedule (warm-up, β from beta_start
-// to beta_end) restarts in every window (UNVERIFIED). CBQ's KL-based homologous loss term
-// and its outlier pre-processing (CFP) are not implemented.
+// to beta_end) restarts in every window (UNVERIFIED).
+//
+// CBQ's two other pieces, both options, off by default (their exact settings UNVERIFIED):
+//  - the KL term of the homologous reconstruction: L += κ·τ²·mean_rows KL(softmax(y_fp/τ) ‖
+//    softmax(f̂(x)/τ)) (kl_weight κ, kl_temperature τ; autograd::softmax_kl);
+//  - coarse-to-fine outlier pre-processing of the weights (cbq_cfp_truncate): per output
+//    channel, the coarse candidates are the |w| above Q3 + k·IQR of that channel's |w|; the
+//    fine split among them is the threshold that minimises the within-set sum of squares of
+//    the kept and the outlier magnitudes (1-D two-means); the outliers are truncated to the
+//    largest kept magnitude before the quantiser sees W. The target y_fp keeps W as is.
 //
 // Dense out × in matrices: only in codes_dense / cbq_block_result::codes (the integer codes,
 // the quantised layer itself). Forward and backward passes work on `row_block` output
@@ -296,6 +304,10 @@ struct cbq_cross_block_options {
   index_t init_iters = 10;
   index_t row_block = 64;
   std::uint64_t seed = 0;
+  double kl_weight = 0;          // κ of the KL term (0: off; UNVERIFIED)
+  double kl_temperature = 1;     // τ of the KL term
+  bool cfp = false;              // coarse-to-fine weight outlier truncation (UNVERIFIED details)
+  double cfp_iqr_factor = 1.5;   // k of the coarse bound Q3 + k·IQR
 };
 
 /// The windows [first, last] over L blocks: starts 0, K − overlap, …; the last window ends
@@ -316,6 +328,59 @@ inline std::vector<std::pair<index_t, index_t>> cbq_windows(index_t blocks, inde
   return w;
 }
 
+/// CBQ's coarse-to-fine weight pre-processing (see the top of this file): W with each output
+/// channel's outlier magnitudes truncated to the largest kept one (signs kept). Channels
+/// without coarse candidates are unchanged. k: the coarse bound's IQR factor (> 0).
+template <class T>
+dense<T> cbq_cfp_truncate(const matrix_view<const T>& W, double k = 1.5) {
+  if (!(k > 0) || !std::isfinite(k))
+    throw argument_error("deltaw::train::cbq_cfp_truncate: the IQR factor must be finite and > 0; got " +
+                         std::to_string(k));
+  dense<T> out(W.rows(), W.cols());
+  std::vector<double> a(static_cast<std::size_t>(W.cols()));
+  for (index_t i = 0; i < W.rows(); ++i) {
+    for (index_t j = 0; j < W.cols(); ++j) {
+      out(i, j) = W(i, j);
+      a[std::size_t(j)] = std::abs(double(W(i, j)));
+    }
+    std::sort(a.begin(), a.end());
+    const auto quantile = [&](double p) {  // linear interpolation between order statistics
+      const double x = p * double(a.size() - 1);
+      const std::size_t lo = std::size_t(x);
+      return lo + 1 < a.size() ? a[lo] + (x - double(lo)) * (a[lo + 1] - a[lo]) : a[lo];
+    };
+    if (a.size() < 4) continue;
+    const double q1 = quantile(0.25), q3 = quantile(0.75), coarse = q3 + k * (q3 - q1);
+    const std::size_t first = std::size_t(std::upper_bound(a.begin(), a.end(), coarse) - a.begin());
+    if (first == a.size()) continue;  // no candidates
+    // Fine: keep a[0 … m), truncate a[m …) for m in [first, n]; minimise the within-set sum of
+    // squares (prefix sums; m = n keeps everything).
+    const std::size_t n = a.size();
+    std::vector<double> s1(n + 1, 0), s2(n + 1, 0);
+    for (std::size_t j = 0; j < n; ++j) {
+      s1[j + 1] = s1[j] + a[j];
+      s2[j + 1] = s2[j] + a[j] * a[j];
+    }
+    const auto ss = [&](std::size_t b, std::size_t e) {  // Σ (a − mean)² over [b, e)
+      if (e <= b) return 0.0;
+      const double m1 = s1[e] - s1[b];
+      return (s2[e] - s2[b]) - m1 * m1 / double(e - b);
+    };
+    std::size_t best = n;
+    double best_ss = ss(0, n);
+    for (std::size_t m = first; m < n; ++m)
+      if (const double v = ss(0, m) + ss(m, n); v < best_ss) {
+        best_ss = v;
+        best = m;
+      }
+    if (best == n || best == 0) continue;
+    const double t = a[best - 1];
+    for (index_t j = 0; j < W.cols(); ++j)
+      if (std::abs(double(out(i, j))) > t) out(i, j) = T(std::copysign(t, double(out(i, j))));
+  }
+  return out;
+}
+
 namespace cbq_detail {
 template <class T>
 void activate(dense<T>& y, cbq_activation a) {
@@ -332,6 +397,11 @@ inline void check_options(const cbq_cross_block_options& o, const char* op) {
     throw argument_error(std::string(op) + ": lr must be finite and > 0; got " + std::to_string(o.lr));
   if (!(o.lambda >= 0) || !(o.beta_end >= 1) || !(o.beta_start >= 1) || !(o.warmup >= 0 && o.warmup <= 1))
     throw argument_error(std::string(op) + ": lambda must be ≥ 0, the betas ≥ 1 and warmup in [0, 1]");
+  if (!(o.kl_weight >= 0) || !std::isfinite(o.kl_weight) || !(o.kl_temperature > 0) || !std::isfinite(o.kl_temperature))
+    throw argument_error(std::string(op) + ": kl_weight must be ≥ 0 and kl_temperature > 0 (both finite)");
+  if (o.cfp && (!(o.cfp_iqr_factor > 0) || !std::isfinite(o.cfp_iqr_factor)))
+    throw argument_error(std::string(op) + ": cfp_iqr_factor must be finite and > 0; got " +
+                         std::to_string(o.cfp_iqr_factor));
   check_step_options(o.step, op);
   (void)cbq_windows(1, o.window, o.overlap);  // window / overlap checks
 }
@@ -361,7 +431,12 @@ class cbq_stack {
       if (b.residual && b.weight.rows() != b.weight.cols())
         throw shape_error(at + " is residual but W is " + deltaw::detail::shape_str(b.weight.rows(), b.weight.cols()) +
                           "; a residual block needs out == in");
-      q_.emplace_back(b.weight, cbq_quant_options{o.bits, o.symmetric});
+      if (o.cfp) {  // the quantiser sees the truncated copy (kept alive here); y_fp uses b.weight
+        truncated_.push_back(std::make_unique<dense<T>>(cbq_cfp_truncate(b.weight, o.cfp_iqr_factor)));
+        q_.emplace_back(deltaw::view(std::as_const(*truncated_.back())), cbq_quant_options{o.bits, o.symmetric});
+      } else {
+        q_.emplace_back(b.weight, cbq_quant_options{o.bits, o.symmetric});
+      }
       const auto& q = q_.back();
       const index_t r = std::min({o.rank, q.rows(), q.cols()});
       dense<T> a1, a2;
@@ -430,6 +505,8 @@ class cbq_stack {
     }
     // mse averages over n·out entries; × out gives ‖·‖²_F / n.
     auto loss = autograd::scale(autograd::mse(h, t.frozen(y, "window target")), double(y.cols()));
+    if (o_.kl_weight > 0)
+      loss = autograd::add(loss, autograd::scale(autograd::softmax_kl(h, y, o_.kl_temperature), o_.kl_weight));
     if (beta > 0 && o_.lambda > 0)
       for (index_t l = first; l <= last; ++l)
         loss = autograd::add(loss, autograd::scale(cbq_rounding_regularizer(a1s[std::size_t(l - first)],
@@ -522,6 +599,7 @@ class cbq_stack {
 
   std::vector<cbq_block<T>> blocks_;
   cbq_cross_block_options o_;
+  std::vector<std::unique_ptr<dense<T>>> truncated_;  // CFP's weights, which q_ views
   std::vector<cbq_quantizer<T>> q_;
   std::vector<std::unique_ptr<autograd::parameter<T>>> A1_, A2_, th_;
 };
