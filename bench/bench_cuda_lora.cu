@@ -6,8 +6,9 @@
 
 #include <deltaw/cuda/cuda.hpp>
 
+#include "cuda_bench_util.cuh"
+
 #include <cstdio>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -15,14 +16,7 @@ namespace dw = deltaw;
 
 namespace {
 
-template <class T>
-dw::cuda::buffer<T> random_buffer(std::size_t n, unsigned seed) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> u(-0.05f, 0.05f);
-  std::vector<T> h(n);
-  for (auto& v : h) v = dw::convert<T>(u(g));
-  return dw::cuda::buffer<T>(h);
-}
+using dwbench::random_buffer;
 
 enum class mode { base, lora_unmerged, merge_unmerge };
 
@@ -44,22 +38,7 @@ void bm_apply(benchmark::State& st) {
       dw::unmerge(ctx, Wv, l);
     }
   };
-  cudaEvent_t e0, e1;
-  DELTAW_CUDA_CHECK(cudaEventCreate(&e0));
-  DELTAW_CUDA_CHECK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) run();  // warm-up: cuBLAS heuristics, scratch growth
-  ctx.synchronize();
-  for (auto _ : st) {
-    DELTAW_CUDA_CHECK(cudaEventRecord(e0, ctx.stream()));
-    run();
-    DELTAW_CUDA_CHECK(cudaEventRecord(e1, ctx.stream()));
-    DELTAW_CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    DELTAW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    st.SetIterationTime(double(ms) * 1e-3);
-  }
-  DELTAW_CUDA_CHECK(cudaEventDestroy(e0));
-  DELTAW_CUDA_CHECK(cudaEventDestroy(e1));
+  dwbench::time_on_stream(st, ctx, run);
   const double flops = M == mode::base            ? 2.0 * double(tokens) * double(n) * double(n)
                        : M == mode::lora_unmerged ? 2.0 * double(tokens) * double(n) * double(n) +
                                                         double(l.flop_count(tokens))

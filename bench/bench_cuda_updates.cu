@@ -12,9 +12,9 @@
 #include <deltaw/cuda/cuda.hpp>
 #include <deltaw/cuda/serve.cuh>
 
+#include "cuda_bench_util.cuh"
+
 #include <cstdio>
-#include <functional>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -24,33 +24,8 @@ namespace {
 
 using dw::index_t;
 
-dw::cuda::buffer<float> random_buffer(std::size_t n, unsigned seed, float scale = 0.05f) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> u(-scale, scale);
-  std::vector<float> h(n);
-  for (auto& v : h) v = u(g);
-  return dw::cuda::buffer<float>(h);
-}
-
-/// Times run() on ctx's stream with CUDA events (after three warm-up calls).
-void time_on_stream(benchmark::State& st, dw::cuda::context& ctx, const std::function<void()>& run) {
-  cudaEvent_t e0, e1;
-  DELTAW_CUDA_CHECK(cudaEventCreate(&e0));
-  DELTAW_CUDA_CHECK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) run();
-  ctx.synchronize();
-  for (auto _ : st) {
-    DELTAW_CUDA_CHECK(cudaEventRecord(e0, ctx.stream()));
-    run();
-    DELTAW_CUDA_CHECK(cudaEventRecord(e1, ctx.stream()));
-    DELTAW_CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    DELTAW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    st.SetIterationTime(double(ms) * 1e-3);
-  }
-  DELTAW_CUDA_CHECK(cudaEventDestroy(e0));
-  DELTAW_CUDA_CHECK(cudaEventDestroy(e1));
-}
+using dwbench::time_on_stream;
+dw::cuda::buffer<float> random_buffer(std::size_t n, unsigned seed) { return dwbench::random_buffer<float>(n, seed); }
 
 enum class kind { base, lora, lokr, randlora, miss, vera };
 enum class op { apply, merge_unmerge };

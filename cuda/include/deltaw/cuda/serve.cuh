@@ -42,6 +42,7 @@
 #include "for_each.cuh"
 #include "gemm.cuh"
 #include "low_rank.cuh"
+#include "ops.cuh"
 #include "vector_ops.cuh"
 
 DELTAW_NAMESPACE_BEGIN
@@ -138,13 +139,6 @@ inline constexpr bool is_lora_adapter<low_rank<T, device::cuda>> = true;
 template <class T>
 inline constexpr bool is_lora_adapter<::deltaw::serve::sliced_lora<T, device::cuda>> = true;
 
-template <class V>
-void check_view(const V& v, const char* what, const char* op) {
-  if (!v.is_row_major() && !v.is_col_major())
-    throw layout_error(std::string(op) + ": " + what + " " + ::deltaw::detail::shape_str(v.rows(), v.cols()) +
-                       " needs a unit stride in one dimension (row-major or column-major, padding allowed)");
-}
-
 /// Shapes (batch.hpp's checks: W, X, Y, the adapters, their own weights, Y against the
 /// adapters' memory), layouts, Y against X; returns the token groups.
 template <class TW, class TX, class C, class U>
@@ -153,9 +147,9 @@ token_groups check_and_group(const char* op, const matrix_view<TW, device::cuda>
                              const matrix_view<C, device::cuda>& Y) {
   const matrix_view<const std::remove_const_t<TW>, device::cuda> Wc(W);
   ::deltaw::serve::detail::check_batch(op, Wc, updates, adapter_of_token, X.rows(), X.cols(), Y);
-  check_view(W, "W", op);
-  check_view(X, "X", op);
-  check_view(Y, "the output", op);
+  ::deltaw::cuda::detail::check_unit_stride(W, "W", op);
+  ::deltaw::cuda::detail::check_unit_stride(X, "X", op);
+  ::deltaw::cuda::detail::check_unit_stride(Y, "the output", op);
   ::deltaw::detail::check_no_overlap(op, "the output Y", Y, "the input X", X);
   ::deltaw::detail::check_no_overlap(op, "the output Y", Y, "the weight W", W);
   return group_tokens(adapter_of_token, index_t(updates.size()), op);
