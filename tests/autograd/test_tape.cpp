@@ -2,6 +2,8 @@
 // errors for misuse (each a specific deltaw exception with a readable message).
 #include <deltaw/nn/layers.hpp>
 
+#include <thread>
+
 #include "grad_util.hpp"
 
 using namespace dwag;
@@ -144,4 +146,150 @@ TEST_CASE("tape: release_values frees activations during backward without changi
   const auto loss = ag::cross_entropy(model(t, ids, 2), labels);
   t.backward(loss, /*retain_graph=*/true);
   t.backward(loss);
+}
+
+TEST_CASE("buffer_pool: recycles by element count, bounded by the high-water mark, oldest evicted first") {
+  ag::buffer_pool<double> pool;
+  const auto min = ag::buffer_pool<double>::min_elements;
+  auto a = pool.take(64, 96);
+  auto b = pool.take(64, 96);
+  CHECK(pool.stats().misses == 2);
+  CHECK(pool.stats().lent_bytes == 2 * 64 * 96 * sizeof(double));
+  const double* pa = a.data();
+  const double* pb = b.data();
+  pool.give(std::move(a));
+  CHECK(a.size() == 0);
+  // Same element count, another shape: the same allocation comes back, reshaped.
+  auto c = pool.take(96, 64);
+  CHECK(c.data() == pa);
+  CHECK(c.rows() == 96);
+  CHECK(c.cols() == 64);
+  CHECK(pool.stats().hits == 1);
+  // Small buffers are not pooled (nor counted).
+  auto s = pool.take(2, min / 4);
+  pool.give(std::move(s));
+  CHECK(pool.stats().idle_buffers == 0);
+  CHECK(pool.stats().hits + pool.stats().misses == 3);
+  pool.give(std::move(c));
+  pool.give(std::move(b));
+  CHECK(pool.stats().idle_buffers == 2);
+  CHECK(pool.stats().lent_bytes == 0);
+  // A foreign buffer beyond the high-water mark (two buffers): the longest-idle one goes.
+  MatD foreign(64, 96);
+  const double* pf = foreign.data();
+  pool.give(std::move(foreign));
+  CHECK(pool.stats().idle_buffers == 2);
+  CHECK(pool.stats().idle_bytes == 2 * 64 * 96 * sizeof(double));
+  // Most recently given first: the foreign one, then b's (a's was evicted).
+  auto d = pool.take(64, 96);
+  auto e = pool.take(64, 96);
+  CHECK(d.data() == pf);
+  CHECK(e.data() == pb);
+  pool.give(std::move(d));
+  pool.give(std::move(e));
+  pool.set_max_idle_bytes(64 * 96 * sizeof(double));
+  CHECK(pool.stats().idle_buffers == 1);
+  pool.clear();
+  CHECK(pool.stats().idle_bytes == 0);
+}
+
+TEST_CASE("buffer_pool: shared by threads, the counts stay consistent") {
+  ag::buffer_pool<float> pool;
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 4; ++k)
+    threads.emplace_back([&pool, k] {
+      std::mt19937_64 g{std::uint64_t(k)};
+      for (int i = 0; i < 200; ++i) {
+        const Eigen::Index rows = 64 * (1 + Eigen::Index(g() % 3));
+        auto m = pool.take(rows, 128);
+        m.setConstant(float(k));
+        REQUIRE(m(rows - 1, 127) == float(k));
+        pool.give(std::move(m));
+      }
+    });
+  for (auto& t : threads) t.join();
+  const auto st = pool.stats();
+  CHECK(st.hits + st.misses == 800);
+  CHECK(st.hits > 400);            // most requests recycled (three sizes, four in flight at most)
+  CHECK(st.lent_bytes == 0);       // every buffer came back
+  CHECK(st.idle_bytes <= st.lent_high_water);  // the bound held
+  CHECK(st.lent_high_water <= 4 * 192 * 128 * sizeof(float));
+}
+
+TEST_CASE("tape: a reset tape reuses its buffers; gradients equal a fresh tape's bit for bit") {
+  // Shapes above buffer_pool::min_elements, so that values, saved state and gradients pool.
+  const Eigen::Index batch = 2, seq = 40, heads = 2;
+  const MatD X = dwt::random<MatD>(batch * seq, 96, 1), R = dwt::random<MatD>(batch * seq, 64, 2);
+  const MatD W = dwt::random<MatD>(64, 96, 3), W2 = dwt::random<MatD>(64, 64, 7), bias = dwt::random<MatD>(1, 64, 4);
+  P B("B", MatD(0.3 * dwt::random<MatD>(64, 4, 5))), A("A", MatD(0.3 * dwt::random<MatD>(4, 96, 6)));
+  P gm("gamma", MatD(MatD::Ones(1, 64))), be("beta", MatD(MatD::Zero(1, 64)));
+  const deltaw::vector_view<const double> bv(bias.data(), 64);
+  auto step = [&](ag::tape<double>& t) {
+    for (auto* p : {&B, &A, &gm, &be}) p->zero_grad();
+    const auto x = t.frozen(X);
+    const auto h = ag::layer_norm(ag::lora_linear(x, deltaw::view(W), t.param(B), t.param(A), 0.5, bv), t.param(gm),
+                                  t.param(be));
+    const auto a = ag::causal_attention(h, ag::gelu(h), ag::linear(h, deltaw::view(W2), bv), batch,
+                                        seq, heads);
+    const auto loss = ag::weighted_sum(ag::add(a, h), R);
+    t.backward(loss);
+    return std::vector<MatD>{B.grad(), A.grad(), gm.grad(), be.grad(), MatD(loss.value())};
+  };
+  std::vector<MatD> want;
+  {
+    ag::tape<double> fresh;
+    want = step(fresh);
+  }
+  for (bool release : {false, true}) {
+    ag::tape<double> t;
+    t.set_release_values(release);
+    CHECK(step(t) == want);
+    const auto first = t.pool()->stats();
+    CHECK(first.misses > 0);
+    t.reset();
+    CHECK(step(t) == want);  // bit for bit: recycled buffers are fully written
+    const auto second = t.pool()->stats();
+    INFO("release_values " << release << ": misses " << first.misses << " -> " << second.misses << ", hits "
+                           << second.hits);
+    CHECK(second.misses == first.misses);  // the second step allocates nothing the pool holds
+    CHECK(second.hits >= first.misses);
+  }
+  // Tapes sharing one pool (a layer-by-layer forward): the second tape is served by the first's buffers.
+  auto pool = std::make_shared<ag::buffer_pool<double>>();
+  {
+    ag::tape<double> t1(pool);
+    CHECK(step(t1) == want);
+  }
+  const auto misses = pool->stats().misses;
+  {
+    ag::tape<double> t2(pool);
+    CHECK(step(t2) == want);
+  }
+  CHECK(pool->stats().misses == misses);
+  CHECK(pool->stats().lent_bytes == 0);  // everything came back
+  dwt::check_throws_with<ag::autograd_error>([] { ag::tape<double> t(nullptr); }, {"pool", "null"});
+}
+
+TEST_CASE("linear with a frozen bias: value and input gradient against the dense reference") {
+  const MatD W = dwt::random<MatD>(5, 4, 1), X = dwt::random<MatD>(3, 4, 2), R = dwt::random<MatD>(3, 5, 3);
+  const MatD bias = dwt::random<MatD>(5, 1, 4), B = dwt::random<MatD>(5, 2, 5), A = dwt::random<MatD>(2, 4, 6);
+  const MatD ref = (X * W.transpose()).rowwise() + bias.col(0).transpose();
+  const deltaw::vector_view<const double> bv(bias.data(), 5);
+  P px("x", X), pB("B", B), pA("A", A);
+  ag::tape<double> t;
+  const auto y = ag::linear(t.param(px), deltaw::view(W), bv);
+  CHECK(dwt::rel_err(MatD(y.value()), ref) < 1e-14);
+  t.backward(ag::weighted_sum(y, R));
+  CHECK(dwt::rel_err(px.grad(), MatD(R * W)) < 1e-14);  // the bias does not change dx
+  // A strided bias (a column of a row-major matrix) and the adapted forms.
+  const MatD BB = (MatD(5, 2) << bias, bias).finished();
+  const deltaw::vector_view<const double> strided(BB.data() + 1, 5, 2);
+  ag::tape<double> t2;
+  const auto y2 = ag::lora_linear(t2.frozen(X), deltaw::view(W), t2.param(pB), t2.param(pA), 0.5, strided);
+  const MatD ref2 = (X * (W + 0.5 * B * A).transpose()).rowwise() + bias.col(0).transpose();
+  CHECK(dwt::rel_err(MatD(y2.value()), ref2) < 1e-14);
+  CHECK(dwt::rel_err(MatD(ag::linear(t2.frozen(X), deltaw::view(W), strided).value()), ref) < 1e-14);
+  dwt::check_throws_with<deltaw::shape_error>(
+      [&] { (void)ag::linear(t2.frozen(X), deltaw::view(W), deltaw::vector_view<const double>(bias.data(), 4)); },
+      {"linear", "bias", "4 entries", "5 output rows"});
 }

@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: MIT
 // Differentiable application of a frozen weight plus an update to activations:
 //
-//   linear(x, W)                      x·Wᵀ, W a frozen view (never copied, no gradient)
+//   linear(x, W[, b])                 x·Wᵀ (+ b), W a frozen view (never copied, no gradient),
+//                                     b an optional frozen bias, added inside the product
 //   adapted_linear(x, W, factors, f)  x·(W + ΔW)ᵀ, ΔW = f(views of the factor variables)
 //   lora_linear(x, W, B, A, s)        the LoRA case (rsLoRA: pass s = α/√r)
 //   dora_linear(x, W, B, A, m, s)     DoRA, the row norms detached
+//
+// Each takes an optional frozen bias b [out] (a view, no gradient; PyTorch's Linear.bias
+// of a frozen base layer): added to the output in the same node, not by a second op.
 //
 // The forward pass is deltaw::apply over the lazy sum view(W) + ΔW; the backward pass is
 // deltaw::apply_transposed for the base and the update type's cpu::vjp for the factors
@@ -21,6 +25,7 @@
 #include "../backend/cpu/dora_vjp.hpp"
 #include "../backend/cpu/low_rank_vjp.hpp"
 #include "../backend/cpu/ops.hpp"
+#include "../kernels/gemm.hpp"
 #include "ops.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -46,10 +51,28 @@ void base_input_grad(tape<T>& t, index_t ix, const matrix_view<const T>& W, cons
   if (fresh) {
     deltaw::apply_transposed(W, dY, *buf);
   } else {
-    dense<T> tmp(dY.rows(), W.cols());
+    dense<T> tmp = t.buffer(dY.rows(), W.cols());
     deltaw::apply_transposed(W, dY, tmp);
     *buf += tmp;
+    t.recycle(std::move(tmp));
   }
+}
+template <class T>
+void check_bias(const vector_view<const T>& b, const matrix_view<const T>& W, const char* op) {
+  if (b.size() != 0 && b.size() != W.rows())
+    throw shape_error(std::string("deltaw::autograd::") + op + ": the bias has " + std::to_string(b.size()) +
+                      " entries but W has " + std::to_string(W.rows()) + " output rows");
+}
+/// Every row of y set to b (add = false) or increased by b (add = true); no-op for an empty b.
+template <class T>
+void bias_rows(dense<T>& y, const vector_view<const T>& b, bool add) {
+  if (b.size() == 0) return;
+  const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>, Eigen::Unaligned, Eigen::InnerStride<>> row(
+      b.data(), b.size(), Eigen::InnerStride<>(b.stride()));
+  if (add)
+    y.rowwise() += row;
+  else
+    y.rowwise() = row;
 }
 template <class T>
 matrix_view<const T> view_of(const var<T>& v) {
@@ -58,13 +81,22 @@ matrix_view<const T> view_of(const var<T>& v) {
 }
 }  // namespace detail
 
-/// x·Wᵀ with W [out, in] a frozen view: dx = dY·W, W gets no gradient.
+/// x·Wᵀ (+ b) with W [out, in] a frozen view and b an optional frozen bias [out]:
+/// dx = dY·W, W and b get no gradient. With a bias, the output starts as b's rows and the
+/// product is accumulated onto it (one pass over the output, not two).
 template <class T>
-var<T> linear(const var<T>& x, frozen_weight<T> W) {
+var<T> linear(const var<T>& x, frozen_weight<T> W, std::type_identity_t<vector_view<const T>> b = {}) {
   auto& t = detail::tape_of(x, "linear");
   detail::check_linear(x, W, "linear");
-  dense<T> y(x.rows(), W.rows());
-  deltaw::apply(W, x.value(), y);
+  detail::check_bias(b, W, "linear");
+  dense<T> y = t.buffer(x.rows(), W.rows());
+  if (b.size() == 0) {
+    deltaw::apply(W, x.value(), y);
+  } else {
+    detail::bias_rows(y, b, /*add=*/false);
+    const kernels::cpu_context ctx;
+    kernels::gemm<T>(ctx, T(1), detail::view_of(x), kernels::op::none, W, kernels::op::trans, T(1), view(y));
+  }
   const index_t ix = x.id();
   return t.record("linear", std::move(y), t.requires_grad(x), [ix, W](tape<T>& t, index_t self) {
     detail::base_input_grad(t, ix, W, t.upstream(self));
@@ -76,9 +108,10 @@ var<T> linear(const var<T>& x, frozen_weight<T> W) {
 /// with a cpu::vjp specialisation.
 template <class T, std::size_t N, class Make>
 var<T> adapted_linear(const var<T>& x, frozen_weight<T> W, const std::array<var<T>, N>& factors, Make make,
-                      const char* name = "adapted_linear") {
+                      const char* name = "adapted_linear", std::type_identity_t<vector_view<const T>> b = {}) {
   auto& t = detail::tape_of(x, name);
   detail::check_linear(x, W, name);
+  detail::check_bias(b, W, name);
   std::array<matrix_view<const T>, N> views;
   bool rg = t.requires_grad(x);
   for (std::size_t i = 0; i < N; ++i) {
@@ -92,8 +125,9 @@ var<T> adapted_linear(const var<T>& x, frozen_weight<T> W, const std::array<var<
   if (u.rows() != W.rows() || u.cols() != W.cols())
     throw shape_error(std::string("deltaw::autograd::") + name + ": W is " + detail::shape_of(W.rows(), W.cols()) +
                       " but the update is " + detail::shape_of(u.rows(), u.cols()));
-  dense<T> y(x.rows(), W.rows());
+  dense<T> y = t.buffer(x.rows(), W.rows());
   deltaw::apply(W + u, x.value(), y);
+  detail::bias_rows(y, b, /*add=*/true);
   std::array<index_t, N> ids;
   for (std::size_t i = 0; i < N; ++i) ids[i] = factors[i].id();
   const index_t ix = x.id();
@@ -109,9 +143,10 @@ var<T> adapted_linear(const var<T>& x, frozen_weight<T> W, const std::array<var<
 
 /// LoRA: x·(W + s·B·A)ᵀ, B [out, r], A [r, in] (rsLoRA: s = α/√r).
 template <class T>
-var<T> lora_linear(const var<T>& x, frozen_weight<T> W, const var<T>& B, const var<T>& A, double s) {
+var<T> lora_linear(const var<T>& x, frozen_weight<T> W, const var<T>& B, const var<T>& A, double s,
+                   std::type_identity_t<vector_view<const T>> b = {}) {
   return adapted_linear<T, 2>(
-      x, W, {B, A}, [s](const auto& v) { return deltaw::lora(v[0], v[1], deltaw::scale(s)); }, "lora_linear");
+      x, W, {B, A}, [s](const auto& v) { return deltaw::lora(v[0], v[1], deltaw::scale(s)); }, "lora_linear", b);
 }
 
 /// DoRA: x·W'ᵀ, W' = diag(m/n)·(W + s·B·A) with n the row norms of W + s·B·A at this
@@ -120,9 +155,11 @@ var<T> lora_linear(const var<T>& x, frozen_weight<T> W, const var<T>& B, const v
 /// point of a gradient check).
 template <class T>
 var<T> dora_linear(const var<T>& x, frozen_weight<T> W, const var<T>& B, const var<T>& A, const var<T>& m,
-                   double s, std::shared_ptr<const std::vector<double>> norms = nullptr) {
+                   double s, std::shared_ptr<const std::vector<double>> norms = nullptr,
+                   std::type_identity_t<vector_view<const T>> b = {}) {
   auto& t = detail::tape_of(x, "dora_linear");
   detail::check_linear(x, W, "dora_linear");
+  detail::check_bias(b, W, "dora_linear");
   for (const auto* f : {&B, &A, &m}) detail::same_tape(x, *f, "dora_linear");
   if (m.rows() * m.cols() != W.rows() || (m.rows() != 1 && m.cols() != 1))
     throw shape_error("deltaw::autograd::dora_linear: m is " + detail::shape_of(m.rows(), m.cols()) + "; expected [1, " +
@@ -137,13 +174,14 @@ var<T> dora_linear(const var<T>& x, frozen_weight<T> W, const var<T>& B, const v
                        : deltaw::dora(W, l, mvec);
   using V = cpu::vjp<std::remove_cvref_t<decltype(u)>>;
   const kernels::cpu_context ctx;
-  dense<T> y(x.rows(), W.rows());
-  auto P = std::make_shared<dense<T>>(x.rows(), W.rows());
+  dense<T> y = t.buffer(x.rows(), W.rows());
+  auto P = t.saved(x.rows(), W.rows());
   {
     const auto xv = view(x.value());
     const kernels::operand<T> X(ctx, matrix_view<const T>(xv));
     V::template forward<T>(ctx, u, X.view(), cpu::detail::dense_view(y), cpu::detail::dense_view(*P));
   }
+  detail::bias_rows(y, b, /*add=*/true);
   const index_t ix = x.id();
   const std::array<index_t, 3> ids{B.id(), A.id(), m.id()};
   const bool rg = t.requires_grad(x) || t.requires_grad(B) || t.requires_grad(A) || t.requires_grad(m);

@@ -57,6 +57,19 @@ void accumulate(tape<T>& t, index_t id, const G& g) {
   else
     buf->noalias() += g;
 }
+/// The same for a temporary the op no longer needs: it becomes the gradient when there is
+/// none yet (no copy), else it is added and goes back to the tape's pool.
+template <class T>
+void accumulate(tape<T>& t, index_t id, dense<T>&& g) {
+  t.add_grad(id, std::move(g));
+}
+/// A pooled copy of an expression's value.
+template <class T, class E>
+dense<T> pooled(tape<T>& t, const E& e) {
+  dense<T> y = t.buffer(e.rows(), e.cols());
+  y.noalias() = e;
+  return y;
+}
 }  // namespace detail
 
 /// a + b (same shape).
@@ -64,7 +77,7 @@ template <class T>
 var<T> add(const var<T>& a, const var<T>& b) {
   auto& t = detail::same_tape(a, b, "add");
   detail::check_same_shape(a, b, "add");
-  dense<T> y = a.value() + b.value();
+  dense<T> y = detail::pooled(t, a.value() + b.value());
   const index_t ia = a.id(), ib = b.id();
   return t.record("add", std::move(y), t.requires_grad(a) || t.requires_grad(b), [ia, ib](tape<T>& t, index_t self) {
     detail::accumulate(t, ia, t.upstream(self));
@@ -80,7 +93,7 @@ var<T> operator+(const var<T>& a, const var<T>& b) {
 template <class T>
 var<T> scale(const var<T>& a, double c) {
   auto& t = detail::tape_of(a, "scale");
-  dense<T> y = T(c) * a.value();
+  dense<T> y = detail::pooled(t, T(c) * a.value());
   const index_t ia = a.id();
   return t.record("scale", std::move(y), t.requires_grad(a), [ia, c](tape<T>& t, index_t self) {
     detail::accumulate(t, ia, T(c) * t.upstream(self));
@@ -92,7 +105,7 @@ template <class T>
 var<T> add_bias(const var<T>& x, const var<T>& b) {
   auto& t = detail::same_tape(x, b, "add_bias");
   detail::check_row_vector(b, x.cols(), "add_bias", "the bias");
-  dense<T> y = x.value().rowwise() + b.value().row(0);
+  dense<T> y = detail::pooled(t, x.value().rowwise() + b.value().row(0));
   const index_t ix = x.id(), ib = b.id();
   return t.record("add_bias", std::move(y), t.requires_grad(x) || t.requires_grad(b), [ix, ib](tape<T>& t, index_t self) {
     const auto& g = t.upstream(self);
@@ -108,7 +121,7 @@ var<T> matmul(const var<T>& a, const var<T>& b) {
   if (a.cols() != b.rows())
     throw shape_error("deltaw::autograd::matmul: a is " + detail::shape_of(a.rows(), a.cols()) + " and b is " +
                       detail::shape_of(b.rows(), b.cols()) + "; a·b needs a's columns to equal b's rows");
-  dense<T> y;
+  dense<T> y = t.buffer(a.rows(), b.cols());
   y.noalias() = a.value() * b.value();
   const index_t ia = a.id(), ib = b.id();
   return t.record("matmul", std::move(y), t.requires_grad(a) || t.requires_grad(b), [ia, ib](tape<T>& t, index_t self) {
@@ -125,7 +138,7 @@ var<T> matmul_nt(const var<T>& a, const var<T>& b) {
   if (a.cols() != b.cols())
     throw shape_error("deltaw::autograd::matmul_nt: a is " + detail::shape_of(a.rows(), a.cols()) + " and b is " +
                       detail::shape_of(b.rows(), b.cols()) + "; a·bᵀ needs both to have the same number of columns");
-  dense<T> y;
+  dense<T> y = t.buffer(a.rows(), b.rows());
   y.noalias() = a.value() * b.value().transpose();
   const index_t ia = a.id(), ib = b.id();
   return t.record("matmul_nt", std::move(y), t.requires_grad(a) || t.requires_grad(b), [ia, ib](tape<T>& t, index_t self) {
@@ -140,7 +153,7 @@ namespace detail {
 template <class T, class F, class DF>
 var<T> elementwise(const var<T>& x, const char* name, F f, DF df) {
   auto& t = tape_of(x, name);
-  dense<T> y = x.value().unaryExpr(f);
+  dense<T> y = pooled(t, x.value().unaryExpr(f));
   const index_t ix = x.id();
   return t.record(name, std::move(y), t.requires_grad(x), [ix, df](tape<T>& t, index_t self) {
     accumulate(t, ix, t.upstream(self).cwiseProduct(t.value_at(ix).unaryExpr(df)));
@@ -187,7 +200,7 @@ var<T> layer_norm(const var<T>& x, const var<T>& gamma, const var<T>& beta, doub
   detail::check_row_vector(beta, x.cols(), "layer_norm", "β");
   const auto X = x.value();
   const index_t n = X.rows(), d = X.cols();
-  auto xhat = std::make_shared<dense<T>>(n, d);
+  auto xhat = t.saved(n, d);
   auto rstd = std::make_shared<Eigen::Matrix<T, Eigen::Dynamic, 1>>(n);
   for (index_t i = 0; i < n; ++i) {
     const T mu = X.row(i).mean();
@@ -195,7 +208,8 @@ var<T> layer_norm(const var<T>& x, const var<T>& gamma, const var<T>& beta, doub
     (*rstd)(i) = T(1) / std::sqrt(var + T(eps));
     xhat->row(i) = (X.row(i).array() - mu) * (*rstd)(i);
   }
-  dense<T> y = (xhat->array().rowwise() * gamma.value().row(0).array()).rowwise() + beta.value().row(0).array();
+  dense<T> y = t.buffer(n, d);
+  y.array() = (xhat->array().rowwise() * gamma.value().row(0).array()).rowwise() + beta.value().row(0).array();
   const index_t ix = x.id(), ig = gamma.id(), ib = beta.id();
   const bool rg = t.requires_grad(x) || t.requires_grad(gamma) || t.requires_grad(beta);
   return t.record("layer_norm", std::move(y), rg, [ix, ig, ib, xhat, rstd](tape<T>& t, index_t self) {
@@ -203,14 +217,15 @@ var<T> layer_norm(const var<T>& x, const var<T>& gamma, const var<T>& beta, doub
     detail::accumulate(t, ig, g.cwiseProduct(*xhat).colwise().sum());
     detail::accumulate(t, ib, g.colwise().sum());
     if (!t.needs_grad(ix)) return;
-    const dense<T> dxhat = g.array().rowwise() * t.value_at(ig).row(0).array();
-    dense<T> dx(g.rows(), g.cols());
+    dense<T> dxhat = detail::pooled(t, (g.array().rowwise() * t.value_at(ig).row(0).array()).matrix());
+    dense<T> dx = t.buffer(g.rows(), g.cols());
     for (index_t i = 0; i < g.rows(); ++i) {
       const T m1 = dxhat.row(i).mean();
       const T m2 = dxhat.row(i).cwiseProduct(xhat->row(i)).mean();
       dx.row(i) = (*rstd)(i) * (dxhat.row(i).array() - m1 - xhat->row(i).array() * m2);
     }
-    detail::accumulate(t, ix, dx);
+    t.recycle(std::move(dxhat));
+    detail::accumulate(t, ix, std::move(dx));
   });
 }
 
@@ -221,26 +236,28 @@ var<T> rms_norm(const var<T>& x, const var<T>& gamma, double eps = 1e-6) {
   detail::check_row_vector(gamma, x.cols(), "rms_norm", "γ");
   const auto X = x.value();
   const index_t n = X.rows(), d = X.cols();
-  auto xhat = std::make_shared<dense<T>>(n, d);
+  auto xhat = t.saved(n, d);
   auto rinv = std::make_shared<Eigen::Matrix<T, Eigen::Dynamic, 1>>(n);
   for (index_t i = 0; i < n; ++i) {
     (*rinv)(i) = T(1) / std::sqrt(X.row(i).squaredNorm() / T(std::max<index_t>(d, 1)) + T(eps));
     xhat->row(i) = X.row(i) * (*rinv)(i);
   }
-  dense<T> y = xhat->array().rowwise() * gamma.value().row(0).array();
+  dense<T> y = t.buffer(n, d);
+  y.array() = xhat->array().rowwise() * gamma.value().row(0).array();
   const index_t ix = x.id(), ig = gamma.id();
   return t.record("rms_norm", std::move(y), t.requires_grad(x) || t.requires_grad(gamma),
                   [ix, ig, xhat, rinv](tape<T>& t, index_t self) {
                     const auto& g = t.upstream(self);
                     detail::accumulate(t, ig, g.cwiseProduct(*xhat).colwise().sum());
                     if (!t.needs_grad(ix)) return;
-                    const dense<T> dxhat = g.array().rowwise() * t.value_at(ig).row(0).array();
-                    dense<T> dx(g.rows(), g.cols());
+                    dense<T> dxhat = detail::pooled(t, (g.array().rowwise() * t.value_at(ig).row(0).array()).matrix());
+                    dense<T> dx = t.buffer(g.rows(), g.cols());
                     for (index_t i = 0; i < g.rows(); ++i) {
                       const T m2 = dxhat.row(i).cwiseProduct(xhat->row(i)).mean();
                       dx.row(i) = (*rinv)(i) * (dxhat.row(i).array() - xhat->row(i).array() * m2);
                     }
-                    detail::accumulate(t, ix, dx);
+                    t.recycle(std::move(dxhat));
+                    detail::accumulate(t, ix, std::move(dx));
                   });
 }
 
@@ -250,7 +267,7 @@ template <class T>
 var<T> embedding(const var<T>& table, const std::vector<std::int64_t>& ids) {
   auto& t = detail::tape_of(table, "embedding");
   const auto E = table.value();
-  dense<T> y(index_t(ids.size()), E.cols());
+  dense<T> y = t.buffer(index_t(ids.size()), E.cols());
   for (std::size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= E.rows())
       throw argument_error("deltaw::autograd::embedding: id " + std::to_string(ids[i]) + " at position " +
@@ -265,13 +282,66 @@ var<T> embedding(const var<T>& table, const std::vector<std::int64_t>& ids) {
   }, /*backward_reads_output=*/false);
 }
 
+namespace detail {
+/// Scaled dot-product attention per (sequence, head): q, k, v [batch·seq, heads·dh], rows
+/// b·seq … b·seq + seq − 1 one sequence, columns h·dh … one head. `softmax(P, b)` turns
+/// the scaled scores P [seq, seq] of sequence b into probabilities in place (the mask is
+/// its business; masked entries must come out exactly zero). The probabilities of every
+/// (sequence, head) are saved in one pooled buffer when a gradient is wanted; the backward
+/// pass is the softmax VJP, the same for every mask. Shapes are checked by the callers.
+template <class T, class Softmax>
+var<T> scaled_dot_attention(const var<T>& q, const var<T>& k, const var<T>& v, index_t batch, index_t seq,
+                            index_t heads, const char* name, Softmax softmax) {
+  auto& t = tape_of(q, name);
+  const index_t dh = q.cols() / heads;
+  const T sc = T(1) / std::sqrt(T(std::max<index_t>(dh, 1)));
+  const auto Q = q.value(), K = k.value(), V = v.value();
+  const bool rg = t.requires_grad(q) || t.requires_grad(k) || t.requires_grad(v);
+  // Every (sequence, head)'s probabilities, stacked, when the backward pass needs them;
+  // one [seq, seq] block reused otherwise.
+  auto probs = t.saved((rg ? batch * heads : 1) * seq, seq);
+  dense<T> y = t.buffer(q.rows(), q.cols());
+  for (index_t b = 0; b < batch; ++b)
+    for (index_t h = 0; h < heads; ++h) {
+      auto P = probs->middleRows((rg ? b * heads + h : 0) * seq, seq);
+      P.noalias() = sc * (Q.block(b * seq, h * dh, seq, dh) * K.block(b * seq, h * dh, seq, dh).transpose());
+      softmax(P, b);
+      y.block(b * seq, h * dh, seq, dh).noalias() = P * V.block(b * seq, h * dh, seq, dh);
+    }
+  const index_t iq = q.id(), ik = k.id(), iv = v.id();
+  if (!rg) probs.reset();
+  return t.record(name, std::move(y), rg, [iq, ik, iv, probs, batch, seq, heads, dh, sc](tape<T>& t, index_t self) {
+    const auto& g = t.upstream(self);
+    const auto Q = t.value_at(iq), K = t.value_at(ik), V = t.value_at(iv);
+    dense<T> dQ = t.buffer(Q.rows(), Q.cols()), dK = t.buffer(Q.rows(), Q.cols()), dV = t.buffer(Q.rows(), Q.cols());
+    dense<T> dS(seq, seq);
+    Eigen::Matrix<T, Eigen::Dynamic, 1> dots(seq);
+    for (index_t b = 0; b < batch; ++b)
+      for (index_t h = 0; h < heads; ++h) {
+        const auto P = std::as_const(*probs).middleRows((b * heads + h) * seq, seq);
+        const auto G = g.block(b * seq, h * dh, seq, dh);
+        dV.block(b * seq, h * dh, seq, dh).noalias() = P.transpose() * G;
+        dS.noalias() = G * V.block(b * seq, h * dh, seq, dh).transpose();  // dP
+        // softmax VJP row by row: dS = P ⊙ (dP − ⟨dP, P⟩_row), then the 1/√dh scale
+        dots.noalias() = dS.cwiseProduct(P).rowwise().sum();
+        dS = P.cwiseProduct(dS.colwise() - dots) * sc;
+        dQ.block(b * seq, h * dh, seq, dh).noalias() = dS * K.block(b * seq, h * dh, seq, dh);
+        dK.block(b * seq, h * dh, seq, dh).noalias() = dS.transpose() * Q.block(b * seq, h * dh, seq, dh);
+      }
+    accumulate(t, iq, std::move(dQ));
+    accumulate(t, ik, std::move(dK));
+    accumulate(t, iv, std::move(dV));
+  });
+}
+}  // namespace detail
+
 /// Scaled dot-product attention with a causal mask over a batch of sequences:
 /// q, k, v [batch·seq, heads·dh], rows b·seq … b·seq + seq − 1 one sequence, columns
 /// h·dh … one head. softmax(QKᵀ/√dh + mask)·V per (sequence, head). The probabilities
 /// [seq, seq] per (sequence, head) are saved for the backward pass.
 template <class T>
 var<T> causal_attention(const var<T>& q, const var<T>& k, const var<T>& v, index_t batch, index_t seq, index_t heads) {
-  auto& t = detail::same_tape(q, k, "causal_attention");
+  detail::same_tape(q, k, "causal_attention");
   detail::same_tape(q, v, "causal_attention");
   detail::check_same_shape(q, k, "causal_attention");
   detail::check_same_shape(q, v, "causal_attention");
@@ -279,50 +349,14 @@ var<T> causal_attention(const var<T>& q, const var<T>& k, const var<T>& v, index
     throw shape_error("deltaw::autograd::causal_attention: q is " + detail::shape_of(q.rows(), q.cols()) +
                       "; expected [batch·seq, heads·dh] = [" + std::to_string(batch) + "·" + std::to_string(seq) +
                       ", " + std::to_string(heads) + "·dh]");
-  const index_t dh = q.cols() / heads;
-  const T sc = T(1) / std::sqrt(T(std::max<index_t>(dh, 1)));
-  const auto Q = q.value(), K = k.value(), V = v.value();
-  auto probs = std::make_shared<std::vector<dense<T>>>(std::size_t(batch * heads));
-  dense<T> y(q.rows(), q.cols());
-  for (index_t b = 0; b < batch; ++b)
-    for (index_t h = 0; h < heads; ++h) {
-      const auto Qh = Q.block(b * seq, h * dh, seq, dh);
-      const auto Kh = K.block(b * seq, h * dh, seq, dh);
-      const auto Vh = V.block(b * seq, h * dh, seq, dh);
-      dense<T>& P = (*probs)[std::size_t(b * heads + h)];
-      P.noalias() = sc * (Qh * Kh.transpose());
-      for (index_t i = 0; i < seq; ++i) {
-        const T mx = P.row(i).head(i + 1).maxCoeff();
-        P.row(i).head(i + 1) = (P.row(i).head(i + 1).array() - mx).exp();
-        P.row(i).head(i + 1) /= P.row(i).head(i + 1).sum();
-        P.row(i).tail(seq - i - 1).setZero();  // masked: exactly zero probability
-      }
-      y.block(b * seq, h * dh, seq, dh).noalias() = P * Vh;
+  return detail::scaled_dot_attention(q, k, v, batch, seq, heads, "causal_attention", [seq](auto& P, index_t) {
+    for (index_t i = 0; i < seq; ++i) {
+      const T mx = P.row(i).head(i + 1).maxCoeff();
+      P.row(i).head(i + 1) = (P.row(i).head(i + 1).array() - mx).exp();
+      P.row(i).head(i + 1) /= P.row(i).head(i + 1).sum();
+      P.row(i).tail(seq - i - 1).setZero();  // masked: exactly zero probability
     }
-  const index_t iq = q.id(), ik = k.id(), iv = v.id();
-  const bool rg = t.requires_grad(q) || t.requires_grad(k) || t.requires_grad(v);
-  return t.record("causal_attention", std::move(y), rg,
-                  [iq, ik, iv, probs, batch, seq, heads, dh, sc](tape<T>& t, index_t self) {
-                    const auto& g = t.upstream(self);
-                    const auto Q = t.value_at(iq), K = t.value_at(ik), V = t.value_at(iv);
-                    dense<T> dQ = dense<T>::Zero(Q.rows(), Q.cols()), dK = dQ, dV = dQ;
-                    for (index_t b = 0; b < batch; ++b)
-                      for (index_t h = 0; h < heads; ++h) {
-                        const dense<T>& P = (*probs)[std::size_t(b * heads + h)];
-                        const auto G = g.block(b * seq, h * dh, seq, dh);
-                        dV.block(b * seq, h * dh, seq, dh).noalias() = P.transpose() * G;
-                        dense<T> dP = G * V.block(b * seq, h * dh, seq, dh).transpose();
-                        // softmax VJP row by row: dS = P ⊙ (dP − ⟨dP, P⟩_row)
-                        const Eigen::Matrix<T, Eigen::Dynamic, 1> dots = dP.cwiseProduct(P).rowwise().sum();
-                        dense<T> dS = P.cwiseProduct(dP.colwise() - dots);
-                        dS *= sc;
-                        dQ.block(b * seq, h * dh, seq, dh).noalias() = dS * K.block(b * seq, h * dh, seq, dh);
-                        dK.block(b * seq, h * dh, seq, dh).noalias() = dS.transpose() * Q.block(b * seq, h * dh, seq, dh);
-                      }
-                    detail::accumulate(t, iq, dQ);
-                    detail::accumulate(t, ik, dK);
-                    detail::accumulate(t, iv, dV);
-                  });
+  });
 }
 
 /// Σ x: a [1, 1] loss.

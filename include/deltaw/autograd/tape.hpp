@@ -5,6 +5,9 @@
 //   parameter<T>   a trainable tensor that outlives tapes: value and accumulated gradient.
 //   tape<T>        one forward pass: nodes (values, saved state, backward closures).
 //   var<T>         a handle to a node of a tape.
+//   buffer_pool<T> storage recycled between nodes and passes (values, gradients, saved
+//                  state): a training loop or a layer-by-layer forward reuses the
+//                  buffers of the previous pass instead of faulting in fresh pages.
 //
 // Leaves are of three kinds: parameters (gradient accumulated into parameter::grad),
 // frozen views (caller memory, never copied, no gradient) and inputs that want a gradient
@@ -12,8 +15,13 @@
 // so backward is one reverse sweep. T is float (training) or double (gradient checks).
 #pragma once
 
+#include <cstdint>
+#include <deque>
 #include <functional>
+#include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -84,6 +92,121 @@ class parameter {
   bool trainable_ = true;
 };
 
+/// Storage recycled between the values, gradients and saved state of tapes. A buffer given
+/// back is kept, keyed by its element count, and handed out again for the next request of
+/// exactly that count (Eigen's resize keeps the allocation when the count is unchanged), so
+/// a training loop that resets its tape, or a forward pass that runs layer by layer on
+/// scratch tapes sharing one pool, allocates its buffers once. Without it, glibc returns
+/// every large buffer to the kernel on free and each pass faults its pages in again (a
+/// third of a MiniLM forward pass on one core was page faults).
+///
+/// Bounded: the idle bytes kept never exceed the high-water mark of bytes handed out and
+/// not yet returned (at most one pass's working set when shapes repeat); beyond that, or
+/// beyond set_max_idle_bytes(), the longest-idle buffers are freed first. Buffers under
+/// min_elements are not pooled (malloc serves them well). Thread-safe: tapes on several
+/// threads may share one pool.
+template <class T>
+class buffer_pool {
+ public:
+  static constexpr index_t min_elements = 4096;
+
+  struct stats_t {
+    std::size_t hits = 0, misses = 0;  // requests served from the pool / by a fresh allocation
+    std::size_t idle_bytes = 0, idle_buffers = 0;
+    std::size_t lent_bytes = 0, lent_high_water = 0;
+  };
+
+  buffer_pool() = default;
+  explicit buffer_pool(std::size_t max_idle_bytes) : max_idle_(max_idle_bytes) {}
+  buffer_pool(const buffer_pool&) = delete;
+  buffer_pool& operator=(const buffer_pool&) = delete;
+
+  /// An uninitialised [rows, cols] matrix, recycled when a buffer of rows·cols elements is idle.
+  dense<T> take(index_t rows, index_t cols) {
+    dense<T> m;
+    const index_t n = rows * cols;
+    if (n >= min_elements) {
+      std::lock_guard<std::mutex> lock(mu_);
+      lent_ += bytes(n);
+      stats_.lent_high_water = std::max(stats_.lent_high_water, lent_);
+      auto it = idle_.find(n);
+      if (it != idle_.end() && !it->second.empty()) {
+        m = std::move(it->second.back().m);
+        it->second.pop_back();
+        idle_bytes_ -= bytes(n);
+        --idle_count_;
+        ++stats_.hits;
+      } else {
+        ++stats_.misses;
+      }
+    }
+    m.resize(rows, cols);
+    return m;
+  }
+  /// Gives a buffer back (any dense<T>, pooled or not); m is left empty.
+  void give(dense<T>&& m) {
+    const index_t n = m.size();
+    if (n < min_elements) {
+      m = dense<T>();
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    lent_ = lent_ >= bytes(n) ? lent_ - bytes(n) : 0;
+    idle_[n].push_back(entry{std::move(m), ++clock_});
+    idle_bytes_ += bytes(n);
+    ++idle_count_;
+    const std::size_t cap = std::min(max_idle_, stats_.lent_high_water);
+    while (idle_bytes_ > cap && idle_count_ > 0) evict_oldest();
+    m = dense<T>();
+  }
+  /// Frees every idle buffer.
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_.clear();
+    idle_bytes_ = 0;
+    idle_count_ = 0;
+  }
+  /// The most idle bytes kept (the default is unbounded, under the high-water mark).
+  void set_max_idle_bytes(std::size_t b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    max_idle_ = b;
+    while (idle_bytes_ > max_idle_ && idle_count_ > 0) evict_oldest();
+  }
+  stats_t stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_t s = stats_;
+    s.idle_bytes = idle_bytes_;
+    s.idle_buffers = idle_count_;
+    s.lent_bytes = lent_;
+    return s;
+  }
+
+ private:
+  struct entry {
+    dense<T> m;
+    std::uint64_t when;
+  };
+  static std::size_t bytes(index_t n) { return std::size_t(n) * sizeof(T); }
+  void evict_oldest() {  // the caller holds mu_; few distinct sizes, so a scan of the fronts
+    auto oldest = idle_.end();
+    for (auto it = idle_.begin(); it != idle_.end(); ++it)
+      if (!it->second.empty() && (oldest == idle_.end() || it->second.front().when < oldest->second.front().when))
+        oldest = it;
+    if (oldest == idle_.end()) return;
+    idle_bytes_ -= bytes(oldest->first);
+    --idle_count_;
+    oldest->second.pop_front();
+    if (oldest->second.empty()) idle_.erase(oldest);
+  }
+
+  mutable std::mutex mu_;
+  std::map<index_t, std::deque<entry>> idle_;  // by element count; back = most recently given
+  std::size_t idle_bytes_ = 0, idle_count_ = 0, lent_ = 0;
+  std::size_t max_idle_ = std::numeric_limits<std::size_t>::max();
+  std::uint64_t clock_ = 0;
+  stats_t stats_;
+};
+
 template <class T>
 class tape;
 
@@ -129,9 +252,40 @@ class tape {
     std::function<void(tape&, index_t)> backward;  // pushes this node's grad (node id given) to its inputs
   };
 
-  tape() = default;
+  /// A tape with a pool of its own (kept across reset(), freed with the tape).
+  tape() : pool_(std::make_shared<buffer_pool<T>>()) {}
+  /// A tape that draws its buffers from `pool` (shared with other tapes, e.g. the scratch
+  /// tapes of a layer-by-layer forward pass, or one tape per thread).
+  explicit tape(std::shared_ptr<buffer_pool<T>> pool) : pool_(std::move(pool)) {
+    if (!pool_) throw autograd_error("deltaw::autograd::tape: the buffer pool is null");
+  }
   tape(const tape&) = delete;
   tape& operator=(const tape&) = delete;
+  ~tape() { reset(); }
+
+  /// The pool this tape's buffers come from and go back to.
+  const std::shared_ptr<buffer_pool<T>>& pool() const { return pool_; }
+  /// An uninitialised [rows, cols] buffer from the pool, for a value an op will record
+  /// (or any temporary; give it back with recycle()).
+  dense<T> buffer(index_t rows, index_t cols) { return pool_->take(rows, cols); }
+  /// A zero-filled buffer from the pool.
+  dense<T> zeros(index_t rows, index_t cols) {
+    dense<T> m = buffer(rows, cols);
+    m.setZero();
+    return m;
+  }
+  /// Gives a temporary back to the pool.
+  void recycle(dense<T>&& m) { pool_->give(std::move(m)); }
+  /// Saved state for a backward closure: a pooled [rows, cols] buffer that goes back to the
+  /// pool when the last copy of the pointer is dropped (closures are dropped by backward(),
+  /// reset() and release_values).
+  std::shared_ptr<dense<T>> saved(index_t rows, index_t cols) {
+    auto pool = pool_;
+    return std::shared_ptr<dense<T>>(new dense<T>(pool->take(rows, cols)), [pool](dense<T>* m) {
+      pool->give(std::move(*m));
+      delete m;
+    });
+  }
 
   /// A parameter as a leaf: its value is viewed, its gradient accumulates into p.grad().
   var<T> param(parameter<T>& p) {
@@ -229,7 +383,7 @@ class tape {
     if (!backward_done_)
       throw autograd_error("deltaw::autograd::grad: no backward() has run on this tape yet");
     check_not_released(n, "grad");
-    if (!n.has_grad) zero_grad_of(const_cast<node&>(n));
+    if (!n.has_grad) const_cast<tape*>(this)->zero_grad_of(const_cast<node&>(n));
     return n.grad;
   }
 
@@ -244,9 +398,32 @@ class tape {
   std::pair<dense<T>*, bool> grad_slot(index_t id) {
     node& n = *nodes_[std::size_t(id)];
     if (n.has_grad) return {&n.grad, false};
-    n.grad.resize(n.value.rows(), n.value.cols());
+    if (n.grad.rows() != n.value.rows() || n.grad.cols() != n.value.cols()) {
+      pool_->give(std::move(n.grad));
+      n.grad = pool_->take(n.value.rows(), n.value.cols());
+    }
     n.has_grad = true;
     return {&n.grad, true};
+  }
+  /// Adds g to the gradient of node id; g becomes the gradient when there is none yet
+  /// (no copy), else it is added and given back to the pool.
+  void add_grad(index_t id, dense<T>&& g) {
+    node& n = *nodes_[std::size_t(id)];
+    if (!n.requires_grad) {
+      pool_->give(std::move(g));
+      return;
+    }
+    if (g.rows() != n.value.rows() || g.cols() != n.value.cols())
+      throw shape_error("deltaw::autograd: a gradient of shape " + detail::shape_of(g.rows(), g.cols()) + " for '" + n.op +
+                        "' of shape " + detail::shape_of(n.value.rows(), n.value.cols()));
+    if (!n.has_grad) {
+      pool_->give(std::move(n.grad));
+      n.grad = std::move(g);
+      n.has_grad = true;
+    } else {
+      n.grad += g;
+      pool_->give(std::move(g));
+    }
   }
   /// The value of node `id` (for backward closures).
   cmap<T> value_at(index_t id) const { return value(var<T>(const_cast<tape*>(this), id)); }
@@ -273,7 +450,7 @@ class tape {
     for (auto& n : nodes_)
       if (n->k == kind::computed || n->k == kind::parameter) {
         n->has_grad = false;
-        n->grad.resize(0, 0);
+        pool_->give(std::move(n->grad));
       }
     l.grad.setOnes(1, 1);
     l.has_grad = true;
@@ -290,7 +467,7 @@ class tape {
       }
       if (freeable) {
         release_value(n);
-        n.grad = dense<T>();
+        pool_->give(std::move(n.grad));
         n.backward = nullptr;  // and whatever the closure saved
       }
     }
@@ -304,6 +481,11 @@ class tape {
 
   /// Clears the tape for the next forward pass (parameters keep their gradients).
   void reset() {
+    for (auto& n : nodes_) {
+      n->backward = nullptr;  // saved state first (pooled buffers go back)
+      pool_->give(std::move(n->storage));
+      pool_->give(std::move(n->grad));
+    }
     nodes_.clear();
     consumed_ = false;
     backward_done_ = false;
@@ -320,8 +502,8 @@ class tape {
   var<T> last() { return var<T>(this, size() - 1); }
   // n.value keeps its shape (rows()/cols() stay valid); every path that reads its data
   // checks `released` first.
-  static void release_value(node& n) {
-    n.storage = dense<T>();
+  void release_value(node& n) {
+    pool_->give(std::move(n.storage));
     n.released = true;
   }
   static void check_not_released(const node& n, const char* what) {
@@ -330,11 +512,16 @@ class tape {
                            "' was freed by a backward() with release_values on; read it before backward(), or turn "
                            "release_values off for this tape");
   }
-  static void zero_grad_of(node& n) {
-    n.grad.setZero(n.value.rows(), n.value.cols());
+  void zero_grad_of(node& n) {
+    if (n.grad.rows() != n.value.rows() || n.grad.cols() != n.value.cols()) {
+      pool_->give(std::move(n.grad));
+      n.grad = pool_->take(n.value.rows(), n.value.cols());
+    }
+    n.grad.setZero();
     n.has_grad = true;
   }
 
+  std::shared_ptr<buffer_pool<T>> pool_;  // declared first: destroyed after the nodes
   std::vector<std::unique_ptr<node>> nodes_;
   bool grad_enabled_ = true;
   bool release_values_ = false;

@@ -72,7 +72,7 @@ using autograd::var;
 template <class T>
 var<T> masked_attention(const var<T>& q, const var<T>& k, const var<T>& v, index_t batch, index_t seq, index_t heads,
                         const std::vector<std::int64_t>& mask) {
-  auto& t = autograd::detail::same_tape(q, k, "masked_attention");
+  autograd::detail::same_tape(q, k, "masked_attention");
   autograd::detail::same_tape(q, v, "masked_attention");
   autograd::detail::check_same_shape(q, k, "masked_attention");
   autograd::detail::check_same_shape(q, v, "masked_attention");
@@ -83,60 +83,27 @@ var<T> masked_attention(const var<T>& q, const var<T>& k, const var<T>& v, index
   if (index_t(mask.size()) != batch * seq)
     throw shape_error("deltaw::models::masked_attention: the mask has " + std::to_string(mask.size()) +
                       " entries for batch " + std::to_string(batch) + " × seq " + std::to_string(seq));
-  const index_t dh = q.cols() / heads;
-  const T sc = T(1) / std::sqrt(T(dh));
-  const auto Q = q.value(), K = k.value(), V = v.value();
-  auto probs = std::make_shared<std::vector<dense<T>>>(std::size_t(batch * heads));
-  dense<T> y(q.rows(), q.cols());
+  // Per sequence: -inf on padding keys before the row maximum, then 0/1 after exp, so
+  // padding keys get exactly zero probability (the softmax is vectorised: Eigen's packet exp).
+  Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> key_bias(batch, seq), key_keep(batch, seq);
   for (index_t b = 0; b < batch; ++b) {
     bool any = false;
-    for (index_t j = 0; j < seq; ++j) any = any || mask[std::size_t(b * seq + j)] != 0;
+    for (index_t j = 0; j < seq; ++j) {
+      const bool keep = mask[std::size_t(b * seq + j)] != 0;
+      any = any || keep;
+      key_bias(b, j) = keep ? T(0) : -std::numeric_limits<T>::infinity();
+      key_keep(b, j) = keep ? T(1) : T(0);
+    }
     if (!any)
       throw argument_error("deltaw::models::masked_attention: sequence " + std::to_string(b) +
                            " has no unmasked token");
-    Eigen::Matrix<T, 1, Eigen::Dynamic> key_bias(seq), key_keep(seq);
-    for (index_t j = 0; j < seq; ++j) {
-      const bool keep = mask[std::size_t(b * seq + j)] != 0;
-      key_bias(j) = keep ? T(0) : -std::numeric_limits<T>::infinity();
-      key_keep(j) = keep ? T(1) : T(0);
-    }
-    for (index_t h = 0; h < heads; ++h) {
-      const auto Qh = Q.block(b * seq, h * dh, seq, dh);
-      const auto Kh = K.block(b * seq, h * dh, seq, dh);
-      const auto Vh = V.block(b * seq, h * dh, seq, dh);
-      dense<T>& P = (*probs)[std::size_t(b * heads + h)];
-      P.noalias() = (Qh * Kh.transpose()) * sc;
-      // Softmax over the unmasked keys, vectorised (Eigen's packet exp): padding keys get
-      // -inf before the row maximum, and are multiplied by 0 after exp (exactly zero).
-      P.array().rowwise() += key_bias.array();
-      P.array().colwise() -= P.array().rowwise().maxCoeff();
-      P.array() = P.array().exp();
-      P.array().rowwise() *= key_keep.array();
-      P.array().colwise() /= P.array().rowwise().sum();
-      y.block(b * seq, h * dh, seq, dh).noalias() = P * Vh;
-    }
   }
-  const index_t iq = q.id(), ik = k.id(), iv = v.id();
-  const bool rg = t.requires_grad(q) || t.requires_grad(k) || t.requires_grad(v);
-  return t.record("masked_attention", std::move(y), rg, [iq, ik, iv, probs, batch, seq, heads, dh, sc](tape<T>& t, index_t self) {
-    const auto& g = t.upstream(self);
-    const auto Q = t.value_at(iq), K = t.value_at(ik), V = t.value_at(iv);
-    dense<T> dQ = dense<T>::Zero(Q.rows(), Q.cols()), dK = dQ, dV = dQ;
-    for (index_t b = 0; b < batch; ++b)
-      for (index_t h = 0; h < heads; ++h) {
-        const dense<T>& P = (*probs)[std::size_t(b * heads + h)];
-        const auto G = g.block(b * seq, h * dh, seq, dh);
-        dV.block(b * seq, h * dh, seq, dh).noalias() = P.transpose() * G;
-        const dense<T> dP = G * V.block(b * seq, h * dh, seq, dh).transpose();
-        const Eigen::Matrix<T, Eigen::Dynamic, 1> dots = dP.cwiseProduct(P).rowwise().sum();
-        dense<T> dS = P.cwiseProduct(dP.colwise() - dots);
-        dS *= sc;
-        dQ.block(b * seq, h * dh, seq, dh).noalias() = dS * K.block(b * seq, h * dh, seq, dh);
-        dK.block(b * seq, h * dh, seq, dh).noalias() = dS.transpose() * Q.block(b * seq, h * dh, seq, dh);
-      }
-    autograd::detail::accumulate(t, iq, dQ);
-    autograd::detail::accumulate(t, ik, dK);
-    autograd::detail::accumulate(t, iv, dV);
+  return autograd::detail::scaled_dot_attention(q, k, v, batch, seq, heads, "masked_attention", [&](auto& P, index_t b) {
+    P.array().rowwise() += key_bias.row(b);
+    P.array().colwise() -= P.array().rowwise().maxCoeff();
+    P.array() = P.array().exp();
+    P.array().rowwise() *= key_keep.row(b);
+    P.array().colwise() /= P.array().rowwise().sum();
   });
 }
 
@@ -148,16 +115,16 @@ template <class T>
 var<T> bert_gelu(const var<T>& x) {
   auto& t = autograd::detail::tape_of(x, "bert_gelu");
   constexpr T rsqrt2 = T(0.70710678118654752440);
-  dense<T> y(x.rows(), x.cols());
+  dense<T> y = t.buffer(x.rows(), x.cols());
   y.array() = T(0.5) * x.value().array() * (T(1) + (x.value().array() * rsqrt2).erf());
   const index_t ix = x.id();
   return t.record("bert_gelu", std::move(y), t.requires_grad(x), [ix](tape<T>& t, index_t self) {
     constexpr T r2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
     const auto X = t.value_at(ix).array();
-    dense<T> g(X.rows(), X.cols());
+    dense<T> g = t.buffer(X.rows(), X.cols());
     g.array() = t.upstream(self).array() *
                 (T(0.5) * (T(1) + (X * r2).erf()) + X * (T(-0.5) * X.square()).exp() * inv_sqrt_2pi);
-    autograd::detail::accumulate(t, ix, g);
+    autograd::detail::accumulate(t, ix, std::move(g));
   });
 }
 
@@ -211,12 +178,12 @@ var<T> l2_normalize_rows(const var<T>& x) {
   return t.record("l2_normalize_rows", std::move(y), t.requires_grad(x), [ix, inv](tape<T>& t, index_t self) {
     const auto& g = t.upstream(self);
     const auto Y = t.value_at(self);
-    dense<T> dx(g.rows(), g.cols());
+    dense<T> dx = t.buffer(g.rows(), g.cols());
     for (index_t i = 0; i < g.rows(); ++i) {
       const T dot = g.row(i).dot(Y.row(i));
       dx.row(i) = (g.row(i) - Y.row(i) * dot) * (*inv)[std::size_t(i)];
     }
-    autograd::detail::accumulate(t, ix, dx);
+    autograd::detail::accumulate(t, ix, std::move(dx));
   });
 }
 
@@ -420,42 +387,36 @@ class bert_linear {
 
   var<T> operator()(tape<T>& t, const var<T>& x) const {
     const matrix_view<const T> W = W_.view;
-    var<T> y;
-    if (!has_adapter()) {
-      y = autograd::linear(x, W);
-    } else {
-      auto p = [&](std::size_t i) { return t.param(*params_[i]); };
-      switch (type_) {
-        case adapter_type::lora: y = autograd::lora_linear(x, W, p(0), p(1), s_); break;
-        case adapter_type::dora: y = autograd::dora_linear(x, W, p(0), p(1), p(2), s_, dora_norms_); break;
-        case adapter_type::miss: {
-          const index_t in = in_features();
-          y = autograd::adapted_linear<T, 1>(x, W, {p(0)}, [in](const auto& v) { return deltaw::miss(v[0], in); }, "miss_linear");
-          break;
-        }
-        case adapter_type::lokr: {
-          const index_t r = r_;
-          const double a = s_ * double(r_);
-          if (lokr_.w2_dense)
-            y = autograd::adapted_linear<T, 2>(x, W, {p(0), p(1)}, [a, r](const auto& v) {
-              return deltaw::lokr(deltaw::kron_factor(v[0]), deltaw::kron_factor(v[1]), deltaw::alpha(a), r);
-            }, "lokr_linear");
-          else
-            y = autograd::adapted_linear<T, 3>(x, W, {p(0), p(1), p(2)}, [a, r](const auto& v) {
-              return deltaw::lokr(deltaw::kron_factor(v[0]), deltaw::kron_factor(v[1], v[2]), deltaw::alpha(a), r);
-            }, "lokr_linear");
-          break;
-        }
-        case adapter_type::vera: {
-          const auto& proto = *vera_;
-          y = autograd::adapted_linear<T, 2>(x, W, {p(0), p(1)}, [&proto](const auto& v) {
-            return cpu::vjp<vera_update<T, device::cpu>>::rebind(proto, v);
-          }, "vera_linear");
-          break;
-        }
+    const vector_view<const T> bias = b_.view;
+    if (!has_adapter()) return autograd::linear(x, W, bias);
+    auto p = [&](std::size_t i) { return t.param(*params_[i]); };
+    switch (type_) {
+      case adapter_type::lora: return autograd::lora_linear(x, W, p(0), p(1), s_, bias);
+      case adapter_type::dora: return autograd::dora_linear(x, W, p(0), p(1), p(2), s_, dora_norms_, bias);
+      case adapter_type::miss: {
+        const index_t in = in_features();
+        return autograd::adapted_linear<T, 1>(x, W, {p(0)}, [in](const auto& v) { return deltaw::miss(v[0], in); },
+                                              "miss_linear", bias);
+      }
+      case adapter_type::lokr: {
+        const index_t r = r_;
+        const double a = s_ * double(r_);
+        if (lokr_.w2_dense)
+          return autograd::adapted_linear<T, 2>(x, W, {p(0), p(1)}, [a, r](const auto& v) {
+            return deltaw::lokr(deltaw::kron_factor(v[0]), deltaw::kron_factor(v[1]), deltaw::alpha(a), r);
+          }, "lokr_linear", bias);
+        return autograd::adapted_linear<T, 3>(x, W, {p(0), p(1), p(2)}, [a, r](const auto& v) {
+          return deltaw::lokr(deltaw::kron_factor(v[0]), deltaw::kron_factor(v[1], v[2]), deltaw::alpha(a), r);
+        }, "lokr_linear", bias);
+      }
+      case adapter_type::vera: {
+        const auto& proto = *vera_;
+        return autograd::adapted_linear<T, 2>(x, W, {p(0), p(1)}, [&proto](const auto& v) {
+          return cpu::vjp<vera_update<T, device::cpu>>::rebind(proto, v);
+        }, "vera_linear", bias);
       }
     }
-    return autograd::add_bias(y, t.frozen(matrix_view<const T>(b_.view.data(), 1, out_features()), name_ + ".bias"));
+    throw argument_error("deltaw::models::bert_linear: unknown adapter type");
   }
 
  private:
@@ -628,7 +589,7 @@ class bert_model {
       // recorded on t. Peak memory: one layer's activations instead of all six.
       dense<T> h = x.value();
       for (const auto& L : layers_) {
-        tape<T> lt;
+        tape<T> lt(t.pool());  // the layers reuse each other's buffers
         autograd::no_grad ng(lt);
         h = run_layer(lt, *L, lt.frozen(deltaw::view(std::as_const(h)), "hidden")).value();
       }
