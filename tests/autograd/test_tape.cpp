@@ -241,7 +241,7 @@ TEST_CASE("tape: a reset tape reuses its buffers; gradients equal a fresh tape's
     want = step(fresh);
   }
   for (bool release : {false, true}) {
-    ag::tape<double> t;
+    ag::tape<double> t(std::make_shared<ag::buffer_pool<double>>());
     t.set_release_values(release);
     CHECK(step(t) == want);
     const auto first = t.pool()->stats();
@@ -267,6 +267,18 @@ TEST_CASE("tape: a reset tape reuses its buffers; gradients equal a fresh tape's
   }
   CHECK(pool->stats().misses == misses);
   CHECK(pool->stats().lent_bytes == 0);  // everything came back
+  // Tapes built without a pool share this thread's: a fresh tape per step reuses the last one's buffers.
+  ag::default_pool<double>()->clear();
+  { ag::tape<double> t; CHECK(step(t) == want); CHECK(t.pool() == ag::default_pool<double>()); }
+  const auto m1 = ag::default_pool<double>()->stats().misses;
+  { ag::tape<double> t; CHECK(step(t) == want); }
+  CHECK(ag::default_pool<double>()->stats().misses == m1);
+  const auto* here = ag::default_pool<double>().get();
+  std::thread([&] {
+    ag::tape<double> t;
+    CHECK(t.pool().get() != here);
+    CHECK(t.pool()->stats().hits == 0);  // another thread, another pool
+  }).join();
   dwt::check_throws_with<ag::autograd_error>([] { ag::tape<double> t(nullptr); }, {"pool", "null"});
 }
 

@@ -67,12 +67,18 @@ void check_bias(const vector_view<const T>& b, const matrix_view<const T>& W, co
 template <class T>
 void bias_rows(dense<T>& y, const vector_view<const T>& b, bool add) {
   if (b.size() == 0) return;
-  const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>, Eigen::Unaligned, Eigen::InnerStride<>> row(
-      b.data(), b.size(), Eigen::InnerStride<>(b.stride()));
-  if (add)
-    y.rowwise() += row;
-  else
-    y.rowwise() = row;
+  Eigen::Matrix<T, 1, Eigen::Dynamic> copy;
+  if (b.stride() != 1) {  // a contiguous copy, so that the row loop vectorises
+    copy.resize(b.size());
+    for (index_t j = 0; j < b.size(); ++j) copy(j) = b[j];
+  }
+  const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> row(b.stride() == 1 ? b.data() : copy.data(), b.size());
+  for (index_t i = 0; i < y.rows(); ++i) {
+    if (add)
+      y.row(i) += row;
+    else
+      y.row(i) = row;
+  }
 }
 template <class T>
 matrix_view<const T> view_of(const var<T>& v) {

@@ -8,6 +8,7 @@
 //   buffer_pool<T> storage recycled between nodes and passes (values, gradients, saved
 //                  state): a training loop or a layer-by-layer forward reuses the
 //                  buffers of the previous pass instead of faulting in fresh pages.
+//                  Tapes share one pool per thread unless given their own.
 //
 // Leaves are of three kinds: parameters (gradient accumulated into parameter::grad),
 // frozen views (caller memory, never copied, no gradient) and inputs that want a gradient
@@ -207,6 +208,17 @@ class buffer_pool {
   stats_t stats_;
 };
 
+/// The pool of the tapes constructed without one: one per thread (and element type), so
+/// that a training loop that builds a fresh tape every step, or a forward pass repeated
+/// over batches, reuses the previous step's buffers. It keeps at most the largest working
+/// set seen (see buffer_pool); default_pool<T>()->clear() frees it, and a tape given a
+/// pool of its own (tape(std::make_shared<buffer_pool<T>>())) leaves it alone.
+template <class T>
+const std::shared_ptr<buffer_pool<T>>& default_pool() {
+  thread_local const std::shared_ptr<buffer_pool<T>> pool = std::make_shared<buffer_pool<T>>();
+  return pool;
+}
+
 template <class T>
 class tape;
 
@@ -252,8 +264,8 @@ class tape {
     std::function<void(tape&, index_t)> backward;  // pushes this node's grad (node id given) to its inputs
   };
 
-  /// A tape with a pool of its own (kept across reset(), freed with the tape).
-  tape() : pool_(std::make_shared<buffer_pool<T>>()) {}
+  /// A tape drawing from this thread's default_pool<T>().
+  tape() : pool_(default_pool<T>()) {}
   /// A tape that draws its buffers from `pool` (shared with other tapes, e.g. the scratch
   /// tapes of a layer-by-layer forward pass, or one tape per thread).
   explicit tape(std::shared_ptr<buffer_pool<T>> pool) : pool_(std::move(pool)) {
