@@ -12,6 +12,7 @@
 // A plain timed program (not Google Benchmark): each repetition is one full batch (seconds),
 // and the driver compares processes, not functions. Prints one line:
 //   mode=<m> reps=<n> median_s=<s> min_s=<s> peak_rss_mib=<MiB> items=<embeddings or tokens per rep>
+//   blas_core=<OpenBLAS kernel family, or none>
 //
 //   bench_minilm --model DIR --ids FILE --mode forward|forward_lora|train [--reps N]
 // FILE: "batch seq" then batch·seq token ids then batch·seq mask entries (whitespace
@@ -37,6 +38,12 @@ namespace ag = deltaw::autograd;
 namespace md = deltaw::models;
 namespace fs = std::filesystem;
 using deltaw::index_t;
+
+#if defined(DELTAW_USE_BLAS)
+// OpenBLAS's kernel family (e.g. "SkylakeX", or "Prescott" when it misdetects a virtual CPU
+// and falls back; OPENBLAS_CORETYPE overrides). Weak: another BLAS leaves it null.
+extern "C" char* openblas_get_corename(void) __attribute__((weak));
+#endif
 
 namespace {
 
@@ -164,8 +171,12 @@ int main(int argc, char** argv) {
       if (sink != sink) std::printf("nan\n");
     }
     std::sort(times.begin(), times.end());
-    std::printf("mode=%s reps=%d median_s=%.5f min_s=%.5f peak_rss_mib=%.1f items=%.0f\n", mode.c_str(), reps,
-                times[times.size() / 2], times.front(), peak_rss_mib(), items);
+    const char* blas = "none";
+#if defined(DELTAW_USE_BLAS)
+    blas = openblas_get_corename != nullptr ? openblas_get_corename() : "unknown";
+#endif
+    std::printf("mode=%s reps=%d median_s=%.5f min_s=%.5f peak_rss_mib=%.1f items=%.0f blas_core=%s\n", mode.c_str(), reps,
+                times[times.size() / 2], times.front(), peak_rss_mib(), items, blas);
   } catch (const deltaw::error& e) {
     std::fprintf(stderr, "bench_minilm: %s\n", e.what());
     return 1;

@@ -212,6 +212,7 @@ def main():
     sides = [(n, b) for n, b in sides if os.path.exists(b)]
     if not sides:
         skip(f"no bench_minilm binaries in {args.bin_dir} (configure with -DDELTAW_BUILD_BENCHMARKS=ON)")
+    cores = {}
     print(f"{'threads':>7} {'workload':<13} {'framework':<18} {'median s':>9} {'rate':>16} {'peak RSS':>10} {'speed vs torch':>15} {'RSS vs torch':>13}")
     for th in args.threads:
         for mode in args.modes:
@@ -225,11 +226,17 @@ def main():
             for name, r in res.items():
                 if r is None:
                     continue
+                if r.get("blas_core", "none") != "none":
+                    cores[name] = r["blas_core"]
                 rate = float(r["items"]) / float(r["median_s"])
                 sp = f"{float(ref['median_s']) / float(r['median_s']):.2f}x" if ref else "-"
                 mem = f"{float(r['peak_rss_mib']) / float(ref['peak_rss_mib']):.2f}x" if ref else "-"
                 print(f"{th:>7} {mode:<13} {name:<18} {float(r['median_s']):>9.3f} {rate:>9.1f} {unit:<6} "
                       f"{float(r['peak_rss_mib']):>6.0f} MiB {sp:>15} {mem:>13}", flush=True)
+    for name, core in cores.items():
+        print(f"{name}: OpenBLAS kernels {core}" + (" (set OPENBLAS_CORETYPE, e.g. SkylakeX, if the CPU has AVX-512: "
+                                                     "OpenBLAS falls back to these on some virtual CPUs)"
+                                                     if core.lower() in ("prescott", "core2", "nehalem", "generic") else ""))
 
 
 if __name__ == "__main__":
