@@ -10,6 +10,7 @@
 #include "test_cuda_vjp.cu"
 #include "test_cuda_linalg.cu"
 #include "test_cuda_serve.cu"
+#include "test_cuda_masked.cu"
 #include "test_cuda_sums.cu"
 #include "test_cuda_pool.cu"
 #include "test_cuda_lowrank.cu"

@@ -45,9 +45,11 @@ inline constexpr bool is_lora_v = false;
 template <class T>
 inline constexpr bool is_lora_v<low_rank<T, device::cpu>> = true;
 
-template <class U, class TW, class TM>
-void check_masked(const char* op, const matrix_view<const TW>& W, std::span<const U> updates,
-                  const matrix_view<const TM>& M, index_t x_rows, index_t x_cols) {
+/// The shape checks of apply_masked and masked_backward; device-neutral (also the CUDA
+/// ones: cuda/include/deltaw/cuda/serve_masked.cuh). Reads shapes only, never M's values.
+template <class U, class TW, class TM, class D>
+void check_masked(const char* op, const matrix_view<const TW, D>& W, std::span<const U> updates,
+                  const matrix_view<const TM, D>& M, index_t x_rows, index_t x_cols) {
   if (x_cols != W.cols())
     throw shape_error(std::string(op) + ": X is " + deltaw::detail::shape_str(x_rows, x_cols) + " but W is " +
                       deltaw::detail::shape_str(W.rows(), W.cols()) + "; X·Wᵀ needs X to have " +
