@@ -174,6 +174,9 @@ struct outcome {
 
 outcome train(const std::string& name, const config& c, const md::wordpiece_tokenizer& tok, const std::vector<pair_text>& train_set,
               const std::vector<pair_text>& held) {
+  // The tapes' buffer pool keeps the previous method's activations for reuse; free them, so
+  // that each method's peak is its own.
+  deltaw::autograd::default_pool<float>()->clear();
   reset_peak();
   const auto [type, lr] = method_table.at(name);
   auto model = md::bert_model<float>::load(c.model);

@@ -191,6 +191,22 @@ TEST_CASE("buffer_pool: recycles by element count, bounded by the high-water mar
   CHECK(pool.stats().idle_buffers == 1);
   pool.clear();
   CHECK(pool.stats().idle_bytes == 0);
+  // A new shape: idle buffers are freed until idle + lent fit under the high-water mark,
+  // so the pool never raises the peak above the largest working set it served.
+  ag::buffer_pool<double> p2;
+  auto x = p2.take(128, 96), y = p2.take(128, 96);
+  p2.give(std::move(x));
+  p2.give(std::move(y));
+  CHECK(p2.stats().idle_buffers == 2);
+  auto z = p2.take(128, 48);  // half a buffer: one idle buffer must go
+  CHECK(p2.stats().idle_buffers == 1);
+  CHECK(p2.stats().idle_bytes + p2.stats().lent_bytes <= p2.stats().lent_high_water);
+  auto w = p2.take(128, 200);  // above the mark on its own: every idle buffer goes
+  CHECK(p2.stats().idle_buffers == 0);
+  CHECK(p2.stats().misses == 4);
+  p2.give(std::move(z));
+  p2.give(std::move(w));
+  CHECK(p2.stats().idle_buffers == 2);
 }
 
 TEST_CASE("buffer_pool: shared by threads, the counts stay consistent") {

@@ -101,9 +101,11 @@ class parameter {
 /// every large buffer to the kernel on free and each pass faults its pages in again (a
 /// third of a MiniLM forward pass on one core was page faults).
 ///
-/// Bounded: the idle bytes kept never exceed the high-water mark of bytes handed out and
-/// not yet returned (at most one pass's working set when shapes repeat); beyond that, or
-/// beyond set_max_idle_bytes(), the longest-idle buffers are freed first. Buffers under
+/// Bounded: idle plus lent bytes never exceed the high-water mark of lent bytes (bytes
+/// handed out and not yet returned), so the pool does not raise a process's peak above the
+/// largest working set it has served: a request that misses (a new shape) first frees the
+/// longest-idle buffers until the new one fits under the mark, as does a buffer given back
+/// that was not taken from the pool; set_max_idle_bytes() caps the idle bytes further. Buffers under
 /// min_elements are not pooled (malloc serves them well). Thread-safe: tapes on several
 /// threads may share one pool.
 template <class T>
@@ -139,6 +141,7 @@ class buffer_pool {
         ++stats_.hits;
       } else {
         ++stats_.misses;
+        trim();
       }
     }
     m.resize(rows, cols);
@@ -156,8 +159,7 @@ class buffer_pool {
     idle_[n].push_back(entry{std::move(m), ++clock_});
     idle_bytes_ += bytes(n);
     ++idle_count_;
-    const std::size_t cap = std::min(max_idle_, stats_.lent_high_water);
-    while (idle_bytes_ > cap && idle_count_ > 0) evict_oldest();
+    trim();
     m = dense<T>();
   }
   /// Frees every idle buffer.
@@ -171,7 +173,7 @@ class buffer_pool {
   void set_max_idle_bytes(std::size_t b) {
     std::lock_guard<std::mutex> lock(mu_);
     max_idle_ = b;
-    while (idle_bytes_ > max_idle_ && idle_count_ > 0) evict_oldest();
+    trim();
   }
   stats_t stats() const {
     std::lock_guard<std::mutex> lock(mu_);
@@ -188,6 +190,9 @@ class buffer_pool {
     std::uint64_t when;
   };
   static std::size_t bytes(index_t n) { return std::size_t(n) * sizeof(T); }
+  void trim() {  // the caller holds mu_
+    while (idle_count_ > 0 && (idle_bytes_ > max_idle_ || idle_bytes_ + lent_ > stats_.lent_high_water)) evict_oldest();
+  }
   void evict_oldest() {  // the caller holds mu_; few distinct sizes, so a scan of the fronts
     auto oldest = idle_.end();
     for (auto it = idle_.begin(); it != idle_.end(); ++it)
