@@ -226,7 +226,6 @@ TEST_CASE("buffer_pool: shared by threads, the counts stay consistent") {
   for (auto& t : threads) t.join();
   const auto st = pool.stats();
   CHECK(st.hits + st.misses == 800);
-  CHECK(st.hits > 400);            // most requests recycled (three sizes, four in flight at most)
   CHECK(st.lent_bytes == 0);       // every buffer came back
   CHECK(st.idle_bytes <= st.lent_high_water);  // the bound held
   CHECK(st.lent_high_water <= 4 * 192 * 128 * sizeof(float));

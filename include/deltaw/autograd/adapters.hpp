@@ -73,12 +73,14 @@ void bias_rows(dense<T>& y, const vector_view<const T>& b, bool add) {
     for (index_t j = 0; j < b.size(); ++j) copy(j) = b[j];
   }
   const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> row(b.stride() == 1 ? b.data() : copy.data(), b.size());
-  for (index_t i = 0; i < y.rows(); ++i) {
-    if (add)
-      y.row(i) += row;
-    else
-      y.row(i) = row;
-  }
+  deltaw::detail::parallel_rows(y.rows(), y.cols(), [&](index_t r0, index_t n) {
+    for (index_t i = r0; i < r0 + n; ++i) {
+      if (add)
+        y.row(i) += row;
+      else
+        y.row(i) = row;
+    }
+  });
 }
 template <class T>
 matrix_view<const T> view_of(const var<T>& v) {

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/parallel.hpp"
 #include "tape.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -47,15 +48,26 @@ void check_row_vector(const var<T>& v, index_t n, const char* op, const char* wh
     throw shape_error(std::string("deltaw::autograd::") + op + ": " + what + " is " + shape_of(v.rows(), v.cols()) +
                       "; expected [1, " + std::to_string(n) + "]");
 }
-/// Adds g into the gradient of node id if it needs one.
+/// Adds g into the gradient of node id if it needs one. A stored g (a matrix or a map) is
+/// added in row blocks over threads; an expression (which may hold a product, which a row
+/// block would evaluate whole) on the calling thread.
 template <class T, class G>
 void accumulate(tape<T>& t, index_t id, const G& g) {
   if (!t.needs_grad(id)) return;
   auto [buf, fresh] = t.grad_slot(id);
-  if (fresh)
-    buf->noalias() = g;
-  else
-    buf->noalias() += g;
+  dense<T>& b = *buf;
+  if constexpr ((int(Eigen::internal::traits<G>::Flags) & Eigen::DirectAccessBit) != 0) {
+    deltaw::detail::parallel_rows(b.rows(), b.cols(), [&, fresh = fresh](index_t r0, index_t n) {
+      if (fresh)
+        b.middleRows(r0, n).noalias() = g.middleRows(r0, n);
+      else
+        b.middleRows(r0, n).noalias() += g.middleRows(r0, n);
+    });
+  } else if (fresh) {
+    b.noalias() = g;
+  } else {
+    b.noalias() += g;
+  }
 }
 /// The same for a temporary the op no longer needs: it becomes the gradient when there is
 /// none yet (no copy), else it is added and goes back to the tape's pool.
@@ -63,11 +75,14 @@ template <class T>
 void accumulate(tape<T>& t, index_t id, dense<T>&& g) {
   t.add_grad(id, std::move(g));
 }
-/// A pooled copy of an expression's value.
+/// A pooled copy of an elementwise expression's value (row blocks over threads; no
+/// products in `e`: a row block of a product would evaluate all of it).
 template <class T, class E>
 dense<T> pooled(tape<T>& t, const E& e) {
   dense<T> y = t.buffer(e.rows(), e.cols());
-  y.noalias() = e;
+  deltaw::detail::parallel_rows(y.rows(), y.cols(), [&](index_t r0, index_t n) {
+    y.middleRows(r0, n).noalias() = e.middleRows(r0, n);
+  });
   return y;
 }
 }  // namespace detail
@@ -202,14 +217,17 @@ var<T> layer_norm(const var<T>& x, const var<T>& gamma, const var<T>& beta, doub
   const index_t n = X.rows(), d = X.cols();
   auto xhat = t.saved(n, d);
   auto rstd = std::make_shared<Eigen::Matrix<T, Eigen::Dynamic, 1>>(n);
-  for (index_t i = 0; i < n; ++i) {
-    const T mu = X.row(i).mean();
-    const T var = (X.row(i).array() - mu).square().mean();
-    (*rstd)(i) = T(1) / std::sqrt(var + T(eps));
-    xhat->row(i) = (X.row(i).array() - mu) * (*rstd)(i);
-  }
   dense<T> y = t.buffer(n, d);
-  y.array() = (xhat->array().rowwise() * gamma.value().row(0).array()).rowwise() + beta.value().row(0).array();
+  const auto G = gamma.value().row(0).array(), Bt = beta.value().row(0).array();
+  deltaw::detail::parallel_rows(n, d, [&](index_t r0, index_t m) {
+    for (index_t i = r0; i < r0 + m; ++i) {
+      const T mu = X.row(i).mean();
+      const T var = (X.row(i).array() - mu).square().mean();
+      (*rstd)(i) = T(1) / std::sqrt(var + T(eps));
+      xhat->row(i) = (X.row(i).array() - mu) * (*rstd)(i);
+      y.row(i).array() = xhat->row(i).array() * G + Bt;
+    }
+  });
   const index_t ix = x.id(), ig = gamma.id(), ib = beta.id();
   const bool rg = t.requires_grad(x) || t.requires_grad(gamma) || t.requires_grad(beta);
   return t.record("layer_norm", std::move(y), rg, [ix, ig, ib, xhat, rstd](tape<T>& t, index_t self) {
@@ -217,14 +235,17 @@ var<T> layer_norm(const var<T>& x, const var<T>& gamma, const var<T>& beta, doub
     detail::accumulate(t, ig, g.cwiseProduct(*xhat).colwise().sum());
     detail::accumulate(t, ib, g.colwise().sum());
     if (!t.needs_grad(ix)) return;
-    dense<T> dxhat = detail::pooled(t, (g.array().rowwise() * t.value_at(ig).row(0).array()).matrix());
+    const auto G = t.value_at(ig).row(0).array();
     dense<T> dx = t.buffer(g.rows(), g.cols());
-    for (index_t i = 0; i < g.rows(); ++i) {
-      const T m1 = dxhat.row(i).mean();
-      const T m2 = dxhat.row(i).cwiseProduct(xhat->row(i)).mean();
-      dx.row(i) = (*rstd)(i) * (dxhat.row(i).array() - m1 - xhat->row(i).array() * m2);
-    }
-    t.recycle(std::move(dxhat));
+    deltaw::detail::parallel_rows(g.rows(), g.cols(), [&](index_t r0, index_t m) {
+      Eigen::Array<T, 1, Eigen::Dynamic> dxhat(g.cols());
+      for (index_t i = r0; i < r0 + m; ++i) {
+        dxhat = g.row(i).array() * G;
+        const T m1 = dxhat.mean();
+        const T m2 = (dxhat * xhat->row(i).array()).mean();
+        dx.row(i).array() = (*rstd)(i) * (dxhat - m1 - xhat->row(i).array() * m2);
+      }
+    });
     detail::accumulate(t, ix, std::move(dx));
   });
 }
@@ -298,36 +319,49 @@ var<T> scaled_dot_attention(const var<T>& q, const var<T>& k, const var<T>& v, i
   const auto Q = q.value(), K = k.value(), V = v.value();
   const bool rg = t.requires_grad(q) || t.requires_grad(k) || t.requires_grad(v);
   // Every (sequence, head)'s probabilities, stacked, when the backward pass needs them;
-  // one [seq, seq] block reused otherwise.
-  auto probs = t.saved((rg ? batch * heads : 1) * seq, seq);
+  // one sequence's otherwise. Per sequence: the products of its heads on the calling thread
+  // (the GEMM threads them), the softmax of its heads over threads.
+  auto probs = t.saved((rg ? batch : 1) * heads * seq, seq);
+  auto P_of = [&](index_t b, index_t h) { return probs->middleRows(((rg ? b : 0) * heads + h) * seq, seq); };
   dense<T> y = t.buffer(q.rows(), q.cols());
-  for (index_t b = 0; b < batch; ++b)
-    for (index_t h = 0; h < heads; ++h) {
-      auto P = probs->middleRows((rg ? b * heads + h : 0) * seq, seq);
-      P.noalias() = sc * (Q.block(b * seq, h * dh, seq, dh) * K.block(b * seq, h * dh, seq, dh).transpose());
+  for (index_t b = 0; b < batch; ++b) {
+    for (index_t h = 0; h < heads; ++h)
+      P_of(b, h).noalias() = sc * (Q.block(b * seq, h * dh, seq, dh) * K.block(b * seq, h * dh, seq, dh).transpose());
+    deltaw::detail::parallel_for(heads, deltaw::detail::elementwise_parallel() && seq * seq * heads >= (index_t(1) << 15), [&](index_t h) {
+      auto P = P_of(b, h);
       softmax(P, b);
-      y.block(b * seq, h * dh, seq, dh).noalias() = P * V.block(b * seq, h * dh, seq, dh);
-    }
+    });
+    for (index_t h = 0; h < heads; ++h)
+      y.block(b * seq, h * dh, seq, dh).noalias() = P_of(b, h) * V.block(b * seq, h * dh, seq, dh);
+  }
   const index_t iq = q.id(), ik = k.id(), iv = v.id();
   if (!rg) probs.reset();
   return t.record(name, std::move(y), rg, [iq, ik, iv, probs, batch, seq, heads, dh, sc](tape<T>& t, index_t self) {
     const auto& g = t.upstream(self);
     const auto Q = t.value_at(iq), K = t.value_at(ik), V = t.value_at(iv);
     dense<T> dQ = t.buffer(Q.rows(), Q.cols()), dK = t.buffer(Q.rows(), Q.cols()), dV = t.buffer(Q.rows(), Q.cols());
-    dense<T> dS(seq, seq);
-    Eigen::Matrix<T, Eigen::Dynamic, 1> dots(seq);
-    for (index_t b = 0; b < batch; ++b)
+    dense<T> dS = t.buffer(heads * seq, seq);  // one sequence's heads
+    for (index_t b = 0; b < batch; ++b) {
+      auto P_of = [&](index_t h) { return std::as_const(*probs).middleRows((b * heads + h) * seq, seq); };
       for (index_t h = 0; h < heads; ++h) {
-        const auto P = std::as_const(*probs).middleRows((b * heads + h) * seq, seq);
         const auto G = g.block(b * seq, h * dh, seq, dh);
-        dV.block(b * seq, h * dh, seq, dh).noalias() = P.transpose() * G;
-        dS.noalias() = G * V.block(b * seq, h * dh, seq, dh).transpose();  // dP
-        // softmax VJP row by row: dS = P ⊙ (dP − ⟨dP, P⟩_row), then the 1/√dh scale
-        dots.noalias() = dS.cwiseProduct(P).rowwise().sum();
-        dS = P.cwiseProduct(dS.colwise() - dots) * sc;
-        dQ.block(b * seq, h * dh, seq, dh).noalias() = dS * K.block(b * seq, h * dh, seq, dh);
-        dK.block(b * seq, h * dh, seq, dh).noalias() = dS.transpose() * Q.block(b * seq, h * dh, seq, dh);
+        dV.block(b * seq, h * dh, seq, dh).noalias() = P_of(h).transpose() * G;
+        dS.middleRows(h * seq, seq).noalias() = G * V.block(b * seq, h * dh, seq, dh).transpose();  // dP
       }
+      // softmax VJP row by row: dS = P ⊙ (dP − ⟨dP, P⟩_row), then the 1/√dh scale
+      deltaw::detail::parallel_for(heads, deltaw::detail::elementwise_parallel() && seq * seq * heads >= (index_t(1) << 15), [&](index_t h) {
+        const auto P = P_of(h);
+        auto D = dS.middleRows(h * seq, seq);
+        const Eigen::Matrix<T, Eigen::Dynamic, 1> dots = D.cwiseProduct(P).rowwise().sum();
+        D = P.cwiseProduct(D.colwise() - dots) * sc;
+      });
+      for (index_t h = 0; h < heads; ++h) {
+        const auto D = std::as_const(dS).middleRows(h * seq, seq);
+        dQ.block(b * seq, h * dh, seq, dh).noalias() = D * K.block(b * seq, h * dh, seq, dh);
+        dK.block(b * seq, h * dh, seq, dh).noalias() = D.transpose() * Q.block(b * seq, h * dh, seq, dh);
+      }
+    }
+    t.recycle(std::move(dS));
     accumulate(t, iq, std::move(dQ));
     accumulate(t, ik, std::move(dK));
     accumulate(t, iv, std::move(dV));

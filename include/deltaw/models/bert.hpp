@@ -116,14 +116,22 @@ var<T> bert_gelu(const var<T>& x) {
   auto& t = autograd::detail::tape_of(x, "bert_gelu");
   constexpr T rsqrt2 = T(0.70710678118654752440);
   dense<T> y = t.buffer(x.rows(), x.cols());
-  y.array() = T(0.5) * x.value().array() * (T(1) + (x.value().array() * rsqrt2).erf());
+  const auto X = x.value();
+  deltaw::detail::parallel_rows(y.rows(), y.cols(), [&](index_t r0, index_t n) {
+    const auto Xb = X.middleRows(r0, n).array();
+    y.middleRows(r0, n).array() = T(0.5) * Xb * (T(1) + (Xb * rsqrt2).erf());
+  });
   const index_t ix = x.id();
   return t.record("bert_gelu", std::move(y), t.requires_grad(x), [ix](tape<T>& t, index_t self) {
     constexpr T r2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
-    const auto X = t.value_at(ix).array();
-    dense<T> g = t.buffer(X.rows(), X.cols());
-    g.array() = t.upstream(self).array() *
-                (T(0.5) * (T(1) + (X * r2).erf()) + X * (T(-0.5) * X.square()).exp() * inv_sqrt_2pi);
+    const auto Xm = t.value_at(ix);
+    const auto& up = t.upstream(self);
+    dense<T> g = t.buffer(Xm.rows(), Xm.cols());
+    deltaw::detail::parallel_rows(g.rows(), g.cols(), [&](index_t r0, index_t n) {
+      const auto X = Xm.middleRows(r0, n).array();
+      g.middleRows(r0, n).array() = up.middleRows(r0, n).array() *
+                                    (T(0.5) * (T(1) + (X * r2).erf()) + X * (T(-0.5) * X.square()).exp() * inv_sqrt_2pi);
+    });
     autograd::detail::accumulate(t, ix, std::move(g));
   });
 }

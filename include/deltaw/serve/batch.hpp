@@ -28,10 +28,7 @@
 #include <variant>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
+#include "../core/parallel.hpp"
 #include "../deltaw.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -153,39 +150,8 @@ inline strategy choose_strategy(const token_groups& g, const batch_options& o = 
 
 namespace detail {
 
-inline int max_threads(bool parallel) {
-#if defined(_OPENMP)
-  return parallel ? omp_get_max_threads() : 1;
-#else
-  (void)parallel;
-  return 1;
-#endif
-}
-
-/// Runs body(i) for i in [0, n): over OpenMP threads (dynamic schedule) when `parallel`,
-/// else in order. The first exception is rethrown on the calling thread.
-template <class F>
-void parallel_for(index_t n, bool parallel, F&& body) {
-#if defined(_OPENMP)
-  if (parallel && n > 1 && omp_get_max_threads() > 1) {
-    std::exception_ptr failure;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (index_t i = 0; i < n; ++i) {
-      try {
-        body(i);
-      } catch (...) {
-#pragma omp critical(deltaw_serve_failure)
-        if (!failure) failure = std::current_exception();
-      }
-    }
-    if (failure) std::rethrow_exception(failure);
-    return;
-  }
-#else
-  (void)parallel;
-#endif
-  for (index_t i = 0; i < n; ++i) body(i);
-}
+using deltaw::detail::max_threads;
+using deltaw::detail::parallel_for;
 
 /// y += α·M·x for a BLAS-compatible M (rows contiguous or columns contiguous) and strided
 /// vectors x, y (Eigen's matrix-vector kernels).
