@@ -167,8 +167,9 @@ def parse(line):
 MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
-def run(cmd, threads, malloc_tuned):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def run(cmd, threads, malloc_tuned, blas_threads=None):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads if blas_threads is None else blas_threads))
     if malloc_tuned:
         env.update(MALLOC_TUNED)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -207,9 +208,13 @@ def main():
     real = write_ids(args.ids, mdir)
     print(f"all-MiniLM-L6-v2 from {mdir}; batch {BATCH} x {SEQ} tokens ({real} non-padding); ids in {args.ids}; "
           f"malloc: {'tuned ' + str(MALLOC_TUNED) if args.malloc_tuned else 'glibc defaults'}")
-    sides = [("deltaw (OpenBLAS)", os.path.join(args.bin_dir, "bench_minilm_blas")),
-             ("deltaw (Eigen)", os.path.join(args.bin_dir, "bench_minilm"))]
-    sides = [(n, b) for n, b in sides if os.path.exists(b)]
+    # OpenBLAS either threads each product itself (OPENBLAS_NUM_THREADS = n), or runs one
+    # thread per call and deltaw splits products and elementwise work over n OpenMP threads
+    # (OPENBLAS_NUM_THREADS = 1; the same as the first at one thread, so not repeated there).
+    blas = os.path.join(args.bin_dir, "bench_minilm_blas")
+    sides = [("deltaw (OpenBLAS)", blas, None), ("deltaw (BLAS1+OMP)", blas, 1),
+             ("deltaw (Eigen)", os.path.join(args.bin_dir, "bench_minilm"), None)]
+    sides = [s for s in sides if os.path.exists(s[1])]
     if not sides:
         skip(f"no bench_minilm binaries in {args.bin_dir} (configure with -DDELTAW_BUILD_BENCHMARKS=ON)")
     cores = {}
@@ -217,8 +222,11 @@ def main():
     for th in args.threads:
         for mode in args.modes:
             res = {}
-            for name, binary in sides:
-                res[name] = run([binary, "--model", mdir, "--ids", args.ids, "--mode", mode, "--reps", str(args.reps)], th, args.malloc_tuned)
+            for name, binary, blas_threads in sides:
+                if blas_threads is not None and th == 1:
+                    continue
+                res[name] = run([binary, "--model", mdir, "--ids", args.ids, "--mode", mode, "--reps", str(args.reps)], th,
+                                args.malloc_tuned, blas_threads)
             res["PyTorch + PEFT"] = run([sys.executable, __file__, "--worker", "--mode", mode, "--worker-threads", str(th),
                                          "--reps", str(args.reps), "--ids", args.ids, "--model", mdir], th, args.malloc_tuned)
             ref = res["PyTorch + PEFT"]

@@ -319,48 +319,39 @@ var<T> scaled_dot_attention(const var<T>& q, const var<T>& k, const var<T>& v, i
   const auto Q = q.value(), K = k.value(), V = v.value();
   const bool rg = t.requires_grad(q) || t.requires_grad(k) || t.requires_grad(v);
   // Every (sequence, head)'s probabilities, stacked, when the backward pass needs them;
-  // one sequence's otherwise. Per sequence: the products of its heads on the calling thread
-  // (the GEMM threads them), the softmax of its heads over threads.
+  // one sequence's otherwise. The heads of a sequence run over threads (each head's small
+  // products on its own thread) when deltaw's loops are threaded, else in order with the
+  // products threaded by the BLAS.
+  const bool par = deltaw::detail::elementwise_parallel() && seq * seq * heads >= (index_t(1) << 15);
   auto probs = t.saved((rg ? batch : 1) * heads * seq, seq);
-  auto P_of = [&](index_t b, index_t h) { return probs->middleRows(((rg ? b : 0) * heads + h) * seq, seq); };
   dense<T> y = t.buffer(q.rows(), q.cols());
-  for (index_t b = 0; b < batch; ++b) {
-    for (index_t h = 0; h < heads; ++h)
-      P_of(b, h).noalias() = sc * (Q.block(b * seq, h * dh, seq, dh) * K.block(b * seq, h * dh, seq, dh).transpose());
-    deltaw::detail::parallel_for(heads, deltaw::detail::elementwise_parallel() && seq * seq * heads >= (index_t(1) << 15), [&](index_t h) {
-      auto P = P_of(b, h);
+  for (index_t b = 0; b < batch; ++b)
+    deltaw::detail::parallel_for(heads, par, [&](index_t h) {
+      auto P = probs->middleRows(((rg ? b : 0) * heads + h) * seq, seq);
+      P.noalias() = sc * (Q.block(b * seq, h * dh, seq, dh) * K.block(b * seq, h * dh, seq, dh).transpose());
       softmax(P, b);
+      y.block(b * seq, h * dh, seq, dh).noalias() = P * V.block(b * seq, h * dh, seq, dh);
     });
-    for (index_t h = 0; h < heads; ++h)
-      y.block(b * seq, h * dh, seq, dh).noalias() = P_of(b, h) * V.block(b * seq, h * dh, seq, dh);
-  }
   const index_t iq = q.id(), ik = k.id(), iv = v.id();
   if (!rg) probs.reset();
-  return t.record(name, std::move(y), rg, [iq, ik, iv, probs, batch, seq, heads, dh, sc](tape<T>& t, index_t self) {
+  return t.record(name, std::move(y), rg, [iq, ik, iv, probs, batch, seq, heads, dh, sc, par](tape<T>& t, index_t self) {
     const auto& g = t.upstream(self);
     const auto Q = t.value_at(iq), K = t.value_at(ik), V = t.value_at(iv);
     dense<T> dQ = t.buffer(Q.rows(), Q.cols()), dK = t.buffer(Q.rows(), Q.cols()), dV = t.buffer(Q.rows(), Q.cols());
     dense<T> dS = t.buffer(heads * seq, seq);  // one sequence's heads
-    for (index_t b = 0; b < batch; ++b) {
-      auto P_of = [&](index_t h) { return std::as_const(*probs).middleRows((b * heads + h) * seq, seq); };
-      for (index_t h = 0; h < heads; ++h) {
+    for (index_t b = 0; b < batch; ++b)
+      deltaw::detail::parallel_for(heads, par, [&](index_t h) {
+        const auto P = std::as_const(*probs).middleRows((b * heads + h) * seq, seq);
         const auto G = g.block(b * seq, h * dh, seq, dh);
-        dV.block(b * seq, h * dh, seq, dh).noalias() = P_of(h).transpose() * G;
-        dS.middleRows(h * seq, seq).noalias() = G * V.block(b * seq, h * dh, seq, dh).transpose();  // dP
-      }
-      // softmax VJP row by row: dS = P ⊙ (dP − ⟨dP, P⟩_row), then the 1/√dh scale
-      deltaw::detail::parallel_for(heads, deltaw::detail::elementwise_parallel() && seq * seq * heads >= (index_t(1) << 15), [&](index_t h) {
-        const auto P = P_of(h);
         auto D = dS.middleRows(h * seq, seq);
+        dV.block(b * seq, h * dh, seq, dh).noalias() = P.transpose() * G;
+        D.noalias() = G * V.block(b * seq, h * dh, seq, dh).transpose();  // dP
+        // softmax VJP row by row: dS = P ⊙ (dP − ⟨dP, P⟩_row), then the 1/√dh scale
         const Eigen::Matrix<T, Eigen::Dynamic, 1> dots = D.cwiseProduct(P).rowwise().sum();
         D = P.cwiseProduct(D.colwise() - dots) * sc;
-      });
-      for (index_t h = 0; h < heads; ++h) {
-        const auto D = std::as_const(dS).middleRows(h * seq, seq);
         dQ.block(b * seq, h * dh, seq, dh).noalias() = D * K.block(b * seq, h * dh, seq, dh);
         dK.block(b * seq, h * dh, seq, dh).noalias() = D.transpose() * Q.block(b * seq, h * dh, seq, dh);
-      }
-    }
+      });
     t.recycle(std::move(dS));
     accumulate(t, iq, std::move(dQ));
     accumulate(t, ik, std::move(dK));

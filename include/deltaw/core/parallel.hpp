@@ -15,8 +15,23 @@
 #include "config.hpp"
 #include "view.hpp"
 
+#if defined(EIGEN_USE_BLAS)
+// OpenBLAS's thread count, when the BLAS linked is OpenBLAS (weak: null otherwise).
+extern "C" int openblas_get_num_threads(void) __attribute__((weak));
+#endif
+
 DELTAW_NAMESPACE_BEGIN
 namespace detail {
+
+/// Whether the external BLAS runs each call on the calling thread only (OpenBLAS with one
+/// thread). False without EIGEN_USE_BLAS, and for a BLAS that does not say.
+inline bool blas_single_threaded() {
+#if defined(EIGEN_USE_BLAS)
+  return openblas_get_num_threads != nullptr && openblas_get_num_threads() == 1;
+#else
+  return false;
+#endif
+}
 
 /// Threads a parallel loop would use here: 1 without OpenMP, inside a parallel region, or
 /// when `parallel` is false.
@@ -63,14 +78,18 @@ void parallel_for(index_t n, bool parallel, F&& body) {
   for (index_t i = 0; i < n; ++i) body(i);
 }
 
-/// Whether elementwise loops (parallel_rows, the autograd ops' per-head loops) use OpenMP
-/// threads. Not where products go to an external BLAS (EIGEN_USE_BLAS): its threads spin
-/// after every product, and an OpenMP team running beside them loses far more than it
-/// gains (MiniLM's forward pass at two threads went from 0.55 s to 1.49 s), so there those
-/// loops stay on the calling thread.
-constexpr bool elementwise_parallel() {
+/// Whether deltaw's own loops — elementwise work (parallel_rows), the attention ops'
+/// per-head loops, and in a BLAS build the split of large products (kernels::gemm) — use
+/// OpenMP threads. Always with Eigen's products (one OpenMP pool for everything). Where
+/// products go to an external BLAS (EIGEN_USE_BLAS), only when that BLAS runs one thread
+/// per call (OpenBLAS with OPENBLAS_NUM_THREADS=1, read at run time): BLAS worker threads
+/// spin after every product, and an OpenMP team beside them loses far more than it gains
+/// (MiniLM's forward pass at two threads went from 0.50 s to 1.49 s). With one BLAS thread,
+/// OMP_NUM_THREADS threads do everything, the products split by deltaw.
+/// DELTAW_BLAS_ELEMENTWISE_THREADS forces the loops on in a BLAS build.
+inline bool elementwise_parallel() {
 #if defined(EIGEN_USE_BLAS) && !defined(DELTAW_BLAS_ELEMENTWISE_THREADS)
-  return false;
+  return blas_single_threaded();
 #else
   return true;
 #endif

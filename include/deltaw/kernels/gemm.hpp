@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../core/parallel.hpp"
 #include "context.hpp"
 
 DELTAW_NAMESPACE_BEGIN
@@ -63,12 +64,25 @@ void gemm_col_major(bool ta, bool tb, index_t m, index_t n, index_t k, C alpha, 
   if (m == 0 || n == 0) return;
 #if defined(EIGEN_USE_BLAS)
   if (k > 0 && m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX && ldc <= INT_MAX) {
-    const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
     const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-    if constexpr (std::is_same_v<C, float>)
-      sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-    else
-      dgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+    auto call = [&](index_t n0, index_t nn) {  // columns [n0, n0 + nn) of C
+      const int im = int(m), in = int(nn), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+      const C* bb = b + (tb ? n0 : n0 * ldb);
+      if constexpr (std::is_same_v<C, float>)
+        sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, bb, &ildb, &beta, c + n0 * ldc, &ildc);
+      else
+        dgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, bb, &ildb, &beta, c + n0 * ldc, &ildc);
+    };
+    // A one-thread BLAS (OPENBLAS_NUM_THREADS=1) beside OpenMP threads: deltaw splits a large
+    // product's columns over them, so that one OpenMP pool runs everything.
+    const index_t threads = deltaw::detail::blas_single_threaded() ? deltaw::detail::max_threads() : 1;
+    if (threads > 1 && n >= 128 * threads && double(m) * double(n) * double(k) >= double(1 << 21)) {
+      const index_t step = ((n + threads - 1) / threads + 15) / 16 * 16;
+      deltaw::detail::parallel_for((n + step - 1) / step, true,
+                                   [&](index_t i) { call(i * step, std::min(step, n - i * step)); });
+    } else {
+      call(0, n);
+    }
     return;
   }
 #endif
