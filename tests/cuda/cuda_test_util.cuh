@@ -7,7 +7,9 @@
 #include <deltaw/deltaw.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "test_util.hpp"
@@ -72,6 +74,28 @@ struct dev_indices {
   dev_indices& operator=(const dev_indices&) = delete;
   ~dev_indices() { (void)cudaFree(p); }
   dw::vector_view<const index_t, dw::device::cuda> gpu() const { return {p, n}; }
+};
+
+/// LoRA adapters of ranks `ranks` over [out, in], held on the host and the device (B row-major
+/// for even a, A for odd a, the other column-major), scale `scaling(a)` (a dw::scale or
+/// dw::alpha), and ΔW_a = s·B·A in double from the stored values.
+template <class T>
+struct lora_twins {
+  std::vector<std::unique_ptr<twin<T>>> B, A;
+  std::vector<dw::low_rank<T, dw::device::cuda>> gpu;
+  std::vector<dw::low_rank<T>> cpu;
+  std::vector<MatD> delta;
+  template <class Scaling>
+  lora_twins(index_t out, index_t in, const std::vector<index_t>& ranks, std::uint64_t seed, Scaling scaling) {
+    for (std::size_t a = 0; a < ranks.size(); ++a) {
+      const index_t r = ranks[a];
+      B.push_back(std::make_unique<twin<T>>(dwt::random(out, r, seed + 2 * a), a % 2 == 0));
+      A.push_back(std::make_unique<twin<T>>(dwt::random(r, in, seed + 2 * a + 1), a % 2 == 1));
+      gpu.push_back(dw::lora(B.back()->gpu(), A.back()->gpu(), scaling(a)));
+      cpu.push_back(dw::lora(B.back()->cpu(), A.back()->cpu(), scaling(a)));
+      delta.push_back(cpu.back().scale() * B.back()->host_d() * A.back()->host_d());
+    }
+  }
 };
 
 /// An output filled with NaN, so that a product that reads C when β = 0 shows up.

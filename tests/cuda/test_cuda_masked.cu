@@ -61,22 +61,10 @@ MatD reference(const MatD& W, const std::vector<MatD>& dW, const MatD& M, const 
 /// LoRA adapters of ranks `ranks` over [out, in], held on both sides; scales 0.5 + 0.3·a,
 /// negative for a = 1.
 template <class T>
-struct loras {
-  std::vector<std::unique_ptr<twin<T>>> B, A;
-  std::vector<dw::low_rank<T, GPU>> gpu;
-  std::vector<dw::low_rank<T>> cpu;
-  std::vector<MatD> delta;  // s·B·A in double, from the stored values
-  loras(index_t out, index_t in, const std::vector<index_t>& ranks, std::uint64_t seed) {
-    for (std::size_t a = 0; a < ranks.size(); ++a) {
-      const index_t r = ranks[a];
-      B.push_back(std::make_unique<twin<T>>(dwt::random(out, r, seed + 2 * a), a % 2 == 0));
-      A.push_back(std::make_unique<twin<T>>(dwt::random(r, in, seed + 2 * a + 1), a % 2 == 1));
-      const auto s = dw::scale(a == 1 ? -0.7 : 0.5 + 0.3 * double(a));
-      gpu.push_back(dw::lora(B.back()->gpu(), A.back()->gpu(), s));
-      cpu.push_back(dw::lora(B.back()->cpu(), A.back()->cpu(), s));
-      delta.push_back(cpu.back().scale() * B.back()->host_d() * A.back()->host_d());
-    }
-  }
+struct loras : dwcuda::lora_twins<T> {
+  loras(index_t out, index_t in, const std::vector<index_t>& ranks, std::uint64_t seed)
+      : dwcuda::lora_twins<T>(out, in, ranks, seed,
+                              [](std::size_t a) { return dw::scale(a == 1 ? -0.7 : 0.5 + 0.3 * double(a)); }) {}
 };
 
 template <class T>

@@ -35,22 +35,9 @@ constexpr double tol() {
 
 /// Adapters of ranks `ranks` over [out, in], held on both sides; scale α/r with α = 2 + a.
 template <class T>
-struct lora_set {
-  std::vector<std::unique_ptr<twin<T>>> B, A;
-  std::vector<dw::low_rank<T, dw::device::cuda>> gpu;
-  std::vector<dw::low_rank<T>> cpu;
-  std::vector<MatD> delta;  // s·B·A in double, from the stored values
-  lora_set(index_t out, index_t in, const std::vector<index_t>& ranks, std::uint64_t seed) {
-    for (std::size_t a = 0; a < ranks.size(); ++a) {
-      const index_t r = ranks[a];
-      B.push_back(std::make_unique<twin<T>>(dwt::random(out, r, seed + 2 * a), a % 2 == 0));
-      A.push_back(std::make_unique<twin<T>>(dwt::random(r, in, seed + 2 * a + 1), a % 2 == 1));
-      const auto al = dw::alpha(2.0 + double(a));
-      gpu.push_back(dw::lora(B.back()->gpu(), A.back()->gpu(), al));
-      cpu.push_back(dw::lora(B.back()->cpu(), A.back()->cpu(), al));
-      delta.push_back(cpu.back().scale() * B.back()->host_d() * A.back()->host_d());
-    }
-  }
+struct lora_set : dwcuda::lora_twins<T> {
+  lora_set(index_t out, index_t in, const std::vector<index_t>& ranks, std::uint64_t seed)
+      : dwcuda::lora_twins<T>(out, in, ranks, seed, [](std::size_t a) { return dw::alpha(2.0 + double(a)); }) {}
 };
 
 /// Row t of X·Wᵀ plus X(t, :)·ΔW_aᵀ, in double.
