@@ -105,9 +105,9 @@ class parameter {
 /// handed out and not yet returned), so the pool does not raise a process's peak above the
 /// largest working set it has served: a request that misses (a new shape) first frees the
 /// longest-idle buffers until the new one fits under the mark, as does a buffer given back
-/// that was not taken from the pool; set_max_idle_bytes() caps the idle bytes further. Buffers under
-/// min_elements are not pooled (malloc serves them well). Thread-safe: tapes on several
-/// threads may share one pool.
+/// that was not taken from the pool; set_max_idle_bytes() caps the idle bytes further.
+/// Buffers under min_elements are not pooled (malloc serves them well). Thread-safe: tapes
+/// on several threads may share one pool.
 template <class T>
 class buffer_pool {
  public:
