@@ -89,6 +89,25 @@ inline Mat dense_forward(const stack_data& d, const std::vector<Mat>& Wq, const 
   return h;
 }
 
+/// The window tests' options: 3 bits, rank 3, two initialisation iterations.
+inline tr::cbq_cross_block_options window_options(tr::cbq_step_grad grad) {
+  tr::cbq_cross_block_options o;
+  o.bits = 3;
+  o.rank = 3;
+  o.step.grad = grad;
+  o.init_iters = 2;
+  return o;
+}
+/// Random A1, A2 (scale 0.3) and steps (0.08) for the three blocks of st; seeds seed + l,
+/// seed + 10 + l, seed + 20 + l.
+inline void randomize_blocks(tr::cbq_stack<double>& st, std::uint64_t seed) {
+  for (index_t l = 0; l < 3; ++l) {
+    const auto& q = st.quantizer(l);
+    st.A1(l).value() = uniform(q.rows(), 3, seed + std::uint64_t(l), 0.3);
+    st.A2(l).value() = uniform(3, q.cols(), seed + 10 + std::uint64_t(l), 0.3);
+    st.step_parameter(l).value() = uniform(q.rows(), 1, seed + 20 + std::uint64_t(l), 0.08);
+  }
+}
 }  // namespace cbq_cross_test
 
 TEST_CASE("cbq cross-block: cbq_linear_lsq gradients w.r.t. steps and rounding factors by central differences") {
@@ -193,20 +212,11 @@ TEST_CASE("cbq cross-block: the window objective against a dense double recomput
   using deltaw::index_t;
   const ct::stack_data d;
   for (auto grad : {tr::cbq_step_grad::frozen_base, tr::cbq_step_grad::lsq}) {
-    tr::cbq_cross_block_options o;
-    o.bits = 3;
-    o.rank = 3;
+    auto o = ct::window_options(grad);
     o.lambda = 0.05;
-    o.step.grad = grad;
-    o.init_iters = 2;
     tr::cbq_stack<double> st(d.blocks(), o);
     REQUIRE(st.size() == 3);
-    for (index_t l = 0; l < 3; ++l) {
-      const auto& q = st.quantizer(l);
-      st.A1(l).value() = ct::uniform(q.rows(), 3, 420 + l, 0.3);
-      st.A2(l).value() = ct::uniform(3, q.cols(), 430 + l, 0.3);
-      st.step_parameter(l).value() = ct::uniform(q.rows(), 1, 440 + l, 0.08);
-    }
+    ct::randomize_blocks(st, 420);
     const Mat x = ct::uniform(9, 8, 450), x1 = ct::uniform(9, 12, 451);
     const Mat y01 = ct::uniform(9, 12, 452), y12 = ct::uniform(9, 6, 453);
     const bool lsq = grad == tr::cbq_step_grad::lsq;
@@ -452,22 +462,12 @@ TEST_CASE("cbq cross-block: the KL term of the window objective and CFP's outlie
   const ct::stack_data d;
   // KL term: the objective with κ, τ minus the objective without is κ·τ²·mean KL of the
   // row softmaxes of the window's output and its target, the output recomputed densely.
-  tr::cbq_cross_block_options o;
-  o.bits = 3;
-  o.rank = 3;
-  o.init_iters = 2;
-  o.step.grad = tr::cbq_step_grad::frozen_base;
+  const auto o = ct::window_options(tr::cbq_step_grad::frozen_base);
   tr::cbq_cross_block_options ok = o;
   ok.kl_weight = 0.5;
   ok.kl_temperature = 2.0;
   tr::cbq_stack<double> plain(d.blocks(), o), kl(d.blocks(), ok);
-  for (auto* st : {&plain, &kl})
-    for (index_t l = 0; l < 3; ++l) {
-      const auto& q = st->quantizer(l);
-      st->A1(l).value() = ct::uniform(q.rows(), 3, 520 + l, 0.3);
-      st->A2(l).value() = ct::uniform(3, q.cols(), 530 + l, 0.3);
-      st->step_parameter(l).value() = ct::uniform(q.rows(), 1, 540 + l, 0.08);
-    }
+  for (auto* st : {&plain, &kl}) ct::randomize_blocks(*st, 520);
   const Mat x = ct::uniform(9, 8, 550), y = ct::uniform(9, 12, 552);
   std::vector<Mat> Wq;
   for (index_t l = 0; l < 3; ++l)
