@@ -285,12 +285,6 @@ class tape {
   /// An uninitialised [rows, cols] buffer from the pool, for a value an op will record
   /// (or any temporary; give it back with recycle()).
   dense<T> buffer(index_t rows, index_t cols) { return pool_->take(rows, cols); }
-  /// A zero-filled buffer from the pool.
-  dense<T> zeros(index_t rows, index_t cols) {
-    dense<T> m = buffer(rows, cols);
-    m.setZero();
-    return m;
-  }
   /// Gives a temporary back to the pool.
   void recycle(dense<T>&& m) { pool_->give(std::move(m)); }
   /// Saved state for a backward closure: a pooled [rows, cols] buffer that goes back to the
