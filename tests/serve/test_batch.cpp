@@ -108,6 +108,55 @@ TEST_CASE("apply_lora_batch: mixed ranks (rank 1 included), random assignment, e
   }
 }
 
+TEST_CASE("gemv_add_many: slabs of rows or of columns give every vector M·x_j, both layouts, strided vectors") {
+  // Small slabs (slab_bytes of a few rows or columns) so that M is cut, with a remainder.
+  const Eigen::Index rows = 37, cols = 29, m = 5;
+  const MatD M = dwt::random<MatD>(rows, cols, 41);
+  const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> Mc = M;
+  const MatD X = dwt::random<MatD>(m, 2 * cols, 42);  // x_j: every other entry of row j
+  const MatD Y0 = dwt::random<MatD>(m, 3 * rows, 43);  // y_j: every third entry of row j
+  for (const std::size_t slab : {std::size_t(1), 3 * sizeof(double) * std::size_t(cols), std::size_t(1) << 20}) {
+    for (const bool col_major : {false, true}) {
+      CAPTURE(slab);
+      CAPTURE(col_major);
+      const dw::matrix_view<const double> Mv =
+          col_major ? dw::matrix_view<const double>(Mc.data(), rows, cols, 1, rows) : dw::matrix_view<const double>(M.data(), rows, cols, cols, 1);
+      for (const Eigen::Index count : {Eigen::Index(1), m}) {
+        MatD Y = Y0;
+        sv::detail::gemv_add_many<double>(
+            -0.75, Mv, count, [&](dw::index_t j) { return X.data() + j * X.cols(); }, 2,
+            [&](dw::index_t j) { return Y.data() + j * Y.cols(); }, 3, slab);
+        MatD ref = Y0;
+        for (Eigen::Index j = 0; j < count; ++j) {
+          const Eigen::VectorXd x = X.row(j).transpose()(Eigen::seq(0, 2 * cols - 2, 2));
+          const Eigen::VectorXd y = -0.75 * (M * x);
+          for (Eigen::Index i = 0; i < rows; ++i) ref(j, 3 * i) += y(i);
+        }
+        CHECK(dwt::rel_err(Y, ref) <= 1e-14);
+      }
+    }
+  }
+}
+
+TEST_CASE("apply_lora_batch: gather with popular adapters over matrices larger than a slab, in double") {
+  // in = out = 1024: an A of rank 32 (256 KiB) and a B of rank 64 are cut into several slabs,
+  // each applied to all tokens of the adapter before the next.
+  const Eigen::Index out = 1024, in = 1024, tokens = 48;
+  const MatD W = dwt::random<MatD>(out, in, 5);
+  const auto L = make_loras({64, 8, 32}, out, in, 300);
+  std::vector<dw::index_t> idx(static_cast<std::size_t>(tokens));
+  for (std::size_t t = 0; t < idx.size(); ++t) idx[t] = t % 7 == 3 ? sv::no_adapter : dw::index_t((t * t) % 3);
+  const MatD X = dwt::random<MatD>(tokens, in, 6);
+  const MatD ref = reference(W, L.dense, idx, X);
+  for (const bool parallel : {true, false}) {
+    CAPTURE(parallel);
+    MatD Y(tokens, out);
+    CHECK(sv::apply_lora_batch(W, L.u, idx, X, Y, {.how = sv::strategy::gather, .parallel = parallel}) ==
+          sv::strategy::gather);
+    CHECK(dwt::rel_err(Y, ref) <= 1e-12);
+  }
+}
+
 TEST_CASE("apply_lora_batch: contiguous requests (segments read X and write Y in place) and sorted batches") {
   const Eigen::Index out = 31, in = 20;
   const MatD W = dwt::random<MatD>(out, in, 2);

@@ -318,38 +318,71 @@ void lora_segments(const kernels::cpu_context& ctx, std::span<const L> adapters,
   });
 }
 
-/// ΔY for LoRA adapters, gather: per token, z = s·A·x and y += B·z.
+/// y_j += α·M·x_j for the vectors j = 0 … m − 1 (x_j = x_of(j), y_j = y_of(j)), with M read
+/// from memory once: M is cut along its strided dimension into slabs of about
+/// slab_bytes, and each slab is applied to every vector while it sits in cache. With one
+/// vector, one matrix-vector product over M.
+template <class C, class XOf, class YOf>
+void gemv_add_many(C alpha, const matrix_view<const C>& M, index_t m, XOf&& x_of, index_t incx, YOf&& y_of,
+                   index_t incy, std::size_t slab_bytes = std::size_t(128) << 10) {
+  if (m == 1 || M.rows() == 0 || M.cols() == 0) {
+    for (index_t j = 0; j < m; ++j) gemv_add<C>(alpha, M, x_of(j), incx, y_of(j), incy);
+    return;
+  }
+  if (M.col_stride() == 1 || M.cols() == 1) {  // rows contiguous: slabs of rows, y offset
+    const index_t step = std::max<index_t>(1, index_t(slab_bytes / (sizeof(C) * std::size_t(M.cols()))));
+    for (index_t r0 = 0; r0 < M.rows(); r0 += step) {
+      const auto S = M.middle_rows(r0, std::min(step, M.rows() - r0));
+      for (index_t j = 0; j < m; ++j) gemv_add<C>(alpha, S, x_of(j), incx, y_of(j) + r0 * incy, incy);
+    }
+  } else {  // columns contiguous: slabs of columns, x offset
+    const index_t step = std::max<index_t>(1, index_t(slab_bytes / (sizeof(C) * std::size_t(M.rows()))));
+    for (index_t c0 = 0; c0 < M.cols(); c0 += step) {
+      const auto S = M.middle_cols(c0, std::min(step, M.cols() - c0));
+      for (index_t j = 0; j < m; ++j) gemv_add<C>(alpha, S, x_of(j) + c0 * incx, incx, y_of(j), incy);
+    }
+  }
+}
+
+/// ΔY for LoRA adapters, gather: per token, z = s·A·x and y += B·z as matrix-vector
+/// products. The tokens of one adapter are taken together (gemv_add_many): its A and B
+/// are read from memory once per piece of its group, not once per token.
 template <class C, class L>
 void lora_gather(const kernels::cpu_context& ctx, std::span<const L> adapters, const token_groups& g,
                  const matrix_view<const C>& X, const matrix_view<C>& Y, bool parallel) {
   // Operands once per adapter in use (conversions happen here, not per token).
   std::vector<std::unique_ptr<slice_operands<C>>> ops(adapters.size());
-  index_t rmax = 0;
-  for (const index_t a : g.used) {
-    ops[std::size_t(a)] = std::make_unique<slice_operands<C>>(ctx, slices_of(adapters[std::size_t(a)]));
-    rmax = std::max(rmax, ops[std::size_t(a)]->rank);
-  }
-  // Tokens in adapter order, in chunks: a chunk's tokens mostly share one adapter's weights.
-  const index_t tokens = g.tokens_adapted();
-  const int threads = max_threads(parallel);
-  const index_t chunk = std::max<index_t>(1, (tokens + 4 * threads - 1) / (4 * threads));
-  const index_t chunks = (tokens + chunk - 1) / chunk;
-  std::vector<index_t> owner(static_cast<std::size_t>(tokens));
   for (const index_t a : g.used)
-    for (index_t k = g.offsets[std::size_t(a)]; k < g.offsets[std::size_t(a) + 1]; ++k) owner[std::size_t(k)] = a;
-  parallel_for(chunks, parallel, [&](index_t c) {
-    std::vector<C> z(std::size_t(std::max<index_t>(rmax, 1)));
-    const index_t k1 = std::min(tokens, (c + 1) * chunk);
-    for (index_t k = c * chunk; k < k1; ++k) {
-      const index_t t = g.order[std::size_t(k)];
-      const auto& f = *ops[std::size_t(owner[std::size_t(k)])];
-      std::fill(z.begin(), z.begin() + f.rank, C(0));
-      const C* x = X.data() + t * X.row_stride();
-      C* y = Y.data() + t * Y.row_stride();
-      for (std::size_t p = 0; p < f.A.size(); ++p)
-        gemv_add<C>(f.s, f.A[p].view(), x, X.col_stride(), z.data() + f.offset[p], 1);
-      for (std::size_t p = 0; p < f.B.size(); ++p)
-        gemv_add<C>(C(1), f.B[p].view(), z.data() + f.offset[p], 1, y, Y.col_stride());
+    ops[std::size_t(a)] = std::make_unique<slice_operands<C>>(ctx, slices_of(adapters[std::size_t(a)]));
+  // Work items: an adapter's tokens (positions in g.order), cut into pieces of at most
+  // `piece` tokens so that one popular adapter does not serialise the threads.
+  const int threads = max_threads(parallel);
+  const index_t piece = threads > 1 ? std::max<index_t>(1, (g.tokens_adapted() + 4 * threads - 1) / (4 * threads))
+                                    : g.tokens_adapted();
+  struct item {
+    index_t adapter, begin, end;
+  };
+  std::vector<item> items;
+  for (const index_t a : g.used)
+    for (index_t k = g.offsets[std::size_t(a)]; k < g.offsets[std::size_t(a) + 1]; k += piece)
+      items.push_back({a, k, std::min(k + piece, g.offsets[std::size_t(a) + 1])});
+  parallel_for(index_t(items.size()), parallel, [&](index_t i) {
+    const item it = items[std::size_t(i)];
+    const auto& f = *ops[std::size_t(it.adapter)];
+    const index_t m = it.end - it.begin;
+    std::vector<C> Z(std::size_t(m * f.rank), C(0));  // token j's intermediate: Z[j·rank …]
+    const index_t* tok = g.order.data() + it.begin;
+    const auto x_of = [&](index_t j) { return X.data() + tok[j] * X.row_stride(); };
+    const auto y_of = [&](index_t j) { return Y.data() + tok[j] * Y.row_stride(); };
+    for (std::size_t p = 0; p < f.A.size(); ++p) {
+      const index_t off = f.offset[p];
+      gemv_add_many<C>(f.s, f.A[p].view(), m, x_of, X.col_stride(),
+                       [&](index_t j) { return Z.data() + j * f.rank + off; }, 1);
+    }
+    for (std::size_t p = 0; p < f.B.size(); ++p) {
+      const index_t off = f.offset[p];
+      gemv_add_many<C>(C(1), f.B[p].view(), m, [&](index_t j) -> const C* { return Z.data() + j * f.rank + off; }, 1,
+                       y_of, Y.col_stride());
     }
   });
 }
