@@ -25,18 +25,25 @@
 //   single   (identical only) deltaw::apply(W + ΔW, X), the single-adapter apply
 //
 // counters: batch_base = batch / base, hit_pct = 100·hit / batch, paged_batch = paged / batch,
-// batch_single = batch / single. BM_regime_serial times batch and serial (one adapter's
+// batch_single = batch / single; base_ms, batch_ms and paged_ms are medians of the times. BM_regime_serial times batch and serial (one adapter's
 // requests at a time through deltaw::apply(W + ΔW_a, X_a), a server that does not batch
 // across adapters): serial_batch = serial / batch.
 //
 // Adapters that no request uses are registered but never read: their entries share one set
 // of factors per rank, so that 4096 registered adapters do not take 4 GiB.
+//
+// With DELTAW_SERVE_ASSIGNMENTS=<file> in the environment, BM_regime appends one line per
+// case to that file: "<regime> <adapters> <popularity> <tokens per request> <adapter of
+// request 0> …", so that a peer (bench/compare/serve_peft.py, PEFT) serves the very same
+// requests. The BLAS build of this file is bench_serve_regimes_blas (bench/serve.cmake).
 
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <fstream>
 #include <deltaw/serve/batch.hpp>
 #include <deltaw/serve/pool.hpp>
 #include <map>
@@ -179,7 +186,13 @@ void BM_regime(benchmark::State& st) {
   setup s(rg, n, p);
   const auto X = dw::view(d.X).middle_rows(0, s.tokens);
   mat Y(s.tokens, features);
-  std::vector<double> r_base, r_hit, r_paged, r_single, base_ms, hit_us;
+  if (const char* out = std::getenv("DELTAW_SERVE_ASSIGNMENTS")) {
+    std::ofstream f(out, std::ios::app);
+    f << int(rg) << ' ' << n << ' ' << int(p) << ' ' << tokens_per_request[rg];
+    for (const int a : s.per_request) f << ' ' << a;
+    f << '\n';
+  }
+  std::vector<double> r_base, r_hit, r_paged, r_single, base_ms, batch_ms, paged_ms, hit_us;
   std::vector<sv::pinned_adapter> pins;
   std::vector<sv::sliced_lora<float>> paged;
   std::vector<dw::index_t> slot_of(std::size_t(n), dw::index_t(-1)), paged_idx(s.idx.size());
@@ -216,6 +229,8 @@ void BM_regime(benchmark::State& st) {
     r_hit.push_back(hit / secs(t1, t2));
     r_paged.push_back(secs(t3, t4) / secs(t1, t2));
     base_ms.push_back(1e3 * secs(t0, t1));
+    batch_ms.push_back(1e3 * secs(t1, t2));
+    paged_ms.push_back(1e3 * secs(t3, t4));
     hit_us.push_back(1e6 * hit);
   }
   st.counters["batch_base"] = median(r_base);
@@ -224,6 +239,8 @@ void BM_regime(benchmark::State& st) {
   st.counters["paged_batch"] = median(r_paged);
   if (!r_single.empty()) st.counters["batch_single"] = median(r_single);
   st.counters["base_ms"] = median(base_ms);
+  st.counters["batch_ms"] = median(batch_ms);
+  st.counters["paged_ms"] = median(paged_ms);
   st.counters["used"] = double(s.used.size());
   st.counters["segments"] =
       sv::choose_strategy(sv::group_tokens(s.idx, n)) == sv::strategy::segments ? 1 : 0;
