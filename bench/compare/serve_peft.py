@@ -14,7 +14,8 @@ For each case (regime, N registered adapters, popularity law) of bench/bench_ser
      model(x, adapter_names=…) over exactly the requests deltaw served ("mixed").
 
 Prints one row per case: medians in ms and the ratios batch / PEFT mixed (the issue's
-≤ 0.85 goal) and batch / its own base (≤ 1.10). --rounds repeats everything (deltaw, then
+≤ 0.85 goal) and batch / its own base (≤ 1.10); for the identical law also batch / the
+single-adapter apply (≤ 1.02). --rounds repeats everything (deltaw, then
 PEFT) to show the spread. Exits 0 with a "skipped" line without torch/peft or the binaries.
 
 Usage: python3 bench/compare/serve_peft.py --bin-dir build/bench/bench
@@ -38,7 +39,7 @@ import torch
 REGIMES = ["decode 64x1", "decode 256x1", "prefill 8x64"]
 LAWS = ["distinct", "uniform", "Zipf(1)", "identical"]
 DEFAULT_CASES = ["0/8/1", "0/8/2", "0/64/0", "0/64/1", "0/64/2", "0/512/1", "1/64/1", "1/64/2",
-                 "2/8/0", "2/8/1", "2/8/2", "2/64/1"]
+                 "2/8/0", "2/8/1", "2/8/2", "2/64/1", "0/1/3", "2/1/3"]
 
 
 def run_deltaw(binary, cases, env_extra):
@@ -117,6 +118,8 @@ def main():
                 r = res[kind][c]
                 row += (f" | {r['base_ms']:10.2f} {r['batch_ms']:7.2f} {r['batch_base']:5.2f}"
                         f" {r['batch_ms'] / pm:5.2f}")
+            if "batch_single" in res[binaries[0][0]][c]:  # identical: batch / deltaw::apply(W + ΔW, X)
+                row += "   batch/single " + " ".join(f"{res[k][c]['batch_single']:.3f}" for k, _ in binaries)
             print(row)
         sys.stdout.flush()
 
