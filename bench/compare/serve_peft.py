@@ -19,7 +19,7 @@ single-adapter apply (≤ 1.02). --rounds repeats everything (deltaw, then
 PEFT) to show the spread. Exits 0 with a "skipped" line without torch/peft or the binaries.
 
 Usage: python3 bench/compare/serve_peft.py --bin-dir build/bench/bench
-           [--cases 0/8/1 0/64/0 …] [--reps 5] [--rounds 1]
+           [--cases 0/8/1 0/64/0 …] [--reps 9] [--deltaw-reps 3] [--rounds 1]
   a case is regime/adapters/popularity with regime 0 = decode 64×1, 1 = decode 256×1,
   2 = prefill 8×64 and popularity 0 distinct, 1 uniform, 2 Zipf(1), 3 identical.
 """
@@ -42,16 +42,21 @@ DEFAULT_CASES = ["0/8/1", "0/8/2", "0/64/0", "0/64/1", "0/64/2", "0/512/1", "1/6
                  "2/8/0", "2/8/1", "2/8/2", "2/64/1", "0/1/3", "2/1/3"]
 
 
-def run_deltaw(binary, cases, env_extra):
+def run_deltaw(binary, cases, env_extra, repetitions):
+    """{case: {counter: median over the repetitions (each the median of 3 iterations)}}."""
     filt = "|".join(f"BM_regime/regime:{r}/adapters:{n}/popularity:{p}/" for r, n, p in cases)
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **env_extra)
-    out = subprocess.run([binary, f"--benchmark_filter={filt}", "--benchmark_format=json"],
+    out = subprocess.run([binary, f"--benchmark_filter={filt}", "--benchmark_format=json",
+                          f"--benchmark_repetitions={repetitions}"],
                          env=env, check=True, capture_output=True, text=True).stdout
-    rows = {}
+    runs = {}
     for b in json.loads(out)["benchmarks"]:
+        if b.get("run_type", "iteration") != "iteration":
+            continue
         parts = dict(kv.split(":") for kv in b["name"].split("/")[1:4])
-        rows[(int(parts["regime"]), int(parts["adapters"]), int(parts["popularity"]))] = b
-    return rows
+        runs.setdefault((int(parts["regime"]), int(parts["adapters"]), int(parts["popularity"])), []).append(b)
+    keys = ["base_ms", "batch_ms", "batch_base", "batch_single"]
+    return {c: {k: statistics.median(b[k] for b in bs) for k in keys if k in bs[0]} for c, bs in runs.items()}
 
 
 def run_peft(assignments, reps):
@@ -81,7 +86,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin-dir", required=True, help="the build's bench/ directory")
     ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9, help="PEFT: timed calls per case")
+    ap.add_argument("--deltaw-reps", type=int, default=3,
+                    help="deltaw: benchmark repetitions per case (each the median of 3 paired iterations)")
     ap.add_argument("--rounds", type=int, default=1)
     a = ap.parse_args()
     cases = [tuple(int(v) for v in c.split("/")) for c in a.cases]
@@ -97,10 +104,11 @@ def main():
             afile = os.path.join(tmp, "assignments.txt")
             res = {}
             for i, (kind, b) in enumerate(binaries):
-                res[kind] = run_deltaw(b, cases, {"DELTAW_SERVE_ASSIGNMENTS": afile} if i == 0 else {})
+                res[kind] = run_deltaw(b, cases, {"DELTAW_SERVE_ASSIGNMENTS": afile} if i == 0 else {},
+                                       a.deltaw_reps)
             assignments = {}
             with open(afile) as f:
-                for line in f:
+                for line in f:  # every repetition writes the same line
                     v = [int(t) for t in line.split()]
                     assignments[(v[0], v[1], v[2])] = (v[3], v[4:])
         peer = run_peft(assignments, a.reps)
