@@ -161,6 +161,30 @@ void gemv_add(C alpha, const matrix_view<const C>& M, const C* x, index_t incx, 
   const Eigen::Map<const Vec, 0, Eigen::InnerStride<>> xv(x, M.cols(), Eigen::InnerStride<>(incx));
   Eigen::Map<Vec, 0, Eigen::InnerStride<>> yv(y, M.rows(), Eigen::InnerStride<>(incy));
   if (M.rows() == 0 || M.cols() == 0) return;
+#if defined(EIGEN_USE_BLAS)
+  // Eigen's own kernels rather than the BLAS ones EIGEN_USE_BLAS routes matrix-vector products
+  // to: an adapter's products are small and many, and a BLAS call's set-up costs more than the
+  // product (bench_serve_regimes_blas against bench_serve_regimes).
+  {
+    using Eigen::Index;
+    using Eigen::internal::const_blas_data_mapper;
+    using Eigen::internal::general_matrix_vector_product;
+    using RowMapper = const_blas_data_mapper<C, Index, Eigen::RowMajor>;
+    using ColMapper = const_blas_data_mapper<C, Index, Eigen::ColMajor>;
+    if ((M.col_stride() == 1 || M.cols() == 1) && incx == 1) {
+      general_matrix_vector_product<Index, C, RowMapper, Eigen::RowMajor, false, C, ColMapper, false, Eigen::BuiltIn>::run(
+          M.rows(), M.cols(), RowMapper(M.data(), std::max<index_t>(M.row_stride(), M.cols())), ColMapper(x, 1), y,
+          incy, alpha);
+      return;
+    }
+    if (M.col_stride() != 1 && M.cols() != 1 && incy == 1) {
+      general_matrix_vector_product<Index, C, ColMapper, Eigen::ColMajor, false, C, RowMapper, false, Eigen::BuiltIn>::run(
+          M.rows(), M.cols(), ColMapper(M.data(), std::max<index_t>(M.col_stride(), M.rows())), RowMapper(x, incx), y, 1,
+          alpha);
+      return;
+    }
+  }
+#endif
   if (M.col_stride() == 1 || M.cols() == 1) {
     using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     const Eigen::Map<const RM, 0, Eigen::OuterStride<>> m(M.data(), M.rows(), M.cols(),
