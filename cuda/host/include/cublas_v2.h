@@ -90,4 +90,34 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                             cudaDataType Btype, int ldb, const void* beta, void* C, cudaDataType Ctype, int ldc,
                             cublasComputeType_t computeType, cublasGemmAlgo_t algo);
 
+// Grouped batched GEMM (cuBLAS 12.5+): group_count groups; group i has group_size[i]
+// problems sharing transa/transb/m/n/k/alpha/lda/ldb/beta/ldc[i] (host arrays), and the
+// problems' operands are the device pointer arrays Aarray/Barray/Carray, problem after
+// problem (Σ group_size entries each). Problems are independent: none may write memory
+// that another reads or writes. GemmGroupedBatchedEx: here compute 32F over 32F operands
+// (alpha/beta float) and compute 64F over 64F (double); other combinations return
+// CUBLAS_STATUS_NOT_SUPPORTED.
+cublasStatus_t cublasSgemmGroupedBatched(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                         const cublasOperation_t transb_array[], const int m_array[],
+                                         const int n_array[], const int k_array[], const float alpha_array[],
+                                         const float* const Aarray[], const int lda_array[],
+                                         const float* const Barray[], const int ldb_array[],
+                                         const float beta_array[], float* const Carray[], const int ldc_array[],
+                                         int group_count, const int group_size[]);
+cublasStatus_t cublasDgemmGroupedBatched(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                         const cublasOperation_t transb_array[], const int m_array[],
+                                         const int n_array[], const int k_array[], const double alpha_array[],
+                                         const double* const Aarray[], const int lda_array[],
+                                         const double* const Barray[], const int ldb_array[],
+                                         const double beta_array[], double* const Carray[], const int ldc_array[],
+                                         int group_count, const int group_size[]);
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                          const cublasOperation_t transb_array[], const int m_array[],
+                                          const int n_array[], const int k_array[], const void* alpha_array,
+                                          const void* const Aarray[], cudaDataType_t Atype, const int lda_array[],
+                                          const void* const Barray[], cudaDataType_t Btype, const int ldb_array[],
+                                          const void* beta_array, void* const Carray[], cudaDataType_t Ctype,
+                                          const int ldc_array[], int group_count, const int group_size[],
+                                          cublasComputeType_t computeType);
+
 }  // extern "C"

@@ -129,6 +129,76 @@ cublasStatus_t gemm_strided_batched(const char* fn, cublasHandle_t h, cublasOper
   return CUBLAS_STATUS_SUCCESS;
 }
 
+/// cublas<t>gemmGroupedBatched: the checks first (handle; group_count; the host arrays;
+/// every group's values as cublas<t>gemm checks them; then, for Ex, the type
+/// combination), then every problem's device memory (the pointer arrays and each
+/// problem's operands: nothing is written when any lies outside a live allocation), then
+/// the products one by one. A problem is skipped as in cuBLAS's quick return (m or n is 0,
+/// or α = 0 or k = 0 with β = 1).
+template <class T>
+cublasStatus_t gemm_grouped_batched(const char* fn, cublasHandle_t h, const cublasOperation_t* ta,
+                                    const cublasOperation_t* tb, const int* m, const int* n, const int* k,
+                                    const T* alpha, const T* const* Aarray, const int* lda, const T* const* Barray,
+                                    const int* ldb, const T* beta, T* const* Carray, const int* ldc, int group_count,
+                                    const int* group_size, bool types_supported = true) {
+  if (!live(h)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
+  if (group_count == 0) return CUBLAS_STATUS_SUCCESS;
+  if (ta == nullptr || tb == nullptr || m == nullptr || n == nullptr || k == nullptr || alpha == nullptr ||
+      lda == nullptr || ldb == nullptr || beta == nullptr || ldc == nullptr || group_size == nullptr)
+    return CUBLAS_STATUS_INVALID_VALUE;
+  long long total = 0;
+  for (int g = 0; g < group_count; ++g) {
+    if (!valid_op(ta[g]) || !valid_op(tb[g]) || m[g] < 0 || n[g] < 0 || k[g] < 0 || group_size[g] < 0)
+      return CUBLAS_STATUS_INVALID_VALUE;
+    if (lda[g] < std::max(1, ta[g] == CUBLAS_OP_N ? m[g] : k[g])) return CUBLAS_STATUS_INVALID_VALUE;
+    if (ldb[g] < std::max(1, tb[g] == CUBLAS_OP_N ? k[g] : n[g])) return CUBLAS_STATUS_INVALID_VALUE;
+    if (ldc[g] < std::max(1, m[g])) return CUBLAS_STATUS_INVALID_VALUE;
+    total += group_size[g];
+  }
+  if (!types_supported) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (total == 0) return CUBLAS_STATUS_SUCCESS;
+  {
+    // The pointer arrays are device memory that the GPU reads.
+    std::lock_guard<std::mutex> lock(reg().mutex);
+    const std::size_t bytes = std::size_t(total) * sizeof(void*);
+    const void* arrays[3] = {Aarray, Barray, Carray};
+    const char* names[3] = {"Aarray", "Barray", "Carray"};
+    for (int i = 0; i < 3; ++i)
+      if (!device_range_locked(arrays[i], bytes)) {
+        std::fprintf(stderr,
+                     "deltaw cuda host shim: %s: the pointer array %s (%lld pointers, %zu bytes at %p) is not inside "
+                     "a live cudaMalloc allocation; a GPU would fault\n",
+                     fn, names[i], total, bytes, arrays[i]);
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+      }
+  }
+  const auto skipped = [&](int g) {
+    return m[g] == 0 || n[g] == 0 || ((alpha[g] == T(0) || k[g] == 0) && beta[g] == T(1));
+  };
+  // Every problem's operands before any product, so that a failing call writes nothing.
+  long long p = 0;
+  for (int g = 0; g < group_count; ++g)
+    for (int i = 0; i < group_size[g]; ++i, ++p) {
+      if (skipped(g)) continue;
+      const stored a = as_stored(Aarray[p], ta[g], m[g], k[g], lda[g], sizeof(T), "A"),
+                   b = as_stored(Barray[p], tb[g], k[g], n[g], ldb[g], sizeof(T), "B"),
+                   c{Carray[p], m[g], n[g], ldc[g], sizeof(T), "C"};
+      const bool need_ab = k[g] > 0 && alpha[g] != T(0);
+      if (!(need_ab ? operands_on_device(fn, {c, a, b}) : operands_on_device(fn, {c}))) {
+        std::fprintf(stderr, "deltaw cuda host shim: %s: (that was problem %lld, in group %d)\n", fn, p, g);
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+      }
+    }
+  p = 0;
+  for (int g = 0; g < group_count; ++g)
+    for (int i = 0; i < group_size[g]; ++i, ++p)
+      if (!skipped(g))
+        gemm<T>(ta[g], tb[g], m[g], n[g], k[g], alpha[g], Aarray[p], lda[g], Barray[p], ldb[g], beta[g], Carray[p],
+                ldc[g]);
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 std::size_t type_size(cudaDataType t) {
   switch (t) {
     case CUDA_R_32F: return 4;
@@ -333,6 +403,60 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
     return CUBLAS_STATUS_ALLOC_FAILED;
   }
   return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSgemmGroupedBatched(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                         const cublasOperation_t transb_array[], const int m_array[],
+                                         const int n_array[], const int k_array[], const float alpha_array[],
+                                         const float* const Aarray[], const int lda_array[],
+                                         const float* const Barray[], const int ldb_array[],
+                                         const float beta_array[], float* const Carray[], const int ldc_array[],
+                                         int group_count, const int group_size[]) {
+  return gemm_grouped_batched<float>("cublasSgemmGroupedBatched", handle, transa_array, transb_array, m_array,
+                                     n_array, k_array, alpha_array, Aarray, lda_array, Barray, ldb_array, beta_array,
+                                     Carray, ldc_array, group_count, group_size);
+}
+
+cublasStatus_t cublasDgemmGroupedBatched(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                         const cublasOperation_t transb_array[], const int m_array[],
+                                         const int n_array[], const int k_array[], const double alpha_array[],
+                                         const double* const Aarray[], const int lda_array[],
+                                         const double* const Barray[], const int ldb_array[],
+                                         const double beta_array[], double* const Carray[], const int ldc_array[],
+                                         int group_count, const int group_size[]) {
+  return gemm_grouped_batched<double>("cublasDgemmGroupedBatched", handle, transa_array, transb_array, m_array,
+                                      n_array, k_array, alpha_array, Aarray, lda_array, Barray, ldb_array,
+                                      beta_array, Carray, ldc_array, group_count, group_size);
+}
+
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                          const cublasOperation_t transb_array[], const int m_array[],
+                                          const int n_array[], const int k_array[], const void* alpha_array,
+                                          const void* const Aarray[], cudaDataType_t Atype, const int lda_array[],
+                                          const void* const Barray[], cudaDataType_t Btype, const int ldb_array[],
+                                          const void* beta_array, void* const Carray[], cudaDataType_t Ctype,
+                                          const int ldc_array[], int group_count, const int group_size[],
+                                          cublasComputeType_t computeType) {
+  constexpr const char* fn = "cublasGemmGroupedBatchedEx";
+  const bool c64 = computeType == CUBLAS_COMPUTE_64F || computeType == CUBLAS_COMPUTE_64F_PEDANTIC;
+  const bool c32 = computeType == CUBLAS_COMPUTE_32F || computeType == CUBLAS_COMPUTE_32F_PEDANTIC ||
+                   computeType == CUBLAS_COMPUTE_32F_FAST_16F || computeType == CUBLAS_COMPUTE_32F_FAST_16BF ||
+                   computeType == CUBLAS_COMPUTE_32F_FAST_TF32;
+  const bool same = Atype == Btype && Btype == Ctype;
+  // Pointer arrays of one element type or another have the same representation; alpha and
+  // beta are arrays of the scale type (float for 32F compute, double for 64F).
+  if (c64 && same && Atype == CUDA_R_64F)
+    return gemm_grouped_batched<double>(
+        fn, handle, transa_array, transb_array, m_array, n_array, k_array, static_cast<const double*>(alpha_array),
+        reinterpret_cast<const double* const*>(Aarray), lda_array, reinterpret_cast<const double* const*>(Barray),
+        ldb_array, static_cast<const double*>(beta_array), reinterpret_cast<double* const*>(Carray), ldc_array,
+        group_count, group_size);
+  const bool supported = c32 && same && Atype == CUDA_R_32F;
+  return gemm_grouped_batched<float>(
+      fn, handle, transa_array, transb_array, m_array, n_array, k_array, static_cast<const float*>(alpha_array),
+      reinterpret_cast<const float* const*>(Aarray), lda_array, reinterpret_cast<const float* const*>(Barray),
+      ldb_array, static_cast<const float*>(beta_array), reinterpret_cast<float* const*>(Carray), ldc_array,
+      group_count, group_size, supported);
 }
 
 }  // extern "C"
