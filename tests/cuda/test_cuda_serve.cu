@@ -98,7 +98,7 @@ TEST_CASE_TEMPLATE("cuda: heterogeneous LoRA batches match the CPU's serve and a
   cuda_serve_test::lora_batch_cases<T>();
 }
 
-TEST_CASE("cuda: apply_grouped serves a variant of update types like the CPU") {
+TEST_CASE("cuda: apply_grouped serves a variant of update types like the CPU, with host or device indices") {
   using namespace cuda_serve_test;
   using T = double;
   dw::cuda::context ctx;
@@ -122,7 +122,17 @@ TEST_CASE("cuda: apply_grouped serves a variant of update types like the CPU") {
     dw::serve::apply_grouped(W.cpu(), uc, aot, X.cpu(), Yc.cpu());
     CHECK(dwt::rel_err(Yg.dev_d(), Yc.host_d()) <= 1e-12);
     CHECK(dwt::rel_err(Yg.dev_d(), reference(W.host_d(), delta, aot, X.host_d())) <= 1e-12);
+    // The same indices in device memory: grouped by the device sort, the same products.
+    const dwcuda::dev_indices daot(aot);
+    auto Yd = dwcuda::nan_output<T>(tokens, out, false);
+    dw::cuda::serve::apply_grouped(ctx, W.gpu(), ug, daot.gpu(), X.gpu(), Yd.gpu());
+    CHECK(dwt::rel_err(Yd.dev_d(), Yg.dev_d()) <= 1e-12);
   }
+  const dwcuda::dev_indices bad(std::vector<index_t>{0, 1, 2, 3, 0, 0, 0, 0, 0});
+  auto Y = dwcuda::nan_output<T>(tokens, out, false);
+  dwt::check_throws_with<dw::argument_error>(
+      [&] { dw::cuda::serve::apply_grouped(ctx, W.gpu(), ug, bad.gpu(), X.gpu(), Y.gpu()); },
+      {"deltaw::cuda::serve::apply_grouped", "token 3 names adapter 3 but the batch has 3 adapters"});
 }
 
 TEST_CASE("cuda: heterogeneous batches refuse bad input with readable errors, and stay below out × in scratch") {
@@ -687,29 +697,3 @@ TEST_CASE_TEMPLATE("cuda: adapter indices in device memory give the host overloa
   cuda_serve_test::device_indices_cases<T>();
 }
 
-TEST_CASE("cuda: apply_grouped with adapter indices in device memory equals the host overload") {
-  using namespace cuda_serve_test;
-  using T = double;
-  dw::cuda::context ctx;
-  const index_t out = 12, in = 8, tokens = 9;
-  twin<T> W(dwt::random(out, in, 1)), X(dwt::random(tokens, in, 2), true);
-  twin<T> B(dwt::random(out, 3, 3)), A(dwt::random(3, in, 4), true), Bb(dwt::random(out, 4, 5)),
-      A0(dwt::random(2, in, 6)), Dm(dwt::random(4, out, 7));
-  using VG = std::variant<dw::low_rank<T, dw::device::cuda>, dw::block_low_rank<T, dw::device::cuda>,
-                          dw::miss_update<T, dw::device::cuda>>;
-  const std::vector<VG> ug = {dw::lora(B.gpu(), A.gpu(), dw::alpha(6)), dw::block_lora(Bb.gpu(), A0.gpu(), dw::scale(0.5)),
-                              dw::miss(Dm.gpu(), in)};
-  for (const std::vector<index_t>& aot : {std::vector<index_t>{2, 0, -1, 1, 2, 0, 0, 1, 2},
-                                          std::vector<index_t>{0, 0, 0, 1, 1, 2, 2, 2, -1}}) {
-    const dwcuda::dev_indices daot(aot);
-    auto Yh = dwcuda::nan_output<T>(tokens, out, false), Yd = dwcuda::nan_output<T>(tokens, out, false);
-    dw::cuda::serve::apply_grouped(ctx, W.gpu(), ug, aot, X.gpu(), Yh.gpu());
-    dw::cuda::serve::apply_grouped(ctx, W.gpu(), ug, daot.gpu(), X.gpu(), Yd.gpu());
-    CHECK(dwt::rel_err(Yd.dev_d(), Yh.dev_d()) <= 1e-12);
-  }
-  const dwcuda::dev_indices bad(std::vector<index_t>{0, 1, 2, 3, 0, 0, 0, 0, 0});
-  auto Y = dwcuda::nan_output<T>(tokens, out, false);
-  dwt::check_throws_with<dw::argument_error>(
-      [&] { dw::cuda::serve::apply_grouped(ctx, W.gpu(), ug, bad.gpu(), X.gpu(), Y.gpu()); },
-      {"deltaw::cuda::serve::apply_grouped", "token 3 names adapter 3 but the batch has 3 adapters"});
-}
