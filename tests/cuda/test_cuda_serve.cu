@@ -234,23 +234,15 @@ struct cm_matrix {
   }
 };
 
+/// The grouped GEMM entry point for T (cublasSgemmGroupedBatched or cublasDgemmGroupedBatched).
+using dw::cuda::detail::gemm_grouped_batched_call;
+
 struct shape_group {
   cublasOperation_t ta, tb;
   int m, n, k;
   double alpha, beta;
   int size, pad;
 };
-
-template <class T>
-cublasStatus_t grouped_gemm(cublasHandle_t h, const cublasOperation_t* ta, const cublasOperation_t* tb, const int* m,
-                            const int* n, const int* k, const T* alpha, const T* const* A, const int* lda,
-                            const T* const* B, const int* ldb, const T* beta, T* const* C, const int* ldc, int groups,
-                            const int* size) {
-  if constexpr (std::is_same_v<T, float>)
-    return cublasSgemmGroupedBatched(h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, groups, size);
-  else
-    return cublasDgemmGroupedBatched(h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, groups, size);
-}
 
 /// The host arrays and device operands of a grouped GEMM over `groups`, its reference
 /// α·op(A)·op(B) + β·C in double per problem.
@@ -317,8 +309,9 @@ void shim_grouped_cases() {
   grouped_setup<T> s(groups, 1000);
   const dev_array<T*> dA(s.pa), dB(s.pb), dC(s.pc);
   auto call = [&](const grouped_args<T>& g, int count) {
-    return grouped_gemm<T>(h, g.ta.data(), g.tb.data(), g.m.data(), g.n.data(), g.k.data(), g.alpha.data(), dA.p,
-                           g.lda.data(), dB.p, g.ldb.data(), g.beta.data(), dC.p, g.ldc.data(), count, g.size.data());
+    return gemm_grouped_batched_call<T>(h, g.ta.data(), g.tb.data(), g.m.data(), g.n.data(), g.k.data(),
+                                        g.alpha.data(), dA.p, g.lda.data(), dB.p, g.ldb.data(), g.beta.data(), dC.p,
+                                        g.ldc.data(), count, g.size.data());
   };
 
   // Invalid arguments: refused with INVALID_VALUE before anything is written.
@@ -337,17 +330,18 @@ void shim_grouped_cases() {
   refused([&](grouped_args<T>& g) { g.ldb[2] = g.n[2] - 1; return g.groups(); }, CUBLAS_STATUS_INVALID_VALUE);
   refused([&](grouped_args<T>& g) { g.ldc[3] = g.m[3] - 1; return g.groups(); }, CUBLAS_STATUS_INVALID_VALUE);
   refused([&](grouped_args<T>& g) { g.ta[1] = cublasOperation_t(7); return g.groups(); }, CUBLAS_STATUS_INVALID_VALUE);
-  CHECK(grouped_gemm<T>(nullptr, s.ta.data(), s.tb.data(), s.m.data(), s.n.data(), s.k.data(), s.alpha.data(), dA.p,
-                        s.lda.data(), dB.p, s.ldb.data(), s.beta.data(), dC.p, s.ldc.data(), s.groups(),
-                        s.size.data()) == CUBLAS_STATUS_NOT_INITIALIZED);
+  CHECK(gemm_grouped_batched_call<T>(nullptr, s.ta.data(), s.tb.data(), s.m.data(), s.n.data(), s.k.data(),
+                                     s.alpha.data(), dA.p, s.lda.data(), dB.p, s.ldb.data(), s.beta.data(), dC.p,
+                                     s.ldc.data(), s.groups(), s.size.data()) == CUBLAS_STATUS_NOT_INITIALIZED);
   CHECK(call(s, 0) == CUBLAS_STATUS_SUCCESS);  // no groups: nothing to do
   CHECK(s.all_untouched());
 #if defined(DELTAW_CUDA_HOST)
   {
     // Pointer arrays in host memory: a GPU would fault; the shim fails the call and writes nothing.
-    CHECK(grouped_gemm<T>(h, s.ta.data(), s.tb.data(), s.m.data(), s.n.data(), s.k.data(), s.alpha.data(),
-                          s.pa.data(), s.lda.data(), dB.p, s.ldb.data(), s.beta.data(), dC.p, s.ldc.data(), s.groups(),
-                          s.size.data()) == CUBLAS_STATUS_EXECUTION_FAILED);
+    CHECK(gemm_grouped_batched_call<T>(h, s.ta.data(), s.tb.data(), s.m.data(), s.n.data(), s.k.data(),
+                                       s.alpha.data(), s.pa.data(), s.lda.data(), dB.p, s.ldb.data(), s.beta.data(),
+                                       dC.p, s.ldc.data(), s.groups(),
+                                       s.size.data()) == CUBLAS_STATUS_EXECUTION_FAILED);
     CHECK(s.all_untouched());
     // Ex: a 16-bit type combination is not implemented here.
     const float one = 1.0f;
