@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peft_mixed_batch as pmb  # exits 0 with "skipped" when torch or peft is missing
@@ -62,7 +63,7 @@ def run_deltaw(binary, cases, env_extra, repetitions):
 def run_peft(assignments, reps):
     """assignments: {case: (tokens per request, [adapter of each request])} → {case: (base, mixed)}."""
     torch.set_num_threads(1)
-    pmb.CLOCK = __import__("time").thread_time
+    pmb.CLOCK = time.thread_time
     out = {}
     by_n = {}
     for case, v in assignments.items():

@@ -381,8 +381,8 @@ void lora_gather(const kernels::cpu_context& ctx, std::span<const L> adapters, c
   // Work items: an adapter's tokens (positions in g.order), cut into pieces of at most
   // `piece` tokens so that one popular adapter does not serialise the threads.
   const int threads = max_threads(parallel);
-  const index_t piece = threads > 1 ? std::max<index_t>(1, (g.tokens_adapted() + 4 * threads - 1) / (4 * threads))
-                                    : g.tokens_adapted();
+  const index_t piece =
+      std::max<index_t>(1, threads > 1 ? (g.tokens_adapted() + 4 * threads - 1) / (4 * threads) : g.tokens_adapted());
   struct item {
     index_t adapter, begin, end;
   };
